@@ -1,0 +1,369 @@
+"""The recipe that trains the embedded shapes-world model, stage by stage, resumable.
+
+world data -> tokenizer -> CLIP (contrastive, text + image tower) -> VAE -> latents -> UNet.
+Every stage checkpoints to `<out>/work/<stage>.safetensors` (weights, optimizer moments, step)
+and a finished stage writes its output and is skipped on a rerun. All randomness is derived
+from (seed, stage, step), so an interrupted run resumed from its checkpoint continues the same
+sequence. The result is a plain diffusers StableDiffusionPipeline folder plus `clip/` (the
+full CLIPModel, the world's CLIPScore metric).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import render
+from .vocab import load_tokenizer, write_tokenizer
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    clip_steps: int = 800
+    clip_batch: int = 128
+    clip_width: int = 128
+    clip_layers: int = 3
+    vae_steps: int = 1200
+    vae_batch: int = 16
+    vae_channels: tuple = (32, 64, 64)
+    latents: int = 40000
+    unet_steps: int = 2200
+    unet_batch: int = 64
+    unet_channels: tuple = (64, 128, 128)
+    unet_lr: float = 4e-4
+    caption_dropout: float = 0.1
+    ckpt_every: int = 100
+    fp16: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "Recipe":
+        """A few optimisation steps of every stage on tiny sizes: the smoke test."""
+        return cls(seed=seed, clip_steps=3, clip_batch=8, clip_width=32, clip_layers=1, vae_steps=3, vae_batch=4,
+                   vae_channels=(32, 32, 32), latents=64, unet_steps=4, unet_batch=4, unet_channels=(32, 32, 32),
+                   ckpt_every=2, fp16=False)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), transient=False)
+
+
+def _save_ckpt(path: Path, step: int, modules: dict, opt: torch.optim.Optimizer):
+    tensors = {}
+    for name, mod in modules.items():
+        for k, v in mod.state_dict().items():
+            tensors[f"{name}.{k}"] = v.detach().contiguous().clone()
+    for i, group in enumerate(opt.param_groups):
+        for j, p in enumerate(group["params"]):
+            st = opt.state.get(p, {})
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                if k in st:
+                    tensors[f"opt.{i}.{j}.{k}"] = torch.as_tensor(st[k]).detach().clone().reshape(-1) if k == "step" else st[k].detach().clone()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    tmp.replace(path)
+
+
+def _load_ckpt(path: Path, modules: dict, opt: torch.optim.Optimizer) -> int:
+    from safetensors import safe_open
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        step = int(f.metadata()["step"])
+    for name, mod in modules.items():
+        pre = name + "."
+        mod.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+    for i, group in enumerate(opt.param_groups):
+        for j, p in enumerate(group["params"]):
+            st = {}
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                key = f"opt.{i}.{j}.{k}"
+                if key in tensors:
+                    st[k] = tensors[key].reshape(()) if k == "step" else tensors[key]
+            if st:
+                opt.state[p] = st
+    return step
+
+
+def _lr_lambda(total: int, warmup: int):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def _loop(name: str, total: int, ckpt: Path, modules: dict, opt, step_fn, every: int, prog, extra_save=None):
+    """Run step_fn(step) from the checkpoint's step to total, saving every `every` steps."""
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, total // 20)))
+    start = _load_ckpt(ckpt, modules, opt) if ckpt.exists() else 0
+    for _ in range(start):
+        sched.step()
+    task = prog.add_task(name, total=total, completed=start)
+    t0 = time.time()
+    loss_ema = None
+    for step in range(start, total):
+        loss = step_fn(step)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        if extra_save is not None:
+            extra_save(step)
+        loss_ema = loss if loss_ema is None else 0.98 * loss_ema + 0.02 * loss
+        prog.update(task, advance=1, description=f"{name} loss {loss_ema:.4f}")
+        if (step + 1) % every == 0 or step + 1 == total:
+            _save_ckpt(ckpt, step + 1, modules, opt)
+    return time.time() - t0
+
+
+def _rng(seed: int, stage: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stage, step])
+
+
+def _gen(seed: int, stage: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(_rng(seed, stage, step).integers(0, 2**62)))
+
+
+def _batch(seed: int, stage: int, step: int, n: int):
+    rng = _rng(seed, stage, step)
+    scenes = render.sample_scenes(n, int(rng.integers(0, 2**31)), "train")
+    caps = render.sample_captions(scenes, int(rng.integers(0, 2**31)))
+    return scenes, caps
+
+
+# ----------------------------------------------------------------------------- stages
+
+def clip_config(tok, r: Recipe):
+    from transformers import CLIPConfig
+
+    w = r.clip_width
+    return CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=w, intermediate_size=4 * w, num_hidden_layers=r.clip_layers,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(image_size=render.RES, patch_size=8, hidden_size=w, intermediate_size=4 * w,
+                           num_hidden_layers=r.clip_layers, num_attention_heads=4),
+        projection_dim=w)
+
+
+def train_clip(out: Path, tok, r: Recipe, prog) -> float:
+    from transformers import CLIPModel
+
+    torch.manual_seed(r.seed)
+    model = CLIPModel(clip_config(tok, r))
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
+
+    def step_fn(step):
+        scenes, caps = _batch(r.seed, 1, step, r.clip_batch)
+        ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        px = torch.from_numpy(render.render_batch(scenes))
+        loss = model(input_ids=ids, pixel_values=px, return_loss=True).loss
+        loss.backward()
+        return loss.item()
+
+    dt = _loop("clip", r.clip_steps, out / "work" / "clip.safetensors", {"m": model}, opt, step_fn, r.ckpt_every, prog)
+    model.save_pretrained(out / "clip")
+    return dt
+
+
+def make_vae(r: Recipe):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=tuple(r.vae_channels),
+                         layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=render.RES)
+
+
+def train_vae(out: Path, r: Recipe, prog) -> float:
+    torch.manual_seed(r.seed + 1)
+    vae = make_vae(r)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+
+    def step_fn(step):
+        scenes, _ = _batch(r.seed, 2, step, r.vae_batch)
+        x = torch.from_numpy(render.render_batch(scenes))
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=_gen(r.seed, 2, step))
+        rec = vae.decode(z).sample
+        loss = (rec - x).pow(2).mean() + 0.5 * (rec - x).abs().mean() + 1e-6 * post.kl().mean()
+        loss.backward()
+        return loss.item()
+
+    dt = _loop("vae", r.vae_steps, out / "work" / "vae.safetensors", {"m": vae}, opt, step_fn, r.ckpt_every, prog)
+    vae.eval()
+    # scaling factor: 1 / std of sampled latents on fresh renders, as SD does
+    with torch.no_grad():
+        scenes, _ = _batch(r.seed, 3, 0, 256)
+        post = vae.encode(torch.from_numpy(render.render_batch(scenes))).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=_gen(r.seed, 3, 0))
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    vae.save_pretrained(out / "vae")
+    return dt
+
+
+def encode_latents(out: Path, r: Recipe, prog) -> float:
+    from diffusers import AutoencoderKL
+
+    path = out / "work" / "latents.safetensors"
+    if path.exists():
+        return 0.0
+    t0 = time.time()
+    vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    scenes = render.sample_scenes(r.latents, r.seed + 4, "train")
+    combos = render.all_combinations()
+    combo_idx = torch.tensor([combos.index((s.shape, s.color, s.position, s.size, s.texture)) for s in scenes])
+    means, stds = [], []
+    task = prog.add_task("latents", total=r.latents)
+    with torch.no_grad():
+        for i in range(0, r.latents, 256):
+            post = vae.encode(torch.from_numpy(render.render_batch(scenes[i:i + 256]))).latent_dist
+            means.append(post.mean.half())
+            stds.append(post.std.half())
+            prog.update(task, advance=len(scenes[i:i + 256]))
+    save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "combo": combo_idx}, str(path))
+    return time.time() - t0
+
+
+def make_unet(r: Recipe, cross_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=render.RES // 4, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=tuple(r.unet_channels),
+                                down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+                                cross_attention_dim=cross_dim, attention_head_dim=4, norm_num_groups=32)
+
+
+def make_scheduler_config() -> dict:
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def train_unet(out: Path, tok, r: Recipe, prog) -> float:
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel
+
+    text = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
+    scale = AutoencoderKL.load_config(out / "vae")["scaling_factor"]
+    data = load_file(str(out / "work" / "latents.safetensors"))
+    combos = render.all_combinations()
+    # all captions a training combination can have, plus the empty prompt (caption dropout)
+    caps = [""] + [render.Scene(*combos[c]).caption(t) for c in range(len(combos)) for t in range(len(render.TEMPLATES))]
+    with torch.no_grad():
+        embs = []
+        for i in range(0, len(caps), 256):
+            ids = tok(caps[i:i + 256], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            embs.append(text(ids).last_hidden_state)
+        embs = torch.cat(embs)
+    sched = DDPMScheduler.from_config(make_scheduler_config())
+    ac = sched.alphas_cumprod
+    snr = ac / (1 - ac)
+    weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weighting for epsilon prediction
+
+    torch.manual_seed(r.seed + 5)
+    unet = make_unet(r, text.config.hidden_size)
+    ema = make_unet(r, text.config.hidden_size)
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=r.unet_lr, weight_decay=0.01)
+    n_t = len(render.TEMPLATES)
+
+    def step_fn(step):
+        rng = _rng(r.seed, 6, step)
+        g = _gen(r.seed, 6, step)
+        idx = torch.from_numpy(rng.integers(0, data["mean"].shape[0], r.unet_batch))
+        z = (data["mean"][idx].float() + data["std"][idx].float() * torch.randn(r.unet_batch, 4, render.RES // 4, render.RES // 4, generator=g)) * scale
+        cap = 1 + data["combo"][idx] * n_t + torch.from_numpy(rng.integers(0, n_t, r.unet_batch))
+        cap = torch.where(torch.from_numpy(rng.random(r.unet_batch) < r.caption_dropout), torch.zeros_like(cap), cap)
+        t = torch.randint(0, 1000, (r.unet_batch,), generator=g)
+        noise = torch.randn(z.shape, generator=g)
+        zt = sched.add_noise(z, noise, t)
+        pred = unet(zt, t, embs[cap]).sample
+        loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * weight[t]).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        return loss.item()
+
+    def ema_update(step):
+        d = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.mul_(d).add_(p.detach(), alpha=1 - d)
+
+    dt = _loop("unet", r.unet_steps, out / "work" / "unet.safetensors", {"m": unet, "ema": ema}, opt, step_fn,
+               r.ckpt_every, prog, extra_save=ema_update)
+    ema.save_pretrained(out / "unet")
+    return dt
+
+
+def assemble(out: Path, dest: Path, r: Recipe, timings: dict) -> Path:
+    """Write the final diffusers folder (fp16 weights when r.fp16) with its model card."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel
+
+    tok = load_tokenizer(out / "tokenizer")
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(out / "vae"), text_encoder=CLIPTextModel.from_pretrained(out / "text_encoder"),
+        tokenizer=tok, unet=UNet2DConditionModel.from_pretrained(out / "unet"),
+        scheduler=DDIMScheduler.from_config(make_scheduler_config()), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    clip = CLIPModel.from_pretrained(out / "clip")
+    if r.fp16:
+        pipe.to(torch.float16)
+        clip.to(torch.float16)
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    clip.save_pretrained(tmp / "clip", safe_serialization=True)
+    (tmp / "recipe.json").write_text(json.dumps({"recipe": asdict(r), "seconds_per_stage": timings}, indent=2))
+    if dest.exists():
+        import shutil
+
+        shutil.rmtree(dest)
+    tmp.replace(dest)
+    return dest
+
+
+def train(out: str | Path, recipe: Recipe | None = None, dest: str | Path | None = None) -> Path:
+    """Run (or resume) the whole recipe in `out`; the finished model folder is `dest` (default out/model)."""
+    r = recipe or Recipe()
+    out = Path(out)
+    (out / "work").mkdir(parents=True, exist_ok=True)
+    dest = Path(dest) if dest else out / "model"
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    times_path = out / "work" / "times.json"
+    timings = json.loads(times_path.read_text()) if times_path.exists() else {}
+
+    def done(stage, seconds):
+        timings[stage] = timings.get(stage, 0.0) + seconds
+        times_path.write_text(json.dumps(timings, indent=2))
+
+    with _progress() as prog:
+        write_tokenizer(out / "tokenizer")
+        tok = load_tokenizer(out / "tokenizer")
+        if not (out / "clip" / "config.json").exists():
+            done("clip", train_clip(out, tok, r, prog))
+        if not (out / "text_encoder" / "config.json").exists():
+            from transformers import CLIPModel
+
+            CLIPModel.from_pretrained(out / "clip").text_model.save_pretrained(out / "text_encoder")
+        if not (out / "vae" / "config.json").exists():
+            done("vae", train_vae(out, r, prog))
+        done("latents", encode_latents(out, r, prog))
+        if not (out / "unet" / "config.json").exists():
+            done("unet", train_unet(out, tok, r, prog))
+    return assemble(out, dest, r, timings)
