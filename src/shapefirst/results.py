@@ -1,0 +1,100 @@
+"""Result files that are never half-written: atomic writes, JSONL that resumes, result objects.
+
+Every write goes to a temporary file in the same folder, is flushed and fsync'ed, then renamed
+over the target (rename is atomic on POSIX), so a crash leaves the old file or the new one.
+A result object is a folder: results.json (settings + scalars) and arrays.safetensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ShapefirstError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ShapefirstError(f"cannot write {path}: a parent path is a file", "choose another output folder") from e
+    except PermissionError as e:
+        raise ShapefirstError(f"cannot write to {path.parent}: permission denied", "choose a writable output folder") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise ShapefirstError(f"writing {path} failed ({e.strerror or e})", "free disk space or choose another output folder") from e
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one line; the whole file is rewritten atomically so no line is ever partial."""
+    path = Path(path)
+    old = path.read_bytes() if path.exists() else b""
+    atomic_write_bytes(path, old + (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@dataclass
+class Result:
+    """A named result: JSON-able data + named tensors. Saves to and loads from a folder."""
+
+    kind: str
+    data: dict = field(default_factory=dict)
+    arrays: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def save(self, folder: str | Path) -> Path:
+        from safetensors.torch import save as save_bytes
+
+        folder = Path(folder)
+        if self.arrays:
+            atomic_write_bytes(folder / "arrays.safetensors",
+                               save_bytes({k: v.detach().cpu().contiguous() for k, v in self.arrays.items()}))
+        atomic_write_text(folder / "results.json", json.dumps({"kind": self.kind, **self.data}, indent=2, default=_jsonable))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Result":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "results.json").exists():
+            raise ShapefirstError(f"{folder} holds no results.json", "point to a folder written by shapefirst")
+        data = json.loads((folder / "results.json").read_text())
+        kind = data.pop("kind")
+        arrays = load_file(str(folder / "arrays.safetensors")) if (folder / "arrays.safetensors").exists() else {}
+        return cls(kind, data, arrays)
+
+
+def _jsonable(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")

@@ -1,0 +1,256 @@
+"""Token classes of a prompt ([SOS], semantic, [EOS], padding) and embedding interventions on them.
+
+Classes, derived only from the tokenizer's own ids (never assuming what the padding token is):
+  sos      position 0 when it holds the BOS id (CLIP's <|startoftext|>; T5 has none)
+  semantic the prompt's tokens, everything before the first EOS
+  eos      the first EOS position
+  eos_pad  later positions holding the EOS id (SD 1.x pads with EOS)
+  pad      later positions holding another id (SD 2.x / SDXL-2 pad with "!", T5 with <pad>)
+The paper's "[EOS] block" is eos + every position after it (eos_pad or pad).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import torch
+
+from .errors import ShapefirstError
+
+SOS = "sos"
+SEMANTIC = "semantic"
+EOS = "eos"
+EOS_PAD = "eos_pad"
+PAD = "pad"
+TOKEN_CLASSES = (SOS, SEMANTIC, EOS, EOS_PAD, PAD)
+
+_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")  # letters/digits, inner apostrophes ("don't")
+
+
+def classify_ids(ids: list[int], bos_id: int | None, eos_id: int, pad_id: int | None) -> list[str]:
+    """Class of every position of `ids` (see the module docstring).
+
+    Anything before the first EOS (after [SOS]) is semantic, even an id equal to pad_id (a "!" in
+    the text of a "!"-padding tokenizer). With no EOS at all (input truncated without one)
+    everything after [SOS] is semantic. After the first EOS, ids that are neither EOS nor pad
+    (should not happen) are called pad."""
+    ids = list(ids)
+    try:
+        eos_index = ids.index(eos_id)
+    except ValueError:
+        eos_index = None
+    classes: list[str] = []
+    for i, t in enumerate(ids):
+        if i == 0 and bos_id is not None and t == bos_id:
+            classes.append(SOS)
+        elif eos_index is None or i < eos_index:
+            classes.append(SEMANTIC)
+        elif i == eos_index:
+            classes.append(EOS)
+        elif t == eos_id:
+            classes.append(EOS_PAD)
+        else:
+            classes.append(PAD)
+    return classes
+
+
+@dataclass
+class TokenInfo:
+    """One tokenized prompt: ids, token strings, classes, and which word each semantic token is part of."""
+
+    prompt: str
+    ids: list[int]
+    tokens: list[str]
+    classes: list[str]
+    words: list[str]
+    word_of_token: list[int | None]
+    truncated: bool
+    dropped_text: str
+    n_semantic: int
+    eos_index: int | None
+
+    def positions(self, cls: str) -> list[int]:
+        """Positions of class `cls` (one of TOKEN_CLASSES)."""
+        if cls not in TOKEN_CLASSES:
+            raise ShapefirstError(f"unknown token class {cls!r}", f"use one of {', '.join(TOKEN_CLASSES)}")
+        return [i for i, c in enumerate(self.classes) if c == cls]
+
+    def word_positions(self, word_index: int) -> list[int]:
+        """Positions of the tokens of word `word_index` (empty if the word was truncated away)."""
+        return [i for i, w in enumerate(self.word_of_token) if w == word_index]
+
+    def class_mask(self, cls: str) -> torch.Tensor:
+        """Bool tensor [len(ids)], True at positions of class `cls`."""
+        mask = torch.zeros(len(self.ids), dtype=torch.bool)
+        mask[self.positions(cls)] = True
+        return mask
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def class_positions(info: TokenInfo) -> dict[str, list[int]]:
+    """{class: positions} for every class in TOKEN_CLASSES (empty lists included)."""
+    return {c: info.positions(c) for c in TOKEN_CLASSES}
+
+
+def _lowercases(tokenizer) -> bool:
+    return tokenizer.tokenize("A") == tokenizer.tokenize("a")
+
+
+def _token_units(token: str, byte_decoder: dict | None) -> list | None:
+    """The text units a token covers: bytes for byte-level BPE (CLIP), characters otherwise."""
+    t = token[:-4] if token.endswith("</w>") else token
+    t = t[1:] if t.startswith("▁") else t
+    if not t:
+        return None
+    if byte_decoder is not None:
+        return [byte_decoder[c] for c in t] if all(c in byte_decoder for c in t) else None
+    return list(t)
+
+
+def _align(text: str, tokens: list[str], semantic: list[bool], byte_decoder: dict | None) -> list[int | None]:
+    """Word index of each semantic token, consuming the token strings against the text in order.
+
+    A token belongs to the word of its first unit that lies inside a word; punctuation tokens
+    get None. A token that cannot be matched (e.g. <unk>) gets None and consumes nothing."""
+    word_of_char: list[int | None] = [None] * len(text)
+    for w, m in enumerate(_WORD.finditer(text)):
+        word_of_char[m.start():m.end()] = [w] * (m.end() - m.start())
+    units: list = []
+    unit_word: list[int | None] = []
+    for ch, w in zip(text, word_of_char):
+        cu = list(ch.encode("utf-8")) if byte_decoder is not None else [ch]
+        units += cu
+        unit_word += [w] * len(cu)
+    out: list[int | None] = []
+    p = 0
+    for tok, sem in zip(tokens, semantic):
+        tu = _token_units(tok, byte_decoder) if sem else None
+        if tu is None:
+            out.append(None)
+            continue
+        k = len(tu)
+        q = next((q for q in range(p, len(units) - k + 1) if units[q:q + k] == tu), None)
+        if q is None:
+            out.append(None)
+            continue
+        out.append(next((w for w in unit_word[q:q + k] if w is not None), None))
+        p = q + k
+    return out
+
+
+def analyze_prompt(tokenizer, prompt: str, max_length: int | None = None) -> TokenInfo:
+    """Tokenize `prompt` as the pipeline does (padding="max_length", truncation) and classify it.
+
+    max_length defaults to tokenizer.model_max_length. truncated: the untruncated sequence (with
+    its special tokens) is longer than max_length; dropped_text is the decoded text of the
+    content tokens that did not fit."""
+    max_length = max_length or tokenizer.model_max_length
+    ids = list(tokenizer(prompt, padding="max_length", truncation=True, max_length=max_length).input_ids)
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    classes = classify_ids(ids, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    n_semantic = classes.count(SEMANTIC)
+    eos_index = classes.index(EOS) if EOS in classes else None
+
+    full = tokenizer(prompt, truncation=False, verbose=False).input_ids
+    truncated = len(full) > max_length
+    dropped_text = ""
+    if truncated:
+        content = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids
+        dropped_text = tokenizer.decode(content[n_semantic:]).strip()
+
+    text = prompt.lower() if _lowercases(tokenizer) else prompt
+    words = [m.group(0) for m in _WORD.finditer(text)]
+    word_of_token = _align(text, tokens, [c == SEMANTIC for c in classes], getattr(tokenizer, "byte_decoder", None))
+    return TokenInfo(prompt=prompt, ids=ids, tokens=tokens, classes=classes, words=words,
+                     word_of_token=word_of_token, truncated=truncated, dropped_text=dropped_text,
+                     n_semantic=n_semantic, eos_index=eos_index)
+
+
+def _check(emb: torch.Tensor, info: TokenInfo, name: str = "emb") -> None:
+    if emb.dim() != 3 or emb.shape[1] != len(info.ids):
+        raise ShapefirstError(f"{name} has shape {tuple(emb.shape)}, expected [B, {len(info.ids)}, D]",
+                              "pass prompt embeddings of the tokenized prompt (same max_length)")
+
+
+def _eos(info: TokenInfo, name: str) -> int:
+    if info.eos_index is None:
+        raise ShapefirstError(f"prompt {name} has no [EOS] token (truncated without one)",
+                              "use a shorter prompt or a tokenizer that appends EOS")
+    return info.eos_index
+
+
+def swap_eos(emb_a: torch.Tensor, info_a: TokenInfo, emb_b: torch.Tensor, info_b: TokenInfo,
+             mode: str = "block") -> torch.Tensor:
+    """A's [SOS] + semantic tokens with B's [EOS] (a new tensor; inputs untouched).
+
+    mode="block": the output keeps A's positions 0..eos_a-1 and fills positions eos_a..L-1 with
+    B's positions eos_b..eos_b+(L-eos_a)-1, i.e. B's [EOS] block shifted to start where A's EOS
+    starts. If B's block is too short (eos_b > eos_a) the remainder repeats B's last position.
+    With "!"-padding the block after the EOS holds padding embeddings; it moves all the same.
+    mode="first": only position eos_a is replaced, by B's first EOS (position eos_b).
+    emb_b may have batch 1 (broadcast over A's batch)."""
+    _check(emb_a, info_a, "emb_a")
+    _check(emb_b, info_b, "emb_b")
+    ea, eb = _eos(info_a, "A"), _eos(info_b, "B")
+    length = emb_a.shape[1]
+    out = emb_a.clone()
+    src = emb_b.to(device=emb_a.device, dtype=emb_a.dtype)
+    if mode == "block":
+        idx = torch.clamp(torch.arange(eb, eb + length - ea, device=emb_a.device), max=src.shape[1] - 1)
+        out[:, ea:] = src[:, idx]
+    elif mode == "first":
+        out[:, ea] = src[:, eb]
+    else:
+        raise ShapefirstError(f"unknown swap_eos mode {mode!r}", "use 'block' or 'first'")
+    return out
+
+
+def keep_first_eos(emb: torch.Tensor, info: TokenInfo, n: int, fill: str = "zero",
+                   pad_of: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the first n positions of the [EOS] block (eos, then eos_pad/pad), replace the rest.
+
+    Positions eos..eos+n-1 are kept, positions eos+n..L-1 are replaced (n=0 replaces the whole
+    block, the first EOS included). fill="zero": by zeros. fill="pad_of": by the same positions
+    of the tensor `pad_of` ([B or 1, L, D], e.g. the embedding of an empty prompt)."""
+    _check(emb, info)
+    if n < 0:
+        raise ShapefirstError(f"n={n} is negative", "pass n >= 0")
+    start = min(_eos(info, "") + n, emb.shape[1])
+    out = emb.clone()
+    if fill == "zero":
+        out[:, start:] = 0
+    elif fill == "pad_of":
+        if pad_of is None or pad_of.dim() != 3 or pad_of.shape[1:] != emb.shape[1:]:
+            raise ShapefirstError("fill='pad_of' needs pad_of of shape [B or 1, L, D] like emb",
+                                  "pass pad_of=<reference prompt embedding>")
+        out[:, start:] = pad_of.to(device=emb.device, dtype=emb.dtype)[:, start:]
+    else:
+        raise ShapefirstError(f"unknown fill {fill!r}", "use 'zero' or 'pad_of'")
+    return out
+
+
+def replace_class(emb: torch.Tensor, info: TokenInfo, cls_set: str | Iterable[str], how: str = "zero",
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace the positions of the given classes by zeros (how="zero") or by Gaussian noise
+    rescaled to each original vector's L2 norm (how="noise", per row and position)."""
+    _check(emb, info)
+    classes = {cls_set} if isinstance(cls_set, str) else set(cls_set)
+    pos = sorted(p for c in classes for p in info.positions(c))
+    out = emb.clone()
+    if not pos:
+        return out
+    idx = torch.tensor(pos, device=emb.device)
+    if how == "zero":
+        out[:, idx] = 0
+    elif how == "noise":
+        orig = emb[:, idx].float()
+        gen_device = generator.device if generator is not None else emb.device
+        noise = torch.randn(orig.shape, generator=generator, device=gen_device).to(emb.device)
+        noise = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12) * orig.norm(dim=-1, keepdim=True)
+        out[:, idx] = noise.to(emb.dtype)
+    else:
+        raise ShapefirstError(f"unknown how {how!r}", "use 'zero' or 'noise'")
+    return out

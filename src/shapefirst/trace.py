@@ -1,0 +1,195 @@
+"""Trajectory recording: every denoiser call's timestep, x_t, noise predictions and x0-hat.
+
+The recorder is fed by the guidance hook (shapefirst.guidance), which sees each call's inputs and
+outputs. x_t is the denoiser's input in variance-preserving form: for DDPM-type schedulers it is
+the latent itself; for Euler-type (sigma) schedulers the pipeline feeds x / sqrt(sigma^2 + 1),
+which is exactly sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, so one formula serves both:
+    epsilon:       x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)
+    v_prediction:  x0 = sqrt(ab) x_t - sqrt(1 - ab) v
+    sample:        x0 = prediction
+    flow matching: x0 = x_t - sigma v   (sigma = t / num_train_timesteps)
+alpha_bar at a (possibly fractional) timestep is interpolated in sigma space, as Euler does.
+Saved as safetensors (stacked arrays [calls, images, ...]) + JSON metadata.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .results import atomic_write_bytes, atomic_write_text
+
+FIELDS = ("x_t", "uncond", "cond", "combined", "x0")
+
+
+def alpha_bar_at(scheduler, t: float) -> float:
+    """alpha_bar (VP) at timestep t for the scheduler, interpolating sigma like Euler does."""
+    ac = getattr(scheduler, "alphas_cumprod", None)
+    if ac is None:
+        raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod")
+    ac = ac.double().cpu().numpy()
+    sig = np.sqrt((1 - ac) / ac)
+    s = float(np.interp(float(t), np.arange(len(ac)), sig))
+    return 1.0 / (1.0 + s * s)
+
+
+def is_flow_matching(scheduler) -> bool:
+    return getattr(scheduler, "alphas_cumprod", None) is None and "shift" in getattr(scheduler, "config", {})
+
+
+def predicted_x0(scheduler, t: float, x_t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """x0-hat from the denoiser's input and (combined) output, for the scheduler's prediction type."""
+    if is_flow_matching(scheduler):
+        sigma = float(t) / scheduler.config.num_train_timesteps
+        return x_t - sigma * pred
+    ab = alpha_bar_at(scheduler, t)
+    kind = scheduler.config.prediction_type
+    a, b = ab ** 0.5, (1 - ab) ** 0.5
+    if kind == "epsilon":
+        return (x_t - b * pred) / a
+    if kind == "v_prediction":
+        return a * x_t - b * pred
+    if kind == "sample":
+        return pred
+    raise ValueError(f"unknown prediction_type {kind!r}")
+
+
+@dataclass
+class Trajectory:
+    """Per-call arrays, each [calls, images, C, H, W]; `guided` is [calls, images] bool.
+
+    uncond/cond rows that were not computed at a call (unguided, or no CFG) are NaN."""
+
+    timesteps: list[float] = field(default_factory=list)
+    arrays: dict[str, torch.Tensor] = field(default_factory=dict)
+    guided: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_calls(self) -> int:
+        return len(self.timesteps)
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous() for k, v in self.arrays.items()}
+        tensors["guided"] = self.guided.to(torch.uint8).contiguous()
+        tensors["timesteps"] = torch.tensor(self.timesteps, dtype=torch.float64)
+        from safetensors.torch import save as save_bytes
+
+        atomic_write_bytes(folder / "trajectory.safetensors", save_bytes(tensors))
+        atomic_write_text(folder / "trajectory.json", json.dumps({"meta": self.meta, "timesteps": self.timesteps}, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Trajectory":
+        folder = Path(folder)
+        tensors = load_file(str(folder / "trajectory.safetensors"))
+        info = json.loads((folder / "trajectory.json").read_text())
+        guided = tensors.pop("guided").bool()
+        tensors.pop("timesteps")
+        return cls(timesteps=info["timesteps"], arrays=tensors, guided=guided, meta=info["meta"])
+
+    # -- decoding and pictures -----------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, vae, which: str = "x0", calls: list[int] | None = None, batch: int = 64) -> torch.Tensor:
+        """Decode latents to images in [0, 1]: [len(calls), images, 3, H, W]."""
+        calls = list(range(self.n_calls)) if calls is None else list(calls)
+        lat = self.arrays[which][calls]
+        flat = lat.flatten(0, 1)
+        dtype = next(vae.parameters()).dtype
+        dev = next(vae.parameters()).device
+        outs = []
+        for i in range(0, flat.shape[0], batch):
+            z = flat[i:i + batch].to(dev, dtype) / vae.config.scaling_factor
+            outs.append(vae.decode(z).sample.float().cpu())
+        img = (torch.cat(outs) / 2 + 0.5).clamp(0, 1)
+        return img.view(len(calls), lat.shape[1], *img.shape[1:])
+
+    def contact_sheet(self, vae, path: str | Path, max_columns: int = 25) -> Path:
+        """PNG grid: one row per image, columns = decoded x0-hat at evenly spaced calls (last included)."""
+        from PIL import Image
+
+        calls = _spaced(self.n_calls, max_columns)
+        imgs = self.decode(vae, "x0", calls)  # [C, B, 3, H, W]
+        grid = imgs.permute(1, 3, 0, 4, 2)  # B, H, C, W, 3
+        b, h, c, w, _ = grid.shape
+        arr = (grid.reshape(b * h, c * w, 3).numpy() * 255).round().astype(np.uint8)
+        buf = _png_bytes(Image.fromarray(arr))
+        return atomic_write_bytes(Path(path), buf)
+
+    def gif(self, vae, path: str | Path, duration_ms: int = 80) -> Path:
+        """Animated GIF: one frame per call, images side by side."""
+        from PIL import Image
+
+        imgs = self.decode(vae, "x0")  # [T, B, 3, H, W]
+        frames = []
+        for t in range(imgs.shape[0]):
+            row = imgs[t].permute(2, 0, 3, 1).reshape(imgs.shape[3], -1, 3)
+            frames.append(Image.fromarray((row.numpy() * 255).round().astype(np.uint8)))
+        import io
+
+        bio = io.BytesIO()
+        frames[0].save(bio, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+        return atomic_write_bytes(Path(path), bio.getvalue())
+
+
+def _spaced(n: int, k: int) -> list[int]:
+    if n <= k:
+        return list(range(n))
+    return sorted(set(int(round(i * (n - 1) / (k - 1))) for i in range(k)))
+
+
+def _png_bytes(img) -> bytes:
+    import io
+
+    bio = io.BytesIO()
+    img.save(bio, format="PNG")
+    return bio.getvalue()
+
+
+class TrajectoryRecorder:
+    """Collects per-call tensors from the guidance hook; `.trajectory` assembles the last run."""
+
+    def __init__(self, keep: tuple[str, ...] = FIELDS):
+        self.keep = keep
+        self._calls: list[dict] = []
+        self.scheduler = None
+
+    def start_run(self, pipe, batch: int):
+        self._calls = []
+        self.scheduler = pipe.scheduler
+
+    def record(self, call: int, t: float, x_t, uncond, cond, combined, guided, after: str = "uncond"):
+        """One denoiser call. uncond is None when the call ran no CFG; for unguided images
+        (guided False) only the `after` branch was computed, the other is stored as NaN."""
+        comb = combined.detach().float().cpu()
+        x_t = x_t.detach().float().cpu()
+        nan = torch.full_like(comb, float("nan"))
+        g = guided.cpu().view(-1, *[1] * (comb.dim() - 1))
+        if uncond is None:
+            u, c = nan, cond.detach().float().cpu()
+        else:
+            u, c = uncond.detach().float().cpu(), cond.detach().float().cpu()
+            u = torch.where(g | (after == "uncond"), u, nan)
+            c = torch.where(g | (after == "cond"), c, nan)
+        vals = {"x_t": x_t, "uncond": u, "cond": c, "combined": comb,
+                "x0": predicted_x0(self.scheduler, t, x_t, comb)}
+        rec = {"t": float(t), "guided": guided.clone().cpu()}
+        rec.update({k: v for k, v in vals.items() if k in self.keep})
+        self._calls.append(rec)
+
+    @property
+    def trajectory(self) -> Trajectory:
+        if not self._calls:
+            raise ValueError("nothing was recorded: run the pipeline inside the recorder's schedule first")
+        arrays = {k: torch.stack([c[k] for c in self._calls]) for k in self.keep}
+        guided = torch.stack([c["guided"] for c in self._calls])
+        sch = self.scheduler
+        meta = {"scheduler": type(sch).__name__, "prediction_type": sch.config.get("prediction_type", "flow"),
+                "n_calls": len(self._calls)}
+        return Trajectory([c["t"] for c in self._calls], arrays, guided, meta)
