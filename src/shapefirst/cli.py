@@ -1,0 +1,106 @@
+"""The `shapefirst` command line: parses arguments and calls the library; nothing else."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import ShapefirstError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Explain and accelerate text-to-image diffusion: shape first, details later.")
+
+MODEL_HELP = "'embedded' (the shipped shapes world), a local diffusers folder, or a hub id"
+
+
+def _schedule(guidance: float, stop: Optional[float], stop_step: Optional[int], after: str):
+    from .guidance import GuidanceSchedule
+
+    return GuidanceSchedule(scale=guidance, stop=stop, stop_step=stop_step, after=after)
+
+
+@app.command()
+def generate(
+    prompts: List[str] = typer.Argument(None, help="one or more prompts"),
+    model: str = typer.Option("embedded", help=MODEL_HELP),
+    steps: int = typer.Option(50, help="denoising steps"),
+    guidance: float = typer.Option(7.5, help="classifier-free guidance scale w"),
+    guidance_stop: Optional[float] = typer.Option(None, help="fraction of denoiser calls that stay guided, in [0, 1]"),
+    guidance_stop_step: Optional[int] = typer.Option(None, help="index of the first unguided denoiser call"),
+    after: str = typer.Option("uncond", help="branch kept after the stop: uncond (the paper) or cond"),
+    negative_prompt: Optional[str] = typer.Option(None, help="negative prompt"),
+    scheduler: str = typer.Option("ddim", help="ddim, pndm, euler, euler-a, dpm++ or unipc"),
+    seed: int = typer.Option(0, help="image i uses torch.Generator('cpu').manual_seed(seed + i)"),
+    images_per_prompt: int = typer.Option(1, help="images per prompt"),
+    out: Path = typer.Option(Path("shapefirst-out"), help="output folder"),
+    trace: bool = typer.Option(False, "--trace", help="record every denoiser call (x_t, predictions, x0-hat)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
+    dtype: Optional[str] = typer.Option(None, help="float32, float16, bfloat16 (default: fp16 on cuda, else fp32)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle (.bin/.ckpt) weights: only for trusted files"),
+):
+    """Generate images with a guidance schedule; writes PNGs and run.json (and the trajectory with --trace)."""
+    from .generate import check_prompts, generate as run_generate
+    from .models import SCHEDULERS, load_pipeline
+
+    prompts = check_prompts(prompts)
+    schedule = _schedule(guidance, guidance_stop, guidance_stop_step, after)
+    if scheduler not in SCHEDULERS:
+        raise ShapefirstError(f"unknown scheduler {scheduler!r}", f"use one of: {', '.join(SCHEDULERS)}")
+    if out.exists() and not out.is_dir():
+        raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
+    t0 = time.perf_counter()
+    pipe = load_pipeline(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    load_s = time.perf_counter() - t0
+    res = run_generate(pipe, prompts, schedule, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
+                       negative_prompt=negative_prompt, scheduler=scheduler, trace=trace, progress=True)
+    res.save(out, vae=pipe.vae if trace else None, extra={"model": model, "load_seconds": load_s})
+    typer.echo(f"{len(res.images)} images -> {out}  ({res.wall_seconds:.2f} s, "
+               f"{res.evaluations_per_image[0]} denoiser evaluations per image)", err=True)
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(Path("shapes-world-train"), help="work folder (checkpoints; rerun to resume)"),
+    seed: int = typer.Option(0, help="seed of the whole recipe"),
+    tiny: bool = typer.Option(False, "--tiny", help="a few steps of every stage on tiny sizes (smoke test)"),
+    dest: Optional[Path] = typer.Option(None, help="where the finished model folder goes (default OUT/model)"),
+):
+    """Train the shapes-world model (tokenizer -> CLIP -> VAE -> UNet); resumes from checkpoints."""
+    from .world.train import Recipe, train as run_train
+
+    recipe = Recipe.tiny(seed) if tiny else Recipe(seed=seed)
+    path = run_train(out, recipe, dest)
+    typer.echo(f"model -> {path}", err=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except ShapefirstError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 0))
+        return int(code or 0)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        if isinstance(e, click.exceptions.Abort):
+            print("aborted", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

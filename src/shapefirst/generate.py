@@ -1,0 +1,193 @@
+"""One generation run: pipeline + guidance schedule (+ trajectory) -> images, counts, timings.
+
+Image i of a run (prompt-major: prompt p, image j -> i = p * images_per_prompt + j) uses the
+generator torch.Generator("cpu").manual_seed(seed + i), so any image can be regenerated alone:
+generate(pipe, [prompt_p], seed=seed + i) gives image i again (up to batch-makeup rounding).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ShapefirstError
+from .guidance import GuidanceSchedule, guidance_schedule
+from .models import set_scheduler
+from .results import atomic_write_text
+from .trace import Trajectory, TrajectoryRecorder
+
+_warned_negative = False
+
+
+def count_calls(pipe, steps: int) -> int:
+    """Denoiser calls the pipeline's scheduler makes for `steps` steps (PNDM: 51 for 50)."""
+    sch = copy.deepcopy(pipe.scheduler)
+    sch.set_timesteps(steps)
+    return len(sch.timesteps)
+
+
+def check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts or [])
+    if not prompts:
+        raise ShapefirstError("no prompt was given", 'pass at least one prompt, e.g. "a red circle"')
+    for p in prompts:
+        if not isinstance(p, str):
+            raise ShapefirstError(f"prompt {p!r} is not text", "pass prompts as strings")
+    return prompts
+
+
+@dataclass
+class GenerationResult:
+    images: np.ndarray  # [N, H, W, 3] float in [0, 1]
+    prompts: list[str]  # one per image
+    seeds: list[int]  # one per image
+    evaluations_per_image: list[int]
+    wall_seconds: float
+    settings: dict = field(default_factory=dict)
+    trajectory: Trajectory | None = None
+
+    def pil(self):
+        from PIL import Image
+
+        return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in self.images]
+
+    def save(self, out: str | Path, vae=None, extra: dict | None = None) -> Path:
+        """Write one PNG per image, the trajectory (if any) and run.json last, via a staging folder."""
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out))
+        except PermissionError as e:
+            raise ShapefirstError(f"cannot write to {out}: permission denied", "choose a writable --out folder") from e
+        try:
+            names = []
+            for i, im in enumerate(self.pil()):
+                name = f"image_{i:03d}.png"
+                im.save(stage / name)
+                names.append(name)
+            if self.trajectory is not None:
+                self.trajectory.save(stage / "trajectory")
+                if vae is not None:
+                    self.trajectory.contact_sheet(vae, stage / "trajectory" / "contact_sheet.png")
+                    self.trajectory.gif(vae, stage / "trajectory" / "x0.gif")
+            run = {**self.settings, "prompts_per_image": self.prompts, "seeds": self.seeds,
+                   "denoiser_evaluations_per_image": self.evaluations_per_image,
+                   "wall_seconds": self.wall_seconds, "images": names, **(extra or {}),
+                   "machine": machine_info()}
+            for p in sorted(stage.rglob("*"), key=lambda p: len(p.parts)):
+                dest = out / p.relative_to(stage)
+                if p.is_dir():
+                    dest.mkdir(exist_ok=True)
+                else:
+                    p.replace(dest)
+            atomic_write_text(out / "run.json", json.dumps(run, indent=2))
+        except OSError as e:
+            raise ShapefirstError(f"writing to {out} failed ({e.strerror or e})", "free disk space or choose another --out") from e
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return out
+
+
+def machine_info() -> dict:
+    import diffusers
+    import transformers
+
+    import os
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int = 50, seed: int = 0,
+             images_per_prompt: int = 1, negative_prompt: str | list[str] | None = None,
+             scheduler: str | None = None, trace: bool = False, progress: bool = False, **pipe_kwargs) -> GenerationResult:
+    """Generate with a guidance schedule; returns images, per-image denoiser evaluations and timing.
+
+    Extra keyword arguments go to the pipeline (e.g. prompt_embeds=..., negative_prompt_embeds=...;
+    pass prompts=None then, and the batch is taken from prompt_embeds)."""
+    schedule = schedule or GuidanceSchedule()
+    if "prompt_embeds" in pipe_kwargs and prompts is None:
+        n_prompts = pipe_kwargs["prompt_embeds"].shape[0]
+        prompts_list = [f"<embeds {i}>" for i in range(n_prompts)]
+    else:
+        prompts_list = check_prompts(prompts)
+        n_prompts = len(prompts_list)
+    if int(steps) != steps or steps < 1:
+        raise ShapefirstError(f"steps {steps} is not a positive integer", "pass e.g. --steps 50")
+    if int(images_per_prompt) != images_per_prompt or images_per_prompt < 1:
+        raise ShapefirstError(f"images per prompt {images_per_prompt} is not a positive integer", "pass 1 or more")
+    set_scheduler(pipe, scheduler)
+    n_calls = count_calls(pipe, steps)
+    schedule.first_unguided_call(n_calls)  # validates stop_step against the real number of calls
+    global _warned_negative
+    if negative_prompt and schedule.stops and schedule.after == "uncond" and not _warned_negative:
+        warnings.warn("after='uncond' with a negative prompt: the unguided late calls follow the NEGATIVE prompt's "
+                      "branch (the unconditional branch is the negative prompt's); use after='cond' to follow the prompt",
+                      stacklevel=2)
+        _warned_negative = True
+    n = n_prompts * images_per_prompt
+    gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+    recorder = TrajectoryRecorder() if trace else None
+    kwargs = dict(num_inference_steps=steps, guidance_scale=schedule.scale, num_images_per_prompt=images_per_prompt,
+                  generator=gens, output_type="np", **pipe_kwargs)
+    if prompts is not None:
+        kwargs["prompt"] = prompts_list
+    if negative_prompt is not None:
+        kwargs["negative_prompt"] = [negative_prompt] * n_prompts if isinstance(negative_prompt, str) else negative_prompt
+    bar = _Progress(n_calls) if progress else None
+    if bar is not None:
+        kwargs["callback_on_step_end"] = bar
+    with guidance_schedule(pipe, schedule, recorder) as hook:
+        t0 = time.perf_counter()
+        try:
+            images = pipe(**kwargs).images
+        finally:
+            if bar is not None:
+                bar.close()
+        wall = time.perf_counter() - t0
+    settings = {"steps": steps, "denoiser_calls": n_calls, "guidance": schedule.scale, "schedule": schedule.to_dict(),
+                "scheduler": scheduler or type(pipe.scheduler).__name__, "seed": seed,
+                "images_per_prompt": images_per_prompt, "negative_prompt": negative_prompt,
+                "prompts": prompts_list, "first_unguided_call_per_image": hook.stop_calls.tolist()
+                if schedule.adaptive is not None else [schedule.first_unguided_call(n_calls)] * n}
+    per_image_prompts = [p for p in prompts_list for _ in range(images_per_prompt)]
+    traj = recorder.trajectory if recorder is not None else None
+    if traj is not None:
+        traj.meta.update({"prompts": per_image_prompts, "schedule": schedule.to_dict()})
+    return GenerationResult(np.asarray(images), per_image_prompts, [seed + i for i in range(n)],
+                            hook.evaluations_per_image(), wall, settings, traj)
+
+
+class _Progress:
+    """A rich progress bar on stderr, driven by callback_on_step_end (it only reads)."""
+
+    def __init__(self, total: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.p = Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=Console(stderr=True), transient=True)
+        self.task = self.p.add_task("gen", total=total)
+        self.p.start()
+
+    def __call__(self, pipe, i, t, kwargs):
+        self.p.update(self.task, completed=i + 1)
+        return {}
+
+    def close(self):
+        self.p.stop()

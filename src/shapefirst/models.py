@@ -1,0 +1,161 @@
+"""Load a text-to-image pipeline: "embedded" (the shipped shapes world), a local diffusers folder,
+or a hub id; detect its family; refuse what shapefirst does not support, with a one-line fix."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import ShapefirstError
+
+# family name -> diffusers pipeline class names
+FAMILIES = {
+    "sd": ("StableDiffusionPipeline",),
+}
+SUPPORTED = ", ".join(c for cs in FAMILIES.values() for c in cs)
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def embedded_model_path() -> Path:
+    """The folder of the shipped shapes-world model (a plain diffusers StableDiffusionPipeline)."""
+    return Path(__file__).parent / "world" / "model"
+
+
+def family_of(class_name: str) -> str:
+    for fam, names in FAMILIES.items():
+        if class_name in names:
+            return fam
+    raise ShapefirstError(f"pipeline family {class_name!r} is not supported",
+                          f"use one of: {SUPPORTED}")
+
+
+def family_of_pipe(pipe) -> str:
+    return family_of(type(pipe).__name__)
+
+
+def pick_device(device: str | None = None) -> str:
+    if device and device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ShapefirstError(f"device {device!r} was asked for but CUDA is not available", "pass --device cpu")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ShapefirstError(f"unknown dtype {dtype!r}", f"use one of {sorted(table)}")
+    return table[dtype]
+
+
+def _check_folder(path: Path, allow_pickle: bool) -> str:
+    """Validate a local diffusers folder; return its pipeline class name."""
+    if not path.exists():
+        raise ShapefirstError(f"model folder {path} does not exist", "pass --model embedded, a diffusers folder or a hub id")
+    if not path.is_dir():
+        raise ShapefirstError(f"model path {path} is a file, not a diffusers folder",
+                              "pass the folder that holds model_index.json")
+    index = path / "model_index.json"
+    if not index.exists():
+        raise ShapefirstError(f"{path} is not a diffusers pipeline folder (no model_index.json)",
+                              "pass the folder that holds model_index.json, e.g. one saved by pipe.save_pretrained()")
+    try:
+        cls = json.loads(index.read_text())["_class_name"]
+    except (ValueError, KeyError) as e:
+        raise ShapefirstError(f"{index} is not valid JSON with a _class_name", "re-save the pipeline with save_pretrained()") from e
+    weights = [p for p in path.rglob("*") if p.is_file() and (p.suffix in PICKLE_SUFFIXES or p.suffix == ".safetensors")]
+    safes = [p for p in weights if p.suffix == ".safetensors"]
+    pickles = [p for p in weights if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not safes and not allow_pickle:
+        raise ShapefirstError(f"{path} has only pickle weights ({pickles[0].name}), which can run code when loaded",
+                              "convert them to safetensors, or pass --allow-pickle if you trust the source")
+    for p in safes:
+        _check_safetensors(p)
+    return cls
+
+
+def _check_safetensors(p: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), "pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types
+        raise ShapefirstError(f"weights file {p} is corrupt or not safetensors ({type(e).__name__})",
+                              "re-download or re-save the model") from e
+
+
+def load_pipeline(model: str = "embedded", device: str | None = None, dtype: str | None = None,
+                  allow_pickle: bool = False, scheduler: str | None = None):
+    """Load a supported text-to-image pipeline, ready for shapefirst.
+
+    model: "embedded", a local diffusers folder, or a hub id ("org/name", needs network or cache).
+    Weights load from safetensors only unless allow_pickle=True."""
+    import diffusers
+
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    if model == "embedded":
+        path = embedded_model_path()
+        if not (path / "model_index.json").exists():
+            raise ShapefirstError("the embedded shapes-world model is not in this installation",
+                                  "train it with `shapefirst train` or pass --model PATH")
+        model = str(path)
+    local = Path(model).expanduser()
+    looks_local = local.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
+    if looks_local:
+        cls_name = _check_folder(local, allow_pickle)
+        family_of(cls_name)
+        source = str(local)
+    else:
+        source = model
+        cls_name = None
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(source, torch_dtype=dt, use_safetensors=not allow_pickle,
+                                                           safety_checker=None, requires_safety_checker=False)
+    except (OSError, ValueError, EnvironmentError) as e:
+        if not looks_local:
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+            why = "HF_HUB_OFFLINE is set" if offline else "no network or cache"
+            raise ShapefirstError(f"cannot load hub model {model!r} ({why})",
+                                  "download it once with network access (it is then cached) or pass a local folder; "
+                                  "HF_HUB_OFFLINE=1 uses only the cache") from e
+        raise ShapefirstError(f"cannot load {model}: {str(e).splitlines()[0][:200]}",
+                              "check that the folder is a complete diffusers pipeline") from e
+    family_of_pipe(pipe)
+    pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def set_scheduler(pipe, name: str | None):
+    """Swap the pipeline's scheduler by short name, keeping its noise schedule and prediction type."""
+    if name is None:
+        return pipe
+    if name not in SCHEDULERS:
+        raise ShapefirstError(f"unknown scheduler {name!r}", f"use one of: {', '.join(SCHEDULERS)}")
+    import diffusers
+
+    cls_name, extra = SCHEDULERS[name]
+    cls = getattr(diffusers, cls_name)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+    return pipe
