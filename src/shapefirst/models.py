@@ -20,7 +20,9 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 def embedded_model_path() -> Path:
     """The folder of the shipped shapes-world model (a plain diffusers StableDiffusionPipeline)."""
-    return Path(__file__).parent / "world" / "model"
+    from .world import model_path
+
+    return model_path()
 
 
 def family_of(class_name: str) -> str:
@@ -101,7 +103,10 @@ def load_pipeline(model: str = "embedded", device: str | None = None, dtype: str
     model: "embedded", a local diffusers folder, or a hub id ("org/name", needs network or cache).
     Weights load from safetensors only unless allow_pickle=True."""
     import diffusers
+    import transformers
 
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     if model == "embedded":

@@ -105,8 +105,28 @@ def _lr_lambda(total: int, warmup: int):
     return f
 
 
+class TrainingPaused(Exception):
+    """Raised when the step budget of this invocation is spent; rerun to resume."""
+
+
+class _Budget:
+    def __init__(self, steps: int | None):
+        self.left = steps
+
+    def take(self):
+        if self.left is not None:
+            if self.left <= 0:
+                raise TrainingPaused()
+            self.left -= 1
+
+
+_budget = _Budget(None)
+
+
 def _loop(name: str, total: int, ckpt: Path, modules: dict, opt, step_fn, every: int, prog, extra_save=None):
-    """Run step_fn(step) from the checkpoint's step to total, saving every `every` steps."""
+    """Run step_fn(step) from the checkpoint's step to total, saving every `every` steps.
+
+    A paused run (step budget spent) checkpoints before stopping, so no finished step is lost."""
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, total // 20)))
     start = _load_ckpt(ckpt, modules, opt) if ckpt.exists() else 0
     for _ in range(start):
@@ -115,6 +135,11 @@ def _loop(name: str, total: int, ckpt: Path, modules: dict, opt, step_fn, every:
     t0 = time.time()
     loss_ema = None
     for step in range(start, total):
+        try:
+            _budget.take()
+        except TrainingPaused:
+            _save_ckpt(ckpt, step, modules, opt)
+            raise
         loss = step_fn(step)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -340,8 +365,14 @@ def assemble(out: Path, dest: Path, r: Recipe, timings: dict) -> Path:
     return dest
 
 
-def train(out: str | Path, recipe: Recipe | None = None, dest: str | Path | None = None) -> Path:
-    """Run (or resume) the whole recipe in `out`; the finished model folder is `dest` (default out/model)."""
+def train(out: str | Path, recipe: Recipe | None = None, dest: str | Path | None = None,
+          max_steps: int | None = None) -> Path | None:
+    """Run (or resume) the whole recipe in `out`; the finished model folder is `dest` (default out/model).
+
+    max_steps: stop (checkpointed) after this many optimisation steps in this invocation, for
+    time-boxed sessions; returns None then, and a rerun resumes where it stopped."""
+    global _budget
+    _budget = _Budget(max_steps)
     r = recipe or Recipe()
     out = Path(out)
     (out / "work").mkdir(parents=True, exist_ok=True)
@@ -354,18 +385,25 @@ def train(out: str | Path, recipe: Recipe | None = None, dest: str | Path | None
         timings[stage] = timings.get(stage, 0.0) + seconds
         times_path.write_text(json.dumps(timings, indent=2))
 
-    with _progress() as prog:
-        write_tokenizer(out / "tokenizer")
-        tok = load_tokenizer(out / "tokenizer")
-        if not (out / "clip" / "config.json").exists():
-            done("clip", train_clip(out, tok, r, prog))
-        if not (out / "text_encoder" / "config.json").exists():
-            from transformers import CLIPModel
-
-            CLIPModel.from_pretrained(out / "clip").text_model.save_pretrained(out / "text_encoder")
-        if not (out / "vae" / "config.json").exists():
-            done("vae", train_vae(out, r, prog))
-        done("latents", encode_latents(out, r, prog))
-        if not (out / "unet" / "config.json").exists():
-            done("unet", train_unet(out, tok, r, prog))
+    try:
+        with _progress() as prog:
+            _stages(out, r, prog, done)
+    except TrainingPaused:
+        return None
     return assemble(out, dest, r, timings)
+
+
+def _stages(out: Path, r: Recipe, prog, done) -> None:
+    write_tokenizer(out / "tokenizer")
+    tok = load_tokenizer(out / "tokenizer")
+    if not (out / "clip" / "config.json").exists():
+        done("clip", train_clip(out, tok, r, prog))
+    if not (out / "text_encoder" / "config.json").exists():
+        from transformers import CLIPModel
+
+        CLIPModel.from_pretrained(out / "clip").text_model.save_pretrained(out / "text_encoder")
+    if not (out / "vae" / "config.json").exists():
+        done("vae", train_vae(out, r, prog))
+    done("latents", encode_latents(out, r, prog))
+    if not (out / "unet" / "config.json").exists():
+        done("unet", train_unet(out, tok, r, prog))

@@ -1,0 +1,91 @@
+"""The CLI end to end on a tiny saved pipeline, and its bad-input errors (one line, exit 2, nothing written)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shapefirst.cli import main
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_generate_writes_images_and_run_json(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run(["generate", "a red circle", "a blue square", "--model", tiny_folder, "--steps", 6,
+                     "--guidance-stop", 0.5, "--images-per-prompt", 2, "--out", out, "--trace", "--seed", 3], capsys)
+    assert code == 0, err
+    run_json = json.loads((out / "run.json").read_text())
+    for key in ("model", "prompts", "seed", "steps", "guidance", "schedule", "scheduler",
+                "denoiser_evaluations_per_image", "wall_seconds", "load_seconds", "images"):
+        assert key in run_json
+    assert run_json["denoiser_evaluations_per_image"] == [2 * 3 + 3] * 4
+    assert len(run_json["images"]) == 4 and all((out / n).exists() for n in run_json["images"])
+    assert (out / "trajectory" / "trajectory.safetensors").exists()
+    assert Image.open(out / "trajectory" / "contact_sheet.png").size[0] > 0
+    assert Image.open(out / "trajectory" / "x0.gif").n_frames == 6
+    assert not [p for p in out.iterdir() if p.name.startswith(".stage")]
+
+
+def test_trace_changes_nothing_and_image_i_regenerates_alone(tiny_folder, tmp_path, capsys):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    common = ["--model", tiny_folder, "--steps", 5, "--seed", 7]
+    assert run(["generate", "a red circle", "a blue square", *common, "--out", a, "--trace"], capsys)[0] == 0
+    assert run(["generate", "a red circle", "a blue square", *common, "--out", b], capsys)[0] == 0
+    for n in ("image_000.png", "image_001.png"):
+        assert np.array_equal(np.asarray(Image.open(a / n)), np.asarray(Image.open(b / n)))
+    assert run(["generate", "a blue square", "--model", tiny_folder, "--steps", 5, "--seed", 8, "--out", c], capsys)[0] == 0
+    diff = np.abs(np.asarray(Image.open(b / "image_001.png"), dtype=int) - np.asarray(Image.open(c / "image_000.png"), dtype=int))
+    assert diff.max() <= 1
+
+
+BAD = [
+    (["--guidance-stop", "1.5"], "outside [0, 1]"),
+    (["--guidance-stop", "-0.2"], "outside [0, 1]"),
+    (["--guidance-stop-step", "99"], "beyond the 4 denoiser calls"),
+    (["--scheduler", "heun2"], "unknown scheduler"),
+    (["--guidance", "1.0", "--guidance-stop", "0.5"], "guidance scale 1.0 <= 1"),
+    (["--guidance", "nan"], "not a number"),
+    (["--steps", "0"], "not a positive integer"),
+    (["--after", "both"], "is not one of"),
+]
+
+
+@pytest.mark.parametrize("extra,msg", BAD)
+def test_bad_generate_options(tiny_folder, tmp_path, capsys, extra, msg):
+    out = tmp_path / "out"
+    code, err = run(["generate", "a red circle", "--model", tiny_folder, "--steps", 4, "--out", out, *extra], capsys)
+    assert code == 2
+    assert msg in err and err.strip().count("\n") == 0 and err.startswith("error: ")
+    assert not out.exists()
+
+
+def test_bad_models_and_prompts(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run(["generate", "x", "--model", tmp_path / "nope", "--out", out], capsys)
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "notdiff").mkdir()
+    code, err = run(["generate", "x", "--model", tmp_path / "notdiff", "--out", out], capsys)
+    assert code == 2 and "not a diffusers pipeline folder" in err
+    code, err = run(["generate", "--model", tmp_path / "notdiff", "--out", out], capsys)
+    assert code == 2 and "no prompt" in err
+    assert not out.exists()
+
+
+def test_output_path_that_is_a_file(tiny_folder, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, err = run(["generate", "x", "--model", tiny_folder, "--steps", 2, "--out", f], capsys)
+    assert code == 2 and "is a file" in err
+
+
+def test_console_script_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "shapefirst", "generate", "x", "--model", str(tmp_path / "missing")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "does not exist" in r.stderr
