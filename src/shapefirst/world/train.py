@@ -334,6 +334,17 @@ def train_unet(out: Path, tok, r: Recipe, prog) -> float:
     return dt
 
 
+def finish_clip_folder(clip, tok, folder: Path) -> None:
+    """The full CLIPModel with its tokenizer and image preprocessing ([-1, 1] pixels at 64 px), so
+    `CLIPModel/CLIPProcessor.from_pretrained(folder)` works alone: the world's CLIPScore metric."""
+    from transformers import CLIPImageProcessor
+
+    clip.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": render.RES}, crop_size={"height": render.RES, "width": render.RES},
+                       image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(folder)
+
+
 def assemble(out: Path, dest: Path, r: Recipe, timings: dict) -> Path:
     """Write the final diffusers folder (fp16 weights when r.fp16) with its model card."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -355,7 +366,7 @@ def assemble(out: Path, dest: Path, r: Recipe, timings: dict) -> Path:
 
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    clip.save_pretrained(tmp / "clip", safe_serialization=True)
+    finish_clip_folder(clip, tok, tmp / "clip")
     (tmp / "recipe.json").write_text(json.dumps({"recipe": asdict(r), "seconds_per_stage": timings}, indent=2))
     if dest.exists():
         import shutil
