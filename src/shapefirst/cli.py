@@ -1,6 +1,7 @@
 """The `shapefirst` command line: parses arguments and calls the library; nothing else."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,45 @@ def generate(
     res.save(out, vae=pipe.vae if trace else None, extra={"model": model, "load_seconds": load_s})
     typer.echo(f"{len(res.images)} images -> {out}  ({res.wall_seconds:.2f} s, "
                f"{res.evaluations_per_image[0]} denoiser evaluations per image)", err=True)
+
+
+@app.command()
+def analyze(
+    name: str = typer.Argument(..., help="stages, frequency, attention, eos-swap or token-ablation"),
+    model: str = typer.Option("embedded", help=MODEL_HELP),
+    out: Path = typer.Option(Path("shapefirst-analysis"), help="output folder (the result goes to OUT/NAME)"),
+    n: int = typer.Option(16, help="number of prompts (or pairs)"),
+    steps: int = typer.Option(50, help="denoising steps"),
+    guidance: float = typer.Option(7.5, help="classifier-free guidance scale"),
+    seed: int = typer.Option(0, help="seed of the first image"),
+    batch: int = typer.Option(8, help="images per pipeline call"),
+    prompts: Optional[Path] = typer.Option(None, help="prompt file: one prompt per line, # comments"),
+    pairs: Optional[Path] = typer.Option(None, help="pair file for eos-swap: 'prompt A || prompt B' per line"),
+    clip: Optional[Path] = typer.Option(None, help="a local CLIP model folder (scores for real models)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
+):
+    """Run one of the paper's analyses; writes results.json, arrays.safetensors and figures."""
+    from .experiments import ANALYSES, run_analysis
+    from .metrics import Clip
+    from .models import embedded_model_path, load_pipeline
+    from .prompts import read_pairs, read_prompts
+
+    if name not in ANALYSES:
+        raise ShapefirstError(f"unknown analysis {name!r}", f"use one of: {', '.join(ANALYSES)}")
+    if n < 1 or steps < 1 or batch < 1:
+        raise ShapefirstError("--n, --steps and --batch must be positive integers", "pass e.g. --n 16 --steps 50")
+    if out.exists() and not out.is_dir():
+        raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
+    prompt_list = read_prompts(prompts) if prompts else None
+    pair_list = read_pairs(pairs) if pairs else None
+    world = model == "embedded"
+    scorer = Clip.load(clip) if clip else (Clip.load(embedded_model_path() / "clip") if world else None)
+    pipe = load_pipeline(model, device=device, allow_pickle=allow_pickle)
+    res = run_analysis(name, pipe, out, n=n, steps=steps, seed=seed, guidance=guidance, prompts=prompt_list,
+                       pairs=pair_list, clip=scorer, world=world, batch=batch)
+    typer.echo(json.dumps(res.data.get("summary", {}), indent=2, default=str)[:4000])
+    typer.echo(f"{name} -> {out / name}", err=True)
 
 
 @app.command()

@@ -1,0 +1,136 @@
+"""The attention analysis: how much attention each token class receives per denoiser call, per-word
+heat maps, and how early each word's map converges (relative F1 against the final map).
+
+Captures the conditional branch with shapefirst.attention.capture_attention (outputs unchanged).
+Memory stays bounded: per-pixel maps are kept (head-mean) only for `map_calls` (default: every
+call for fewer than 17 prompts, else 10 evenly spaced calls + the last); the per-token mass of
+every call is always kept.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..attention import capture_attention
+from ..generate import generate
+from ..guidance import GuidanceSchedule
+from ..results import Result
+from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, TOKEN_CLASSES, analyze_prompt
+from .stages import save_figure
+
+
+def _spaced(n: int, k: int) -> list[int]:
+    if n <= k:
+        return list(range(n))
+    return sorted({int(round(i * (n - 1) / (k - 1))) for i in range(k)})
+
+
+def run_attention(pipe, prompts: list[str], steps: int = 50, seed: int = 0, schedule: GuidanceSchedule | None = None,
+                  batch: int = 8, map_calls: list[int] | None = None, heatmap_prompts: int = 4) -> Result:
+    """Class mass per call, word heat maps (first `heatmap_prompts` prompts) and convergence curves."""
+    schedule = schedule or GuidanceSchedule()
+    from ..generate import count_calls
+
+    n_calls = count_calls(pipe, steps)
+    if map_calls is None:
+        map_calls = list(range(n_calls)) if len(prompts) <= 16 else _spaced(n_calls, 11)
+    infos = [analyze_prompt(pipe.tokenizer, p) for p in prompts]
+    class_mass = {c: [] for c in TOKEN_CLASSES}
+    conv_sem, conv_eos = [], []
+    heat = {}
+    images = []
+    for s in range(0, len(prompts), batch):
+        part = prompts[s:s + batch]
+        with capture_attention(pipe, keep="mean", calls=map_calls, n_images=len(part)) as cap:
+            res = generate(pipe, part, schedule, steps=steps, seed=seed + s)
+        images.append(res.images)
+        cm = cap.class_mass(infos[s:s + batch])
+        for c in TOKEN_CLASSES:
+            class_mass[c].append(cm[c])
+        sem = [infos[i].positions(SEMANTIC) or [0] for i in range(s, s + len(part))]
+        eos = [infos[i].positions(EOS) for i in range(s, s + len(part))]
+        conv_sem.append(cap.convergence(sem))
+        conv_eos.append(cap.convergence(eos))
+        for j in range(len(part)):
+            i = s + j
+            if i < heatmap_prompts:
+                for c in (map_calls[0], map_calls[len(map_calls) // 2], map_calls[-1]):
+                    for w, m in cap.word_maps(c, j, infos[i]).items():
+                        heat[f"heat/{i}/{c}/{w}"] = m
+                    heat[f"heat/{i}/{c}/[EOS]"] = cap.token_maps(c)[j, infos[i].positions(EOS)].mean(0)
+    arrays = {f"mass/{c}": torch.cat(v, 1) for c, v in class_mass.items()}
+    arrays["convergence/semantic"] = torch.cat(conv_sem, 1)
+    arrays["convergence/eos"] = torch.cat(conv_eos, 1)
+    arrays["images"] = torch.from_numpy((np.concatenate(images)[:heatmap_prompts] * 255).round().astype(np.uint8))
+    arrays.update(heat)
+    m = {c: float(arrays[f"mass/{c}"].nanmean()) for c in TOKEN_CLASSES}
+    kept = torch.tensor(map_calls)
+    conv = arrays["convergence/semantic"][kept].nanmean(1)
+    first90 = next((int(c) for c, v in zip(map_calls, conv.tolist()) if v >= 0.9 and
+                    all(x >= 0.9 for x in conv[map_calls.index(c):].tolist())), None)
+    data = {"settings": {"steps": steps, "seed": seed, "n": len(prompts), "schedule": schedule.to_dict(),
+                         "map_calls": map_calls, "n_calls": n_calls, "binarise": "map > its mean over pixels",
+                         "prompts": prompts},
+            "summary": {"mean_mass_per_class": m, "sos_mass_min_over_calls": float(arrays[f"mass/{SOS}"].nanmean(1).min()),
+                        "semantic_f1_ge_0.9_from_call": first90,
+                        "eos_block_mass": m[EOS] + m[EOS_PAD] + m[PAD]},
+            "words": {str(i): infos[i].words for i in range(min(heatmap_prompts, len(prompts)))}}
+    return Result("attention", data, arrays)
+
+
+def plot_attention(result: Result, folder: str | Path) -> list[Path]:
+    from matplotlib.figure import Figure
+
+    folder = Path(folder)
+    a = result.arrays
+    paths = []
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.add_subplot(111)
+    for c in TOKEN_CLASSES:
+        v = a[f"mass/{c}"].nanmean(1).numpy()
+        if np.nanmax(v) > 0:
+            ax.plot(v, label=c)
+    ax.set_xlabel("denoiser call")
+    ax.set_ylabel("attention mass (mean over layers, heads, pixels)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Cross-attention mass per token class")
+    paths.append(save_figure(fig, folder / "attention_class_mass.png"))
+
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.add_subplot(111)
+    calls = result.data["settings"]["map_calls"]
+    for key, label in (("semantic", "semantic tokens"), ("eos", "first [EOS]")):
+        v = a[f"convergence/{key}"][torch.tensor(calls)].nanmean(1).numpy()
+        ax.plot(calls, v, marker="o", label=label)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("denoiser call")
+    ax.set_ylabel("relative F1 vs final map")
+    ax.legend()
+    ax.set_title("Attention maps converge early")
+    paths.append(save_figure(fig, folder / "attention_convergence.png"))
+
+    heat = {}
+    for k in a:
+        if k.startswith("heat/"):
+            _, i, c, w = k.split("/", 3)
+            heat.setdefault(int(i), {}).setdefault(int(c), {})[w] = a[k]
+    for i, by_call in sorted(heat.items()):
+        calls_i = sorted(by_call)
+        words = list(by_call[calls_i[0]])
+        fig = Figure(figsize=(1.6 * (len(words) + 1), 1.7 * len(calls_i)), layout="constrained")
+        for r, c in enumerate(calls_i):
+            ax = fig.add_subplot(len(calls_i), len(words) + 1, r * (len(words) + 1) + 1)
+            if "images" in a and i < len(a["images"]):
+                ax.imshow(a["images"][i].numpy())
+            ax.set_axis_off()
+            ax.set_title(f"call {c}", fontsize=8)
+            for j, w in enumerate(words):
+                ax = fig.add_subplot(len(calls_i), len(words) + 1, r * (len(words) + 1) + 2 + j)
+                ax.imshow(by_call[c][w].numpy(), cmap="inferno")
+                ax.set_axis_off()
+                ax.set_title(w, fontsize=8)
+        paths.append(save_figure(fig, folder / f"attention_words_{i}.png"))
+    return paths

@@ -1,0 +1,430 @@
+"""[EOS] swap: does the object follow the prompt's words or its [EOS] block?
+
+For a pair (A, B) four images are generated with the same seed (seed + pair index):
+  a        A's full prompt
+  b        B's full prompt
+  swap     A's [SOS] + semantic tokens, B's [EOS] block   ("A words + B EOS")
+  reverse  B's [SOS] + semantic tokens, A's [EOS] block   ("B words + A EOS")
+The conditional branch gets the (swapped) embedding; the unconditional branch is always the
+normal empty-prompt embedding. Every condition is generated in its own pipeline call over the same
+chunk of pairs (`batch` pairs at a time), so the four images of a pair share seed AND batch
+makeup: with A == B, "swap" is bit-identical to "a".
+
+Different token counts: the rule of `tokens.swap_eos(mode="block")` (TOKEN_RULE): the output keeps
+A's positions 0..eos_A-1 and fills positions eos_A..L-1 with B's positions eos_B, eos_B+1, ...,
+i.e. B's [EOS] block shifted to start at A's [EOS]; if B's block is too short (B has more semantic
+tokens than A) its last position is repeated.
+
+Switch experiment (direction "[EOS] from B only from call a on"): the denoiser sees A's full
+prompt for calls 0..a-1 and A words + B EOS from call a on. a = 0 is the full swap, a = number
+of calls is plain A. It is a forward pre-hook on the denoiser (`eos_switch`) that counts calls
+and replaces the conditional rows of `encoder_hidden_states` (with CFG the batch is
+[uncond, cond]: the second half; without CFG every row). The pre-hook runs before shapefirst's
+guidance hook, so it always sees the full batch.
+
+Scores (world pairs, i.e. pairs with labels): per attribute, only over pairs whose A and B differ
+in it, the share of images judged with A's value and with B's value (Wilson 95% CIs); an image
+whose judge finds no object, or another value, counts as neither. The judge's labels of several
+objects are taken as it gives them. CLIP (when given): score of every image against caption A and
+caption B, and the paired difference B - A with a 95% interval.
+"""
+from __future__ import annotations
+
+import io
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ShapefirstError
+from ..generate import count_calls, generate
+from ..guidance import GuidanceSchedule, denoiser_of
+from ..metrics import mean_ci, wilson
+from ..results import Result, atomic_write_bytes
+from ..tokens import analyze_prompt, swap_eos
+
+DEFAULT_SWITCH_CALLS = (0, 1, 2, 3, 5, 8, 12, 20, 30, 50)
+CONDITIONS = ("a", "b", "swap", "reverse")
+CONDITION_TITLES = {"a": "A", "b": "B", "swap": "A words + B EOS", "reverse": "B words + A EOS"}
+TOKEN_RULE = ("tokens.swap_eos(mode='block'): keep the words' prompt positions 0..eos_w-1, fill eos_w..L-1 with the "
+              "EOS prompt's positions eos_e, eos_e+1, ... (its [EOS] block shifted to start at the words' [EOS]); "
+              "if that block runs out (the EOS prompt has more semantic tokens), its last position is repeated")
+SWITCH_DIRECTION = ("calls < a: A's full prompt; calls >= a: A words + B EOS (cond rows only). "
+                    "a = 0 is the full swap, a = number of calls is plain A")
+
+
+# -- helpers shared with the other token experiments ------------------------------------------
+def encode_prompts(pipe, prompts: list[str], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond) embeddings [N, L, D] as the pipeline makes them (uncond: the empty prompt)."""
+    device = pipe._execution_device
+    conds, unconds = [], []
+    for s in range(0, len(prompts), batch):
+        c, u = pipe.encode_prompt(list(prompts[s:s + batch]), device, 1, True, negative_prompt=None)
+        conds.append(c)
+        unconds.append(u)
+    return torch.cat(conds), torch.cat(unconds)
+
+
+def generate_embeds(pipe, cond: torch.Tensor, uncond: torch.Tensor, steps: int, seed: int,
+                    schedule: GuidanceSchedule | None = None) -> np.ndarray:
+    """Images [N, H, W, 3] in [0, 1] for conditional / unconditional embeddings; image i uses seed + i."""
+    return generate(pipe, None, schedule, steps=steps, seed=seed, prompt_embeds=cond,
+                    negative_prompt_embeds=uncond).images
+
+
+def to_uint8(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy((np.clip(np.asarray(images, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8))
+
+
+def default_judge():
+    from ..world.judge import judge
+
+    return judge
+
+
+def judged_labels(judge_fn, images) -> list[dict]:
+    """Labels per image; judge_fn returns a dict of labels or an object with `.labels` (a Verdict)."""
+    out = []
+    for im in images:
+        v = judge_fn(im)
+        labels = v.labels if hasattr(v, "labels") else v
+        out.append({str(k): str(x) for k, x in dict(labels or {}).items()})
+    return out
+
+
+def share(k: int, n: int) -> dict:
+    lo, hi = wilson(int(k), int(n))
+    return {"k": int(k), "n": int(n), "rate": (k / n) if n else float("nan"), "ci": [lo, hi]}
+
+
+def ci_dict(x) -> dict:
+    x = np.asarray(x, dtype=np.float64)
+    m, lo, hi = mean_ci(x) if len(x) else (float("nan"),) * 3
+    return {"mean": m, "ci": [lo, hi], "n": int(len(x))}
+
+
+def save_figure(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def image_grid(images: np.ndarray, row_titles: list[str], col_titles: list[str], path: Path, size: float = 1.4) -> Path:
+    """images [rows, cols, H, W, 3] (uint8 or [0, 1] floats) -> a titled PNG grid."""
+    from matplotlib.figure import Figure
+
+    images = np.asarray(images)
+    rows, cols = images.shape[:2]
+    fig = Figure(figsize=(size * cols + 0.6, size * rows + 0.4))
+    axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.imshow(images[r, c], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(col_titles[c], fontsize=7)
+            if c == 0:
+                ax.set_ylabel(row_titles[r], fontsize=6, rotation=0, ha="right", va="center")
+    return save_figure(fig, path)
+
+
+# -- pairs and embeddings -------------------------------------------------------------------
+def normalize_pairs(pairs) -> list[dict]:
+    """Pairs as dicts {"a", "b", "labels_a", "labels_b", "kind"} from dicts (world_pairs) or (A, B) tuples."""
+    out = []
+    for i, p in enumerate(list(pairs or [])):
+        if isinstance(p, dict):
+            d = {"a": p.get("a"), "b": p.get("b"), "labels_a": p.get("labels_a"), "labels_b": p.get("labels_b"),
+                 "kind": p.get("kind")}
+        elif isinstance(p, (tuple, list)) and len(p) == 2:
+            d = {"a": p[0], "b": p[1], "labels_a": None, "labels_b": None, "kind": None}
+        else:
+            raise ShapefirstError(f"pair {i} ({p!r}) is not (A, B) or a dict with 'a' and 'b'",
+                                  "pass pairs from prompts.read_pairs or prompts.world_pairs")
+        if not isinstance(d["a"], str) or not isinstance(d["b"], str) or not d["a"].strip() or not d["b"].strip():
+            raise ShapefirstError(f"pair {i} has an empty or non-text prompt", "give two non-empty prompts per pair")
+        out.append(d)
+    if not out:
+        raise ShapefirstError("no prompt pairs were given", "pass at least one (A, B) pair")
+    return out
+
+
+def swapped(emb_words: torch.Tensor, infos_words, emb_eos: torch.Tensor, infos_eos) -> torch.Tensor:
+    """Row i: words (SOS + semantic) of emb_words[i], [EOS] block of emb_eos[i] (TOKEN_RULE)."""
+    return torch.cat([swap_eos(emb_words[i:i + 1], infos_words[i], emb_eos[i:i + 1], infos_eos[i])
+                      for i in range(emb_words.shape[0])])
+
+
+class EosSwitch:
+    """Forward pre-hook of the denoiser: from call `from_call` on, the conditional rows of
+    `encoder_hidden_states` become `cond` ([N, L, D]). Rows: 2N = CFG [uncond, cond] (the second
+    half is replaced); N = no CFG (every row). `call` counts the denoiser calls seen."""
+
+    def __init__(self, cond: torch.Tensor, from_call: int):
+        if from_call < 0:
+            raise ShapefirstError(f"switch call {from_call} is negative", "pass a call index >= 0")
+        self.cond, self.from_call, self.call, self.switched = cond, int(from_call), 0, 0
+
+    def __call__(self, module, args, kwargs):
+        call = self.call
+        self.call += 1
+        if call < self.from_call:
+            return None
+        positional = "encoder_hidden_states" not in kwargs
+        ehs = args[2] if positional and len(args) > 2 else kwargs.get("encoder_hidden_states")
+        if ehs is None:
+            raise ShapefirstError("the denoiser was called without encoder_hidden_states", "use a text-conditioned UNet")
+        n, rows = self.cond.shape[0], ehs.shape[0]
+        new = ehs.clone()
+        if rows == 2 * n:
+            new[n:] = self.cond.to(device=ehs.device, dtype=ehs.dtype)
+        elif rows == n:
+            new[:] = self.cond.to(device=ehs.device, dtype=ehs.dtype)
+        else:
+            raise ShapefirstError(f"the denoiser got {rows} rows for {n} images",
+                                  "generate exactly the images the switch embeddings were made for")
+        self.switched += 1
+        if positional:
+            args = args[:2] + (new,) + tuple(args[3:])
+        else:
+            kwargs = {**kwargs, "encoder_hidden_states": new}
+        return args, kwargs
+
+
+@contextmanager
+def eos_switch(pipe, cond: torch.Tensor, from_call: int):
+    """`with eos_switch(pipe, swapped_cond, a): generate(...)`: conditional rows become `cond` from call a on."""
+    hook = EosSwitch(cond, from_call)
+    handle = denoiser_of(pipe).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield hook
+    finally:
+        handle.remove()
+
+
+def _chunks(n: int, batch: int):
+    if int(batch) != batch or batch < 1:
+        raise ShapefirstError(f"batch {batch} is not a positive integer", "pass e.g. batch=8")
+    for s in range(0, n, int(batch)):
+        yield s, min(n, s + int(batch))
+
+
+def _chunk_embeds(pipe, pairs: list[dict], s: int, e: int):
+    a_txt, b_txt = [p["a"] for p in pairs[s:e]], [p["b"] for p in pairs[s:e]]
+    ca, u = encode_prompts(pipe, a_txt)
+    cb, _ = encode_prompts(pipe, b_txt)
+    ia = [analyze_prompt(pipe.tokenizer, t) for t in a_txt]
+    ib = [analyze_prompt(pipe.tokenizer, t) for t in b_txt]
+    return ca, cb, u, ia, ib
+
+
+def generate_swaps(pipe, pairs, steps: int = 50, seed: int = 0, schedule: GuidanceSchedule | None = None,
+                   batch: int = 8) -> dict[str, np.ndarray]:
+    """{"a", "b", "swap", "reverse"}: images [N, H, W, 3]; pair i uses seed + i in every condition."""
+    pairs = normalize_pairs(pairs)
+    out = {c: [] for c in CONDITIONS}
+    for s, e in _chunks(len(pairs), batch):
+        ca, cb, u, ia, ib = _chunk_embeds(pipe, pairs, s, e)
+        conds = {"a": ca, "b": cb, "swap": swapped(ca, ia, cb, ib), "reverse": swapped(cb, ib, ca, ia)}
+        for c in CONDITIONS:
+            out[c].append(generate_embeds(pipe, conds[c], u, steps, seed + s, schedule))
+    return {c: np.concatenate(v) for c, v in out.items()}
+
+
+def generate_switch(pipe, pairs, from_call: int, steps: int = 50, seed: int = 0,
+                    schedule: GuidanceSchedule | None = None, batch: int = 8) -> np.ndarray:
+    """Images of A's prompt whose [EOS] block becomes B's from denoiser call `from_call` on."""
+    pairs = normalize_pairs(pairs)
+    out = []
+    for s, e in _chunks(len(pairs), batch):
+        ca, cb, u, ia, ib = _chunk_embeds(pipe, pairs, s, e)
+        with eos_switch(pipe, swapped(ca, ia, cb, ib), from_call):
+            out.append(generate_embeds(pipe, ca, u, steps, seed + s, schedule))
+    return np.concatenate(out)
+
+
+def switch_calls_for(n_calls: int, switch_calls=None) -> list[int]:
+    """The default (or given) switch calls, clipped to [0, n_calls], sorted, without repeats."""
+    calls = DEFAULT_SWITCH_CALLS if switch_calls is None else switch_calls
+    out = sorted({min(max(int(a), 0), n_calls) for a in calls})
+    if not out:
+        raise ShapefirstError("no switch calls were given", f"pass call indices between 0 and {n_calls}")
+    return out
+
+
+def _ab_shares(judged: list[dict], pairs: list[dict]) -> dict:
+    """Per attribute where A and B differ: images judged with A's value, with B's value."""
+    attrs = sorted({k for p in pairs for k in (p["labels_a"] or {})})
+    out = {}
+    for attr in attrs:
+        idx = [i for i, p in enumerate(pairs) if p["labels_a"].get(attr) != p["labels_b"].get(attr)]
+        if not idx:
+            continue
+        ka = sum(judged[i].get(attr) == pairs[i]["labels_a"][attr] for i in idx)
+        kb = sum(judged[i].get(attr) == pairs[i]["labels_b"][attr] for i in idx)
+        out[attr] = {"n": len(idx), "a": share(ka, len(idx)), "b": share(kb, len(idx))}
+    return out
+
+
+def _accuracy(judged: list[dict], targets: list[dict]) -> dict:
+    attrs = sorted({k for t in targets for k in t})
+    out = {a: share(sum(j.get(a) == t[a] for j, t in zip(judged, targets)), len(targets)) for a in attrs}
+    out["all"] = share(sum(all(j.get(a) == t[a] for a in t) for j, t in zip(judged, targets)), len(targets))
+    return out
+
+
+def run_eos_swap(pipe, pairs, steps: int = 50, seed: int = 0, schedule: GuidanceSchedule | None = None,
+                 batch: int = 8, switch_calls=None, judge_fn=None, clip=None, keep_images: int = 8) -> Result:
+    """The [EOS]-swap experiment (module docstring) -> Result(kind="eos_swap").
+
+    pairs: (A, B) tuples or world_pairs dicts (labels enable judged scores). switch_calls: the
+    calls a of the switch sweep (default DEFAULT_SWITCH_CALLS clipped to the number of calls;
+    pass [] to skip it). judge_fn: image -> labels (default: the world's judge when pairs carry
+    labels). clip: a metrics.Clip for CLIP scores. keep_images: pairs whose images are stored."""
+    pairs = normalize_pairs(pairs)
+    labelled = all(p["labels_a"] and p["labels_b"] for p in pairs)
+    if judge_fn is None and labelled:
+        judge_fn = default_judge()
+    n_calls = count_calls(pipe, steps)
+    calls = [] if switch_calls is not None and len(list(switch_calls)) == 0 else switch_calls_for(n_calls, switch_calls)
+
+    images = generate_swaps(pipe, pairs, steps, seed, schedule, batch)
+    tok = pipe.tokenizer
+    per_pair = []
+    for i, p in enumerate(pairs):
+        ia, ib = analyze_prompt(tok, p["a"]), analyze_prompt(tok, p["b"])
+        per_pair.append({**p, "seed": seed + i, "n_semantic_a": ia.n_semantic, "n_semantic_b": ib.n_semantic,
+                         "eos_index_a": ia.eos_index, "eos_index_b": ib.eos_index,
+                         "equal_token_counts": ia.n_semantic == ib.n_semantic})
+    k = min(keep_images, len(pairs))
+    arrays = {f"images_{c}": to_uint8(images[c][:k]) for c in CONDITIONS}
+
+    scores, notes = {}, []
+    if judge_fn is not None and labelled:
+        judged = {c: judged_labels(judge_fn, images[c]) for c in CONDITIONS}
+        for i, rec in enumerate(per_pair):
+            rec["judged"] = {c: judged[c][i] for c in CONDITIONS}
+        scores = {"plain_a_accuracy": _accuracy(judged["a"], [p["labels_a"] for p in pairs]),
+                  "plain_b_accuracy": _accuracy(judged["b"], [p["labels_b"] for p in pairs]),
+                  "swap": _ab_shares(judged["swap"], pairs), "reverse": _ab_shares(judged["reverse"], pairs)}
+        # pooled over both directions: does the attribute follow the words or the [EOS] block?
+        follows = {}
+        for attr in sorted(set(scores["swap"]) | set(scores["reverse"])):
+            sw, rv = scores["swap"].get(attr), scores["reverse"].get(attr)
+            n = (sw["n"] if sw else 0) + (rv["n"] if rv else 0)
+            kw = (sw["a"]["k"] if sw else 0) + (rv["b"]["k"] if rv else 0)
+            ke = (sw["b"]["k"] if sw else 0) + (rv["a"]["k"] if rv else 0)
+            follows[attr] = {"n": n, "words": share(kw, n), "eos": share(ke, n)}
+        scores["follows"] = follows
+    elif not labelled:
+        notes.append("pairs carry no labels: no judged scores")
+
+    clip_scores = None
+    if clip is not None:
+        ta, tb = [p["a"] for p in pairs], [p["b"] for p in pairs]
+        clip_scores = {}
+        for c in CONDITIONS:
+            va = clip.clip_score(images[c], ta).double().numpy()
+            vb = clip.clip_score(images[c], tb).double().numpy()
+            clip_scores[c] = {"vs_a": ci_dict(va), "vs_b": ci_dict(vb), "b_minus_a": ci_dict(vb - va)}
+            for i, rec in enumerate(per_pair):
+                rec.setdefault("clip", {})[c] = {"vs_a": float(va[i]), "vs_b": float(vb[i])}
+
+    switch = None
+    if calls:
+        per_call, switch_imgs = [], []
+        for a in calls:
+            imgs = generate_switch(pipe, pairs, a, steps, seed, schedule, batch)
+            entry = {"from_call": a}
+            if judge_fn is not None and labelled:
+                entry["shares"] = _ab_shares(judged_labels(judge_fn, imgs), pairs)
+            if clip is not None:
+                va = clip.clip_score(imgs, [p["a"] for p in pairs]).double().numpy()
+                vb = clip.clip_score(imgs, [p["b"] for p in pairs]).double().numpy()
+                entry["clip_b_minus_a"] = ci_dict(vb - va)
+            per_call.append(entry)
+            switch_imgs.append(to_uint8(imgs[:k]))
+        arrays["switch_images"] = torch.stack(switch_imgs)
+        switch = {"direction": SWITCH_DIRECTION, "calls": calls, "n_calls": n_calls, "per_call": per_call}
+
+    data = {"rule": TOKEN_RULE, "conditions": {c: CONDITION_TITLES[c] for c in CONDITIONS},
+            "settings": {"steps": steps, "denoiser_calls": n_calls, "seed": seed, "batch": batch,
+                         "schedule": (schedule or GuidanceSchedule()).to_dict(), "n_pairs": len(pairs),
+                         "seeds": "pair i uses seed + i in every condition and every switch call",
+                         "stored_images": k, "unconditional": "the empty prompt's embedding (unchanged)"},
+            "pairs": per_pair, "scores": scores, "clip": clip_scores, "switch": switch, "notes": notes}
+    return Result("eos_swap", data, arrays)
+
+
+def plot_eos_swap(result: Result, folder: str | Path, max_pairs: int = 6) -> list[Path]:
+    """Bar chart of A-vs-B shares per attribute, the switch curve, and an image grid -> PNG paths."""
+    from matplotlib.figure import Figure
+
+    folder = Path(folder)
+    d, paths = result.data, []
+    scores = d.get("scores") or {}
+    if scores.get("swap") or scores.get("reverse"):
+        fig = Figure(figsize=(9, 3.4))
+        axes = fig.subplots(1, 2, sharey=True)
+        for ax, cond in zip(axes, ("swap", "reverse")):
+            sc = scores.get(cond) or {}
+            attrs = list(sc)
+            x = np.arange(len(attrs))
+            for off, side, label in ((-0.2, "a", "A's value"), (0.2, "b", "B's value")):
+                rates = [sc[a][side]["rate"] for a in attrs]
+                err = np.array([[r - sc[a][side]["ci"][0], sc[a][side]["ci"][1] - r] for a, r in zip(attrs, rates)]).T
+                ax.bar(x + off, rates, 0.4, yerr=err if len(attrs) else None, capsize=3, label=label)
+            ax.set_xticks(x, attrs, fontsize=8)
+            ax.set_title(CONDITION_TITLES[cond], fontsize=9)
+            ax.set_ylim(0, 1)
+        axes[0].set_ylabel("share of images judged with")
+        axes[0].legend(fontsize=7)
+        paths.append(save_figure(fig, folder / "eos_swap_shares.png"))
+    elif d.get("clip"):
+        fig = Figure(figsize=(5, 3.2))
+        ax = fig.subplots()
+        conds = list(d["clip"])
+        x = np.arange(len(conds))
+        for off, key, label in ((-0.2, "vs_a", "CLIP vs caption A"), (0.2, "vs_b", "CLIP vs caption B")):
+            ax.bar(x + off, [d["clip"][c][key]["mean"] for c in conds], 0.4, label=label)
+        ax.set_xticks(x, [CONDITION_TITLES.get(c, c) for c in conds], fontsize=7)
+        ax.legend(fontsize=7)
+        paths.append(save_figure(fig, folder / "eos_swap_clip.png"))
+
+    sw = d.get("switch")
+    if sw and sw.get("per_call"):
+        fig = Figure(figsize=(5, 3.2))
+        ax = fig.subplots()
+        xs = [e["from_call"] for e in sw["per_call"]]
+        plotted = False
+        attrs = sorted({a for e in sw["per_call"] for a in (e.get("shares") or {})})
+        for attr in attrs:
+            ys = [e["shares"][attr]["b"]["rate"] if attr in e.get("shares", {}) else np.nan for e in sw["per_call"]]
+            lo = [e["shares"][attr]["b"]["ci"][0] if attr in e.get("shares", {}) else np.nan for e in sw["per_call"]]
+            hi = [e["shares"][attr]["b"]["ci"][1] if attr in e.get("shares", {}) else np.nan for e in sw["per_call"]]
+            ax.plot(xs, ys, marker="o", label=attr)
+            ax.fill_between(xs, lo, hi, alpha=0.15)
+            plotted = True
+        if plotted:
+            ax.set_ylabel("share judged as B's value")
+            ax.set_ylim(0, 1)
+        elif any("clip_b_minus_a" in e for e in sw["per_call"]):
+            ax.plot(xs, [e["clip_b_minus_a"]["mean"] for e in sw["per_call"]], marker="o", label="CLIP(B) - CLIP(A)")
+            ax.set_ylabel("CLIP score difference")
+            plotted = True
+        if plotted:
+            ax.set_xlabel("denoiser call a from which B's [EOS] is used")
+            ax.set_title("when does [EOS] stop mattering?", fontsize=9)
+            ax.legend(fontsize=7)
+            paths.append(save_figure(fig, folder / "eos_swap_switch.png"))
+
+    if all(f"images_{c}" in result.arrays for c in CONDITIONS):
+        k = min(max_pairs, result.arrays["images_a"].shape[0])
+        if k:
+            grid = np.stack([np.stack([result.arrays[f"images_{c}"][i].numpy() for c in CONDITIONS]) for i in range(k)])
+            titles = [f"{p['a']}\n{p['b']}" if len(p["a"]) < 40 else f"pair {i}" for i, p in enumerate(d["pairs"][:k])]
+            paths.append(image_grid(grid, titles, [CONDITION_TITLES[c] for c in CONDITIONS], folder / "eos_swap_grid.png"))
+    return paths

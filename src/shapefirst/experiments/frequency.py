@@ -1,0 +1,315 @@
+"""Frequency experiment: low frequencies survive the forward process longest, and are decided first.
+
+(a) Forward process on real data with the model's own noise schedule
+    (`pipe.scheduler.alphas_cumprod`, t = 0, stride, 2*stride, ... < len): band norms of the signal
+    sqrt(ab) x0 and of the noise sqrt(1-ab) eps, per band, in
+    - "pixel": shapes-world renders (sample_scenes(n_images, seed, "test")) at the pipeline's image size;
+    - "photo": one natural photograph (scikit-image's astronaut) resized to that size (if photo=True);
+    - "latent": the renders encoded by the pipeline's VAE (latent_dist.mean * scaling_factor);
+    - "latent_photo": the photograph encoded likewise (if photo=True).
+    White noise spreads its energy evenly over all frequencies while images concentrate theirs in
+    the low band, so the low band's SNR stays above the high band's at every t.
+(b) Reverse process: `prompts` (default: the captions of those scenes) generated with trace=True;
+    band norms of x_t and x0-hat per denoiser call in latent space and of the decoded x0-hat in
+    pixel space ([-1, 1] scale), and the settling call of each band of x0-hat
+    (`shapefirst.frequency.settling_call`: first call from which the band stays within `tol`
+    relative L2 of its final value).
+(c) Radially averaged power spectra of the generated images, the renders and the photo (pixel
+    space, [-1, 1] scale) and of the final latents and the renders' latents.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ShapefirstError
+from ..frequency import (DEFAULT_RADIUS, DEFAULT_TOL, band_energy_fraction, forward_process_bands,
+                         radial_power_spectrum, settling_call, split_bands, trajectory_bands)
+from ..generate import check_prompts, generate
+from ..guidance import GuidanceSchedule
+from ..results import Result
+from ..world.render import render_batch, sample_captions, sample_scenes
+from .stages import decode_chunks, save_figure, summarize
+
+FORWARD_STRIDE = 10
+"""Forward process: every 10th training timestep (0, 10, ..., 990 for 1000)."""
+
+BANDS = ("low", "high")
+
+
+def image_size(pipe) -> tuple[int, int]:
+    """(H, W) of the pipeline's default output: unet sample_size * VAE scale factor."""
+    ss = pipe.unet.config.sample_size
+    h, w = (ss, ss) if isinstance(ss, int) else tuple(ss)
+    f = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return int(h * f), int(w * f)
+
+
+def photo_image(size: tuple[int, int]) -> torch.Tensor:
+    """scikit-image's astronaut photograph as [1, 3, H, W] float32 in [-1, 1] (antialiased resize)."""
+    from skimage import data
+
+    x = torch.from_numpy(np.ascontiguousarray(data.astronaut())).permute(2, 0, 1)[None].float() / 255.0
+    x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+    return (x * 2 - 1).clamp(-1, 1)
+
+
+def world_renders(n: int, seed: int, size: tuple[int, int]) -> torch.Tensor:
+    """Renders of sample_scenes(n, seed, "test") at `size`, [n, 3, H, W] float32 in [-1, 1]."""
+    h, w = size
+    x = torch.from_numpy(render_batch(sample_scenes(n, seed, "test"), res=h))
+    if w != h:
+        x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+@torch.no_grad()
+def encode_latents(vae, x: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Images [N, 3, H, W] in [-1, 1] -> latents as the denoiser sees them (mean * scaling_factor), float32 CPU."""
+    p = next(vae.parameters())
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    outs = []
+    for i in range(0, len(x), batch):
+        mean = vae.encode(x[i:i + batch].to(p.device, p.dtype)).latent_dist.mean
+        outs.append(((mean.float() - shift) * vae.config.scaling_factor).cpu())
+    return torch.cat(outs)
+
+
+def settle_from_distances(rel: torch.Tensor, tol: float = DEFAULT_TOL) -> torch.Tensor:
+    """settling_call from precomputed relative distances to the last call, rel [T, N] -> long [N]
+    (for trajectories too large to hold at once; same rule as shapefirst.frequency.settling_call)."""
+    ok = (rel <= tol).long()
+    return rel.shape[0] - ok.flip(0).cumprod(0).flip(0).sum(0)
+
+
+def _first_t_below(ts: torch.Tensor, snr: torch.Tensor, level: float = 1.0):
+    below = torch.nonzero(snr < level).flatten()
+    return int(ts[below[0]]) if len(below) else None
+
+
+def _at(ts: torch.Tensor, values: torch.Tensor, t: int) -> float:
+    return float(values[int(torch.argmin((ts - t).abs()))])
+
+
+@torch.no_grad()
+def _pixel_bands(traj, vae, radius: float, tol: float):
+    """Band norms [T, N] of the decoded x0-hat ([-1, 1]) and the bands' settling calls [N], streamed."""
+    last = traj.n_calls - 1
+    final = traj.decode(vae, "x0", [last])[0] * 2 - 1
+    f_lo, f_hi = split_bands(final, radius)
+    f_n = {"low": f_lo.flatten(1).norm(dim=1).double(), "high": f_hi.flatten(1).norm(dim=1).double()}
+    norms = {b: torch.zeros(traj.n_calls, final.shape[0], dtype=torch.float64) for b in BANDS}
+    rel = {b: torch.zeros_like(norms[b]) for b in BANDS}
+    for calls, imgs in decode_chunks(traj, vae):
+        lo, hi = split_bands(imgs * 2 - 1, radius)
+        for b, band, fin in (("low", lo, f_lo), ("high", hi, f_hi)):
+            norms[b][calls] = band.flatten(2).norm(dim=2).double()
+            rel[b][calls] = (band - fin[None]).flatten(2).double().norm(dim=2) / (f_n[b] + 1e-12)
+    return norms, {b: settle_from_distances(rel[b], tol) for b in BANDS}
+
+
+def run_frequency(pipe, n_images: int = 16, seed: int = 0, radius: float = DEFAULT_RADIUS, steps: int = 50,
+                  prompts=None, photo: bool = True, schedule: GuidanceSchedule | None = None, batch: int = 16,
+                  tol: float = DEFAULT_TOL, stride: int = FORWARD_STRIDE) -> Result:
+    """Forward-process band norms, reverse-process band norms and settling, spectra -> Result(kind="frequency").
+
+    Arrays: `forward/timesteps` long [K], `forward/alphas_cumprod` [K], `forward/<space>/<key>`
+    float64 [K] for every key of forward_process_bands (space in pixel, photo, latent,
+    latent_photo); `reverse/timesteps` [T], `reverse/latent/x_t/<band>`, `reverse/latent/x0/<band>`,
+    `reverse/pixel/x0/<band>` float64 [T, N]; `reverse/settle_low`, `reverse/settle_high` long [N]
+    (latent x0-hat), `reverse/pixel/settle_low`, `reverse/pixel/settle_high`; `spectrum/freqs`,
+    `spectrum/generated`, `spectrum/renders`, `spectrum/photo`, `spectrum/latent_freqs`,
+    `spectrum/latent_generated`, `spectrum/latent_renders`.
+    The forward noise of space k is drawn from torch.Generator().manual_seed(seed + k).
+    """
+    if int(n_images) != n_images or n_images < 1:
+        raise ShapefirstError(f"n_images {n_images} is not a positive integer", "pass e.g. 16")
+    if int(stride) != stride or stride < 1:
+        raise ShapefirstError(f"stride {stride} is not a positive integer", "pass e.g. 10")
+    ac = getattr(pipe.scheduler, "alphas_cumprod", None)
+    if ac is None:
+        raise ShapefirstError(f"{type(pipe.scheduler).__name__} has no alphas_cumprod",
+                              "use a DDPM-type scheduler (e.g. the pipeline's default)")
+    ac = ac.detach().cpu().double()
+    size = image_size(pipe)
+    schedule = schedule or GuidanceSchedule(7.5)
+    arrays: dict[str, torch.Tensor] = {}
+
+    # (a) forward process
+    ts = torch.arange(0, len(ac), stride, dtype=torch.long)
+    arrays["forward/timesteps"] = ts
+    arrays["forward/alphas_cumprod"] = ac[ts].clone()
+    renders = world_renders(n_images, seed, size)
+    spaces = {"pixel": renders}
+    pic = photo_image(size) if photo else None
+    if photo:
+        spaces["photo"] = pic
+    spaces["latent"] = encode_latents(pipe.vae, renders, batch)
+    if photo:
+        spaces["latent_photo"] = encode_latents(pipe.vae, pic, batch)
+    forward_summary = {}
+    for k, (space, x0) in enumerate(spaces.items()):
+        out = forward_process_bands(x0, ac, ts, radius, torch.Generator().manual_seed(seed + k))
+        for key, v in out.items():
+            arrays[f"forward/{space}/{key}"] = v.double()
+        sig2 = out["signal_low"][0] ** 2 + out["signal_high"][0] ** 2
+        forward_summary[space] = {
+            "shape": list(x0.shape), "low_bin_fraction": band_energy_fraction(x0.shape[-2], x0.shape[-1], radius),
+            "signal_low_energy_share": float(out["signal_low"][0] ** 2 / sig2) if float(sig2) > 0 else None,
+            "t_snr_below_1": {"low": _first_t_below(ts, out["snr_low"]), "high": _first_t_below(ts, out["snr_high"])},
+            "snr_at_500": {"low": _at(ts, out["snr_low"], 500), "high": _at(ts, out["snr_high"], 500)},
+            "noise_over_expected": {b: float((out[f"noise_{b}"][1:] / out[f"expected_noise_{b}"][1:]).mean())
+                                    if len(ts) > 1 else None for b in BANDS}}
+
+    # (b) reverse process
+    if prompts is None:
+        prompts = sample_captions(sample_scenes(n_images, seed, "test"), seed)
+    prompts = check_prompts(prompts)
+    rev = {f"{where}/{b}": [] for where in ("latent/x_t", "latent/x0", "pixel/x0") for b in BANDS}
+    settle = {k: [] for k in ("latent_low", "latent_high", "pixel_low", "pixel_high")}
+    generated, final_latents, timesteps = [], [], None
+    for b0 in range(0, len(prompts), batch):
+        res = generate(pipe, prompts[b0:b0 + batch], schedule=schedule, steps=steps, seed=seed + b0, trace=True)
+        traj = res.trajectory
+        if timesteps is None:
+            timesteps = list(traj.timesteps)
+        x_t, x0 = traj.arrays["x_t"], traj.arrays["x0"]
+        for where, states in (("latent/x_t", x_t), ("latent/x0", x0)):
+            tb = trajectory_bands(states, radius)
+            for b in BANDS:
+                rev[f"{where}/{b}"].append(tb[b].double())
+        lo, hi = split_bands(x0, radius)
+        settle["latent_low"].append(settling_call(lo, tol))
+        settle["latent_high"].append(settling_call(hi, tol))
+        pn, ps = _pixel_bands(traj, pipe.vae, radius, tol)
+        for b in BANDS:
+            rev[f"pixel/x0/{b}"].append(pn[b])
+            settle[f"pixel_{b}"].append(ps[b])
+        generated.append(torch.from_numpy(np.asarray(res.images, dtype=np.float32)).permute(0, 3, 1, 2) * 2 - 1)
+        final_latents.append(x0[-1])
+    arrays["reverse/timesteps"] = torch.tensor(timesteps, dtype=torch.float64)
+    for k, v in rev.items():
+        arrays[f"reverse/{k}"] = torch.cat(v, 1)
+    arrays["reverse/settle_low"] = torch.cat(settle["latent_low"])
+    arrays["reverse/settle_high"] = torch.cat(settle["latent_high"])
+    arrays["reverse/pixel/settle_low"] = torch.cat(settle["pixel_low"])
+    arrays["reverse/pixel/settle_high"] = torch.cat(settle["pixel_high"])
+    n_calls = len(timesteps)
+
+    def _settle_summary(lo_key, hi_key):
+        lo, hi = arrays[lo_key], arrays[hi_key]
+        return {"low": summarize(lo), "high": summarize(hi),
+                "share_low_before_high": float((lo < hi).double().mean()),
+                "share_low_not_after_high": float((lo <= hi).double().mean())}
+
+    reverse_summary = {"n_calls": n_calls, "tol": tol,
+                       "settle": {"latent": _settle_summary("reverse/settle_low", "reverse/settle_high"),
+                                  "pixel": _settle_summary("reverse/pixel/settle_low", "reverse/pixel/settle_high")},
+                       "settle_median": {
+                           "latent": {b: summarize(arrays[f"reverse/settle_{b}"])["median"] for b in BANDS},
+                           "pixel": {b: summarize(arrays[f"reverse/pixel/settle_{b}"])["median"] for b in BANDS}}}
+
+    # (c) spectra
+    gen = torch.cat(generated)
+    freqs, p_gen = radial_power_spectrum(gen)
+    arrays["spectrum/freqs"] = freqs
+    arrays["spectrum/generated"] = p_gen
+    arrays["spectrum/renders"] = radial_power_spectrum(renders)[1]
+    if photo:
+        arrays["spectrum/photo"] = radial_power_spectrum(pic)[1]
+    lf, lp = radial_power_spectrum(torch.cat(final_latents))
+    arrays["spectrum/latent_freqs"] = lf
+    arrays["spectrum/latent_generated"] = lp
+    arrays["spectrum/latent_renders"] = radial_power_spectrum(spaces["latent"])[1]
+
+    settings = {"n_images": n_images, "seed": seed, "radius": radius, "steps": steps, "stride": stride, "tol": tol,
+                "photo": photo, "batch": batch, "schedule": schedule.to_dict(), "prompts": prompts,
+                "image_size": list(size), "spaces": list(spaces), "pipeline": type(pipe).__name__,
+                "scheduler": type(pipe.scheduler).__name__, "num_train_timesteps": len(ac)}
+    data = {"settings": settings, "forward": forward_summary, "reverse": reverse_summary}
+    return Result("frequency", data, arrays)
+
+
+# -- plots ------------------------------------------------------------------------------------
+def _positive(v: torch.Tensor) -> np.ndarray:
+    a = v.double().numpy().copy()
+    a[~np.isfinite(a) | (a <= 0)] = np.nan
+    return a
+
+
+def plot_frequency(result: Result, folder: str | Path) -> list[Path]:
+    """PNGs: forward_<space>.png (band norms of signal and noise vs t, SNR per band and the x_t
+    low/high ratio), reverse.png (band norms per call, median and 10-90% band), spectrum.png."""
+    from matplotlib.figure import Figure
+
+    folder = Path(folder)
+    A = result.arrays
+    paths = []
+    ts = A["forward/timesteps"].numpy()
+    colors = {"low": "tab:blue", "high": "tab:red"}
+    for space in result.data["settings"]["spaces"]:
+        fig = Figure(figsize=(11, 4), layout="constrained")
+        ax1, ax2 = fig.add_subplot(121), fig.add_subplot(122)
+        for b in BANDS:
+            ax1.plot(ts, _positive(A[f"forward/{space}/signal_{b}"]), color=colors[b], label=f"signal {b}")
+            ax1.plot(ts, _positive(A[f"forward/{space}/noise_{b}"]), color=colors[b], ls="--", label=f"noise {b}")
+            ax2.plot(ts, _positive(A[f"forward/{space}/snr_{b}"]), color=colors[b], label=f"SNR {b}")
+        ax2.plot(ts, _positive(A[f"forward/{space}/ratio"]), color="k", ls=":", label="x_t low / high")
+        ax2.axhline(1.0, color="gray", lw=0.8)
+        ax1.set_yscale("log")
+        ax2.set_yscale("log")
+        for ax in (ax1, ax2):
+            ax.set_xlabel("timestep t")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
+        ax1.set_ylabel("L2 norm")
+        ax1.set_title(f"forward process, {space}: band norms")
+        ax2.set_ylabel("ratio")
+        ax2.set_title(f"{space}: SNR per band, x_t low/high")
+        paths.append(save_figure(fig, folder / f"forward_{space}.png"))
+
+    fig = Figure(figsize=(15, 4), layout="constrained")
+    panels = [("latent/x_t", "latent x_t"), ("latent/x0", "latent x0-hat"), ("pixel/x0", "pixel x0-hat")]
+    for k, (key, title) in enumerate(panels):
+        ax = fig.add_subplot(1, 3, k + 1)
+        for b in BANDS:
+            v = A[f"reverse/{key}/{b}"].double().numpy()
+            calls = np.arange(v.shape[0])
+            lo, med, hi = np.percentile(v, [10, 50, 90], axis=1)
+            ax.plot(calls, med, color=colors[b], label=f"{b} (median)")
+            ax.fill_between(calls, lo, hi, color=colors[b], alpha=0.2)
+            skey = {"latent/x0": f"reverse/settle_{b}", "pixel/x0": f"reverse/pixel/settle_{b}"}.get(key)
+            if skey:
+                ax.axvline(float(A[skey].double().median()), color=colors[b], ls=":", lw=1,
+                           label=f"{b} settles (median)")
+        ax.set_yscale("log")
+        ax.set_xlabel("denoiser call")
+        ax.set_ylabel("L2 norm of band")
+        ax.set_title(f"reverse process: {title}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    paths.append(save_figure(fig, folder / "reverse.png"))
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax1, ax2 = fig.add_subplot(121), fig.add_subplot(122)
+    f = A["spectrum/freqs"].numpy()
+    for key, label in (("generated", "generated"), ("renders", "world renders"), ("photo", "photo")):
+        if f"spectrum/{key}" in A:
+            ax1.plot(f[1:], _positive(A[f"spectrum/{key}"])[1:], label=label)
+    lf = A["spectrum/latent_freqs"].numpy()
+    for key, label in (("latent_generated", "generated latents"), ("latent_renders", "renders' latents")):
+        ax2.plot(lf[1:], _positive(A[f"spectrum/{key}"])[1:], label=label)
+    radius = result.data["settings"]["radius"]
+    for ax, title in ((ax1, "pixel space"), (ax2, "latent space")):
+        ax.axvline(radius, color="gray", ls="--", lw=0.8, label=f"low/high split ({radius})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("normalised frequency (Nyquist = 1)")
+        ax.set_ylabel("power")
+        ax.set_title(f"radially averaged power spectrum, {title}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    paths.append(save_figure(fig, folder / "spectrum.png"))
+    return paths

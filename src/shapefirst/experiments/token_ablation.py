@@ -1,0 +1,431 @@
+"""Token ablations: which token positions of the prompt embedding decide the image?
+
+Variants (conditional branch only; the unconditional branch stays the empty prompt's embedding):
+  plain           the prompt's embedding
+  keep_eos_<n>    keep the first n positions of the [EOS] block (the first EOS, then the padding),
+                  ZERO the rest (tokens.keep_first_eos(fill="zero")); n=0 zeroes the whole block,
+                  n="all" keeps it all (the same tensor as plain: plain's images are reused)
+  semantic_zero   semantic tokens -> zeros
+  semantic_noise  semantic tokens -> Gaussian noise rescaled to each vector's norm
+  eos_zero        the [EOS] block (eos, eos_pad, pad) -> zeros
+  eos_noise       the [EOS] block -> norm-matched Gaussian noise
+  sos_only        every position but [SOS] (position 0) -> zeros (zeros, not the empty prompt's
+                  embeddings: the empty prompt's positions 1.. are themselves an [EOS] block)
+  eos_only        semantic tokens -> zeros ([SOS] and the [EOS] block kept)
+  eos_sub_keys    cross-attention KEYS from the prompt with the [EOS] block of prompt i+1 (cyclic,
+                  tokens.swap_eos rule), VALUES from the prompt itself
+  eos_sub_values  keys from the prompt, values from the substituted embedding
+  eos_sub_both    keys and values from the substituted embedding (= conditioning on the swap)
+Noise for prompt i is drawn from torch.Generator("cpu").manual_seed(seed + i); image i uses seed + i
+in every variant. A variant whose embeddings equal plain's exactly reuses plain's images.
+
+K/V substitution: `kv_substitution(pipe)` puts a KVSubstituteProcessor on every cross-attention
+layer (processor names ending in "attn2.processor") and yields the shared KVState; set
+`state.set(alt, mode)` before generating and `state.clear()` after (the context restores the
+original processor objects on exit, also after an exception). While no alternative is set the
+processor calls the original one. With an alternative it runs AttnProcessor2_0's computation
+(F.scaled_dot_product_attention) with keys from one context and values from the other; only the
+conditional rows get the alternative (CFG batch [uncond, cond]: the second half; shapefirst's
+guidance hook, when it runs only some rows, is followed; without CFG every row).
+Reduction check: with alternative == original the output is BIT-IDENTICAL to a run with the
+default AttnProcessor2_0 (same operations on the same values); against another original
+processor (e.g. the explicit-softmax AttnProcessor) it agrees within ~1e-6.
+
+KL of attention maps against uniform (per variant, for a few calls, mean over the positions of
+[SOS], semantic tokens and the [EOS] block) when `shapefirst.attention.capture_attention` is
+importable; not for the eos_sub_* variants (the capture recomputes maps from the pipeline's
+encoder states, not from the substituted keys).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ShapefirstError
+from ..generate import check_prompts, count_calls
+from ..guidance import GuidanceSchedule, HOOK_NAME, denoiser_of
+from ..metrics import l1
+from ..results import Result
+from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, keep_first_eos, replace_class, analyze_prompt
+from .eos_swap import (ci_dict, default_judge, encode_prompts, generate_embeds, image_grid, judged_labels,
+                       save_figure, share, swapped, to_uint8, _chunks)
+
+try:  # written separately; the KL metric is skipped when it is absent
+    from ..attention import capture_attention as _capture_attention
+except ImportError:  # pragma: no cover - depends on the checkout
+    _capture_attention = None
+
+DEFAULT_N_EOS = (0, 1, 2, 4, 8, 16, "all")
+KV_MODES = ("keys", "values", "both")
+EOS_BLOCK = (EOS, EOS_PAD, PAD)
+KL_GROUPS = {"sos": (SOS,), "semantic": (SEMANTIC,), "eos_block": EOS_BLOCK}
+FIXED_VARIANTS = ("semantic_zero", "semantic_noise", "eos_zero", "eos_noise", "sos_only", "eos_only")
+KV_VARIANTS = {"eos_sub_keys": "keys", "eos_sub_values": "values", "eos_sub_both": "both"}
+
+
+# -- K/V substitution ---------------------------------------------------------------------------
+class KVState:
+    """What the KV processors read: `alt` [N, L, D] (conditional rows' alternative context) and
+    `mode` ("keys", "values" or "both"); alt None = processors pass through to the originals."""
+
+    def __init__(self, pipe=None):
+        self.pipe = pipe
+        self.alt: torch.Tensor | None = None
+        self.mode: str | None = None
+        self.substituted = 0  # layer calls that used the alternative
+
+    def set(self, alt: torch.Tensor, mode: str) -> "KVState":
+        if mode not in KV_MODES:
+            raise ShapefirstError(f"K/V substitution mode {mode!r} is not one of {KV_MODES}",
+                                  "pass 'keys', 'values' or 'both'")
+        if alt.dim() != 3:
+            raise ShapefirstError(f"the alternative context has shape {tuple(alt.shape)}", "pass [N, L, D] embeddings")
+        self.alt, self.mode = alt, mode
+        return self
+
+    def clear(self) -> None:
+        self.alt, self.mode = None, None
+
+    def row_images(self, rows: int) -> torch.Tensor:
+        """Per row of this attention call: the image whose conditional row it is, or -1."""
+        n = self.alt.shape[0]
+        cfg = getattr(self.pipe, "do_classifier_free_guidance", None) if self.pipe is not None else None
+        if self.pipe is not None and cfg:
+            reg = getattr(denoiser_of(self.pipe), "_diffusers_hook", None)
+            hook = reg.get_hook(HOOK_NAME) if reg is not None else None
+            if hook is not None and hook.batch == n:
+                guided = hook.guided_now()
+                if not bool(guided.all()):
+                    kept = torch.arange(n) + (n if hook.schedule.after == "cond" else 0)
+                    run = torch.sort(torch.cat([torch.arange(n)[guided], torch.arange(n)[guided] + n,
+                                                kept[~guided]])).values
+                    if len(run) == rows:
+                        return torch.where(run >= n, run - n, torch.full_like(run, -1))
+        if rows == 2 * n and cfg is not False:
+            return torch.cat([torch.full((n,), -1, dtype=torch.long), torch.arange(n)])
+        if rows == n and not cfg:
+            return torch.arange(n)
+        raise ShapefirstError(f"a cross-attention call got {rows} rows for {n} substitution embeddings",
+                              "set one alternative per image of the batch being generated")
+
+
+def kv_attention(attn, hidden_states, key_context, value_context, attention_mask=None, temb=None):
+    """AttnProcessor2_0's computation with keys from `key_context` and values from `value_context`."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch_size, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    batch_size, sequence_length, _ = key_context.shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if attn.norm_cross:
+        key_context = attn.norm_encoder_hidden_states(key_context)
+        value_context = attn.norm_encoder_hidden_states(value_context)
+    key = attn.to_k(key_context)
+    value = attn.to_v(value_context)
+    inner_dim = key.shape[-1]
+    head_dim = inner_dim // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                   is_causal=False)
+    hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+    hidden_states = hidden_states.to(query.dtype)
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if input_ndim == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
+class KVSubstituteProcessor:
+    """Cross-attention processor: keys and/or values of the conditional rows from `state.alt`."""
+
+    def __init__(self, original, state: KVState):
+        self.original, self.state = original, state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):  # AttnProcessor's parameter names: Attention.forward filters by them
+        st = self.state
+        if st.alt is None or encoder_hidden_states is None:
+            extra = {"temb": temb} if temb is not None else {}
+            return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                 attention_mask=attention_mask, **extra, **kwargs)
+        ctx = encoder_hidden_states
+        idx = st.row_images(ctx.shape[0])
+        alt = ctx.clone()
+        sel = idx >= 0
+        alt[sel.to(ctx.device)] = st.alt.to(device=ctx.device, dtype=ctx.dtype)[idx[sel].to(ctx.device)]
+        st.substituted += 1
+        key_ctx = alt if st.mode in ("keys", "both") else ctx
+        value_ctx = alt if st.mode in ("values", "both") else ctx
+        return kv_attention(attn, hidden_states, key_ctx, value_ctx, attention_mask, temb)
+
+
+def cross_attention_processor_names(unet) -> list[str]:
+    return [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+
+
+@contextmanager
+def kv_substitution(pipe, state: KVState | None = None):
+    """`with kv_substitution(pipe) as st: st.set(alt, "keys"); generate(...)`; originals back on exit."""
+    unet = pipe if isinstance(pipe, torch.nn.Module) else denoiser_of(pipe)
+    if not hasattr(unet, "attn_processors") or not hasattr(unet, "set_attn_processor"):
+        raise ShapefirstError(f"{type(unet).__name__} has no attention processors", "pass a UNet-based pipeline")
+    names = cross_attention_processor_names(unet)
+    if not names:
+        raise ShapefirstError("the denoiser has no cross-attention layers named '...attn2'",
+                              "use a Stable-Diffusion-style UNet")
+    state = state or KVState(None if isinstance(pipe, torch.nn.Module) else pipe)
+    original = dict(unet.attn_processors)
+    try:
+        new = dict(original)
+        for name in names:
+            new[name] = KVSubstituteProcessor(original[name], state)
+        unet.set_attn_processor(new)
+        yield state
+    finally:
+        state.clear()
+        unet.set_attn_processor(dict(original))
+
+
+# -- variants -----------------------------------------------------------------------------------
+def _n_label(n) -> str:
+    return "all" if n == "all" else str(int(n))
+
+
+def variant_names(n_eos=DEFAULT_N_EOS, n_prompts: int = 2) -> list[str]:
+    names = ["plain"] + [f"keep_eos_{_n_label(n)}" for n in n_eos] + list(FIXED_VARIANTS)
+    if n_prompts >= 2:
+        names += list(KV_VARIANTS)
+    return names
+
+
+def variant_embedding(name: str, emb: torch.Tensor, info, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The conditional embedding [1, L, D] of an embedding variant (see the module docstring)."""
+    if name == "plain":
+        return emb.clone()
+    if name.startswith("keep_eos_"):
+        n = name[len("keep_eos_"):]
+        return keep_first_eos(emb, info, emb.shape[1] if n == "all" else int(n), fill="zero")
+    if name == "semantic_zero":
+        return replace_class(emb, info, SEMANTIC, "zero")
+    if name == "semantic_noise":
+        return replace_class(emb, info, SEMANTIC, "noise", generator)
+    if name == "eos_zero":
+        return replace_class(emb, info, EOS_BLOCK, "zero")
+    if name == "eos_noise":
+        return replace_class(emb, info, EOS_BLOCK, "noise", generator)
+    if name == "sos_only":
+        return replace_class(emb, info, (SEMANTIC,) + EOS_BLOCK, "zero")
+    if name == "eos_only":
+        return replace_class(emb, info, SEMANTIC, "zero")
+    raise ShapefirstError(f"unknown ablation variant {name!r}", "use a name from variant_names()")
+
+
+def _check_n_eos(n_eos) -> list:
+    out = []
+    for n in n_eos:
+        if n == "all" or n is None:
+            out.append("all")
+        elif isinstance(n, (int, np.integer)) and n >= 0:
+            out.append(int(n))
+        else:
+            raise ShapefirstError(f"n_eos entry {n!r} is not an integer >= 0 or 'all'", "pass e.g. (0, 1, 2, 4, 'all')")
+    return list(dict.fromkeys(out))
+
+
+def _kl_summary(cap, calls, infos) -> dict:
+    out = {}
+    for c in calls:
+        kl = cap.kl_to_uniform(c)  # [images, tokens]
+        row = {}
+        for group, classes in KL_GROUPS.items():
+            vals = []
+            for i, info in enumerate(infos):
+                pos = [p for cl in classes for p in info.positions(cl)]
+                if pos:
+                    vals.append(float(kl[i, pos].double().mean()))
+            row[group] = float(np.mean(vals)) if vals else float("nan")
+        out[str(c)] = row
+    return out
+
+
+def run_token_ablation(pipe, prompts, targets=None, steps: int = 50, seed: int = 0, n_eos=DEFAULT_N_EOS,
+                       batch: int = 8, judge_fn=None, clip=None, schedule: GuidanceSchedule | None = None,
+                       attention_kl: bool = True, kl_calls=None, keep_images: int = 4) -> Result:
+    """The token ablations of the module docstring -> Result(kind="token_ablation").
+
+    targets: one label dict per prompt (judged accuracy per attribute with Wilson CIs; judge_fn:
+    image -> labels, default the world's judge). clip: metrics.Clip (score vs the prompt).
+    attention_kl: KL of attention maps vs uniform at kl_calls (default first, middle, last call).
+    keep_images: prompts whose images are stored (arrays["images"]: [variants, k, H, W, 3] uint8)."""
+    prompts = check_prompts(prompts)
+    if targets is not None:
+        targets = [dict(t) for t in targets]
+        if len(targets) != len(prompts):
+            raise ShapefirstError(f"{len(targets)} targets for {len(prompts)} prompts", "pass one label dict per prompt")
+        judge_fn = judge_fn or default_judge()
+    n_eos = _check_n_eos(n_eos)
+    n = len(prompts)
+    n_calls = count_calls(pipe, steps)
+    names = variant_names(n_eos, n)
+    notes = []
+    if n < 2:
+        notes.append("one prompt: no K/V substitution variants (they need another prompt's [EOS] block)")
+    kl_on = attention_kl and _capture_attention is not None
+    if attention_kl and not kl_on:
+        notes.append("shapefirst.attention is not available: no attention KL")
+    kl_calls = sorted({min(max(int(c), 0), n_calls - 1) for c in (kl_calls if kl_calls is not None
+                                                                   else (0, n_calls // 2, n_calls - 1))})
+
+    cond, uncond = encode_prompts(pipe, prompts)
+    infos = [analyze_prompt(pipe.tokenizer, p) for p in prompts]
+    images, identical, kl = {}, {}, {}
+    for name in names:
+        if name in KV_VARIANTS:
+            continue
+        emb = torch.cat([variant_embedding(name, cond[i:i + 1], infos[i], torch.Generator("cpu").manual_seed(seed + i))
+                         for i in range(n)])
+        if name != "plain" and torch.equal(emb, cond):
+            images[name], identical[name] = images["plain"], "plain"
+            if "plain" in kl:
+                kl[name] = kl["plain"]
+            continue
+        out, kls = [], []
+        for s, e in _chunks(n, batch):
+            if kl_on:
+                with _capture_attention(pipe, keep="mean", calls=kl_calls, n_images=e - s) as cap:
+                    out.append(generate_embeds(pipe, emb[s:e], uncond[s:e], steps, seed + s, schedule))
+                kls.append((e - s, _kl_summary(cap, kl_calls, infos[s:e])))
+            else:
+                out.append(generate_embeds(pipe, emb[s:e], uncond[s:e], steps, seed + s, schedule))
+        images[name] = np.concatenate(out)
+        if kls:
+            kl[name] = {c: {g: float(sum(m * r[c][g] for m, r in kls) / n) for g in KL_GROUPS} for c in kls[0][1]}
+
+    if n >= 2:
+        perm = [(i + 1) % n for i in range(n)]
+        alt = swapped(cond, infos, cond[perm], [infos[j] for j in perm])
+        for name, mode in KV_VARIANTS.items():
+            out = []
+            for s, e in _chunks(n, batch):
+                with kv_substitution(pipe) as st:
+                    st.set(alt[s:e], mode)
+                    out.append(generate_embeds(pipe, cond[s:e], uncond[s:e], steps, seed + s, schedule))
+            images[name] = np.concatenate(out)
+
+    scores, judged_all = {}, {}
+    for name in names:
+        sc = {"l1_to_plain": ci_dict(l1(images[name], images["plain"]))}
+        if targets is not None:
+            judged = judged_labels(judge_fn, images[name])
+            judged_all[name] = judged
+            attrs = sorted({a for t in targets for a in t})
+            sc["judged"] = {a: share(sum(j.get(a) == t.get(a) for j, t in zip(judged, targets) if a in t),
+                                     sum(a in t for t in targets)) for a in attrs}
+            sc["judged"]["all"] = share(sum(all(j.get(a) == v for a, v in t.items()) for j, t in zip(judged, targets)), n)
+        if clip is not None:
+            sc["clip"] = ci_dict(clip.clip_score(images[name], prompts).double().numpy())
+        if name in kl:
+            sc["kl_to_uniform"] = kl[name]
+        scores[name] = sc
+
+    k = min(keep_images, n)
+    arrays = {"images": torch.stack([to_uint8(images[v][:k]) for v in names])}
+    data = {"variants": names, "prompts": prompts, "targets": targets, "scores": scores, "judged": judged_all or None,
+            "identical_to": identical, "n_eos": [_n_label(x) for x in n_eos],
+            "settings": {"steps": steps, "denoiser_calls": n_calls, "seed": seed, "batch": batch,
+                         "schedule": (schedule or GuidanceSchedule()).to_dict(), "kl_calls": kl_calls if kl_on else None,
+                         "stored_images": k,
+                         "seeds": "prompt i uses seed + i in every variant; noise for prompt i: Generator seed + i"},
+            "rules": {"keep_eos": "keep the first n positions of the [EOS] block, zero the rest (n=0 zeroes the whole block)",
+                      "sos_only": "every position but 0 zeroed",
+                      "eos_only": "semantic positions zeroed",
+                      "noise": "Gaussian noise rescaled to each replaced vector's L2 norm",
+                      "eos_sub": "prompt i's cross-attention keys/values use prompt (i+1) mod N's [EOS] block "
+                                 "(tokens.swap_eos rule), conditional rows only",
+                      "kv_reduction": "alternative == original is bit-identical to AttnProcessor2_0"},
+            "token_info": [{"prompt": p, "n_semantic": i.n_semantic, "eos_index": i.eos_index} for p, i in zip(prompts, infos)],
+            "notes": notes}
+    return Result("token_ablation", data, arrays)
+
+
+def _metric(sc: dict) -> tuple[str, float, list]:
+    if "judged" in sc:
+        return "judged accuracy (all attributes)", sc["judged"]["all"]["rate"], sc["judged"]["all"]["ci"]
+    if "clip" in sc:
+        return "CLIP score vs prompt", sc["clip"]["mean"], sc["clip"]["ci"]
+    return "mean L1 to plain", sc["l1_to_plain"]["mean"], sc["l1_to_plain"]["ci"]
+
+
+def plot_token_ablation(result: Result, folder: str | Path, max_prompts: int = 4) -> list[Path]:
+    """Bars of the main metric per variant, the keep-first-n [EOS] curve, an image grid -> PNG paths."""
+    from matplotlib.figure import Figure
+
+    folder = Path(folder)
+    d, paths = result.data, []
+    names = d["variants"]
+    label = _metric(d["scores"][names[0]])[0]
+
+    fig = Figure(figsize=(max(5, 0.6 * len(names) + 1), 3.4))
+    ax = fig.subplots()
+    x = np.arange(len(names))
+    sc0 = d["scores"][names[0]]
+    series = ([(a, [d["scores"][v]["judged"][a] for v in names]) for a in sc0["judged"]] if "judged" in sc0
+              else [(label, [dict(zip(("name", "rate", "ci"), _metric(d["scores"][v]))) for v in names])])
+    width = 0.8 / len(series)
+    for j, (lab, rows) in enumerate(series):
+        ys = np.array([r["rate"] for r in rows], dtype=float)
+        err = np.nan_to_num(np.abs(np.array([[y - r["ci"][0], r["ci"][1] - y] for y, r in zip(ys, rows)],
+                                            dtype=float).T))
+        ax.bar(x - 0.4 + width * (j + 0.5), ys, width, yerr=err, capsize=1.5, label=lab)
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("judged accuracy" if "judged" in sc0 else label, fontsize=8)
+    if len(series) > 1:
+        ax.legend(fontsize=6, ncol=3)
+    ax.set_title("token ablations", fontsize=9)
+    paths.append(save_figure(fig, folder / "token_ablation_bars.png"))
+
+    keep = [v for v in names if v.startswith("keep_eos_")]
+    if keep:
+        fig = Figure(figsize=(5, 3.2))
+        ax = fig.subplots()
+        xs = np.arange(len(keep))
+        sc0 = d["scores"][keep[0]]
+        if "judged" in sc0:
+            for attr in [a for a in sc0["judged"] if a != "all"] + ["all"]:
+                ax.plot(xs, [d["scores"][v]["judged"][attr]["rate"] for v in keep], marker="o", label=attr)
+            ax.legend(fontsize=7)
+        else:
+            ax.plot(xs, [_metric(d["scores"][v])[1] for v in keep], marker="o")
+        ax.set_xticks(xs, [v[len("keep_eos_"):] for v in keep])
+        ax.set_xlabel("[EOS] positions kept (rest zeroed)")
+        ax.set_ylabel(label, fontsize=8)
+        paths.append(save_figure(fig, folder / "token_ablation_keep_eos.png"))
+
+    imgs = result.arrays.get("images")
+    if imgs is not None and imgs.shape[1]:
+        k = min(max_prompts, imgs.shape[1])
+        grid = imgs[:, :k].numpy().transpose(1, 0, 2, 3, 4)  # [prompts, variants, H, W, 3]
+        rows = [p if len(p) < 40 else p[:37] + "..." for p in d["prompts"][:k]]
+        paths.append(image_grid(grid, rows, names, folder / "token_ablation_grid.png", size=1.1))
+    return paths
