@@ -102,6 +102,45 @@ def analyze(
 
 
 @app.command()
+def report(
+    model: str = typer.Option("embedded", help=MODEL_HELP),
+    out: Path = typer.Option(Path("shapefirst-report"), help="output folder (index.html + results/)"),
+    budget: str = typer.Option("quick", help="quick (minutes on a laptop CPU) or full"),
+    prompts: Optional[Path] = typer.Option(None, help="prompt file (needed for models other than the shapes world)"),
+    pairs: Optional[Path] = typer.Option(None, help="pair file for the eos-swap section ('A || B' per line)"),
+    clip: Optional[Path] = typer.Option(None, help="a local CLIP model folder (scores for real models)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
+    page_only: bool = typer.Option(False, "--page-only", help="rebuild index.html from saved results, run nothing"),
+):
+    """Run every analysis and a small sweep on one model, and write one offline HTML page."""
+    from rich.console import Console
+
+    from .metrics import Clip
+    from .models import embedded_model_path, load_pipeline
+    from .prompts import read_pairs, read_prompts
+    from .report import BUDGETS, build_page, run_report
+
+    if budget not in BUDGETS:
+        raise ShapefirstError(f"unknown budget {budget!r}", f"use one of: {', '.join(BUDGETS)}")
+    if out.exists() and not out.is_dir():
+        raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
+    if page_only:
+        typer.echo(f"report -> {build_page(out)}", err=True)
+        return
+    prompt_list = read_prompts(prompts) if prompts else None
+    pair_list = read_pairs(pairs) if pairs else None
+    world = model == "embedded"
+    scorer = Clip.load(clip) if clip else (Clip.load(embedded_model_path() / "clip") if world else None)
+    pipe = load_pipeline(model, device=device, allow_pickle=allow_pickle)
+    console = Console(stderr=True)
+    with console.status("report") as status:
+        index = run_report(pipe, out, budget, world=world, clip=scorer, prompts=prompt_list, pairs=pair_list,
+                           progress=lambda name: status.update(f"report: {name}"), model_name=model)
+    typer.echo(f"report -> {index}", err=True)
+
+
+@app.command()
 def train(
     out: Path = typer.Option(Path("shapes-world-train"), help="work folder (checkpoints; rerun to resume)"),
     seed: int = typer.Option(0, help="seed of the whole recipe"),

@@ -1,0 +1,198 @@
+"""`shapefirst report`: run (or reuse) every analysis and a small sweep, then write one offline page.
+
+Layout of OUT:
+    results/<analysis>/      result folders (reused on a rerun when their settings match)
+    results/generate/        the traced generation (film strips)
+    results/sweep/           sweep.jsonl, sweep.csv, pareto.png, cached reference images
+    page-<stamp>/            the figures of one build
+    index.html               written last, atomically; it points at one page-<stamp>/ folder,
+                             so a reader sees the old page or the new one, never a half-written one
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from ..errors import ShapefirstError
+from ..results import Result, atomic_write_text
+
+BUDGETS = {
+    # n prompts / pairs, steps, sweep prompts, sweep stops
+    "quick": {"n": 8, "pairs": 8, "steps": 20, "film": 4, "sweep_n": 8, "stops": (0.25, 0.5, 0.75), "batch": 8},
+    "full": {"n": 64, "pairs": 64, "steps": 50, "film": 6, "sweep_n": 64, "stops": (0.1, 0.25, 0.5, 0.75, 0.9), "batch": 16},
+}
+SECTIONS = ("generate", "stages", "frequency", "attention", "eos-swap", "token-ablation", "sweep")
+
+
+def run_report(pipe, out: str | Path, budget: str = "quick", world: bool = True, clip=None, prompts=None,
+               pairs=None, progress=None, model_name: str = "embedded") -> Path:
+    """Compute what is missing under out/results, then build the page. Returns index.html's path."""
+    from ..experiments import run_analysis
+    from ..experiments.stages import world_prompts
+    from ..experiments.sweep import default_configs, run_sweep
+    from ..generate import generate
+
+    if budget not in BUDGETS:
+        raise ShapefirstError(f"unknown budget {budget!r}", f"use one of: {', '.join(BUDGETS)}")
+    b = BUDGETS[budget]
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
+    res_dir = out / "results"
+    t0 = time.time()
+    tick = progress or (lambda name: None)
+    if prompts is None and not world:
+        raise ShapefirstError("this model is not the shapes world, so there are no built-in prompts",
+                              "pass --prompts FILE")
+    ps, targets = (prompts, None) if prompts else world_prompts(max(b["n"], b["sweep_n"]), 0)
+
+    gen_dir = res_dir / "generate"
+    if not (gen_dir / "run.json").exists():
+        tick("generate")
+        r = generate(pipe, ps[:b["film"]], steps=b["steps"], trace=True)
+        r.save(gen_dir, vae=pipe.vae)
+    timings = {}
+    for name in ("stages", "frequency", "attention", "eos-swap", "token-ablation"):
+        tick(name)
+        s = time.time()
+        run_analysis(name, pipe, res_dir, n=b["pairs"] if name == "eos-swap" else b["n"], steps=b["steps"], seed=0,
+                     prompts=ps[:b["n"]] if prompts else None, pairs=pairs, clip=clip, world=world, batch=b["batch"])
+        timings[name] = time.time() - s
+    tick("sweep")
+    s = time.time()
+    run_sweep(pipe, ps[:b["sweep_n"]], res_dir / "sweep", targets=targets[:b["sweep_n"]] if targets else None,
+              configs=default_configs(stops=b["stops"], steps=(b["steps"],)), batch=b["batch"], clip=clip)
+    timings["sweep"] = time.time() - s
+    meta = {"model": model_name, "budget": budget, "settings": b, "seconds": time.time() - t0, "timings": timings}
+    return build_page(out, meta)
+
+
+def _fmt_share(d) -> str:
+    return f"{d['rate']:.0%} [{d['ci'][0]:.0%}, {d['ci'][1]:.0%}] (n={d['n']})"
+
+
+def _sections(res_dir: Path) -> list[dict]:
+    """Figures, tables and captions per analysis, from saved results only."""
+    out = []
+    gen = res_dir / "generate"
+    if (gen / "run.json").exists():
+        run = json.loads((gen / "run.json").read_text())
+        out.append({"id": "generate", "title": "Shape first, details later: x0-hat at every denoiser call",
+                    "caption": "Each row is one prompt; columns show the model's current guess of the final image "
+                               "(x0-hat, decoded) from the first denoiser call (left) to the last (right). The object's "
+                               "shape, color and place appear within the first calls; texture comes last.",
+                    "figures": [gen / "trajectory" / "contact_sheet.png"],
+                    "table": [["prompt", "steps", "guidance"]] + [[p, run["steps"], run["guidance"]] for p in run["prompts"]]})
+    st = res_dir / "stages"
+    if (st / "results.json").exists():
+        r = Result.load(st)
+        rows = [["schedule", "attribute", "median settling call", "10th-90th percentile", "calls"]]
+        for sname, summ in r.data["schedules"].items():
+            for a, v in summ["settle"].items():
+                rows.append([sname, a, f"{v['median']:.0f}", f"{v['p10']:.0f}-{v['p90']:.0f}", summ["n_calls"]])
+        out.append({"id": "stages", "title": "When each attribute is decided",
+                    "caption": "Share of images whose judged attribute (from the decoded x0-hat) has reached its final "
+                               "value by each call. Low-frequency attributes (shape, color, position, size) settle "
+                               "before the high-frequency texture.",
+                    "figures": sorted(st.glob("stages_*.png")), "table": rows})
+    fq = res_dir / "frequency"
+    if (fq / "results.json").exists():
+        r = Result.load(fq)
+        rows = [["space", "band", "median settling call of x0-hat"]]
+        for space, d in r.data["reverse"]["settle_median"].items():
+            for band, v in d.items():
+                rows.append([space, band, f"{v:.0f}"])
+        out.append({"id": "frequency", "title": "Low frequencies survive the noise; they are generated first",
+                    "caption": "Forward process: norms of the low- and high-frequency parts of signal and noise at each "
+                               "timestep (the low band of the image stays above its noise much longer). Reverse "
+                               "process: the low band of x0-hat reaches its final value earlier than the high band.",
+                    "figures": sorted(fq.glob("*.png")), "table": rows})
+    at = res_dir / "attention"
+    if (at / "results.json").exists():
+        r = Result.load(at)
+        s = r.data["summary"]
+        rows = [["token class", "mean attention mass"]] + [[c, f"{v:.3f}"] for c, v in s["mean_mass_per_class"].items()]
+        rows.append(["semantic maps: relative F1 >= 0.9 from call", str(s["semantic_f1_ge_0.9_from_call"])])
+        out.append({"id": "attention", "title": "Which tokens the image attends to",
+                    "caption": "Cross-attention mass per token class per call ([SOS] is an attention sink), how early "
+                               "each word's map converges (relative F1 against the final map; maps binarised at their "
+                               "mean), and per-word heat maps at the first, middle and last captured call.",
+                    "figures": sorted(at.glob("attention_*.png")), "table": rows})
+    ev = res_dir / "eos-swap"
+    if (ev / "results.json").exists():
+        r = Result.load(ev)
+        rows = [["attribute", "swapped image follows A's words", "follows B's [EOS]"]]
+        for attr, d in (r.data.get("scores") or {}).get("swap", {}).items():
+            if isinstance(d, dict) and "a" in d:
+                rows.append([attr, _fmt_share(d["a"]), _fmt_share(d["b"])])
+        out.append({"id": "eos-swap", "title": "[EOS] decides the object",
+                    "caption": "Prompt A's [SOS] and word embeddings with prompt B's [EOS] block: the generated object "
+                               "mostly follows B. Switching the [EOS] block only from call a on shows when it stops "
+                               "mattering. " + r.data["rule"],
+                    "figures": sorted(ev.glob("eos_swap_*.png")), "table": rows})
+    ta = res_dir / "token-ablation"
+    if (ta / "results.json").exists():
+        r = Result.load(ta)
+        rows = [["variant", "all attributes right", "L1 to plain"]]
+        for v in r.data["variants"]:
+            sc = r.data["scores"][v]
+            acc = _fmt_share(sc["judged"]["all"]) if "judged" in sc else "-"
+            rows.append([v, acc, f"{sc['l1_to_plain']['mean']:.4f}"])
+        out.append({"id": "token-ablation", "title": "Token ablations",
+                    "caption": "Keeping only the first n [EOS] tokens, zeroing or noising words or the [EOS] block, "
+                               "[SOS]-only and [EOS]-only prompts, and [EOS] swapped only in the attention keys or "
+                               "values. " + "; ".join(f"{k}: {v}" for k, v in r.data["rules"].items()),
+                    "figures": sorted(ta.glob("*.png")), "table": rows})
+    sw = res_dir / "sweep"
+    if (sw / "sweep.jsonl").exists():
+        from ..results import read_jsonl
+
+        rows = [["configuration", "saved latency", "denoiser evaluations", "L1 to full", "PSNR to full", "Image-CLIP",
+                 "all attributes right"]]
+        for r in read_jsonl(sw / "sweep.jsonl"):
+            rows.append([r["key"], f"{r['saved_latency']:.1%}", f"{r['evaluation_ratio']:.2f}", f"{r['l1'][0]:.4f}",
+                         f"{r['psnr'][0]:.1f}", f"{r['image_clip'][0]:.1f}" if "image_clip" in r else "-",
+                         f"{r['accuracy']['all']:.0%}" if "accuracy" in r else "-"])
+        out.append({"id": "sweep", "title": "What turning guidance off late buys",
+                    "caption": "Saved latency is measured against full guidance on the same batches (A/B adjacent, "
+                               "median of ratios); quality is measured against the full-guidance image of the same "
+                               "seed. 'uncond' keeps the unconditional branch after the stop (the paper), 'cond' the "
+                               "conditional one (diffusers' callback).",
+                    "figures": [sw / "pareto.png"] if (sw / "pareto.png").exists() else [], "table": rows})
+    return out
+
+
+def build_page(out: str | Path, meta: dict | None = None) -> Path:
+    """Render index.html from out/results alone (no model run)."""
+    import jinja2
+
+    from ..generate import machine_info
+
+    out = Path(out)
+    res_dir = out / "results"
+    if not res_dir.is_dir():
+        raise ShapefirstError(f"{res_dir} holds no results", "run `shapefirst report` first")
+    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 10**6:06d}"
+    page = out / f"page-{stamp}"
+    page.mkdir(parents=True)
+    sections = _sections(res_dir)
+    for sec in sections:
+        figs = []
+        for f in sec["figures"]:
+            f = Path(f)
+            if f.exists():
+                dest = page / f"{sec['id']}-{f.name}"
+                shutil.copy2(f, dest)
+                figs.append(f"{page.name}/{dest.name}")
+        sec["figures"] = figs
+    env = jinja2.Environment(loader=jinja2.PackageLoader("shapefirst", "report"), autoescape=True)
+    meta = meta or {}
+    text = env.get_template("template.html").render(sections=sections, meta=meta, machine=machine_info(),
+                                                    meta_json=json.dumps(meta, indent=1, default=str))
+    atomic_write_text(out / "index.html", text)
+    for old in out.glob("page-*"):
+        if old.is_dir() and old != page:
+            shutil.rmtree(old, ignore_errors=True)
+    return out / "index.html"
