@@ -40,3 +40,23 @@ def tiny_sd_pipeline(seed: int = 0, pad_token: str = "<|endoftext|>", prediction
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_clip_folder(folder: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny random CLIPModel + the world tokenizer saved to `folder` (a stand-in for a user's CLIP)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from .world.vocab import load_tokenizer, write_tokenizer
+
+    folder = Path(folder)
+    tok = load_tokenizer(write_tokenizer(folder))
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=4),
+        projection_dim=32)
+    CLIPModel(cfg).save_pretrained(folder)
+    return folder
