@@ -89,3 +89,36 @@ def test_console_script_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "shapefirst", "generate", "x", "--model", str(tmp_path / "missing")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "does not exist" in r.stderr
+
+
+def test_analyze_frequency_on_a_local_folder(tiny_folder, tmp_path, capsys):
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("# two prompts\na red circle\n\na blue square\n", encoding="utf-8")
+    code, err = run(["analyze", "frequency", "--model", tiny_folder, "--prompts", pf, "--steps", 3, "--n", 2,
+                     "--out", tmp_path / "an"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "an" / "frequency" / "results.json").exists()
+    assert list((tmp_path / "an" / "frequency").glob("*.png"))
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["analyze", "nonsense"], "unknown analysis"),
+    (["analyze", "stages", "--n", "0"], "must be positive"),
+    (["report", "--budget", "huge"], "unknown budget"),
+])
+def test_bad_analyze_and_report_options(tmp_path, capsys, argv, msg):
+    code, err = run(argv + ["--out", tmp_path / "o"], capsys)
+    assert code == 2 and msg in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_world_model_without_prompts_is_refused(tiny_folder, tmp_path, capsys):
+    code, err = run(["analyze", "attention", "--model", tiny_folder, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "--prompts FILE" in err
+
+
+def test_malformed_pair_file(tiny_folder, tmp_path, capsys):
+    pf = tmp_path / "pairs.txt"
+    pf.write_text("a red circle || a blue square\nno separator here\n", encoding="utf-8")
+    code, err = run(["analyze", "eos-swap", "--model", tiny_folder, "--pairs", pf, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and ":2:" in err

@@ -1,2 +1,20 @@
-"""shapefirst: explain and accelerate text-to-image diffusion models."""
+"""shapefirst: explain and accelerate text-to-image diffusion models.
+
+Shape first, details later: the low-frequency layout of an image is decided in the first
+denoising calls, mostly by the prompt's [EOS] tokens; after that, classifier-free guidance can be
+switched off. The public names:
+"""
+from .errors import ShapefirstError
+from .generate import GenerationResult, generate
+from .guidance import (AdaptiveStop, GuidanceHook, GuidanceSchedule, apply_guidance_schedule, guidance_schedule,
+                       remove_guidance_schedule)
+from .models import embedded_model_path, load_pipeline, set_scheduler
+from .trace import Trajectory, TrajectoryRecorder
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "AdaptiveStop", "GenerationResult", "GuidanceHook", "GuidanceSchedule", "ShapefirstError", "Trajectory",
+    "TrajectoryRecorder", "apply_guidance_schedule", "embedded_model_path", "generate", "guidance_schedule",
+    "load_pipeline", "remove_guidance_schedule", "set_scheduler",
+]
