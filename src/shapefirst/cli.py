@@ -140,6 +140,115 @@ def report(
     typer.echo(f"report -> {index}", err=True)
 
 
+def _sweep_inputs(model, prompts, n, seed, clip, device, allow_pickle):
+    from .experiments.stages import world_prompts
+    from .metrics import Clip
+    from .models import embedded_model_path, load_pipeline
+    from .prompts import read_prompts
+
+    world = model == "embedded"
+    if prompts in (None, "world"):
+        if not world:
+            raise ShapefirstError("this model is not the shapes world, so there are no built-in prompts",
+                                  "pass --prompts FILE")
+        ps, targets = world_prompts(n, seed)
+    else:
+        ps, targets = read_prompts(prompts)[:n], None
+    scorer = Clip.load(clip) if clip else (Clip.load(embedded_model_path() / "clip") if world else None)
+    return load_pipeline(model, device=device, allow_pickle=allow_pickle), ps, targets, scorer
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ShapefirstError(f"{what} {text!r} is not a comma-separated list of numbers", "pass e.g. 0.25,0.5") from e
+    for v in vals:
+        if not 0 <= v <= 1:
+            raise ShapefirstError(f"{what} value {v} is outside [0, 1]", "pass fractions of the denoiser calls")
+    return vals
+
+
+@app.command()
+def sweep(
+    model: str = typer.Option("embedded", help=MODEL_HELP),
+    prompts: str = typer.Option("world", help="'world' (the shapes world's held-out captions) or a prompt file"),
+    out: Path = typer.Option(Path("shapefirst-sweep"), help="output folder (sweep.jsonl resumes)"),
+    n: int = typer.Option(64, help="number of prompts"),
+    stops: str = typer.Option("0.1,0.25,0.5,0.75,0.9", help="guidance stops (fractions of the calls)"),
+    schedulers: str = typer.Option("ddim,dpm++", help="schedulers to sweep"),
+    steps: str = typer.Option("20,50", help="step counts to sweep"),
+    guidance: float = typer.Option(7.5, help="classifier-free guidance scale"),
+    seed: int = typer.Option(0, help="seed of the first image"),
+    batch: int = typer.Option(8, help="images per pipeline call"),
+    clip: Optional[Path] = typer.Option(None, help="a local CLIP model folder (scores for real models)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
+):
+    """Sweep guidance stops x modes x schedulers: saved latency and quality against full guidance."""
+    from .experiments.sweep import default_configs, run_sweep
+    from .models import SCHEDULERS
+
+    if n < 1 or batch < 1:
+        raise ShapefirstError("--n and --batch must be positive integers", "pass e.g. --n 64 --batch 8")
+    stop_list = _floats(stops, "--stops")
+    sched_list = [s for s in schedulers.split(",") if s]
+    for s in sched_list:
+        if s not in SCHEDULERS:
+            raise ShapefirstError(f"unknown scheduler {s!r}", f"use one of: {', '.join(SCHEDULERS)}")
+    try:
+        step_list = [int(s) for s in steps.split(",") if s]
+    except ValueError as e:
+        raise ShapefirstError(f"--steps {steps!r} is not a list of integers", "pass e.g. 20,50") from e
+    if any(s < 1 for s in step_list):
+        raise ShapefirstError("--steps values must be positive", "pass e.g. 20,50")
+    if out.exists() and not out.is_dir():
+        raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
+    pipe, ps, targets, scorer = _sweep_inputs(model, prompts, n, seed, clip, device, allow_pickle)
+    rows = run_sweep(pipe, ps, out, targets=targets, seed=seed, batch=batch, clip=scorer,
+                     configs=default_configs(guidance, stop_list, sched_list, step_list),
+                     progress=lambda key: typer.echo(f"done {key}", err=True))
+    for r in rows:
+        typer.echo(f"{r['key']:<28} saved {r['saved_latency']:6.1%}  evaluations x{r['evaluation_ratio']:.2f}  "
+                   f"PSNR {r['psnr'][0]:5.1f}" + (f"  all-right {r['accuracy']['all']:.1%}" if "accuracy" in r else ""))
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option("embedded", help=MODEL_HELP),
+    prompts: str = typer.Option("world", help="'world' or a prompt file"),
+    out: Path = typer.Option(Path("shapefirst-calibrate"), help="output folder (reuses a finished sweep)"),
+    n: int = typer.Option(64, help="number of prompts"),
+    tolerance: float = typer.Option(0.01, help="largest accepted accuracy loss (95% paired CI lower bound)"),
+    stops: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8", help="candidate stops"),
+    scheduler: str = typer.Option("ddim", help="scheduler"),
+    steps: int = typer.Option(50, help="denoising steps"),
+    guidance: float = typer.Option(7.5, help="classifier-free guidance scale"),
+    batch: int = typer.Option(8, help="images per pipeline call"),
+    clip: Optional[Path] = typer.Option(None, help="a local CLIP model folder"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
+):
+    """Find the earliest guidance stop that keeps quality within the tolerance; print a snippet."""
+    from .experiments.sweep import calibrate as pick, default_configs, run_sweep, snippet
+
+    if not 0 < tolerance < 1:
+        raise ShapefirstError(f"tolerance {tolerance} is outside (0, 1)", "pass e.g. 0.01 (one point)")
+    stop_list = _floats(stops, "--stops")
+    if out.exists() and not out.is_dir():
+        raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
+    pipe, ps, targets, scorer = _sweep_inputs(model, prompts, n, 0, clip, device, False)
+    rows = run_sweep(pipe, ps, out, targets=targets, batch=batch, clip=scorer,
+                     configs=default_configs(guidance, stop_list, (scheduler,), (steps,)))
+    best, verdicts = pick(rows, tolerance)
+    for r, ok, why in verdicts:
+        typer.echo(f"{'PASS' if ok else 'fail'} {r['key']:<28} saved {r['saved_latency']:6.1%}  {why}")
+    if best is None:
+        typer.echo("no configuration stays within the tolerance: keep full guidance")
+        return
+    typer.echo(f"\nrecommended: {best['key']} saves {best['saved_latency']:.1%} of the latency "
+               f"(measured on n={best['n']} prompts)\n\n{snippet(best)}")
+
+
 @app.command()
 def train(
     out: Path = typer.Option(Path("shapes-world-train"), help="work folder (checkpoints; rerun to resume)"),

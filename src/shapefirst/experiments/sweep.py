@@ -166,3 +166,38 @@ def write_summary(rows: list[dict], out: Path) -> None:
     ax.set_ylabel("all attributes right (share)" if qual == "accuracy" else "PSNR to full guidance (dB)")
     ax.set_title("Speed / quality")
     save_figure(fig, out / "pareto.png")
+
+
+def passes(row: dict, tolerance: float = 0.01) -> tuple[bool, str]:
+    """The calibrate rule: for every judged attribute, the paired 95% CI of (accuracy - full accuracy)
+    lies above -tolerance (non-inferiority), and the mean Image-CLIPScore to full guidance is not
+    below the seed-to-seed floor. Rows without judged accuracy use only the Image-CLIP rule (or,
+    with no CLIP either, PSNR >= 30 dB)."""
+    why = []
+    for a, (m, lo, hi) in (row.get("accuracy_delta_vs_full") or {}).items():
+        if a in ("one_object",):
+            continue
+        if lo < -tolerance:
+            why.append(f"{a} accuracy CI lower bound {lo:+.3f} < -{tolerance}")
+    if "image_clip" in row and "image_clip_floor" in row:
+        if row["image_clip"][0] < row["image_clip_floor"][0]:
+            why.append(f"Image-CLIP {row['image_clip'][0]:.1f} below the seed floor {row['image_clip_floor'][0]:.1f}")
+    elif "accuracy_delta_vs_full" not in row and row["psnr"][0] < 30:
+        why.append(f"PSNR {row['psnr'][0]:.1f} dB < 30 dB")
+    return (not why), "; ".join(why) or "within tolerance"
+
+
+def calibrate(rows: list[dict], tolerance: float = 0.01) -> tuple[dict | None, list[tuple[dict, bool, str]]]:
+    """The fastest configuration that passes `passes` (None if none does), and every row's verdict."""
+    verdicts = [(r, *passes(r, tolerance)) for r in rows if r["name"] != "full"]
+    ok = [r for r, p, _ in verdicts if p]
+    best = max(ok, key=lambda r: r["saved_latency"]) if ok else None
+    return best, verdicts
+
+
+def snippet(row: dict) -> str:
+    s = row["schedule"]
+    args = ", ".join(f"{k}={v!r}" for k, v in s.items() if v is not None and k != "adaptive")
+    return ("from shapefirst import GuidanceSchedule, guidance_schedule\n"
+            f"with guidance_schedule(pipe, GuidanceSchedule({args})):\n"
+            f"    images = pipe(prompts, num_inference_steps={row['steps']}, guidance_scale={s['scale']}).images")

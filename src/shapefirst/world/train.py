@@ -1,6 +1,6 @@
 """The recipe that trains the embedded shapes-world model, stage by stage, resumable.
 
-world data -> tokenizer -> CLIP (contrastive, text + image tower) -> VAE -> latents -> UNet.
+world data -> tokenizer -> CLIP (contrastive, text + image tower) -> VAE (2 phases) -> latents -> UNet.
 Every stage checkpoints to `<out>/work/<stage>.safetensors` (weights, optimizer moments, step)
 and a finished stage writes its output and is skipped on a rerun. All randomness is derived
 from (seed, stage, step), so an interrupted run resumed from its checkpoint continues the same
@@ -33,6 +33,8 @@ class Recipe:
     vae_steps: int = 1000
     vae_batch: int = 16
     vae_channels: tuple = (32, 64, 64)
+    vae_refine_steps: int = 1500
+    vae_refine_lr: float = 3e-4
     latents: int = 40000
     unet_steps: int = 2000
     unet_batch: int = 64
@@ -46,7 +48,7 @@ class Recipe:
     @classmethod
     def tiny(cls, seed: int = 0) -> "Recipe":
         """A few optimisation steps of every stage on tiny sizes: the smoke test."""
-        return cls(seed=seed, clip_steps=3, clip_batch=8, clip_width=32, clip_layers=1, vae_steps=3, vae_batch=4,
+        return cls(seed=seed, clip_steps=3, clip_batch=8, clip_width=32, clip_layers=1, vae_steps=3, vae_batch=4, vae_refine_steps=2,
                    vae_channels=(32, 32, 32), latents=64, unet_steps=4, unet_batch=4, unet_channels=(32, 32, 32),
                    ckpt_every=2, fp16=False)
 
@@ -213,22 +215,38 @@ def make_vae(r: Recipe):
                          layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=render.RES)
 
 
-def train_vae(out: Path, r: Recipe, prog) -> float:
+def _object_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """1 on the gray background, `weight` on the object (where the render has chroma)."""
+    chroma = x.amax(1, keepdim=True) - x.amin(1, keepdim=True)
+    return 1.0 + (weight - 1.0) * (chroma > 0.02).float()
+
+
+def train_vae(out: Path, r: Recipe, prog, refine: bool = False) -> float:
+    """Phase 1 (refine=False): from scratch, lr 1e-3, plain L2 + L1. Phase 2 (refine=True): from
+    phase 1, lr r.vae_refine_lr, the loss weighted 10x on the object's pixels (the background is
+    most of the image but trivial; the object's 2-px texture is what the VAE must keep)."""
+    from diffusers import AutoencoderKL
+
+    stage = 7 if refine else 2
     torch.manual_seed(r.seed + 1)
-    vae = make_vae(r)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    vae = AutoencoderKL.from_pretrained(out / "vae") if refine else make_vae(r)
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_refine_lr if refine else 1e-3, weight_decay=0.0)
 
     def step_fn(step):
-        scenes, _ = _batch(r.seed, 2, step, r.vae_batch)
+        scenes, _ = _batch(r.seed, stage, step, r.vae_batch)
         x = torch.from_numpy(render.render_batch(scenes))
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=_gen(r.seed, 2, step))
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=_gen(r.seed, stage, step))
         rec = vae.decode(z).sample
-        loss = (rec - x).pow(2).mean() + 0.5 * (rec - x).abs().mean() + 1e-6 * post.kl().mean()
+        w = _object_weight(x, 10.0) if refine else 1.0
+        loss = (w * (rec - x).pow(2)).mean() + 0.5 * (w * (rec - x).abs()).mean() + 1e-6 * post.kl().mean()
         loss.backward()
         return loss.item()
 
-    dt = _loop("vae", r.vae_steps, out / "work" / "vae.safetensors", {"m": vae}, opt, step_fn, r.ckpt_every, prog)
+    name = "vae_refine" if refine else "vae"
+    steps = r.vae_refine_steps if refine else r.vae_steps
+    dt = _loop(name, steps, out / "work" / f"{name}.safetensors", {"m": vae}, opt, step_fn, r.ckpt_every, prog)
     vae.eval()
     # scaling factor: 1 / std of sampled latents on fresh renders, as SD does
     with torch.no_grad():
@@ -236,7 +254,7 @@ def train_vae(out: Path, r: Recipe, prog) -> float:
         post = vae.encode(torch.from_numpy(render.render_batch(scenes))).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=_gen(r.seed, 3, 0))
         vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    vae.save_pretrained(out / "vae")
+    vae.save_pretrained(out / ("vae_refined" if refine else "vae"))
     return dt
 
 
@@ -247,7 +265,7 @@ def encode_latents(out: Path, r: Recipe, prog) -> float:
     if path.exists():
         return 0.0
     t0 = time.time()
-    vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(out / "vae_refined").eval()
     scenes = render.sample_scenes(r.latents, r.seed + 4, "train")
     combos = render.all_combinations()
     combo_idx = torch.tensor([combos.index((s.shape, s.color, s.position, s.size, s.texture)) for s in scenes])
@@ -282,7 +300,7 @@ def train_unet(out: Path, tok, r: Recipe, prog) -> float:
     from transformers import CLIPTextModel
 
     text = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
-    scale = AutoencoderKL.load_config(out / "vae")["scaling_factor"]
+    scale = AutoencoderKL.load_config(out / "vae_refined")["scaling_factor"]
     data = load_file(str(out / "work" / "latents.safetensors"))
     combos = render.all_combinations()
     # all captions a training combination can have, plus the empty prompt (caption dropout)
@@ -352,7 +370,7 @@ def assemble(out: Path, dest: Path, r: Recipe, timings: dict) -> Path:
 
     tok = load_tokenizer(out / "tokenizer")
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(out / "vae"), text_encoder=CLIPTextModel.from_pretrained(out / "text_encoder"),
+        vae=AutoencoderKL.from_pretrained(out / "vae_refined"), text_encoder=CLIPTextModel.from_pretrained(out / "text_encoder"),
         tokenizer=tok, unet=UNet2DConditionModel.from_pretrained(out / "unet"),
         scheduler=DDIMScheduler.from_config(make_scheduler_config()), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
@@ -415,6 +433,8 @@ def _stages(out: Path, r: Recipe, prog, done) -> None:
         CLIPModel.from_pretrained(out / "clip").text_model.save_pretrained(out / "text_encoder")
     if not (out / "vae" / "config.json").exists():
         done("vae", train_vae(out, r, prog))
+    if not (out / "vae_refined" / "config.json").exists():
+        done("vae_refine", train_vae(out, r, prog, refine=True))
     done("latents", encode_latents(out, r, prog))
     if not (out / "unet" / "config.json").exists():
         done("unet", train_unet(out, tok, r, prog))
