@@ -22,11 +22,13 @@ import torch
 
 from shapefirst.experiments import run_analysis
 from shapefirst.experiments.attention import run_attention
-from shapefirst.experiments.eos_swap import run_eos_swap
-from shapefirst.experiments.stages import world_prompts
+from shapefirst.experiments.eos_swap import encode_prompts, eos_switch, run_eos_swap, swapped
+from shapefirst.experiments.stages import run_stages, world_prompts
+from shapefirst.guidance import GuidanceSchedule
 from shapefirst.metrics import Clip
 from shapefirst.models import embedded_model_path, load_pipeline
 from shapefirst.prompts import world_pairs
+from shapefirst.tokens import analyze_prompt
 
 
 def _share(d):
@@ -42,10 +44,17 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--out", default="findings")
+    ap.add_argument("--model", default="embedded", help="embedded, or 'tiny' (random in-code pipeline: a smoke run)")
     args = ap.parse_args()
     out = Path(args.out)
-    pipe = load_pipeline("embedded")
-    clip = Clip.load(embedded_model_path() / "clip")
+    if args.model == "tiny":
+        from shapefirst.tiny import tiny_clip_folder, tiny_sd_pipeline
+
+        pipe = tiny_sd_pipeline(folder=out / "tiny")
+        clip = Clip.load(tiny_clip_folder(out / "tiny_clip"))
+    else:
+        pipe = load_pipeline(args.model)
+        clip = Clip.load(embedded_model_path() / "clip")
     load0 = os.getloadavg()
     t0 = time.time()
     times = {}
@@ -67,6 +76,20 @@ def main():
     sw = run_eos_swap(pipe, pairs[:args.switch_pairs], steps=args.steps, batch=args.batch, clip=None)
     sw.save(out / "eos-switch")
     times["eos-swap"] = time.time() - s
+    # stages under the [EOS] switch: prompts A, [EOS] block of B from call a on (one batch per a)
+    s = time.time()
+    sub = pairs[:args.switch_pairs]
+    a_txt, b_txt = [p["a"] for p in sub], [p["b"] for p in sub]
+    ca, _ = encode_prompts(pipe, a_txt)
+    cb, _ = encode_prompts(pipe, b_txt)
+    sw_cond = swapped(ca, [analyze_prompt(pipe.tokenizer, t) for t in a_txt], cb,
+                      [analyze_prompt(pipe.tokenizer, t) for t in b_txt])
+    switch_stages = {}
+    for a in (0, 5):
+        with eos_switch(pipe, sw_cond, a):
+            switch_stages[a] = run_stages(pipe, a_txt, [p["labels_b"] for p in sub], steps=args.steps,
+                                          batch=len(sub), schedules={f"[EOS] of B from call {a}": GuidanceSchedule()})
+    times["stages-under-switch"] = time.time() - s
     load1 = os.getloadavg()
 
     print(f"# findings on the embedded model: DDIM {args.steps} steps, guidance 7.5; "
@@ -80,6 +103,14 @@ def main():
             fm = summ.get("final_match", {}).get(a)
             print(f"| {name} | {a} | {v['median']:.0f} | {v['p10']:.0f} | {v['p90']:.0f} | "
                   f"{'' if fm is None else format(fm, '.1%')} |")
+    print(f"\n## Stages under the [EOS] switch (n={args.switch_pairs} pairs; prompt A, B's [EOS] block from call a;"
+          " 'final = B' is the share whose final judged value is B's)")
+    print("| a | attribute | median settling call | 90th pct | final = B |")
+    print("|---:|---|---:|---:|---:|")
+    for a, st in switch_stages.items():
+        for name, summ in st.data["schedules"].items():
+            for attr, v in summ["settle"].items():
+                print(f"| {a} | {attr} | {v['median']:.0f} | {v['p90']:.0f} | {summ['final_match'].get(attr, float('nan')):.0%} |")
     rev = freq.data["reverse"]
     print(f"\n## Frequency (n={freq.data['settings']['n_images']}): x0-hat band settling call (tol {rev['tol']})")
     for space, d in rev["settle_median"].items():

@@ -12,7 +12,10 @@ from .errors import ShapefirstError
 
 # family name -> diffusers pipeline class names
 FAMILIES = {
-    "sd": ("StableDiffusionPipeline",),
+    "sd": ("StableDiffusionPipeline",),  # SD 1.x and 2.x
+    "sdxl": ("StableDiffusionXLPipeline",),
+    "pixart": ("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
+    "sd3": ("StableDiffusion3Pipeline",),
 }
 SUPPORTED = ", ".join(c for cs in FAMILIES.values() for c in cs)
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -34,6 +37,12 @@ def family_of(class_name: str) -> str:
 
 
 def family_of_pipe(pipe) -> str:
+    """The family of a pipeline object: its class, or the first supported class it derives from
+    (a user's subclass of StableDiffusionXLPipeline is "sdxl"). Not-supported error otherwise."""
+    for cls in type(pipe).__mro__:
+        for fam, names in FAMILIES.items():
+            if cls.__name__ in names:
+                return fam
     return family_of(type(pipe).__name__)
 
 
@@ -152,15 +161,48 @@ SCHEDULERS = {
 }
 
 
+# Per family: the short names that make sense, and family-specific classes for a name. SD3 is a
+# flow-matching (rectified flow) model: the VP/DDPM schedulers above would integrate the wrong ODE,
+# so only "euler" (FlowMatchEulerDiscreteScheduler) is offered there.
+FAMILY_SCHEDULERS = {
+    "sd": tuple(SCHEDULERS),
+    "sdxl": tuple(SCHEDULERS),
+    "pixart": tuple(SCHEDULERS),
+    "sd3": ("euler",),
+}
+FAMILY_SCHEDULER_CLASSES = {
+    "sd3": {"euler": ("FlowMatchEulerDiscreteScheduler", {})},
+}
+
+
+def schedulers_for(pipe) -> tuple[str, ...]:
+    """Scheduler short names available for this pipeline's family (all of SCHEDULERS for a
+    pipeline of no known family)."""
+    try:
+        fam = family_of_pipe(pipe)
+    except ShapefirstError:
+        return tuple(SCHEDULERS)
+    return FAMILY_SCHEDULERS[fam]
+
+
 def set_scheduler(pipe, name: str | None):
-    """Swap the pipeline's scheduler by short name, keeping its noise schedule and prediction type."""
+    """Swap the pipeline's scheduler by short name, keeping its noise schedule and prediction type.
+
+    The names allowed depend on the family (FAMILY_SCHEDULERS): SD3 takes only "euler"."""
     if name is None:
         return pipe
     if name not in SCHEDULERS:
         raise ShapefirstError(f"unknown scheduler {name!r}", f"use one of: {', '.join(SCHEDULERS)}")
     import diffusers
 
-    cls_name, extra = SCHEDULERS[name]
+    try:
+        fam = family_of_pipe(pipe)
+    except ShapefirstError:
+        fam = None
+    if fam is not None and name not in FAMILY_SCHEDULERS[fam]:
+        raise ShapefirstError(f"scheduler {name} is not available for the {fam} family",
+                              f"use: {', '.join(FAMILY_SCHEDULERS[fam])}")
+    cls_name, extra = FAMILY_SCHEDULER_CLASSES.get(fam, {}).get(name, SCHEDULERS[name])
     cls = getattr(diffusers, cls_name)
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
     return pipe

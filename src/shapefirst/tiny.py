@@ -60,3 +60,181 @@ def tiny_clip_folder(folder: str | Path, seed: int = 0, image_size: int = 32) ->
         projection_dim=32)
     CLIPModel(cfg).save_pretrained(folder)
     return folder
+
+
+# -- the other supported families: SDXL, PixArt-alpha, SD3 --------------------------------------
+# Same idea as tiny_sd_pipeline: the real pipeline and model classes, configured tiny (like the
+# dummy components of diffusers' own fast tests), random weights, tokenizers built offline.
+
+def _folder(folder, prefix: str) -> Path:
+    return Path(folder) if folder else Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def _clip_text(tok, cls, hidden: int = 32, projection_dim: int = 32, layers: int = 2):
+    from transformers import CLIPTextConfig
+
+    return cls(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=projection_dim,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+
+def _tiny_vae(latent_channels: int, sample_size: int, **kw):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
+                         latent_channels=latent_channels, norm_num_groups=32, sample_size=sample_size * 2, **kw)
+
+
+def t5_vocab() -> list[tuple[str, float]]:
+    """A SentencePiece-style unigram vocabulary for the shapes world, built deterministically.
+
+    T5's layout: <pad>=0, </s>=1, <unk>=2, then pieces with log-probability scores: "▁" + every
+    world word (one piece per word), then "▁"-initial and inner single characters (ASCII letters,
+    digits, punctuation), so any ASCII text tokenizes; other characters become <unk>."""
+    import string
+
+    from .world.vocab import world_word_counts
+
+    chars = list(string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [("▁" + w, -5.0 - 0.001 * i) for i, w in enumerate(sorted(world_word_counts()))]
+    vocab += [("▁" + c, -9.0) for c in chars] + [(c, -10.0) for c in chars]
+    return vocab
+
+
+def tiny_t5_tokenizer(folder: str | Path | None = None, model_max_length: int = 120):
+    """A T5 tokenizer (Unigram, Metaspace, "</s>" appended, "<pad>" padding, no BOS) over t5_vocab(),
+    saved to `folder` (tokenizer.json) and loaded back from it. Nothing is downloaded.
+
+    Built from the vocabulary list directly (transformers 5: T5Tokenizer(vocab=[(piece, score)])),
+    not from a spiece.model file: no sentencepiece needed, and no keyword that a tokenizer class
+    might silently ignore (T5Tokenizer(vocab_file=...) without `vocab` gives a 4-piece vocabulary)."""
+    from transformers import T5Tokenizer
+
+    folder = _folder(folder, "shapefirst-t5tok-")
+    vocab = t5_vocab()
+    try:
+        tok = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+    except TypeError:  # transformers 4.x: a fast tokenizer from a `tokenizers` object
+        tok = _t5_fast_tokenizer(vocab, model_max_length)
+    if len(tok) != len(vocab) or tok.pad_token_id != 0 or tok.eos_token_id != 1:
+        raise RuntimeError(f"the tiny T5 tokenizer came out wrong: {len(tok)} pieces, pad {tok.pad_token_id}, "
+                           f"eos {tok.eos_token_id}")
+    tok.save_pretrained(str(folder))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _t5_fast_tokenizer(vocab, model_max_length: int):
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    tk = Tokenizer(Unigram(vocab, unk_id=2))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tk.post_processor = processors.TemplateProcessing(single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"],
+                                                      special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=model_max_length)
+
+
+def _tiny_t5(tok, d_model: int = 32, layers: int = 2):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=layers, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id))
+
+
+def tiny_sdxl_pipeline(seed: int = 0, folder: str | Path | None = None, sample_size: int = 8):
+    """StableDiffusionXLPipeline: a "text_time" UNet (micro-conditions + pooled text), CLIPTextModel
+    + CLIPTextModelWithProjection (cross_attention_dim = 32 + 32), the world tokenizer padding with
+    EOS for encoder 1 and with "!" for encoder 2 (as real SDXL), Euler scheduler (SDXL's)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from .world.vocab import load_tokenizer, write_tokenizer
+
+    folder = _folder(folder, "shapefirst-sdxl-")
+    tok = load_tokenizer(write_tokenizer(folder / "tokenizer"))
+    tok2 = load_tokenizer(write_tokenizer(folder / "tokenizer_2", pad_token="!"))
+    torch.manual_seed(seed)
+    text, text2 = _clip_text(tok, CLIPTextModel), _clip_text(tok2, CLIPTextModelWithProjection)
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * time_dim + text2.config.projection_dim,
+        cross_attention_dim=text.config.hidden_size + text2.config.hidden_size, norm_num_groups=32)
+    vae = _tiny_vae(4, sample_size)
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                   timestep_spacing="leading", prediction_type="epsilon")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok,
+                                     tokenizer_2=tok2, unet=unet, scheduler=sched, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_pixart_pipeline(seed: int = 0, folder: str | Path | None = None, sample_size: int = 8):
+    """PixArtAlphaPipeline: a tiny PixArtTransformer2DModel (learned sigma: 8 output channels for
+    4 latent channels), a tiny T5EncoderModel with the offline T5 tokenizer (tiny_t5_tokenizer),
+    DDIM scheduler. sample_size is not one of PixArt's resolution bins (32/64/128): call the
+    pipeline with use_resolution_binning=False."""
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    folder = _folder(folder, "shapefirst-pixart-")
+    tok = tiny_t5_tokenizer(folder / "tokenizer", model_max_length=120)
+    torch.manual_seed(seed)
+    text = _tiny_t5(tok, d_model=32)
+    transformer = PixArtTransformer2DModel(
+        sample_size=sample_size, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=text.config.d_model, in_channels=4, cross_attention_dim=24, out_channels=8,
+        attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    vae = _tiny_vae(4, sample_size)
+    sched = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False,
+                          prediction_type="epsilon")
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_pipeline(seed: int = 0, folder: str | Path | None = None, sample_size: int = 8):
+    """StableDiffusion3Pipeline: a tiny SD3Transformer2DModel (joint attention, 16 latent channels),
+    two CLIPTextModelWithProjection (world tokenizer, EOS padding; "!" padding for encoder 2), a
+    tiny T5 (joint_attention_dim = T5 width = 64 = the two CLIP widths concatenated), an
+    AutoencoderKL with 16 latent channels, FlowMatchEulerDiscreteScheduler (shift 3, as SD3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from .world.vocab import load_tokenizer, write_tokenizer
+
+    folder = _folder(folder, "shapefirst-sd3-")
+    tok = load_tokenizer(write_tokenizer(folder / "tokenizer"))
+    tok2 = load_tokenizer(write_tokenizer(folder / "tokenizer_2", pad_token="!"))
+    tok3 = tiny_t5_tokenizer(folder / "tokenizer_3", model_max_length=256)
+    torch.manual_seed(seed)
+    text, text2 = _clip_text(tok, CLIPTextModelWithProjection), _clip_text(tok2, CLIPTextModelWithProjection)
+    joint = text.config.hidden_size + text2.config.hidden_size
+    text3 = _tiny_t5(tok3, d_model=joint)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=joint,
+        pooled_projection_dim=text.config.projection_dim + text2.config.projection_dim, out_channels=16,
+        pos_embed_max_size=sample_size)
+    vae = _tiny_vae(16, sample_size, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                    scaling_factor=1.5035)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=text,
+                                    tokenizer=tok, text_encoder_2=text2, tokenizer_2=tok2, text_encoder_3=text3,
+                                    tokenizer_3=tok3)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
