@@ -17,6 +17,28 @@ floating point). Hence:
 
 With no stop, every call runs the full batch through the original forward: images are
 bit-identical to the plain pipeline.
+
+Families (shapefirst.models.FAMILIES): SD 1.x/2.x and SDXL (UNet), PixArt-alpha/sigma and SD3
+(transformer). Every tensor argument whose first dimension is the CFG batch is sliced to the rows
+that run, also inside dicts and lists: SDXL's added_cond_kwargs (text_embeds, time_ids), SD3's
+pooled_projections, PixArt's encoder_attention_mask, per-row timesteps and added_cond_kwargs
+(resolution/aspect_ratio, None below 1024 px, left as is).
+
+Is CFG on for a call? (`cfg_active`): the pipeline's own `do_classifier_free_guidance` where it
+has one (SD, SDXL, SD3), else its `guidance_scale` attribute (> 1). PixArt has neither (its
+guidance scale is a local variable of `__call__`), so there the rule reads the call itself: CFG
+is on iff the row count is even and the two halves of the latent input are bitwise equal. Every
+diffusers pipeline builds its CFG input as `torch.cat([latents] * 2)` (then an elementwise
+`scale_model_input`), so the halves of a CFG call are always equal, while the images of a
+non-CFG batch start from independent noise and never are (unless one passes the same latents for
+image i and image i + N on purpose: then a stop would treat them as one image's branches). Nothing
+private is read and nothing is written. The guidance weight used to record the combined
+prediction there is the schedule's `scale`: pass it as the pipeline's guidance_scale (generate
+does).
+
+Not supported: SD3's skip-layer guidance (`skip_guidance_layers`: an extra denoiser call per step
+with its own batch) raises a ShapefirstError; SDXL's `guidance_rescale` is applied by the pipeline
+but not by the recorder's `combined`.
 """
 from __future__ import annotations
 
@@ -162,6 +184,32 @@ def _timestep(args, kwargs) -> float:
     return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
 
 
+def latent_input(args, kwargs):
+    """The denoiser's latent input: positional first argument (UNet, PixArt) or `sample=` /
+    `hidden_states=` (SD3 passes every argument by keyword)."""
+    if args:
+        return args[0]
+    return kwargs["sample"] if "sample" in kwargs else kwargs.get("hidden_states")
+
+
+def cfg_active(pipe, sample: torch.Tensor) -> bool:
+    """Does this denoiser call run classifier-free guidance (rows = [uncond..., cond...])?
+    See the module docstring for the rule per family."""
+    rows = sample.shape[0]
+    if rows % 2:
+        return False
+    flag = getattr(pipe, "do_classifier_free_guidance", None)
+    if flag is None and hasattr(pipe, "guidance_scale") and not callable(pipe.guidance_scale):
+        try:
+            flag = float(pipe.guidance_scale) > 1.0
+        except (TypeError, ValueError):
+            flag = None
+    if flag is None:  # PixArt: read the call itself
+        half = rows // 2
+        return bool(torch.equal(sample[:half], sample[half:]))
+    return bool(flag)
+
+
 def denoiser_of(pipe) -> torch.nn.Module:
     for name in ("unet", "transformer"):
         mod = getattr(pipe, name, None)
@@ -179,6 +227,7 @@ class GuidanceHook(ModelHook):
         self.pipe = pipe
         self.schedule = schedule
         self.recorder = recorder
+        self.cfg_now = None  # did the current (last) denoiser call run CFG? (see cfg_active)
         self._timesteps_ref = None
         self.reset_run(0)
 
@@ -200,11 +249,13 @@ class GuidanceHook(ModelHook):
             if self.recorder is not None:
                 self.recorder.start_run(self.pipe, batch)
 
-    def _cfg_active(self, rows: int) -> bool:
-        flag = getattr(self.pipe, "do_classifier_free_guidance", None)
-        if flag is None:
-            flag = getattr(self.pipe, "guidance_scale", 1.0) > 1.0
-        return bool(flag) and rows % 2 == 0
+    def _cfg_active(self, sample: torch.Tensor) -> bool:
+        return cfg_active(self.pipe, sample)
+
+    def guidance_weight(self) -> float:
+        """w of this run: the pipeline's guidance_scale attribute, else (PixArt) the schedule's."""
+        w = getattr(self.pipe, "guidance_scale", None)
+        return float(self.schedule.scale if w is None or callable(w) else w)
 
     def guided_now(self) -> torch.Tensor:
         """Bool per image: does this call run guidance for it?"""
@@ -219,9 +270,13 @@ class GuidanceHook(ModelHook):
     # -- the hook ----------------------------------------------------------------------
     def new_forward(self, module, *args, **kwargs):
         forward = self.fn_ref.original_forward
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        if kwargs.get("skip_layers") is not None:
+            raise ShapefirstError("SD3 skip-layer guidance (skip_guidance_layers) is not supported with a guidance "
+                                  "schedule or trajectory", "call the pipeline without skip_guidance_layers")
+        sample = latent_input(args, kwargs)
         rows = sample.shape[0]
-        if not self._cfg_active(rows):
+        self.cfg_now = self._cfg_active(sample)
+        if not self.cfg_now:
             self._maybe_new_run(rows)
             out = forward(*args, **kwargs)
             self.evaluations += 1
@@ -266,7 +321,7 @@ class GuidanceHook(ModelHook):
                 settle = ad.settled(uncond.float(), cond.float()) & guided.to(uncond.device)
                 self.stopped |= settle.cpu()
         if self.recorder is not None:
-            w = float(getattr(self.pipe, "guidance_scale", self.schedule.scale))
+            w = self.guidance_weight()
             combined = torch.where(guided.view(-1, *[1] * (uncond.dim() - 1)).to(uncond.device),
                                    uncond + w * (cond - uncond), cond)
             self.recorder.record(self.call, _timestep(args, kwargs), sample[batch:], uncond, cond, combined, guided,
@@ -283,6 +338,9 @@ def apply_guidance_schedule(pipe, schedule: GuidanceSchedule, recorder=None) -> 
 
     Call the pipeline as usual with guidance_scale=schedule.scale; remove with
     `remove_guidance_schedule(pipe)` or use the `guidance_schedule(...)` context manager."""
+    from .models import family_of_pipe
+
+    family_of_pipe(pipe)  # a clear "not supported" error for other pipelines
     remove_guidance_schedule(pipe)
     hook = GuidanceHook(pipe, schedule, recorder)
     HookRegistry.check_if_exists_or_initialize(denoiser_of(pipe)).register_hook(hook, HOOK_NAME)

@@ -7,8 +7,17 @@ which is exactly sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, so one formula se
     epsilon:       x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)
     v_prediction:  x0 = sqrt(ab) x_t - sqrt(1 - ab) v
     sample:        x0 = prediction
-    flow matching: x0 = x_t - sigma v   (sigma = t / num_train_timesteps)
+    flow matching: x0 = x_t - sigma v   (SD3: FlowMatchEulerDiscreteScheduler)
 alpha_bar at a (possibly fractional) timestep is interpolated in sigma space, as Euler does.
+Flow matching: the denoiser gets the latent itself, x_t = (1 - sigma) x0 + sigma noise, with
+timestep t = sigma * num_train_timesteps, and predicts v = noise - x0; the Euler step is
+x_next = x_t + (sigma_next - sigma) v, so sigma_next = 0 lands exactly on x_t - sigma v. sigma is
+the scheduler's own `sigmas[i]` at the index i of t in its `timesteps` (shift, dynamic shift and
+Karras-type sigmas included; equal to t / num_train_timesteps whenever the pipeline did not pass
+timesteps of its own), t / num_train_timesteps if t is not found.
+Learned variance (PixArt: the transformer outputs 2C channels, noise then variance, for C latent
+channels; the pipeline guides all 2C and gives the scheduler the first C): the recorder keeps the
+first C channels of uncond/cond/combined, and x0 uses them.
 Saved as safetensors (stacked arrays [calls, images, ...]) + JSON metadata.
 """
 from __future__ import annotations
@@ -41,10 +50,24 @@ def is_flow_matching(scheduler) -> bool:
     return getattr(scheduler, "alphas_cumprod", None) is None and "shift" in getattr(scheduler, "config", {})
 
 
+def flow_sigma(scheduler, t: float) -> float:
+    """sigma of a flow-matching scheduler at timestep t: sigmas[i] where timesteps[i] == t."""
+    ts, sig = getattr(scheduler, "timesteps", None), getattr(scheduler, "sigmas", None)
+    if isinstance(ts, torch.Tensor) and isinstance(sig, torch.Tensor) and len(ts):
+        d = (ts.detach().double().cpu() - float(t)).abs()
+        i = int(d.argmin())
+        if float(d[i]) <= 1e-3 * max(1.0, abs(float(t))) and i < len(sig):
+            return float(sig[i])
+    return float(t) / scheduler.config.num_train_timesteps
+
+
 def predicted_x0(scheduler, t: float, x_t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-    """x0-hat from the denoiser's input and (combined) output, for the scheduler's prediction type."""
+    """x0-hat from the denoiser's input and (combined) output, for the scheduler's prediction type.
+    A prediction with twice the channels of x_t (learned variance) uses its first half."""
+    if pred.dim() > 1 and x_t.dim() > 1 and pred.shape[1] == 2 * x_t.shape[1]:
+        pred = pred[:, :x_t.shape[1]]
     if is_flow_matching(scheduler):
-        sigma = float(t) / scheduler.config.num_train_timesteps
+        sigma = flow_sigma(scheduler, t)
         return x_t - sigma * pred
     ab = alpha_bar_at(scheduler, t)
     kind = scheduler.config.prediction_type
@@ -167,8 +190,15 @@ class TrajectoryRecorder:
     def record(self, call: int, t: float, x_t, uncond, cond, combined, guided, after: str = "uncond"):
         """One denoiser call. uncond is None when the call ran no CFG; for unguided images
         (guided False) only the `after` branch was computed, the other is stored as NaN."""
-        comb = combined.detach().float().cpu()
         x_t = x_t.detach().float().cpu()
+        c_lat = x_t.shape[1] if x_t.dim() > 1 else None
+
+        def noise_part(p):  # learned variance: keep the first C channels (see the module docstring)
+            return p[:, :c_lat] if c_lat is not None and p.dim() > 1 and p.shape[1] == 2 * c_lat else p
+
+        combined, cond = noise_part(combined), noise_part(cond)
+        uncond = None if uncond is None else noise_part(uncond)
+        comb = combined.detach().float().cpu()
         nan = torch.full_like(comb, float("nan"))
         g = guided.cpu().view(-1, *[1] * (comb.dim() - 1))
         if uncond is None:

@@ -10,6 +10,7 @@ One JSON line per finished configuration in sweep.jsonl; a rerun skips finished 
 """
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,7 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
             row["accuracy"] = {a: float(v.mean()) for a, v in acc.items()}
             row["accuracy_delta_vs_full"] = {a: mean_ci(acc[a].astype(float) - acc_ref[a].astype(float))
                                              for a in acc}
+        row = json.loads(json.dumps(row))  # the same values a resumed run reads back
         append_jsonl(out / "sweep.jsonl", row)
         rows.append(row)
         if progress:
