@@ -122,3 +122,35 @@ def test_malformed_pair_file(tiny_folder, tmp_path, capsys):
     pf.write_text("a red circle || a blue square\nno separator here\n", encoding="utf-8")
     code, err = run(["analyze", "eos-swap", "--model", tiny_folder, "--pairs", pf, "--out", tmp_path / "o"], capsys)
     assert code == 2 and ":2:" in err
+
+
+def test_hub_id_offline_is_one_line_naming_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = run(["generate", "x", "--model", "someorg/some-model", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "someorg/some-model" in err and "HF_HUB_OFFLINE" in err
+    assert err.strip().count("\n") == 0
+
+
+def test_pickle_only_weights_are_refused_unless_allowed(tiny_pipe, tmp_path, capsys):
+    folder = tmp_path / "pickled"
+    import torch
+
+    tiny_pipe.save_pretrained(folder, safe_serialization=False)
+    for st in folder.rglob("*.safetensors"):  # transformers 5 always writes safetensors: make it a pickle
+        st.unlink()
+    torch.save(tiny_pipe.text_encoder.state_dict(), folder / "text_encoder" / "pytorch_model.bin")
+    assert not list(folder.rglob("*.safetensors"))
+    code, err = run(["generate", "x", "--model", folder, "--steps", 2, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "pickle" in err and "--allow-pickle" in err
+    assert not (tmp_path / "o").exists()
+    code, err = run(["generate", "x", "--model", folder, "--steps", 2, "--out", tmp_path / "o", "--allow-pickle"], capsys)
+    assert code == 0, err
+
+
+def test_corrupt_safetensors_is_refused(tiny_pipe, tmp_path, capsys):
+    folder = tmp_path / "corrupt"
+    tiny_pipe.save_pretrained(folder, safe_serialization=True)
+    w = next(folder.rglob("*.safetensors"))
+    w.write_bytes(b"not a safetensors file at all")
+    code, err = run(["generate", "x", "--model", folder, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "corrupt" in err

@@ -1,8 +1,21 @@
 """Cross-attention maps per token and per denoiser call, captured without changing any output.
 
-`capture_attention(pipe)` wraps the processor of every cross-attention layer (the UNet's `attn2`
-modules). The wrapper calls the ORIGINAL processor for the layer's output (images stay
-bit-identical) and recomputes softmax(q k^T * scale) on the side, in float32, from the same inputs.
+`capture_attention(pipe)` wraps the processor of every text-attention layer of the denoiser. The
+wrapper calls the ORIGINAL processor for the layer's output (images stay bit-identical) and
+recomputes softmax(q k^T * scale) on the side, in float32, from the same inputs.
+
+Layers per family (`cross_attention_layers`):
+- SD 1.x/2.x, SDXL: the UNet's cross-attention `attn2` modules (keys = the text tokens: 77).
+- PixArt: the transformer blocks' cross-attention `attn2` to the T5 tokens, with the pipeline's
+  encoder attention mask applied exactly as the processor does (`attn.prepare_attention_mask`,
+  a -10000 bias): masked (padding) tokens get probability 0 (exp underflows in float32).
+- SD3: joint attention (the `attn` of each JointTransformerBlock, the Attention modules with
+  `add_k_proj`): one softmax over [image tokens; text tokens] for every query. Captured: the image
+  queries' probabilities on the TEXT keys, renormalised to sum 1 over the text tokens (so maps,
+  masses and token classes mean the same as for cross-attention); the share of the joint softmax
+  that lands on text tokens before renormalising is kept apart, `text_share` [calls, images].
+  SD3's text sequence is the 77 CLIP positions then the T5 positions
+  (tokens.denoiser_token_info gives the matching classes). Text queries are not captured.
 
 Rows (the CFG batch is [uncond rows, cond rows]): per call, every row is labelled with its branch
 and image. With the shapefirst guidance hook on the denoiser, the labels come from its state (a
@@ -71,6 +84,49 @@ def attention_probs(attn, hidden_states, encoder_hidden_states, attention_mask=N
     return scores.softmax(dim=-1), spatial
 
 
+def is_joint_attention(attn) -> bool:
+    """SD3-style joint attention: text tokens get their own projections (add_k_proj) and share one
+    softmax with the image tokens."""
+    return getattr(attn, "add_k_proj", None) is not None and not getattr(attn, "is_cross_attention", False)
+
+
+def joint_attention_probs(attn, hidden_states, encoder_hidden_states, chunk_elements: int = 2 ** 25):
+    """Image queries of one joint-attention call (JointAttnProcessor2_0's steps: to_q/to_k,
+    per-head split, norm_q/norm_k, add_k_proj + norm_added_k for the text, SDPA's scale
+    1/sqrt(head_dim)): float32 ([rows, heads, pixels, text tokens] probabilities over the text
+    tokens, renormalised to sum 1; [rows, heads, pixels] share of the joint softmax on text).
+    Computed in chunks of queries (the full [pixels, pixels + tokens] matrix is never held)."""
+    x, ctx = hidden_states, encoder_hidden_states
+    b = x.shape[0]
+    heads = attn.heads
+    q, k, ek = attn.to_q(x), attn.to_k(x), attn.add_k_proj(ctx)
+    d = k.shape[-1] // heads
+    q = q.view(b, -1, heads, d).transpose(1, 2)
+    k = k.view(b, -1, heads, d).transpose(1, 2)
+    ek = ek.view(b, -1, heads, d).transpose(1, 2)
+    if getattr(attn, "norm_q", None) is not None:
+        q = attn.norm_q(q)
+    if getattr(attn, "norm_k", None) is not None:
+        k = attn.norm_k(k)
+    if getattr(attn, "norm_added_k", None) is not None:
+        ek = attn.norm_added_k(ek)
+    q, k, ek = q.float(), k.float(), ek.float()
+    scale = d ** -0.5
+    pixels, n_img, n_tok = q.shape[2], k.shape[2], ek.shape[2]
+    step = max(1, chunk_elements // max(1, b * heads * (n_img + n_tok)))
+    probs, shares = [], []
+    for i in range(0, pixels, step):
+        qi = q[:, :, i:i + step]
+        s_img = (qi @ k.transpose(-1, -2)) * scale
+        s_txt = (qi @ ek.transpose(-1, -2)) * scale
+        lse = torch.logsumexp(torch.cat([s_img, s_txt], dim=-1), dim=-1, keepdim=True)
+        txt = torch.exp(s_txt - lse)
+        share = txt.sum(-1)
+        probs.append(txt / share.unsqueeze(-1))
+        shares.append(share)
+    return torch.cat(probs, dim=2), torch.cat(shares, dim=2)
+
+
 class CaptureProcessor:
     """Wraps the original processor of one cross-attention layer: output from the original,
     probabilities recomputed on the side and handed to the capture."""
@@ -88,6 +144,12 @@ class CaptureProcessor:
                             attention_mask=attention_mask, **extra, **kwargs)
         if self.capture.n_calls > 0:  # only inside a denoiser call
             with torch.no_grad():
+                if is_joint_attention(attn):
+                    if encoder_hidden_states is None:
+                        return out
+                    probs, share = joint_attention_probs(attn, hidden_states, encoder_hidden_states)
+                    self.capture._record(self.layer, probs, None, share.mean(dim=(1, 2)).cpu())
+                    return out
                 scale = (attn.to_k.out_features // attn.heads) ** -0.5 if self.sdpa else None
                 probs, spatial = attention_probs(attn, hidden_states, encoder_hidden_states, attention_mask,
                                                  temb, scale)
@@ -114,18 +176,26 @@ class AttentionCapture:
         self.layers, self.spatial, self.heads, self.maps, self.n_calls = [], {}, {}, {}, 0
         self.row_labels, self.cond_row = [], []  # per call (None until a layer ran in it)
         self._row_sum, self._mass_sum, self._mass_count = [], [], []  # per call: sums over layers, layer count
+        self._share_sum, self._share_count = [], []  # per call: joint attention's text share (SD3)
+        self._cfg = []  # per call: did it run CFG (guidance.cfg_active), None = unknown
         self._latent_hw = None  # (h, w) of the denoiser's latent input
+        self._patch = 1  # a transformer's patch size: its token grid is the latent grid / patch
 
     # -- recording -----------------------------------------------------------------------
     def _pre_hook(self, module, args, kwargs):
         """Forward pre-hook of the denoiser: one more call; remember the latent size."""
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        from .guidance import cfg_active, latent_input
+
+        sample = latent_input(args, kwargs)
         if isinstance(sample, torch.Tensor) and sample.ndim == 4:
             self._latent_hw = tuple(sample.shape[-2:])
         self.n_calls += 1
-        for lst in (self._row_sum, self._mass_sum, self.row_labels, self.cond_row):
+        for lst in (self._row_sum, self._mass_sum, self.row_labels, self.cond_row, self._share_sum):
             lst.append(None)
         self._mass_count.append(0)
+        self._share_count.append(0)
+        self._cfg.append(cfg_active(self.pipe, sample)
+                         if self.pipe is not None and isinstance(sample, torch.Tensor) else None)
 
     def _labels(self, rows: int) -> tuple[int, list[str]]:
         """Images of this call and "branch:image" of every row (see the module docstring)."""
@@ -133,7 +203,7 @@ class AttentionCapture:
 
         reg = getattr(self.denoiser, "_diffusers_hook", None)
         hook = reg.get_hook(HOOK_NAME) if reg is not None else None
-        flag = getattr(self.pipe, "do_classifier_free_guidance", None)
+        flag = self._cfg[-1] if self._cfg else None
         if hook is not None and flag:  # the pipeline passed 2N rows; the hook ran only the needed ones
             n, guided = hook.batch, hook.guided_now()
             kept = torch.arange(n) + (n if hook.schedule.after == "cond" else 0)
@@ -151,6 +221,8 @@ class AttentionCapture:
         """Spatial size of a layer with `pixels` positions: the latent halved (rounding up) until it fits."""
         if self._latent_hw is not None:
             h, w = self._latent_hw
+            if self._patch > 1 and (h // self._patch) * (w // self._patch) == pixels:
+                return h // self._patch, w // self._patch
             while h * w > pixels:
                 h, w = -(-h // 2), -(-w // 2)
             if h * w == pixels:
@@ -161,7 +233,7 @@ class AttentionCapture:
                                   "call the denoiser with a 4-D latent sample")
         return s, s
 
-    def _record(self, layer: str, probs: torch.Tensor, spatial) -> None:
+    def _record(self, layer: str, probs: torch.Tensor, spatial, share: torch.Tensor | None = None) -> None:
         c = self.n_calls - 1
         rows, heads, pixels, n_tok = probs.shape
         if self.cond_row[c] is None:
@@ -185,6 +257,12 @@ class AttentionCapture:
         self._mass_sum[c][ok] += row_mass[sel[ok]]
         self._mass_sum[c][~ok] = float("nan")
         self._mass_count[c] += 1
+        if share is not None:  # joint attention: [rows] text share of this layer
+            if self._share_sum[c] is None:
+                self._share_sum[c] = torch.zeros(self.n_images)
+            self._share_sum[c][ok] += share[sel[ok]].float()
+            self._share_sum[c][~ok] = float("nan")
+            self._share_count[c] += 1
         if self.keep != "none" and (self.calls is None or c in self.calls):
             kept = probs if self.keep == "per_head" else probs.mean(dim=1)
             full = torch.full((self.n_images,) + tuple(kept.shape[1:]), float("nan"))
@@ -199,6 +277,17 @@ class AttentionCapture:
         nan = torch.full((self.n_images or 0, n_tok), float("nan"))
         return torch.stack([s / n if n else nan for s, n in zip(self._mass_sum, self._mass_count)]) \
             if self.n_calls else torch.zeros(0, self.n_images or 0, n_tok)
+
+    @property
+    def text_share(self) -> torch.Tensor:
+        """[calls, images]: joint attention only (SD3): the share of the image queries' joint softmax
+        that lands on text tokens, mean over layers, heads and pixels (NaN where none was captured)."""
+        n = self.n_images or 0
+        out = torch.full((self.n_calls, n), float("nan"))
+        for c, (s, k) in enumerate(zip(self._share_sum, self._share_count)):
+            if s is not None and k:
+                out[c] = s / k
+        return out
 
     @property
     def row_mass(self) -> list[torch.Tensor | None]:
@@ -284,6 +373,8 @@ class AttentionCapture:
         t = {"mass": self.mass.contiguous(), "cond_row": torch.tensor(rows, dtype=torch.long).reshape(-1, n),
              **{f"row_mass.{c}": m.contiguous() for c, m in enumerate(self.row_mass) if m is not None},
              **{f"map.{c}.{layer}": m.contiguous() for (c, layer), m in self.maps.items()}}
+        if any(k for k in self._share_count):
+            t["text_share"] = self.text_share.contiguous()
         meta = {"keep": self.keep, "rows": self.rows, "n_images": self.n_images, "n_calls": self.n_calls,
                 "layers": self.layers, "spatial": self.spatial, "heads": self.heads, "row_labels": self.row_labels,
                 "calls": sorted(self.calls) if self.calls is not None else None}
@@ -306,6 +397,9 @@ class AttentionCapture:
         cap.spatial, cap.cond_row = {k: tuple(v) for k, v in meta["spatial"].items()}, t["cond_row"].tolist()
         cap._mass_sum, cap._mass_count = list(t["mass"]), [1] * cap.n_calls
         cap._row_sum = [t.get(f"row_mass.{c}") for c in range(cap.n_calls)]
+        share = t.get("text_share")
+        cap._share_sum = list(share) if share is not None else [None] * cap.n_calls
+        cap._share_count = [1] * cap.n_calls if share is not None else [0] * cap.n_calls
         for key, m in t.items():
             if key.startswith("map."):
                 c, layer = key[4:].split(".", 1)
@@ -337,10 +431,12 @@ def kl_to_uniform(maps: torch.Tensor) -> torch.Tensor:
 
 
 def cross_attention_layers(unet) -> list[str]:
-    """Names (without ".processor") of the denoiser's cross-attention modules."""
+    """Names (without ".processor") of the denoiser's text-attention modules: cross-attention
+    (UNet and PixArt `attn2`) and SD3's joint attention (`attn` with add_k_proj)."""
     from diffusers.models.attention_processor import Attention
 
-    return [name for name, mod in unet.named_modules() if isinstance(mod, Attention) and mod.is_cross_attention]
+    return [name for name, mod in unet.named_modules()
+            if isinstance(mod, Attention) and (mod.is_cross_attention or is_joint_attention(mod))]
 
 
 @contextmanager
@@ -355,10 +451,14 @@ def capture_attention(pipe, keep: str = "mean", layers=None, calls=None, rows: s
     the CFG branch stored per image. n_images: the batch size when it cannot be inferred.
     The original processors (the same objects) are back on exit, also after an exception."""
     from .guidance import denoiser_of
+    from .models import family_of_pipe
 
+    if not isinstance(pipe, torch.nn.Module):
+        family_of_pipe(pipe)  # a clear "not supported" error for other pipelines
     unet = denoiser_of(pipe) if not isinstance(pipe, torch.nn.Module) else pipe
     if not hasattr(unet, "attn_processors") or not hasattr(unet, "set_attn_processor"):
-        raise ShapefirstError(f"{type(unet).__name__} has no attention processors", "pass a UNet-based pipeline")
+        raise ShapefirstError(f"{type(unet).__name__} has no attention processors",
+                              "pass a supported pipeline or its denoiser (UNet or transformer)")
     cross = cross_attention_layers(unet)
     chosen = cross if layers is None else [name[:-len(".processor")] if name.endswith(".processor") else name
                                           for name in layers]
@@ -366,8 +466,10 @@ def capture_attention(pipe, keep: str = "mean", layers=None, calls=None, rows: s
     if unknown or not chosen:
         raise ShapefirstError(f"not cross-attention layers: {unknown or 'none chosen'}",
                               f"pick from the {len(cross)} names of cross_attention_layers(unet)")
-    cap = AttentionCapture(keep, rows, calls, n_images, pipe=pipe, denoiser=unet)
+    cap = AttentionCapture(keep, rows, calls, n_images, pipe=None if pipe is unet else pipe, denoiser=unet)
     cap.layers = list(chosen)
+    patch = getattr(getattr(unet, "config", None), "patch_size", None)
+    cap._patch = int(patch) if isinstance(patch, int) and patch > 0 else 1
     original = dict(unet.attn_processors)
     handle = None
     try:

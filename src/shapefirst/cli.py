@@ -264,7 +264,23 @@ def train(
     typer.echo(f"model -> {path}", err=True)
 
 
+def _quiet_libraries() -> None:
+    """The CLI speaks for itself: library warnings and loading bars would bury its one-line errors."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     try:
         app(args=argv, standalone_mode=False)
     except ShapefirstError as e:

@@ -7,6 +7,19 @@ Classes, derived only from the tokenizer's own ids (never assuming what the padd
   eos_pad  later positions holding the EOS id (SD 1.x pads with EOS)
   pad      later positions holding another id (SD 2.x / SDXL-2 pad with "!", T5 with <pad>)
 The paper's "[EOS] block" is eos + every position after it (eos_pad or pad).
+
+Families (`prompt_token_infos`, `denoiser_token_info`): the denoiser's text positions are
+  SD 1.x/2.x  the tokenizer's 77 positions;
+  SDXL        77 positions, the two encoders' states concatenated per position. Tokenizer 1 pads
+              with EOS, tokenizer 2 with "!": the classes differ only after the first EOS
+              (eos_pad vs pad). denoiser_token_info takes tokenizer 1; prompt_token_infos gives both;
+  PixArt      the T5 positions (max_sequence_length, 120 for alpha, 300 for sigma): no BOS,
+              semantic, "</s>" (eos), "<pad>" (pad, masked out of the cross-attention). The prompt
+              is lower-cased and stripped first, as the pipeline does without clean_caption (the
+              clean_caption=True rewriting, which needs bs4/ftfy, is not mirrored);
+  SD3         the 77 CLIP positions (tokenizer 1's classes, as SDXL) followed by the T5 positions
+              (max_sequence_length, 256 by default); without text_encoder_3 those are zero
+              vectors, class pad, token "<zero>", id -1.
 """
 from __future__ import annotations
 
@@ -254,3 +267,79 @@ def replace_class(emb: torch.Tensor, info: TokenInfo, cls_set: str | Iterable[st
     else:
         raise ShapefirstError(f"unknown how {how!r}", "use 'zero' or 'noise'")
     return out
+
+
+# -- families -------------------------------------------------------------------------------------
+def _call_default(pipe, name: str):
+    import inspect
+
+    try:
+        p = inspect.signature(type(pipe).__call__).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    return None if p is None or p.default is inspect.Parameter.empty else p.default
+
+
+def _t5_max_length(pipe, max_sequence_length: int | None) -> int:
+    return int(max_sequence_length or _call_default(pipe, "max_sequence_length") or 120)
+
+
+def _t5_text(pipe, prompt: str) -> str:
+    from .models import family_of_pipe
+
+    return prompt.lower().strip() if family_of_pipe(pipe) == "pixart" else prompt
+
+
+def prompt_token_infos(pipe, prompt: str, max_sequence_length: int | None = None) -> dict[str, TokenInfo]:
+    """{tokenizer attribute name: TokenInfo} for every tokenizer of the pipeline, each tokenized as
+    the pipeline tokenizes (CLIP: its model_max_length; T5: max_sequence_length, default the
+    pipeline's own). See the module docstring per family."""
+    out = {}
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tok = getattr(pipe, name, None)
+        if tok is None:
+            continue
+        if tok.bos_token_id is None:  # T5
+            out[name] = analyze_prompt(tok, _t5_text(pipe, prompt), _t5_max_length(pipe, max_sequence_length))
+        else:
+            out[name] = analyze_prompt(tok, prompt)
+    return out
+
+
+def concat_token_infos(infos: list[TokenInfo]) -> TokenInfo:
+    """One TokenInfo for a text sequence made of several tokenizations of the same prompt placed one
+    after the other (SD3: CLIP then T5). Word indices are shared (words are counted in the same
+    order whatever the case), so word_positions(i) gathers a word's tokens in every part;
+    eos_index is the first part's."""
+    first = infos[0]
+    ids, tokens, classes, word_of = [], [], [], []
+    for info in infos:
+        ids += info.ids
+        tokens += info.tokens
+        classes += info.classes
+        word_of += info.word_of_token
+    return TokenInfo(prompt=first.prompt, ids=ids, tokens=tokens, classes=classes, words=first.words,
+                     word_of_token=word_of, truncated=any(i.truncated for i in infos),
+                     dropped_text=" | ".join(i.dropped_text for i in infos if i.dropped_text),
+                     n_semantic=sum(i.n_semantic for i in infos), eos_index=first.eos_index)
+
+
+def denoiser_token_info(pipe, prompt: str, max_sequence_length: int | None = None) -> TokenInfo:
+    """Token classes of the text positions the denoiser attends to (its encoder_hidden_states),
+    position by position, for SD, SDXL, PixArt and SD3 (see the module docstring)."""
+    from .models import family_of_pipe
+
+    fam = family_of_pipe(pipe)
+    if fam in ("sd", "sdxl"):
+        return analyze_prompt(pipe.tokenizer, prompt)
+    if fam == "pixart":
+        return analyze_prompt(pipe.tokenizer, _t5_text(pipe, prompt), _t5_max_length(pipe, max_sequence_length))
+    # sd3
+    clip = analyze_prompt(pipe.tokenizer, prompt)
+    n = _t5_max_length(pipe, max_sequence_length)
+    if getattr(pipe, "text_encoder_3", None) is None or getattr(pipe, "tokenizer_3", None) is None:
+        t5 = TokenInfo(prompt=prompt, ids=[-1] * n, tokens=["<zero>"] * n, classes=[PAD] * n, words=clip.words,
+                       word_of_token=[None] * n, truncated=False, dropped_text="", n_semantic=0, eos_index=None)
+    else:
+        t5 = analyze_prompt(pipe.tokenizer_3, prompt, n)
+    return concat_token_infos([clip, t5])
