@@ -19,8 +19,9 @@ Layers per family (`cross_attention_layers`):
 
 Rows (the CFG batch is [uncond rows, cond rows]): per call, every row is labelled with its branch
 and image. With the shapefirst guidance hook on the denoiser, the labels come from its state (a
-guidance stop runs only some rows). Without it: CFG (pipe.do_classifier_free_guidance, or, with no
-pipeline flag, an even row count > 1) and rows == 2N -> first N uncond, last N cond, with
+guidance stop runs only some rows). Without it: CFG (guidance.cfg_active on the call's latent input:
+the pipeline's do_classifier_free_guidance, or for PixArt equal latent halves; capturing a bare
+denoiser module: an even row count > 1) and rows == 2N -> first N uncond, last N cond, with
 N = n_images or rows // 2; no CFG -> every row is cond of its image; anything else is unlabelled.
 Only the rows of the branch `rows` ("cond" or "uncond") are stored per image; an image with no
 such row in a call (e.g. unconditional-only calls after a guidance stop) gets NaN there and

@@ -1,5 +1,9 @@
 """Load a text-to-image pipeline: "embedded" (the shipped shapes world), a local diffusers folder,
-or a hub id; detect its family; refuse what shapefirst does not support, with a one-line fix."""
+or a hub id; detect its family; refuse what shapefirst does not support, with a one-line fix.
+
+Supported families (FAMILIES): SD 1.x/2.x, SDXL, PixArt-alpha/sigma, SD3. Schedulers per family
+(FAMILY_SCHEDULERS): all of SCHEDULERS for the DDPM-type families, only "euler" (flow matching)
+for SD3."""
 from __future__ import annotations
 
 import json
@@ -133,9 +137,12 @@ def load_pipeline(model: str = "embedded", device: str | None = None, dtype: str
     else:
         source = model
         cls_name = None
+    # SD 1.x/2.x carry a safety checker component; the other families have none (would warn)
+    no_checker = {} if cls_name is not None and family_of(cls_name) != "sd" else \
+        {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(source, torch_dtype=dt, use_safetensors=not allow_pickle,
-                                                           safety_checker=None, requires_safety_checker=False)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(source, dtype=dt, use_safetensors=not allow_pickle,
+                                                           **no_checker)
     except (OSError, ValueError, EnvironmentError) as e:
         if not looks_local:
             offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")

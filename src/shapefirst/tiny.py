@@ -1,9 +1,15 @@
-"""Tiny Stable-Diffusion pipelines built in code with random weights and an offline tokenizer.
+"""Tiny text-to-image pipelines built in code with random weights and offline tokenizers.
 
-For tests and for quick smoke runs: the same classes as SD 1.x/2.x (UNet2DConditionModel,
-AutoencoderKL, CLIPTextModel, CLIPTokenizer), small enough to run 50 steps in a second on a CPU.
-The tokenizer is the shapes world's CLIP-format BPE (shapefirst.world.vocab), written to a
-folder, so nothing is downloaded. `pad_token="!"` gives the SD 2.x tokenizer convention.
+For tests and for quick smoke runs: the same classes as the real models, small enough to run 50
+steps in a second on a CPU. One builder per supported family:
+  tiny_sd_pipeline      SD 1.x/2.x (UNet2DConditionModel, AutoencoderKL, CLIPTextModel)
+  tiny_sdxl_pipeline    SDXL (text_time UNet, CLIPTextModel + CLIPTextModelWithProjection)
+  tiny_pixart_pipeline  PixArt-alpha (PixArtTransformer2DModel with learned sigma, T5EncoderModel)
+  tiny_sd3_pipeline     SD3 (SD3Transformer2DModel, 2 x CLIPTextModelWithProjection + T5, 16-channel VAE)
+The CLIP tokenizer is the shapes world's CLIP-format BPE (shapefirst.world.vocab), written to a
+folder; `pad_token="!"` gives the SD 2.x / SDXL-encoder-2 convention. The T5 tokenizer is a
+unigram vocabulary over the world's words plus ASCII characters (tiny_t5_tokenizer). Nothing is
+downloaded.
 """
 from __future__ import annotations
 

@@ -120,15 +120,17 @@ class Trajectory:
     # -- decoding and pictures -----------------------------------------------------------
     @torch.no_grad()
     def decode(self, vae, which: str = "x0", calls: list[int] | None = None, batch: int = 64) -> torch.Tensor:
-        """Decode latents to images in [0, 1]: [len(calls), images, 3, H, W]."""
+        """Decode latents to images in [0, 1]: [len(calls), images, 3, H, W] (as the pipelines do:
+        latents / scaling_factor + shift_factor, the shift being SD3's)."""
         calls = list(range(self.n_calls)) if calls is None else list(calls)
         lat = self.arrays[which][calls]
         flat = lat.flatten(0, 1)
         dtype = next(vae.parameters()).dtype
         dev = next(vae.parameters()).device
         outs = []
+        shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's VAE: latents are shifted, then scaled
         for i in range(0, flat.shape[0], batch):
-            z = flat[i:i + batch].to(dev, dtype) / vae.config.scaling_factor
+            z = flat[i:i + batch].to(dev, dtype) / vae.config.scaling_factor + shift
             outs.append(vae.decode(z).sample.float().cpu())
         img = (torch.cat(outs) / 2 + 0.5).clamp(0, 1)
         return img.view(len(calls), lat.shape[1], *img.shape[1:])
