@@ -28,11 +28,33 @@ LATENT_CHANNELS = {"sdxl": 4, "pixart": 4, "sd3": 16}
 CALLBACKS = {"sdxl": SDXLCFGCutoffCallback, "sd3": SD3CFGCutoffCallback}
 
 
+_PIPES = {}
+
+
+def _pipe(name, tmp_path_factory):
+    if name not in _PIPES:
+        _PIPES[name] = BUILDERS[name](folder=tmp_path_factory.mktemp(name))
+    return name, _PIPES[name]
+
+
 @pytest.fixture(scope="module", params=list(BUILDERS))
 def fam(request, tmp_path_factory):
-    name = request.param
-    pipe = BUILDERS[name](folder=tmp_path_factory.mktemp(name))
-    return name, pipe
+    return _pipe(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=list(CALLBACKS))
+def callback_fam(request, tmp_path_factory):
+    return _pipe(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    return _pipe("sd3", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pixart(tmp_path_factory):
+    return _pipe("pixart", tmp_path_factory)
 
 
 def plain(name, pipe, prompts, steps=STEPS, seed=0, w=W, **kw):
@@ -87,10 +109,9 @@ def test_stop_zero_cond_equals_the_pipeline_without_cfg(fam):
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_cond_mode_equals_diffusers_cfg_cutoff_callback(fam, k):
-    name, pipe = fam
-    if name not in CALLBACKS:
-        pytest.skip("PixArt has no callback_on_step_end (see test_pixart_cond_mode_by_trajectory_and_rows)")
+def test_cond_mode_equals_diffusers_cfg_cutoff_callback(callback_fam, k):
+    """PixArt has no callback_on_step_end: see test_pixart_cond_mode_by_trajectory_and_rows."""
+    name, pipe = callback_fam
     cb = CALLBACKS[name](cutoff_step_ratio=None, cutoff_step_index=k - 1)
     ref = plain(name, pipe, PROMPTS[:1], callback_on_step_end=cb, callback_on_step_end_tensor_inputs=cb.tensor_inputs)
     res = gen(name, pipe, PROMPTS[:1], GuidanceSchedule(scale=W, stop_step=k, after="cond"))
@@ -99,12 +120,10 @@ def test_cond_mode_equals_diffusers_cfg_cutoff_callback(fam, k):
     assert res.evaluations_per_image == [2 * k + (STEPS - k)]
 
 
-def test_pixart_cond_mode_by_trajectory_and_rows(fam):
+def test_pixart_cond_mode_by_trajectory_and_rows(pixart):
     """No diffusers callback for PixArt: from call k on, the combined prediction is the conditional
     branch, only that row runs, and it equals the transformer run alone on the recorded input."""
-    name, pipe = fam
-    if name != "pixart":
-        pytest.skip("PixArt only")
+    name, pipe = pixart
     k = 2
     counter = RowCounter(first_inner_module(pipe))
     try:
@@ -191,10 +210,8 @@ def test_trajectory_keeps_images_and_records_x0(fam, monkeypatch):
         assert torch.allclose(tr.arrays["x0"][i], out[1].float(), atol=1e-4, rtol=1e-4), i
 
 
-def test_sd3_x0_is_the_final_latent_at_the_last_call(fam):
-    name, pipe = fam
-    if name != "sd3":
-        pytest.skip("SD3 only")
+def test_sd3_x0_is_the_final_latent_at_the_last_call(sd3):
+    name, pipe = sd3
     rec = TrajectoryRecorder()
     with guidance_schedule(pipe, GuidanceSchedule(scale=W), rec):
         lat = pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=W, generator=gens(0, 2),
@@ -396,10 +413,8 @@ def test_scheduler_choices_per_family(fam):
         pipe.scheduler = before
 
 
-def test_sd3_skip_layer_guidance_is_refused(fam):
-    name, pipe = fam
-    if name != "sd3":
-        pytest.skip("SD3 only")
+def test_sd3_skip_layer_guidance_is_refused(sd3):
+    name, pipe = sd3
     with pytest.raises(ShapefirstError, match="skip-layer guidance"):
         gen(name, pipe, PROMPTS[:1], steps=10, skip_guidance_layers=[0])
 
@@ -424,11 +439,9 @@ def test_unsupported_pipelines_get_a_clear_error():
         assert "not supported" in msg and all(n in msg for n in names), msg
 
 
-def test_trajectory_decodes_like_the_pipeline(fam):
+def test_trajectory_decodes_like_the_pipeline(sd3):
     """x0 at the last call decoded by Trajectory.decode = the pipeline's own image (SD3: shift_factor)."""
-    name, pipe = fam
-    if name != "sd3":
-        pytest.skip("SD3 only (the others decode x0 as SD does)")
+    name, pipe = sd3
     rec = TrajectoryRecorder()
     with guidance_schedule(pipe, GuidanceSchedule(scale=W), rec):
         lat = pipe(PROMPTS[:1], num_inference_steps=STEPS, guidance_scale=W, generator=gens(0, 1),
@@ -451,10 +464,8 @@ def test_saved_pipelines_load_through_load_pipeline(fam, tmp_path):
     assert np.allclose(plain(name, back, PROMPTS[:1], steps=2), plain(name, pipe, PROMPTS[:1], steps=2), atol=1e-5)
 
 
-def test_pixart_sigma_shares_the_pixart_support(fam):
-    name, pipe = fam
-    if name != "pixart":
-        pytest.skip("PixArt only")
+def test_pixart_sigma_shares_the_pixart_support(pixart):
+    name, pipe = pixart
     from diffusers import PixArtSigmaPipeline
 
     sigma = PixArtSigmaPipeline(**pipe.components)
