@@ -17,10 +17,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 MODEL_HELP = "'embedded' (the shipped shapes world), a local diffusers folder, or a hub id"
 
 
-def _schedule(guidance: float, stop: Optional[float], stop_step: Optional[int], after: str):
-    from .guidance import GuidanceSchedule
+def _schedule(guidance: float, stop: Optional[float], stop_step: Optional[int], after: str,
+              adaptive: Optional[float] = None, adaptive_min_call: int = 0):
+    from .guidance import AdaptiveStop, GuidanceSchedule
 
-    return GuidanceSchedule(scale=guidance, stop=stop, stop_step=stop_step, after=after)
+    ad = AdaptiveStop(threshold=adaptive, min_call=adaptive_min_call) if adaptive is not None else None
+    return GuidanceSchedule(scale=guidance, stop=stop, stop_step=stop_step, after=after, adaptive=ad)
 
 
 @app.command()
@@ -32,6 +34,8 @@ def generate(
     guidance_stop: Optional[float] = typer.Option(None, help="fraction of denoiser calls that stay guided, in [0, 1]"),
     guidance_stop_step: Optional[int] = typer.Option(None, help="index of the first unguided denoiser call"),
     after: str = typer.Option("uncond", help="branch kept after the stop: uncond (the paper) or cond"),
+    adaptive: Optional[float] = typer.Option(None, help="per-image stop once cos(cond, uncond) >= this, in (0, 1)"),
+    adaptive_min_call: int = typer.Option(0, help="no adaptive stop before this call"),
     negative_prompt: Optional[str] = typer.Option(None, help="negative prompt"),
     scheduler: str = typer.Option("ddim", help="ddim, pndm, euler, euler-a, dpm++ or unipc"),
     seed: int = typer.Option(0, help="image i uses torch.Generator('cpu').manual_seed(seed + i)"),
@@ -47,7 +51,7 @@ def generate(
     from .models import SCHEDULERS, load_pipeline
 
     prompts = check_prompts(prompts)
-    schedule = _schedule(guidance, guidance_stop, guidance_stop_step, after)
+    schedule = _schedule(guidance, guidance_stop, guidance_stop_step, after, adaptive, adaptive_min_call)
     if scheduler not in SCHEDULERS:
         raise ShapefirstError(f"unknown scheduler {scheduler!r}", f"use one of: {', '.join(SCHEDULERS)}")
     if out.exists() and not out.is_dir():
@@ -55,8 +59,15 @@ def generate(
     t0 = time.perf_counter()
     pipe = load_pipeline(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     load_s = time.perf_counter() - t0
-    res = run_generate(pipe, prompts, schedule, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
-                       negative_prompt=negative_prompt, scheduler=scheduler, trace=trace, progress=True)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        res = run_generate(pipe, prompts, schedule, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
+                           negative_prompt=negative_prompt, scheduler=scheduler, trace=trace, progress=True)
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            typer.echo(f"warning: {w.message}", err=True)
     res.save(out, vae=pipe.vae if trace else None, extra={"model": model, "load_seconds": load_s})
     typer.echo(f"{len(res.images)} images -> {out}  ({res.wall_seconds:.2f} s, "
                f"{res.evaluations_per_image[0]} denoiser evaluations per image)", err=True)

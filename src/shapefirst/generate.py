@@ -22,7 +22,7 @@ import torch
 from .errors import ShapefirstError
 from .guidance import GuidanceSchedule, guidance_schedule
 from .models import set_scheduler
-from .results import atomic_write_text
+from .results import atomic_write_bytes, atomic_write_text
 from .trace import Trajectory, TrajectoryRecorder
 
 _warned_negative = False
@@ -47,6 +47,20 @@ def check_prompts(prompts) -> list[str]:
     return prompts
 
 
+def warn_truncated(pipe, prompts: list[str]) -> None:
+    """One warning per prompt that the pipeline's first tokenizer truncates, showing the dropped words."""
+    from .tokens import analyze_prompt
+
+    tok = getattr(pipe, "tokenizer", None)
+    if tok is None:
+        return
+    for i, p in enumerate(prompts):
+        info = analyze_prompt(tok, p)
+        if info.truncated:
+            warnings.warn(f"prompt {i + 1} is longer than {len(info.ids)} tokens; the model will not see: "
+                          f"{info.dropped_text!r}", stacklevel=3)
+
+
 @dataclass
 class GenerationResult:
     images: np.ndarray  # [N, H, W, 3] float in [0, 1]
@@ -63,20 +77,24 @@ class GenerationResult:
         return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in self.images]
 
     def save(self, out: str | Path, vae=None, extra: dict | None = None) -> Path:
-        """Write one PNG per image, the trajectory (if any) and run.json last, via a staging folder."""
+        """Write one PNG per image, the trajectory (if any) and run.json. Everything is written into a
+        staging folder first (where a full disk or any other failure strikes), then renamed into place,
+        run.json last: a folder with run.json is complete, and a failed save leaves nothing new."""
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
+        created = not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
             stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out))
-        except PermissionError as e:
-            raise ShapefirstError(f"cannot write to {out}: permission denied", "choose a writable --out folder") from e
+        except OSError as e:
+            raise ShapefirstError(f"cannot create or write the output folder {out} ({e.strerror or e})",
+                                  "choose a writable --out folder") from e
         try:
             names = []
             for i, im in enumerate(self.pil()):
                 name = f"image_{i:03d}.png"
-                im.save(stage / name)
+                atomic_write_bytes(stage / name, _png(im))
                 names.append(name)
             if self.trajectory is not None:
                 self.trajectory.save(stage / "trajectory")
@@ -87,18 +105,29 @@ class GenerationResult:
                    "denoiser_evaluations_per_image": self.evaluations_per_image,
                    "wall_seconds": self.wall_seconds, "images": names, **(extra or {}),
                    "machine": machine_info()}
-            for p in sorted(stage.rglob("*"), key=lambda p: len(p.parts)):
+            atomic_write_text(stage / "run.json", json.dumps(run, indent=2))
+            files = sorted((p for p in stage.rglob("*") if p.is_file()), key=lambda p: p.name == "run.json")
+            for p in files:
                 dest = out / p.relative_to(stage)
-                if p.is_dir():
-                    dest.mkdir(exist_ok=True)
-                else:
-                    p.replace(dest)
-            atomic_write_text(out / "run.json", json.dumps(run, indent=2))
-        except OSError as e:
-            raise ShapefirstError(f"writing to {out} failed ({e.strerror or e})", "free disk space or choose another --out") from e
-        finally:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                p.replace(dest)
+        except (OSError, ShapefirstError) as e:
             shutil.rmtree(stage, ignore_errors=True)
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            if isinstance(e, ShapefirstError):
+                raise
+            raise ShapefirstError(f"writing to {out} failed ({e.strerror or e})", "free disk space or choose another --out") from e
+        shutil.rmtree(stage, ignore_errors=True)
         return out
+
+
+def _png(im) -> bytes:
+    import io
+
+    bio = io.BytesIO()
+    im.save(bio, format="PNG")
+    return bio.getvalue()
 
 
 def machine_info() -> dict:
@@ -140,6 +169,8 @@ def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int
                       "branch (the unconditional branch is the negative prompt's); use after='cond' to follow the prompt",
                       stacklevel=2)
         _warned_negative = True
+    if prompts is not None:
+        warn_truncated(pipe, prompts_list)
     n = n_prompts * images_per_prompt
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
     recorder = TrajectoryRecorder() if trace else None

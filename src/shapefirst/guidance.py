@@ -341,6 +341,11 @@ def apply_guidance_schedule(pipe, schedule: GuidanceSchedule, recorder=None) -> 
     from .models import family_of_pipe
 
     family_of_pipe(pipe)  # a clear "not supported" error for other pipelines
+    cfg = getattr(denoiser_of(pipe), "config", {})
+    if schedule.stops and cfg.get("time_cond_proj_dim") is not None:
+        raise ShapefirstError("this model is guidance-distilled (its denoiser takes the guidance scale as an input, "
+                              "time_cond_proj_dim) and runs no classifier-free guidance, so there is nothing to remove",
+                              "drop the guidance stop")
     remove_guidance_schedule(pipe)
     hook = GuidanceHook(pipe, schedule, recorder)
     HookRegistry.check_if_exists_or_initialize(denoiser_of(pipe)).register_hook(hook, HOOK_NAME)

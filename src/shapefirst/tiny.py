@@ -20,7 +20,8 @@ import torch
 
 
 def tiny_sd_pipeline(seed: int = 0, pad_token: str = "<|endoftext|>", prediction_type: str = "epsilon",
-                     folder: str | Path | None = None, sample_size: int = 8):
+                     folder: str | Path | None = None, sample_size: int = 8, time_cond_proj_dim: int | None = None):
+    """time_cond_proj_dim: set it (e.g. 32) for a guidance-distilled (LCM-style) UNet."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -32,7 +33,7 @@ def tiny_sd_pipeline(seed: int = 0, pad_token: str = "<|endoftext|>", prediction
     unet = UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=32)
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=32, time_cond_proj_dim=time_cond_proj_dim)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
                         latent_channels=4, norm_num_groups=32, sample_size=sample_size * 2)
