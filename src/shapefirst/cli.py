@@ -219,6 +219,11 @@ def sweep(
     rows = run_sweep(pipe, ps, out, targets=targets, seed=seed, batch=batch, clip=scorer,
                      configs=default_configs(guidance, stop_list, sched_list, step_list),
                      progress=lambda key: typer.echo(f"done {key}", err=True))
+    from .experiments.sweep import _distributed
+
+    st = _distributed()
+    if st is not None and not st.is_main_process:
+        return
     for r in rows:
         typer.echo(f"{r['key']:<28} saved {r['saved_latency']:6.1%}  evaluations x{r['evaluation_ratio']:.2f}  "
                    f"PSNR {r['psnr'][0]:5.1f}" + (f"  all-right {r['accuracy']['all']:.1%}" if "accuracy" in r else ""))

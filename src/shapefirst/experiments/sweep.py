@@ -47,16 +47,6 @@ def default_configs(scale: float = 7.5, stops=(0.25, 0.5, 0.75), schedulers=("dd
     return out
 
 
-def _gen_all(pipe, prompts, sched, cfg, seed, batch):
-    imgs, times, evals = [], [], []
-    for i in range(0, len(prompts), batch):
-        r = generate(pipe, prompts[i:i + batch], sched, steps=cfg.steps, seed=seed + i, scheduler=cfg.scheduler)
-        imgs.append(r.images)
-        times.append(r.wall_seconds)
-        evals += r.evaluations_per_image
-    return np.concatenate(imgs), times, evals
-
-
 def _cache(folder: Path, name: str, compute):
     from safetensors.torch import load_file, save
 
@@ -68,62 +58,116 @@ def _cache(folder: Path, name: str, compute):
     return imgs
 
 
+def _distributed():
+    """accelerate's PartialState when launched with several processes (`accelerate launch`), else None."""
+    try:
+        from accelerate import PartialState
+    except ImportError:  # pragma: no cover
+        return None
+    st = PartialState()
+    return st if st.num_processes > 1 else None
+
+
+def _mine(st, items: list) -> list:
+    if st is None:
+        return items
+    with st.split_between_processes(items) as part:
+        return list(part)
+
+
+def _gather(st, records: list) -> list:
+    if st is None:
+        return records
+    from accelerate.utils import gather_object
+
+    return sorted(gather_object(records), key=lambda r: r[0])
+
+
+def _per_image(imgs, ref, prompts, targets, clip) -> dict:
+    out = {"l1": l1(imgs, ref), "psnr": np.minimum(psnr(imgs, ref), 100.0)}
+    if clip is not None:
+        out["image_clip"] = clip.image_similarity(imgs, ref).numpy()
+        out["clip_score"] = clip.clip_score(imgs, prompts).numpy()
+    if targets is not None:
+        acc, acc_ref = judged_accuracy(imgs, targets), judged_accuracy(ref, targets)
+        for a in acc:
+            out[f"acc/{a}"] = acc[a].astype(float)
+            out[f"delta/{a}"] = acc[a].astype(float) - acc_ref[a].astype(float)
+    return out
+
+
 def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | None = None,
               configs: list[Config] | None = None, seed: int = 0, batch: int = 8, timing_batches: int = 3,
               clip=None, progress=None) -> list[dict]:
+    """Run (or resume) the sweep. Under `accelerate launch` the batches (same makeup as a single
+    process, so the same numbers) are split across processes and the main process writes."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     configs = configs or default_configs()
+    st = _distributed()
+    main = st is None or st.is_main_process
     done = {r["key"]: r for r in read_jsonl(out / "sweep.jsonl")}
+    starts = list(range(0, len(prompts), batch))
     rows = []
+
+    def ref_of(cfg, i, offset=0):
+        part = prompts[i:i + batch]
+        name = f"{'floor' if offset else 'ref'}_{cfg.scheduler}_{cfg.steps}_{i}"
+        return _cache(out, name, lambda: generate(pipe, part, GuidanceSchedule(cfg.schedule.scale), steps=cfg.steps,
+                                                  seed=seed + offset + i, scheduler=cfg.scheduler).images)
+
     for cfg in configs:
         if cfg.key in done:
             rows.append(done[cfg.key])
             continue
-        group = f"{cfg.scheduler}_{cfg.steps}"
         full_s = GuidanceSchedule(cfg.schedule.scale)
-        ref = _cache(out, f"ref_{group}", lambda: _gen_all(pipe, prompts, full_s, cfg, seed, batch)[0])
-        ratios, evals, imgs = [], [], []
-        for bi, i in enumerate(range(0, len(prompts), batch)):
+        records = []
+        for i in _mine(st, starts):
             part = prompts[i:i + batch]
+            ref = ref_of(cfg, i)
             r = generate(pipe, part, cfg.schedule, steps=cfg.steps, seed=seed + i, scheduler=cfg.scheduler)
-            imgs.append(r.images)
-            evals += r.evaluations_per_image
-            if bi < timing_batches:
+            ratio = None
+            if i // batch < timing_batches:
                 f = generate(pipe, part, full_s, steps=cfg.steps, seed=seed + i, scheduler=cfg.scheduler)
-                ratios.append(r.wall_seconds / f.wall_seconds)
-        imgs = np.concatenate(imgs)
+                ratio = r.wall_seconds / f.wall_seconds
+            per = _per_image(r.images, ref, part, targets[i:i + batch] if targets else None, clip)
+            records.append((i, per, ratio, r.evaluations_per_image))
+        records = _gather(st, records)
+        per = {k: np.concatenate([rec[1][k] for rec in records]) for k in records[0][1]}
+        ratios = [rec[2] for rec in records if rec[2] is not None]
+        evals = [e for rec in records for e in rec[3]]
         row = {"key": cfg.key, "name": cfg.name, "scheduler": cfg.scheduler, "steps": cfg.steps,
                "schedule": cfg.schedule.to_dict(), "n": len(prompts), "batch": batch,
                "time_ratio_median": statistics.median(ratios), "time_ratios": ratios,
                "saved_latency": 1 - statistics.median(ratios),
-               "evaluations_per_image": float(np.mean(evals))}
+               "evaluations_per_image": float(np.mean(evals)),
+               "l1": mean_ci(per["l1"]), "psnr": mean_ci(per["psnr"])}
         row["evaluation_ratio"] = row["evaluations_per_image"] / (2.0 * _calls(pipe, cfg))
-        row["l1"] = mean_ci(l1(imgs, ref))
-        row["psnr"] = mean_ci(np.minimum(psnr(imgs, ref), 100.0))
         if clip is not None:
-            row["image_clip"] = mean_ci(clip.image_similarity(imgs, ref).numpy())
-            row["clip_score"] = mean_ci(clip.clip_score(imgs, prompts).numpy())
+            row["image_clip"] = mean_ci(per["image_clip"])
+            row["clip_score"] = mean_ci(per["clip_score"])
         if targets is not None:
-            acc = judged_accuracy(imgs, targets)
-            acc_ref = judged_accuracy(ref, targets)
-            row["accuracy"] = {a: float(v.mean()) for a, v in acc.items()}
-            row["accuracy_delta_vs_full"] = {a: mean_ci(acc[a].astype(float) - acc_ref[a].astype(float))
-                                             for a in acc}
+            attrs = [k[4:] for k in per if k.startswith("acc/")]
+            row["accuracy"] = {a: float(per[f"acc/{a}"].mean()) for a in attrs}
+            row["accuracy_delta_vs_full"] = {a: mean_ci(per[f"delta/{a}"]) for a in attrs}
         row = json.loads(json.dumps(row))  # the same values a resumed run reads back
-        append_jsonl(out / "sweep.jsonl", row)
+        if main:
+            append_jsonl(out / "sweep.jsonl", row)
+        if st is not None:
+            st.wait_for_everyone()
         rows.append(row)
-        if progress:
+        if progress and main:
             progress(cfg.key)
     if clip is not None:  # Image-CLIPScore floor: the same prompts with other seeds, against the reference
         c0 = configs[0]
-        full0 = GuidanceSchedule(c0.schedule.scale)
-        ref0 = _cache(out, f"ref_{c0.scheduler}_{c0.steps}", lambda: _gen_all(pipe, prompts, full0, c0, seed, batch)[0])
-        floor = _cache(out, "floor", lambda: _gen_all(pipe, prompts, full0, c0, seed + 10**6, batch)[0])
-        fl = mean_ci(clip.image_similarity(floor, ref0).numpy())
+        recs = [(i, clip.image_similarity(ref_of(c0, i, 10**6), ref_of(c0, i)).numpy()) for i in _mine(st, starts)]
+        fl = mean_ci(np.concatenate([r[1] for r in _gather(st, recs)]))
         for r in rows:
-            r["image_clip_floor"] = fl
-    write_summary(rows, out)
+            r["image_clip_floor"] = list(fl)
+    if main:
+        write_summary(rows, out)
+    if st is not None:
+        st.wait_for_everyone()
     return rows
 
 
