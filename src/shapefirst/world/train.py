@@ -36,7 +36,7 @@ class Recipe:
     vae_refine_steps: int = 1500
     vae_refine_lr: float = 3e-4
     latents: int = 40000
-    unet_steps: int = 2000
+    unet_steps: int = 1000
     unet_batch: int = 64
     unet_channels: tuple = (64, 128, 128)
     unet_lr: float = 4e-4
@@ -364,7 +364,7 @@ def finish_clip_folder(clip, tok, folder: Path) -> None:
 
 
 def assemble(out: Path, dest: Path, r: Recipe, timings: dict) -> Path:
-    """Write the final diffusers folder (fp16 weights when r.fp16) with its model card."""
+    """Write the final diffusers folder (UNet and VAE weights in float16 when r.fp16)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel
 
@@ -375,9 +375,9 @@ def assemble(out: Path, dest: Path, r: Recipe, timings: dict) -> Path:
         scheduler=DDIMScheduler.from_config(make_scheduler_config()), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     clip = CLIPModel.from_pretrained(out / "clip")
-    if r.fp16:
-        pipe.to(torch.float16)
-        clip.to(torch.float16)
+    if r.fp16:  # diffusers loads these back as float32 by default; transformers 5 would keep a float16
+        pipe.unet.to(torch.float16)  # text encoder as float16 ("auto" dtype), so the text models stay float32
+        pipe.vae.to(torch.float16)
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         import shutil
