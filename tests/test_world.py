@@ -152,3 +152,16 @@ def test_shipped_model_loads_with_plain_diffusers_and_follows_color():
     ims = np.array(json.loads(r.stdout.strip().splitlines()[-1]), dtype=np.float32)
     colors = [judge(im).labels.get("color") for im in ims]
     assert colors == ["red", "blue", "green", "yellow"]
+
+
+def test_judge_after_a_round_trip_through_the_shipped_vae():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(SHIPPED / "vae", torch_dtype=torch.float32).eval()
+    scenes = render.sample_scenes(120, 21, "all")
+    x = torch.from_numpy(render.render_batch(scenes))
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+    acc, count = _accuracy(scenes, list(rec))
+    assert count >= 0.97
+    assert all(v >= 0.97 for v in acc.values()), acc
