@@ -81,8 +81,8 @@ def _sections(res_dir: Path) -> list[dict]:
         run = json.loads((gen / "run.json").read_text())
         out.append({"id": "generate", "title": "Shape first, details later: x0-hat at every denoiser call",
                     "caption": "Each row is one prompt; columns show the model's current guess of the final image "
-                               "(x0-hat, decoded) from the first denoiser call (left) to the last (right). The object's "
-                               "shape, color and place appear within the first calls; texture comes last.",
+                               "(x0-hat, decoded) from the first denoiser call (left) to the last (right): where the "
+                               "object's place, color and outline appear, and how long fine detail keeps changing.",
                     "figures": [gen / "trajectory" / "contact_sheet.png"],
                     "table": [["prompt", "steps", "guidance"]] + [[p, run["steps"], run["guidance"]] for p in run["prompts"]]})
     st = res_dir / "stages"
@@ -94,8 +94,8 @@ def _sections(res_dir: Path) -> list[dict]:
                 rows.append([sname, a, f"{v['median']:.0f}", f"{v['p10']:.0f}-{v['p90']:.0f}", summ["n_calls"]])
         out.append({"id": "stages", "title": "When each attribute is decided",
                     "caption": "Share of images whose judged attribute (from the decoded x0-hat) has reached its final "
-                               "value by each call. Low-frequency attributes (shape, color, position, size) settle "
-                               "before the high-frequency texture.",
+                               "value by each call: compare the low-frequency attributes (shape, color, position, "
+                               "size) with the high-frequency texture.",
                     "figures": sorted(st.glob("stages_*.png")), "table": rows})
     fq = res_dir / "frequency"
     if (fq / "results.json").exists():
