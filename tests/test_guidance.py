@@ -45,11 +45,6 @@ def test_cond_mode_equals_diffusers_cfg_cutoff_callback(tiny_pipe, k):
 def test_uncond_mode_equals_zero_guidance_after_the_stop(tiny_pipe):
     """Closed form: the unconditional late calls equal the pipeline run with guidance_scale 0 from call k on."""
     k = 3
-    seen = []
-
-    class Switch:  # a callback that sets w = 1 -> no CFG; with prompt = '' the single branch is unconditional
-        pass
-
     res = generate(tiny_pipe, PROMPTS[:1], GuidanceSchedule(stop_step=k, after="uncond"), steps=8, trace=True)
     tr = res.trajectory
     assert torch.isnan(tr.arrays["cond"][k:]).all() and not torch.isnan(tr.arrays["uncond"]).any()

@@ -91,8 +91,7 @@ def analyze(
 ):
     """Run one of the paper's analyses; writes results.json, arrays.safetensors and figures."""
     from .experiments import ANALYSES, run_analysis
-    from .metrics import Clip
-    from .models import embedded_model_path, load_pipeline
+    from .models import load_pipeline
     from .prompts import read_pairs, read_prompts
 
     if name not in ANALYSES:
@@ -104,7 +103,7 @@ def analyze(
     prompt_list = read_prompts(prompts) if prompts else None
     pair_list = read_pairs(pairs) if pairs else None
     world = model == "embedded"
-    scorer = Clip.load(clip) if clip else (Clip.load(embedded_model_path() / "clip") if world else None)
+    scorer = _scorer(clip, world)
     pipe = load_pipeline(model, device=device, allow_pickle=allow_pickle)
     res = run_analysis(name, pipe, out, n=n, steps=steps, seed=seed, guidance=guidance, prompts=prompt_list,
                        pairs=pair_list, clip=scorer, world=world, batch=batch)
@@ -127,8 +126,7 @@ def report(
     """Run every analysis and a small sweep on one model, and write one offline HTML page."""
     from rich.console import Console
 
-    from .metrics import Clip
-    from .models import embedded_model_path, load_pipeline
+    from .models import load_pipeline
     from .prompts import read_pairs, read_prompts
     from .report import BUDGETS, build_page, run_report
 
@@ -142,7 +140,7 @@ def report(
     prompt_list = read_prompts(prompts) if prompts else None
     pair_list = read_pairs(pairs) if pairs else None
     world = model == "embedded"
-    scorer = Clip.load(clip) if clip else (Clip.load(embedded_model_path() / "clip") if world else None)
+    scorer = _scorer(clip, world)
     pipe = load_pipeline(model, device=device, allow_pickle=allow_pickle)
     console = Console(stderr=True)
     with console.status("report") as status:
@@ -151,10 +149,19 @@ def report(
     typer.echo(f"report -> {index}", err=True)
 
 
+def _scorer(clip: Optional[Path], world: bool):
+    """The user's CLIP folder, else the shapes world's own CLIP for the embedded model, else None."""
+    from .metrics import Clip
+    from .models import embedded_model_path
+
+    if clip:
+        return Clip.load(clip)
+    return Clip.load(embedded_model_path() / "clip") if world else None
+
+
 def _sweep_inputs(model, prompts, n, seed, clip, device, allow_pickle):
     from .experiments.stages import world_prompts
-    from .metrics import Clip
-    from .models import embedded_model_path, load_pipeline
+    from .models import load_pipeline
     from .prompts import read_prompts
 
     world = model == "embedded"
@@ -165,7 +172,7 @@ def _sweep_inputs(model, prompts, n, seed, clip, device, allow_pickle):
         ps, targets = world_prompts(n, seed)
     else:
         ps, targets = read_prompts(prompts)[:n], None
-    scorer = Clip.load(clip) if clip else (Clip.load(embedded_model_path() / "clip") if world else None)
+    scorer = _scorer(clip, world)
     return load_pipeline(model, device=device, allow_pickle=allow_pickle), ps, targets, scorer
 
 
