@@ -22,7 +22,7 @@ import torch
 from .errors import ShapefirstError
 from .guidance import GuidanceSchedule, guidance_schedule
 from .models import set_scheduler
-from .results import atomic_write_bytes, atomic_write_text
+from .results import atomic_write_bytes, atomic_write_text, png_bytes
 from .trace import Trajectory, TrajectoryRecorder
 
 _warned_negative = False
@@ -94,7 +94,7 @@ class GenerationResult:
             names = []
             for i, im in enumerate(self.pil()):
                 name = f"image_{i:03d}.png"
-                atomic_write_bytes(stage / name, _png(im))
+                atomic_write_bytes(stage / name, png_bytes(im))
                 names.append(name)
             if self.trajectory is not None:
                 self.trajectory.save(stage / "trajectory")
@@ -120,14 +120,6 @@ class GenerationResult:
             raise ShapefirstError(f"writing to {out} failed ({e.strerror or e})", "free disk space or choose another --out") from e
         shutil.rmtree(stage, ignore_errors=True)
         return out
-
-
-def _png(im) -> bytes:
-    import io
-
-    bio = io.BytesIO()
-    im.save(bio, format="PNG")
-    return bio.getvalue()
 
 
 def machine_info() -> dict:

@@ -45,6 +45,31 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def png_bytes(img) -> bytes:
+    """A PIL image as PNG bytes (write them with atomic_write_bytes)."""
+    import io
+
+    bio = io.BytesIO()
+    img.save(bio, format="PNG")
+    return bio.getvalue()
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Render a matplotlib Figure (no pyplot, Agg) to PNG, written atomically."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def spaced(n: int, k: int) -> list[int]:
+    """k evenly spaced indices of range(n), first and last included (all of them when n <= k)."""
+    if n <= k:
+        return list(range(n))
+    return sorted({int(round(i * (n - 1) / (k - 1))) for i in range(k)})
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one line; the whole file is rewritten atomically so no line is ever partial."""
     path = Path(path)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .results import atomic_write_bytes, atomic_write_text
+from .results import atomic_write_bytes, atomic_write_text, png_bytes, spaced
 
 FIELDS = ("x_t", "uncond", "cond", "combined", "x0")
 
@@ -139,12 +139,12 @@ class Trajectory:
         """PNG grid: one row per image, columns = decoded x0-hat at evenly spaced calls (last included)."""
         from PIL import Image
 
-        calls = _spaced(self.n_calls, max_columns)
+        calls = spaced(self.n_calls, max_columns)
         imgs = self.decode(vae, "x0", calls)  # [C, B, 3, H, W]
         grid = imgs.permute(1, 3, 0, 4, 2)  # B, H, C, W, 3
         b, h, c, w, _ = grid.shape
         arr = (grid.reshape(b * h, c * w, 3).numpy() * 255).round().astype(np.uint8)
-        buf = _png_bytes(Image.fromarray(arr))
+        buf = png_bytes(Image.fromarray(arr))
         return atomic_write_bytes(Path(path), buf)
 
     def gif(self, vae, path: str | Path, duration_ms: int = 80) -> Path:
@@ -161,20 +161,6 @@ class Trajectory:
         bio = io.BytesIO()
         frames[0].save(bio, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
         return atomic_write_bytes(Path(path), bio.getvalue())
-
-
-def _spaced(n: int, k: int) -> list[int]:
-    if n <= k:
-        return list(range(n))
-    return sorted(set(int(round(i * (n - 1) / (k - 1))) for i in range(k)))
-
-
-def _png_bytes(img) -> bytes:
-    import io
-
-    bio = io.BytesIO()
-    img.save(bio, format="PNG")
-    return bio.getvalue()
 
 
 class TrajectoryRecorder:

@@ -16,15 +16,8 @@ import torch
 from ..attention import capture_attention
 from ..generate import generate
 from ..guidance import GuidanceSchedule
-from ..results import Result
+from ..results import Result, save_figure, spaced
 from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, TOKEN_CLASSES, analyze_prompt
-from .stages import save_figure
-
-
-def _spaced(n: int, k: int) -> list[int]:
-    if n <= k:
-        return list(range(n))
-    return sorted({int(round(i * (n - 1) / (k - 1))) for i in range(k)})
 
 
 def run_attention(pipe, prompts: list[str], steps: int = 50, seed: int = 0, schedule: GuidanceSchedule | None = None,
@@ -35,7 +28,7 @@ def run_attention(pipe, prompts: list[str], steps: int = 50, seed: int = 0, sche
 
     n_calls = count_calls(pipe, steps)
     if map_calls is None:
-        map_calls = list(range(n_calls)) if len(prompts) <= 16 else _spaced(n_calls, 11)
+        map_calls = list(range(n_calls)) if len(prompts) <= 16 else spaced(n_calls, 11)
     infos = [analyze_prompt(pipe.tokenizer, p) for p in prompts]
     class_mass = {c: [] for c in TOKEN_CLASSES}
     conv_sem, conv_eos = [], []

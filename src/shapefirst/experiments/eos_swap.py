@@ -30,7 +30,6 @@ caption B, and the paired difference B - A with a 95% interval.
 """
 from __future__ import annotations
 
-import io
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from ..errors import ShapefirstError
 from ..generate import count_calls, generate
 from ..guidance import GuidanceSchedule, denoiser_of
 from ..metrics import mean_ci, wilson
-from ..results import Result, atomic_write_bytes
+from ..results import Result, save_figure
 from ..tokens import analyze_prompt, swap_eos
 
 DEFAULT_SWITCH_CALLS = (0, 1, 2, 3, 5, 8, 12, 20, 30, 50)
@@ -102,12 +101,6 @@ def ci_dict(x) -> dict:
     x = np.asarray(x, dtype=np.float64)
     m, lo, hi = mean_ci(x) if len(x) else (float("nan"),) * 3
     return {"mean": m, "ci": [lo, hi], "n": int(len(x))}
-
-
-def save_figure(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 def image_grid(images: np.ndarray, row_titles: list[str], col_titles: list[str], path: Path, size: float = 1.4) -> Path:

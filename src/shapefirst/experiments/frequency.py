@@ -29,9 +29,9 @@ from ..frequency import (DEFAULT_RADIUS, DEFAULT_TOL, band_energy_fraction, forw
                          radial_power_spectrum, settling_call, split_bands, trajectory_bands)
 from ..generate import check_prompts, generate
 from ..guidance import GuidanceSchedule
-from ..results import Result
+from ..results import Result, save_figure
 from ..world.render import render_batch, sample_captions, sample_scenes
-from .stages import decode_chunks, save_figure, summarize
+from .stages import decode_chunks, summarize
 
 FORWARD_STRIDE = 10
 """Forward process: every 10th training timestep (0, 10, ..., 990 for 1000)."""

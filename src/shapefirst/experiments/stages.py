@@ -26,7 +26,6 @@ the settling call refers to); the judged labels of the pipeline's output images 
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -36,7 +35,7 @@ import torch
 from ..errors import ShapefirstError
 from ..generate import check_prompts, generate
 from ..guidance import GuidanceSchedule
-from ..results import Result, atomic_write_bytes
+from ..results import Result, save_figure
 from ..world.render import ATTRIBUTES, VALUES, sample_captions, sample_scenes
 
 CLIP_SETTLE = 0.9
@@ -299,12 +298,6 @@ def run_stages(pipe, prompts, targets: list[dict] | None = None, steps: int = 50
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
-
-def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
-    """Render a matplotlib Figure (no pyplot, Agg) to PNG, written atomically."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    return atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def plot_stages(result: Result, folder: str | Path) -> list[Path]:

@@ -199,7 +199,7 @@ def write_summary(rows: list[dict], out: Path) -> None:
     atomic_write_text(out / "sweep.csv", buf.getvalue())
     from matplotlib.figure import Figure
 
-    from .stages import save_figure
+    from ..results import save_figure
 
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot(111)
