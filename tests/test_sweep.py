@@ -1,5 +1,6 @@
 """The sweep: quality numbers equal direct generate runs, a rerun skips finished configurations, calibrate's rule."""
 import numpy as np
+import pytest
 
 from shapefirst.experiments.sweep import Config, calibrate, passes, run_sweep
 from shapefirst.generate import generate
@@ -62,3 +63,56 @@ def test_calibrate_rule():
     bad["saved_latency"] = 0.6
     best, verdicts = calibrate([_row(0, name="full"), slow, fast, bad])
     assert best is fast and len(verdicts) == 3
+
+
+def test_peer_runs_cache_configs_distances_and_bounds(tiny_pipe, tmp_path):
+    """A `run` configuration (a peer's own pipeline call) and a cached one enter the sweep like any other;
+    KID/FD against real images and the Image-CLIP floor/ceiling are written into every JSON line."""
+    from shapefirst.cache import LateCache
+    from shapefirst.metrics import kernel_distance
+
+    from shapefirst.metrics import Clip
+    from shapefirst.tiny import tiny_clip_folder
+
+    clip = Clip.load(tiny_clip_folder(tmp_path / "clip"))
+
+    def peer(pipe, prompts, seed, steps, scheduler):  # what a peer runner returns: a GenerationResult
+        return generate(pipe, prompts, GuidanceSchedule(7.5, stop_step=2, after="cond"), steps=steps, seed=seed,
+                        scheduler=scheduler)
+
+    real = np.random.default_rng(0).random((len(PROMPTS), 32, 32, 3)).astype(np.float32)
+    cfgs = configs() + [Config("peer", GuidanceSchedule(7.5), "ddim", 4, run=peer),
+                        Config("cached", GuidanceSchedule(7.5, stop=0.5), "ddim", 4, cache=LateCache("mean"))]
+    rows = run_sweep(tiny_pipe, PROMPTS, tmp_path / "s", configs=cfgs, batch=2, clip=clip, real_images=real,
+                     timing_batches=0)
+    lines = {r["name"]: r for r in read_jsonl(tmp_path / "s" / "sweep.jsonl")}
+    assert set(lines) == {"full", "stop=0.5 uncond", "peer", "cached"}
+    direct = np.concatenate([peer(tiny_pipe, PROMPTS[i:i + 2], i, 4, "ddim").images for i in (0, 2)])
+    full = np.concatenate([generate(tiny_pipe, PROMPTS[i:i + 2], GuidanceSchedule(7.5), steps=4, seed=i).images
+                           for i in (0, 2)])
+    assert np.isclose(lines["peer"]["l1"][0], l1(direct, full).mean())
+    assert lines["peer"]["peer"] and lines["cached"]["cache"] == LateCache("mean").to_dict()
+    assert lines["peer"]["saved_latency"] is None  # timing_batches=0: untimed
+    kid = kernel_distance(clip.image_features(direct), clip.image_features(real))
+    assert np.isclose(lines["peer"]["kid_x1000"][0], 1000 * kid)
+    for r in lines.values():
+        assert r["image_clip_floor"] and r["image_clip_ceiling"][0] == pytest.approx(100.0, abs=1e-3)
+    assert rows[-1]["key"] == "ddim/4/cached"
+
+
+def test_default_configs_and_snippets_run(tiny_pipe):
+    from shapefirst.cache import LateCache
+    from shapefirst.experiments.sweep import default_configs, snippet
+
+    cfgs = default_configs(7.5, stops=(0.5,), steps=(4,), modes=("uncond",), adaptive=(0.9,),
+                           caches=(None, LateCache("mean", 2)))
+    assert [c.name for c in cfgs] == ["full", "stop=0.5 uncond", "stop=0.5 uncond +mean+deep2",
+                                      "adaptive=0.9 uncond", "adaptive=0.9 uncond +mean+deep2"]
+    for c in cfgs[1:]:
+        row = {"schedule": c.schedule.to_dict(), "cache": c.cache.to_dict() if c.cache else None, "steps": 4}
+        code = snippet(row)
+        env = {"pipe": tiny_pipe, "prompts": PROMPTS[:1]}
+        exec(code.replace("pipe(prompts", "pipe(prompts, generator=__import__('torch').Generator().manual_seed(0), "
+                                         "output_type='np'"), env)
+        want = generate(tiny_pipe, PROMPTS[:1], c.schedule, steps=4, cache=c.cache).images
+        assert np.array_equal(env["images"], want), code

@@ -4,6 +4,7 @@ Shape first, details later: the low-frequency layout of an image is decided in t
 denoising calls, mostly by the prompt's [EOS] tokens; after that, classifier-free guidance can be
 switched off. The public names:
 """
+from .cache import LateCache, apply_late_cache, late_cache, remove_late_cache
 from .errors import ShapefirstError
 from .generate import GenerationResult, generate
 from .guidance import (AdaptiveStop, GuidanceHook, GuidanceSchedule, apply_guidance_schedule, guidance_schedule,
@@ -14,7 +15,8 @@ from .trace import Trajectory, TrajectoryRecorder
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptiveStop", "GenerationResult", "GuidanceHook", "GuidanceSchedule", "ShapefirstError", "Trajectory",
-    "TrajectoryRecorder", "apply_guidance_schedule", "embedded_model_path", "generate", "guidance_schedule",
+    "AdaptiveStop", "GenerationResult", "GuidanceHook", "GuidanceSchedule", "LateCache", "ShapefirstError",
+    "Trajectory", "TrajectoryRecorder", "apply_guidance_schedule", "apply_late_cache", "late_cache",
+    "remove_late_cache", "embedded_model_path", "generate", "guidance_schedule",
     "load_pipeline", "remove_guidance_schedule", "set_scheduler",
 ]

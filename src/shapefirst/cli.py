@@ -160,7 +160,8 @@ def _scorer(clip: Optional[Path], world: bool):
 
 
 def _sweep_inputs(model, prompts, n, seed, clip, device, allow_pickle):
-    from .experiments.stages import world_prompts
+    """pipeline, prompts, judge targets (world), CLIP scorer, real images for KID/FD (world renders)."""
+    from .experiments.stages import world_prompts, world_renders
     from .models import load_pipeline
     from .prompts import read_prompts
 
@@ -170,10 +171,25 @@ def _sweep_inputs(model, prompts, n, seed, clip, device, allow_pickle):
             raise ShapefirstError("this model is not the shapes world, so there are no built-in prompts",
                                   "pass --prompts FILE")
         ps, targets = world_prompts(n, seed)
+        real = world_renders(n, seed)
     else:
-        ps, targets = read_prompts(prompts)[:n], None
+        ps, targets, real = read_prompts(prompts)[:n], None, None
     scorer = _scorer(clip, world)
-    return load_pipeline(model, device=device, allow_pickle=allow_pickle), ps, targets, scorer
+    return load_pipeline(model, device=device, allow_pickle=allow_pickle), ps, targets, scorer, real
+
+
+def _thresholds(text: str) -> list[float]:
+    vals = _floats(text, "--adaptive")
+    for v in vals:
+        if not 0 < v < 1:
+            raise ShapefirstError(f"--adaptive threshold {v} is outside (0, 1)", "pass cosine similarities such as 0.99")
+    return vals
+
+
+def _caches(text: str) -> list:
+    from .cache import LateCache
+
+    return [LateCache.parse(c) for c in (text or "none").split(",")]
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -199,12 +215,17 @@ def sweep(
     guidance: float = typer.Option(7.5, help="classifier-free guidance scale"),
     seed: int = typer.Option(0, help="seed of the first image"),
     batch: int = typer.Option(8, help="images per pipeline call"),
+    adaptive: str = typer.Option("", help="adaptive-stop cosine thresholds to sweep too, e.g. 0.99,0.995"),
+    caches: str = typer.Option("none", help="late-stage caches to sweep: none, mean, kept, deep3, mean+deep3 (comma list)"),
+    timing_batches: int = typer.Option(3, help="batches timed against full guidance (A/B adjacent); 0 = no timing"),
     clip: Optional[Path] = typer.Option(None, help="a local CLIP model folder (scores for real models)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
 ):
-    """Sweep guidance stops x modes x schedulers: saved latency and quality against full guidance."""
-    from .experiments.sweep import default_configs, run_sweep
+    """Sweep guidance stops x modes x schedulers (x adaptive thresholds x late caches): saved latency and
+    quality against full guidance. One JSON line per configuration in OUT/sweep.jsonl (a rerun resumes),
+    OUT/sweep.csv and OUT/pareto.png."""
+    from .experiments.sweep import default_configs, run_sweep, saving
     from .models import SCHEDULERS
 
     if n < 1 or batch < 1:
@@ -222,9 +243,13 @@ def sweep(
         raise ShapefirstError("--steps values must be positive", "pass e.g. 20,50")
     if out.exists() and not out.is_dir():
         raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
-    pipe, ps, targets, scorer = _sweep_inputs(model, prompts, n, seed, clip, device, allow_pickle)
-    rows = run_sweep(pipe, ps, out, targets=targets, seed=seed, batch=batch, clip=scorer,
-                     configs=default_configs(guidance, stop_list, sched_list, step_list),
+    if timing_batches < 0:
+        raise ShapefirstError(f"--timing-batches {timing_batches} is negative", "pass 0 (no timing) or more")
+    configs = default_configs(guidance, stop_list, sched_list, step_list, adaptive=_thresholds(adaptive),
+                              caches=_caches(caches))
+    pipe, ps, targets, scorer, real = _sweep_inputs(model, prompts, n, seed, clip, device, allow_pickle)
+    rows = run_sweep(pipe, ps, out, targets=targets, seed=seed, batch=batch, clip=scorer, configs=configs,
+                     timing_batches=timing_batches, real_images=real,
                      progress=lambda key: typer.echo(f"done {key}", err=True))
     from .experiments.sweep import _distributed
 
@@ -232,8 +257,10 @@ def sweep(
     if st is not None and not st.is_main_process:
         return
     for r in rows:
-        typer.echo(f"{r['key']:<28} saved {r['saved_latency']:6.1%}  evaluations x{r['evaluation_ratio']:.2f}  "
-                   f"PSNR {r['psnr'][0]:5.1f}" + (f"  all-right {r['accuracy']['all']:.1%}" if "accuracy" in r else ""))
+        sv, what = saving(r)
+        typer.echo(f"{r['key']:<36} saved {sv:6.1%} {what:<11}  evaluations x{r['evaluation_ratio']:.2f}  "
+                   f"PSNR {r['psnr'][0]:5.1f}" + (f"  all-right {r['accuracy']['all']:.1%}" if "accuracy" in r else "")
+                   + (f"  KID x1000 {r['kid_x1000'][0]:.2f}" if "kid_x1000" in r else ""))
 
 
 @app.command()
@@ -244,6 +271,9 @@ def calibrate(
     n: int = typer.Option(64, help="number of prompts"),
     tolerance: float = typer.Option(0.01, help="largest accepted accuracy loss (95% paired CI lower bound)"),
     stops: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8", help="candidate stops"),
+    adaptive: str = typer.Option("", help="candidate adaptive-stop thresholds, e.g. 0.99,0.995"),
+    caches: str = typer.Option("none", help="candidate late-stage caches: none, mean, kept, deep3, mean+deep3"),
+    modes: str = typer.Option("uncond,cond", help="branches kept after the stop"),
     scheduler: str = typer.Option("ddim", help="scheduler"),
     steps: int = typer.Option(50, help="denoising steps"),
     guidance: float = typer.Option(7.5, help="classifier-free guidance scale"),
@@ -251,24 +281,31 @@ def calibrate(
     clip: Optional[Path] = typer.Option(None, help="a local CLIP model folder"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
 ):
-    """Find the earliest guidance stop that keeps quality within the tolerance; print a snippet."""
-    from .experiments.sweep import calibrate as pick, default_configs, run_sweep, snippet
+    """Find the fastest setting (stop, adaptive threshold, late cache) that keeps quality within the
+    tolerance; print it with its measured saving and a snippet."""
+    from .experiments.sweep import calibrate as pick, default_configs, run_sweep, saving, snippet
 
     if not 0 < tolerance < 1:
         raise ShapefirstError(f"tolerance {tolerance} is outside (0, 1)", "pass e.g. 0.01 (one point)")
     stop_list = _floats(stops, "--stops")
     if out.exists() and not out.is_dir():
         raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
-    pipe, ps, targets, scorer = _sweep_inputs(model, prompts, n, 0, clip, device, False)
-    rows = run_sweep(pipe, ps, out, targets=targets, batch=batch, clip=scorer,
-                     configs=default_configs(guidance, stop_list, (scheduler,), (steps,)))
+    mode_list = [m for m in modes.split(",") if m]
+    for m in mode_list:
+        if m not in ("uncond", "cond"):
+            raise ShapefirstError(f"--modes value {m!r} is not uncond or cond", "pass e.g. uncond,cond")
+    configs = default_configs(guidance, stop_list, (scheduler,), (steps,), modes=mode_list,
+                              adaptive=_thresholds(adaptive), caches=_caches(caches))
+    pipe, ps, targets, scorer, real = _sweep_inputs(model, prompts, n, 0, clip, device, False)
+    rows = run_sweep(pipe, ps, out, targets=targets, batch=batch, clip=scorer, configs=configs, real_images=real)
     best, verdicts = pick(rows, tolerance)
     for r, ok, why in verdicts:
-        typer.echo(f"{'PASS' if ok else 'fail'} {r['key']:<28} saved {r['saved_latency']:6.1%}  {why}")
+        typer.echo(f"{'PASS' if ok else 'fail'} {r['key']:<36} saved {saving(r)[0]:6.1%}  {why}")
     if best is None:
         typer.echo("no configuration stays within the tolerance: keep full guidance")
         return
-    typer.echo(f"\nrecommended: {best['key']} saves {best['saved_latency']:.1%} of the latency "
+    sv, what = saving(best)
+    typer.echo(f"\nrecommended: {best['key']} saves {sv:.1%} of the {what} "
                f"(measured on n={best['n']} prompts)\n\n{snippet(best)}")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cache import LateCache, late_cache
 from .errors import ShapefirstError
 from .guidance import GuidanceSchedule, guidance_schedule
 from .models import set_scheduler
@@ -136,8 +137,10 @@ def machine_info() -> dict:
 
 def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int = 50, seed: int = 0,
              images_per_prompt: int = 1, negative_prompt: str | list[str] | None = None,
-             scheduler: str | None = None, trace: bool = False, progress: bool = False, **pipe_kwargs) -> GenerationResult:
+             scheduler: str | None = None, trace: bool = False, progress: bool = False, cache: LateCache | None = None,
+             **pipe_kwargs) -> GenerationResult:
     """Generate with a guidance schedule; returns images, per-image denoiser evaluations and timing.
+    `cache`: late-stage reuse after the stop (shapefirst.cache.LateCache).
 
     Extra keyword arguments go to the pipeline (e.g. prompt_embeds=..., negative_prompt_embeds=...;
     pass prompts=None then, and the batch is taken from prompt_embeds)."""
@@ -154,7 +157,10 @@ def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int
         raise ShapefirstError(f"images per prompt {images_per_prompt} is not a positive integer", "pass 1 or more")
     set_scheduler(pipe, scheduler)
     n_calls = count_calls(pipe, steps)
-    schedule.first_unguided_call(n_calls)  # validates stop_step against the real number of calls
+    # validates start/stop steps against the real number of calls
+    if schedule.first_guided_call(n_calls) > schedule.first_unguided_call(n_calls):
+        raise ShapefirstError(f"the guidance start (call {schedule.first_guided_call(n_calls)}) is after its stop "
+                              f"(call {schedule.first_unguided_call(n_calls)})", "pass start <= stop")
     global _warned_negative
     if negative_prompt and schedule.stops and schedule.after == "uncond" and not _warned_negative:
         warnings.warn("after='uncond' with a negative prompt: the unguided late calls follow the NEGATIVE prompt's "
@@ -175,7 +181,7 @@ def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int
     bar = _Progress(n_calls) if progress else None
     if bar is not None:
         kwargs["callback_on_step_end"] = bar
-    with guidance_schedule(pipe, schedule, recorder) as hook:
+    with guidance_schedule(pipe, schedule, recorder) as hook, late_cache(pipe, cache):
         t0 = time.perf_counter()
         try:
             images = pipe(**kwargs).images
@@ -184,7 +190,7 @@ def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int
                 bar.close()
         wall = time.perf_counter() - t0
     settings = {"steps": steps, "denoiser_calls": n_calls, "guidance": schedule.scale, "schedule": schedule.to_dict(),
-                "scheduler": scheduler or type(pipe.scheduler).__name__, "seed": seed,
+                "cache": cache.to_dict() if cache is not None else None, "scheduler": scheduler or type(pipe.scheduler).__name__, "seed": seed,
                 "images_per_prompt": images_per_prompt, "negative_prompt": negative_prompt,
                 "prompts": prompts_list, "first_unguided_call_per_image": hook.stop_calls.tolist()
                 if schedule.adaptive is not None else [schedule.first_unguided_call(n_calls)] * n}

@@ -95,6 +95,9 @@ class GuidanceSchedule:
         SDCFGCutoffCallback does, there from the step after its cutoff index).
     adaptive: optional per-sample stop (see AdaptiveStop); combined with a fixed stop, a sample
         stops at whichever comes first.
+    start / start_step: the first guided call (fraction or index; default 0). Calls before it run
+        the `after` branch alone: a guidance interval [start, stop) (Guidance Interval,
+        Kynkaanniemi et al. 2024, uses after="cond" outside the interval).
     """
 
     scale: float = 7.5
@@ -102,6 +105,8 @@ class GuidanceSchedule:
     stop_step: int | None = None
     after: str = "uncond"
     adaptive: AdaptiveStop | None = None
+    start: float | None = None
+    start_step: int | None = None
 
     def __post_init__(self):
         if self.scale is None or math.isnan(self.scale) or self.scale < 0:
@@ -114,6 +119,17 @@ class GuidanceSchedule:
         if self.stop_step is not None and (int(self.stop_step) != self.stop_step or self.stop_step < 0):
             raise ShapefirstError(f"guidance stop step {self.stop_step} is not an integer >= 0",
                                   "pass the index of the first unguided denoiser call")
+        if self.start is not None and self.start_step is not None:
+            raise ShapefirstError("both a start fraction and a start step were given", "pass only one of them")
+        if self.start is not None and (math.isnan(self.start) or not 0.0 <= self.start <= 1.0):
+            raise ShapefirstError(f"guidance start {self.start} is outside [0, 1]",
+                                  "pass a fraction of the denoiser calls, e.g. 0.2")
+        if self.start_step is not None and (int(self.start_step) != self.start_step or self.start_step < 0):
+            raise ShapefirstError(f"guidance start step {self.start_step} is not an integer >= 0",
+                                  "pass the index of the first guided denoiser call")
+        if self.start is not None and self.stop is not None and self.start > self.stop:
+            raise ShapefirstError(f"guidance start {self.start} is after the stop {self.stop}",
+                                  "pass start <= stop (the guided interval is [start, stop))")
         if self.after not in AFTER_CHOICES:
             raise ShapefirstError(f"after={self.after!r} is not one of {AFTER_CHOICES}",
                                   "pass 'uncond' (the paper) or 'cond' (diffusers' callback)")
@@ -125,7 +141,19 @@ class GuidanceSchedule:
     def stops(self) -> bool:
         """Can this schedule stop guidance at all?"""
         fixed = (self.stop is not None and self.stop < 1.0) or self.stop_step is not None
-        return fixed or self.adaptive is not None
+        late_start = bool(self.start) or bool(self.start_step)
+        return fixed or late_start or self.adaptive is not None
+
+    def first_guided_call(self, n_calls: int) -> int:
+        """k0: calls before k0 run one branch (a guidance interval starts late); 0 = from the first call."""
+        if self.start_step is not None:
+            if self.start_step > n_calls:
+                raise ShapefirstError(f"guidance start step {self.start_step} is beyond the {n_calls} denoiser calls "
+                                      "of this run", f"pass a step between 0 and {n_calls}")
+            return int(self.start_step)
+        if self.start is None:
+            return 0
+        return min(n_calls, int(math.floor(self.start * n_calls + 0.5)))
 
     def first_unguided_call(self, n_calls: int) -> int:
         """k: calls 0..k-1 are guided, k.. are not (n_calls = never stop)."""
@@ -228,6 +256,11 @@ class GuidanceHook(ModelHook):
         self.schedule = schedule
         self.recorder = recorder
         self.cfg_now = None  # did the current (last) denoiser call run CFG? (see cfg_active)
+        # Read by late-stage caches (shapefirst.cache) while the denoiser runs:
+        self.late = False  # this call is past the guided phase for every sample (one row per sample)
+        self.may_stop_next = False  # some sample is guided now and may be unguided from the next call
+        self.row_sample = None  # image index of every row the denoiser runs in this call
+        self.row_branch = None  # its branch: 0 uncond, 1 cond (CFG calls)
         self._timesteps_ref = None
         self.reset_run(0)
 
@@ -260,12 +293,19 @@ class GuidanceHook(ModelHook):
     def guided_now(self) -> torch.Tensor:
         """Bool per image: does this call run guidance for it?"""
         n = self.n_calls if self.n_calls is not None else 10**9
-        k = self.schedule.first_unguided_call(n)
-        g = torch.full((self.batch,), self.call < k, dtype=torch.bool)
+        k0, k = self.schedule.first_guided_call(n), self.schedule.first_unguided_call(n)
+        g = torch.full((self.batch,), k0 <= self.call < k, dtype=torch.bool)
         ad = self.schedule.adaptive
         if ad is not None:
             g &= ~self.stopped
         return g
+
+    def _set_phase(self, guided: torch.Tensor) -> None:
+        n = self.n_calls if self.n_calls is not None else 10**9
+        k0, k = self.schedule.first_guided_call(n), self.schedule.first_unguided_call(n)
+        self.late = self.call >= k0 and not bool(guided.any())
+        ad = self.schedule.adaptive
+        self.may_stop_next = bool(guided.any()) and (self.call + 1 >= k or (ad is not None and self.call >= ad.min_call))
 
     # -- the hook ----------------------------------------------------------------------
     def new_forward(self, module, *args, **kwargs):
@@ -278,6 +318,8 @@ class GuidanceHook(ModelHook):
         self.cfg_now = self._cfg_active(sample)
         if not self.cfg_now:
             self._maybe_new_run(rows)
+            self.late, self.may_stop_next = False, False
+            self.row_sample, self.row_branch = torch.arange(rows), torch.ones(rows, dtype=torch.long)
             out = forward(*args, **kwargs)
             self.evaluations += 1
             if self.recorder is not None:
@@ -290,7 +332,9 @@ class GuidanceHook(ModelHook):
         batch = rows // 2
         self._maybe_new_run(batch)
         guided = self.guided_now()
+        self._set_phase(guided)
         if bool(guided.all()):
+            self.row_sample, self.row_branch = torch.arange(rows) % batch, torch.arange(rows) // batch
             out = forward(*args, **kwargs)  # the untouched path: bit-identical to the plain pipeline
             full = _main_output(out)
         else:
@@ -298,6 +342,7 @@ class GuidanceHook(ModelHook):
             uncond_rows = torch.arange(batch)[guided]
             cond_rows = torch.arange(batch)[guided] + batch
             run_rows = torch.sort(torch.cat([uncond_rows, cond_rows, kept[~guided]])).values
+            self.row_sample, self.row_branch = run_rows % batch, run_rows // batch
             sub_args = _rows_of(args, rows, run_rows)
             sub_kwargs = _rows_of(kwargs, rows, run_rows)
             out = forward(*sub_args, **sub_kwargs)

@@ -3,9 +3,14 @@
 For every (scheduler, steps) group, full guidance is the reference: its images (same seeds) are
 computed once and cached. Each configuration then runs batch by batch; for the first
 `timing_batches` batches, full guidance is rerun right after it on the same batch (A/B adjacent),
-and the saved latency is 1 - median(t_config / t_full). Quality against the reference: L1, PSNR,
-CLIP image-embedding cosine ("Image-CLIPScore", with its floor: two seeds of the same prompt),
-judged accuracy per attribute (the world's judge) and CLIPScore to the prompt.
+and the saved latency is 1 - median(t_config / t_full) (timing_batches=0: no timing, for quality
+runs on a busy machine; time them alone in a second, small sweep). Quality against the reference:
+L1, PSNR, CLIP image-embedding cosine ("Image-CLIPScore", with its floor: two seeds of the same
+prompt, and its ceiling: the same seed rerun), judged accuracy per attribute (the world's judge),
+CLIPScore to the prompt, and with `real_images` the distribution distances KID and FD on CLIP
+image features against them (the shapes world: exact renders of the prompts' scenes).
+A configuration is a guidance schedule (+ a late-stage cache), or any `run` function (a peer
+method: diffusers' callbacks, the tgate package) that returns a GenerationResult.
 One JSON line per finished configuration in sweep.jsonl; a rerun skips finished ones.
 """
 from __future__ import annotations
@@ -14,13 +19,15 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from ..cache import LateCache
 from ..generate import generate
 from ..guidance import GuidanceSchedule
-from ..metrics import judged_accuracy, l1, mean_ci, psnr
+from ..metrics import judged_accuracy, kernel_distance, frechet_distance, l1, mean_ci, psnr
 from ..results import append_jsonl, atomic_write_bytes, read_jsonl
 
 
@@ -30,20 +37,37 @@ class Config:
     schedule: GuidanceSchedule
     scheduler: str = "ddim"
     steps: int = 50
+    cache: LateCache | None = None
+    run: Callable | None = None  # run(pipe, prompts, seed=, steps=, scheduler=) -> GenerationResult (peers)
 
     @property
     def key(self) -> str:
         return f"{self.scheduler}/{self.steps}/{self.name}"
 
+    def generate(self, pipe, prompts: list[str], seed: int):
+        if self.run is not None:
+            return self.run(pipe, prompts, seed=seed, steps=self.steps, scheduler=self.scheduler)
+        return generate(pipe, prompts, self.schedule, steps=self.steps, seed=seed, scheduler=self.scheduler,
+                        cache=self.cache)
 
-def default_configs(scale: float = 7.5, stops=(0.25, 0.5, 0.75), schedulers=("ddim",), steps=(50,)) -> list[Config]:
+
+def default_configs(scale: float = 7.5, stops=(0.25, 0.5, 0.75), schedulers=("ddim",), steps=(50,),
+                    modes=("uncond", "cond"), adaptive=(), caches=(None,)) -> list[Config]:
+    """full guidance, then every stop x mode x cache, then every adaptive threshold x mode x cache
+    (per scheduler and step count). caches: LateCache objects or None (no cache)."""
+    from ..guidance import AdaptiveStop
+
     out = []
     for sch in schedulers:
         for st in steps:
             out.append(Config("full", GuidanceSchedule(scale), sch, st))
-            for s in stops:
-                for after in ("uncond", "cond"):
-                    out.append(Config(f"stop={s} {after}", GuidanceSchedule(scale, stop=s, after=after), sch, st))
+            rules = [(f"stop={s}", dict(stop=s)) for s in stops]
+            rules += [(f"adaptive={t}", dict(adaptive=AdaptiveStop(t))) for t in adaptive]
+            for rule, kw in rules:
+                for after in modes:
+                    for c in caches:
+                        name = f"{rule} {after}" + (f" +{c.label}" if c is not None else "")
+                        out.append(Config(name, GuidanceSchedule(scale, after=after, **kw), sch, st, cache=c))
     return out
 
 
@@ -83,24 +107,41 @@ def _gather(st, records: list) -> list:
     return sorted(gather_object(records), key=lambda r: r[0])
 
 
-def _per_image(imgs, ref, prompts, targets, clip) -> dict:
+def _per_image(imgs, ref, targets, clip, memo: dict) -> dict:
     out = {"l1": l1(imgs, ref), "psnr": np.minimum(psnr(imgs, ref), 100.0)}
     if clip is not None:
-        out["image_clip"] = clip.image_similarity(imgs, ref).numpy()
-        out["clip_score"] = clip.clip_score(imgs, prompts).numpy()
+        f = clip.image_features(imgs)
+        out["feat"] = f.numpy()
+        out["image_clip"] = (100 * (f * memo["feat"]).sum(-1)).numpy()
+        out["clip_score"] = (100 * (f * memo["text"]).sum(-1).clamp(min=0)).numpy()
     if targets is not None:
-        acc, acc_ref = judged_accuracy(imgs, targets), judged_accuracy(ref, targets)
+        acc, acc_ref = judged_accuracy(imgs, targets), memo["acc"]
         for a in acc:
             out[f"acc/{a}"] = acc[a].astype(float)
             out[f"delta/{a}"] = acc[a].astype(float) - acc_ref[a].astype(float)
     return out
 
 
+def distribution_distances(feats: np.ndarray, real: np.ndarray, boot: int = 50, seed: int = 0) -> dict:
+    """KID (x1000, with a bootstrap 95% interval over both sets) and FD between two CLIP feature sets."""
+    x, y = torch.from_numpy(feats), torch.from_numpy(real)
+    rng = np.random.default_rng(seed)
+    kid = kernel_distance(x, y)
+    bs = sorted(kernel_distance(x[rng.integers(0, len(x), len(x))], y[rng.integers(0, len(y), len(y))])
+                for _ in range(boot))
+    lo, hi = bs[int(0.025 * boot)], bs[min(boot - 1, int(0.975 * boot))]
+    fd = frechet_distance(x, y) if len(x) > x.shape[1] and len(y) > y.shape[1] else float("nan")
+    return {"kid_x1000": [1000 * kid, 1000 * lo, 1000 * hi], "fd_clip": fd, "distance_n": [len(x), len(y)]}
+
+
 def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | None = None,
               configs: list[Config] | None = None, seed: int = 0, batch: int = 8, timing_batches: int = 3,
-              clip=None, progress=None) -> list[dict]:
+              clip=None, progress=None, real_images: np.ndarray | None = None,
+              floor_prompts: int | None = None) -> list[dict]:
     """Run (or resume) the sweep. Under `accelerate launch` the batches (same makeup as a single
-    process, so the same numbers) are split across processes and the main process writes."""
+    process, so the same numbers) are split across processes and the main process writes.
+    real_images: one image per prompt (KID/FD on CLIP features against them; needs clip).
+    floor_prompts: compute the Image-CLIPScore seed floor on the first N prompts only (default all)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     configs = configs or default_configs()
@@ -108,7 +149,7 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
     main = st is None or st.is_main_process
     done = {r["key"]: r for r in read_jsonl(out / "sweep.jsonl")}
     starts = list(range(0, len(prompts), batch))
-    rows = []
+    rows, memo = [], {}
 
     def ref_of(cfg, i, offset=0):
         part = prompts[i:i + batch]
@@ -116,6 +157,30 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
         return _cache(out, name, lambda: generate(pipe, part, GuidanceSchedule(cfg.schedule.scale), steps=cfg.steps,
                                                   seed=seed + offset + i, scheduler=cfg.scheduler).images)
 
+    def memo_of(cfg, i):  # what every configuration compares against, computed once per reference batch
+        k = (cfg.scheduler, cfg.steps, cfg.schedule.scale, i)
+        if k not in memo:
+            ref, m = ref_of(cfg, i), {}
+            if clip is not None:
+                m["feat"], m["text"] = clip.image_features(ref), clip.text_features(prompts[i:i + batch])
+            if targets is not None:
+                m["acc"] = judged_accuracy(ref, targets[i:i + batch])
+            memo[k] = (ref, m)
+        return memo[k]
+
+    bounds = {}
+    if clip is not None and configs:
+        # Image-CLIPScore floor (the same prompts with other seeds) and ceiling (the same seed rerun)
+        c0 = configs[0]
+        fstarts = [i for i in starts if floor_prompts is None or i < floor_prompts]
+        recs = [(i, clip.image_similarity(ref_of(c0, i, 10**6), ref_of(c0, i)).numpy()) for i in _mine(st, fstarts)]
+        rerun = _cache(out, f"rerun_{c0.scheduler}_{c0.steps}_0", lambda: generate(
+            pipe, prompts[:batch], GuidanceSchedule(c0.schedule.scale), steps=c0.steps, seed=seed,
+            scheduler=c0.scheduler).images)
+        bounds = {"image_clip_floor": list(mean_ci(np.concatenate([r[1] for r in _gather(st, recs)]))),
+                  "image_clip_floor_n": sum(len(prompts[i:i + batch]) for i in fstarts),
+                  "image_clip_ceiling": list(mean_ci(clip.image_similarity(rerun, ref_of(c0, 0)).numpy())),
+                  "image_clip_ceiling_n": len(rerun)}
     for cfg in configs:
         if cfg.key in done:
             rows.append(done[cfg.key])
@@ -124,28 +189,33 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
         records = []
         for i in _mine(st, starts):
             part = prompts[i:i + batch]
-            ref = ref_of(cfg, i)
-            r = generate(pipe, part, cfg.schedule, steps=cfg.steps, seed=seed + i, scheduler=cfg.scheduler)
+            ref, m = memo_of(cfg, i)
+            r = cfg.generate(pipe, part, seed + i)
             ratio = None
             if i // batch < timing_batches:
                 f = generate(pipe, part, full_s, steps=cfg.steps, seed=seed + i, scheduler=cfg.scheduler)
                 ratio = r.wall_seconds / f.wall_seconds
-            per = _per_image(r.images, ref, part, targets[i:i + batch] if targets else None, clip)
+            per = _per_image(r.images, ref, targets[i:i + batch] if targets else None, clip, m)
             records.append((i, per, ratio, r.evaluations_per_image))
         records = _gather(st, records)
         per = {k: np.concatenate([rec[1][k] for rec in records]) for k in records[0][1]}
         ratios = [rec[2] for rec in records if rec[2] is not None]
         evals = [e for rec in records for e in rec[3]]
         row = {"key": cfg.key, "name": cfg.name, "scheduler": cfg.scheduler, "steps": cfg.steps,
-               "schedule": cfg.schedule.to_dict(), "n": len(prompts), "batch": batch,
-               "time_ratio_median": statistics.median(ratios), "time_ratios": ratios,
-               "saved_latency": 1 - statistics.median(ratios),
+               "schedule": cfg.schedule.to_dict(), "cache": cfg.cache.to_dict() if cfg.cache else None,
+               "peer": cfg.run is not None, "n": len(prompts), "batch": batch,
+               "time_ratio_median": statistics.median(ratios) if ratios else None, "time_ratios": ratios,
+               "saved_latency": 1 - statistics.median(ratios) if ratios else None,
                "evaluations_per_image": float(np.mean(evals)),
                "l1": mean_ci(per["l1"]), "psnr": mean_ci(per["psnr"])}
         row["evaluation_ratio"] = row["evaluations_per_image"] / (2.0 * _calls(pipe, cfg))
         if clip is not None:
             row["image_clip"] = mean_ci(per["image_clip"])
             row["clip_score"] = mean_ci(per["clip_score"])
+            row.update(bounds)
+            if real_images is not None:
+                real = np.concatenate([_real_feats(clip, real_images, i, batch, memo) for i in starts])
+                row.update(distribution_distances(per["feat"], real))
         if targets is not None:
             attrs = [k[4:] for k in per if k.startswith("acc/")]
             row["accuracy"] = {a: float(per[f"acc/{a}"].mean()) for a in attrs}
@@ -158,17 +228,17 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
         rows.append(row)
         if progress and main:
             progress(cfg.key)
-    if clip is not None:  # Image-CLIPScore floor: the same prompts with other seeds, against the reference
-        c0 = configs[0]
-        recs = [(i, clip.image_similarity(ref_of(c0, i, 10**6), ref_of(c0, i)).numpy()) for i in _mine(st, starts)]
-        fl = mean_ci(np.concatenate([r[1] for r in _gather(st, recs)]))
-        for r in rows:
-            r["image_clip_floor"] = list(fl)
     if main:
         write_summary(rows, out)
     if st is not None:
         st.wait_for_everyone()
     return rows
+
+
+def _real_feats(clip, real_images, i, batch, memo) -> np.ndarray:
+    if ("real", i) not in memo:
+        memo[("real", i)] = clip.image_features(real_images[i:i + batch]).numpy()
+    return memo[("real", i)]
 
 
 def _calls(pipe, cfg: Config) -> int:
@@ -182,33 +252,49 @@ def _calls(pipe, cfg: Config) -> int:
     return n
 
 
+def saving(row: dict) -> tuple[float, str]:
+    """(saved fraction, what it is): the measured saved latency, or the saved denoiser evaluations
+    when the row was not timed (timing_batches=0)."""
+    if row.get("saved_latency") is not None:
+        return row["saved_latency"], "latency"
+    return 1 - row["evaluation_ratio"], "evaluations"
+
+
+def _fmt(x, spec: str) -> str:
+    return "" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
+
+
 def write_summary(rows: list[dict], out: Path) -> None:
-    """sweep.csv and pareto.png (saved latency vs quality)."""
+    """sweep.csv and pareto.png (saved latency, or saved evaluations when untimed, vs quality)."""
     import csv
     import io
 
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["key", "saved_latency", "evaluation_ratio", "l1", "psnr", "image_clip", "clip_score", "accuracy_all"])
-    for r in rows:
-        w.writerow([r["key"], f"{r['saved_latency']:.4f}", f"{r['evaluation_ratio']:.4f}", f"{r['l1'][0]:.5f}",
-                    f"{r['psnr'][0]:.2f}", f"{r.get('image_clip', [float('nan')])[0]:.3f}",
-                    f"{r.get('clip_score', [float('nan')])[0]:.3f}", f"{r.get('accuracy', {}).get('all', float('nan')):.4f}"])
-    from ..results import atomic_write_text
-
-    atomic_write_text(out / "sweep.csv", buf.getvalue())
     from matplotlib.figure import Figure
 
-    from ..results import save_figure
+    from ..results import atomic_write_text, save_figure
 
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["key", "saved_latency", "evaluation_ratio", "l1", "psnr", "image_clip", "clip_score", "accuracy_all",
+                "kid_x1000", "fd_clip", "n"])
+    for r in rows:
+        w.writerow([r["key"], _fmt(r["saved_latency"], ".4f"), f"{r['evaluation_ratio']:.4f}", f"{r['l1'][0]:.5f}",
+                    f"{r['psnr'][0]:.2f}", _fmt(r.get("image_clip", [None])[0], ".3f"),
+                    _fmt(r.get("clip_score", [None])[0], ".3f"), _fmt(r.get("accuracy", {}).get("all"), ".4f"),
+                    _fmt(r.get("kid_x1000", [None])[0], ".3f"), _fmt(r.get("fd_clip"), ".4f"), r["n"]])
+    atomic_write_text(out / "sweep.csv", buf.getvalue())
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot(111)
     qual = "accuracy" if rows and "accuracy" in rows[0] else "psnr"
+    what = "latency"
     for r in rows:
         y = r["accuracy"]["all"] if qual == "accuracy" else r["psnr"][0]
-        ax.scatter(r["saved_latency"] * 100, y, c="C0" if "uncond" in r["name"] else ("C1" if "cond" in r["name"] else "k"))
-        ax.annotate(r["name"], (r["saved_latency"] * 100, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("saved latency vs full guidance (%)")
+        x, kind = saving(r)
+        what = kind if kind == "evaluations" else what
+        color = "C2" if r.get("peer") else ("C0" if "uncond" in r["name"] else ("C1" if "cond" in r["name"] else "k"))
+        ax.scatter(x * 100, y, c=color)
+        ax.annotate(r["name"], (x * 100, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(f"saved {what} vs full guidance (%)")
     ax.set_ylabel("all attributes right (share)" if qual == "accuracy" else "PSNR to full guidance (dB)")
     ax.set_title("Speed / quality")
     save_figure(fig, out / "pareto.png")
@@ -237,13 +323,23 @@ def calibrate(rows: list[dict], tolerance: float = 0.01) -> tuple[dict | None, l
     """The fastest configuration that passes `passes` (None if none does), and every row's verdict."""
     verdicts = [(r, *passes(r, tolerance)) for r in rows if r["name"] != "full"]
     ok = [r for r, p, _ in verdicts if p]
-    best = max(ok, key=lambda r: r["saved_latency"]) if ok else None
+    best = max(ok, key=lambda r: saving(r)[0]) if ok else None
     return best, verdicts
 
 
 def snippet(row: dict) -> str:
-    s = row["schedule"]
-    args = ", ".join(f"{k}={v!r}" for k, v in s.items() if v is not None and k != "adaptive")
-    return ("from shapefirst import GuidanceSchedule, guidance_schedule\n"
+    s = dict(row["schedule"])
+    ad = s.pop("adaptive", None)
+    args = ", ".join(f"{k}={v!r}" for k, v in s.items() if v is not None)
+    if ad:
+        args += f", adaptive=AdaptiveStop(threshold={ad['threshold']!r}, min_call={ad['min_call']!r})"
+    imports = "AdaptiveStop, GuidanceSchedule, guidance_schedule" if ad else "GuidanceSchedule, guidance_schedule"
+    c = row.get("cache")
+    if c:
+        cargs = ", ".join(f"{k}={v!r}" for k, v in c.items())
+        return (f"from shapefirst import {imports}, LateCache, late_cache\n"
+                f"with guidance_schedule(pipe, GuidanceSchedule({args})), late_cache(pipe, LateCache({cargs})):\n"
+                f"    images = pipe(prompts, num_inference_steps={row['steps']}, guidance_scale={s['scale']}).images")
+    return (f"from shapefirst import {imports}\n"
             f"with guidance_schedule(pipe, GuidanceSchedule({args})):\n"
             f"    images = pipe(prompts, num_inference_steps={row['steps']}, guidance_scale={s['scale']}).images")

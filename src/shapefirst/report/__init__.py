@@ -152,7 +152,7 @@ def _sections(res_dir: Path) -> list[dict]:
         rows = [["configuration", "saved latency", "denoiser evaluations", "L1 to full", "PSNR to full", "Image-CLIP",
                  "all attributes right"]]
         for r in read_jsonl(sw / "sweep.jsonl"):
-            rows.append([r["key"], f"{r['saved_latency']:.1%}", f"{r['evaluation_ratio']:.2f}", f"{r['l1'][0]:.4f}",
+            rows.append([r["key"], "-" if r.get("saved_latency") is None else f"{r['saved_latency']:.1%}", f"{r['evaluation_ratio']:.2f}", f"{r['l1'][0]:.4f}",
                          f"{r['psnr'][0]:.1f}", f"{r['image_clip'][0]:.1f}" if "image_clip" in r else "-",
                          f"{r['accuracy']['all']:.0%}" if "accuracy" in r else "-"])
         out.append({"id": "sweep", "title": "What turning guidance off late buys",

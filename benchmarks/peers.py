@@ -1,0 +1,214 @@
+"""shapefirst against its peers on one model, one prompt set, one seed per image, several cost levels.
+
+Peers (../shared/PAPER.md): diffusers' SDCFGCutoffCallback (run as diffusers ships it), the `tgate`
+package (T-GATE, run as it ships: its own copied pipeline method `pipe.tgate`), Adaptive Guidance
+(Castillo et al. 2023: stop CFG per sample once cos(cond, uncond) >= threshold, conditional branch
+after), Guidance Interval (Kynkaanniemi et al. 2024: guidance only for sigma in (0.28, 5.42], the
+paper's SD-XL interval, conditional branch outside) and Step AG ("How Much To Guide" 2025: guidance
+for a fixed first fraction of the steps, conditional after). The last three have no package for
+diffusers pipelines; they are shapefirst GuidanceSchedules built from their papers' rules.
+diffusers' modular `ClassifierFreeGuidance(start, stop)` guider cannot run here: diffusers 0.42
+ships modular pipelines for SDXL and SD3 but none for SD 1.x, the embedded model's family (its rule,
+CFG inside [start, stop) and the conditional branch outside, is GuidanceSchedule(start, stop,
+after="cond")).
+
+Two phases, so that quality can run on a busy machine and timing alone:
+    python benchmarks/peers.py quality --n 1000 --out /work/bench/peers   # no timing (deterministic)
+    python benchmarks/peers.py timing --n 40 --out /work/bench/peers      # run ALONE: A/B adjacent timing
+    python benchmarks/peers.py table --out /work/bench/peers              # merge and print
+Both phases resume (one JSON line per finished configuration). The quality phase judges every image
+with the shapes world's judge (paired difference to full guidance, same seed), Image-CLIPScore to
+the full-guidance image, CLIPScore, and KID / FD on CLIP features against the exact renders.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shapefirst.experiments.stages import world_prompts, world_renders
+from shapefirst.experiments.sweep import Config, passes, run_sweep, saving
+from shapefirst.results import read_jsonl
+from shapefirst.generate import GenerationResult
+from shapefirst.guidance import AdaptiveStop, GuidanceSchedule, denoiser_of, latent_input
+from shapefirst.cache import LateCache
+from shapefirst.models import load_pipeline, set_scheduler
+
+
+def run_pipe(pipe, prompts, seed, steps, scheduler, scale=7.5, call=None, **kw) -> GenerationResult:
+    """Run a pipeline (or a peer's own pipeline method) exactly as shapefirst.generate seeds it
+    (image i: generator seed + i), counting denoiser rows with a plain forward pre-hook."""
+    set_scheduler(pipe, scheduler)
+    gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
+    rows = [0]
+
+    def count(module, args, kwargs):
+        rows[0] += latent_input(args, kwargs).shape[0]
+
+    h = denoiser_of(pipe).register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        t0 = time.perf_counter()
+        images = (call or pipe)(prompt=list(prompts), num_inference_steps=steps, guidance_scale=scale,
+                                generator=gens, output_type="np", **kw).images
+        wall = time.perf_counter() - t0
+    finally:
+        h.remove()
+    n = len(prompts)
+    return GenerationResult(np.asarray(images), list(prompts), [seed + i for i in range(n)], [rows[0] / n] * n, wall)
+
+
+def cutoff_callback(ratio: float, scale: float = 7.5):
+    """diffusers' SDCFGCutoffCallback as shipped. It keeps `prompt_embeds[-1:]` (one row) after the
+    cutoff, so it only works for one image per pipeline call: with 8 prompts the next UNet call fails
+    with a batch mismatch in cross-attention. It therefore runs image by image (same seeds, same
+    images as a batch would give if it worked); its time is the sum of those calls."""
+    def run(pipe, prompts, seed, steps, scheduler):
+        from diffusers.callbacks import SDCFGCutoffCallback
+
+        rs = [run_pipe(pipe, [p], seed + i, steps, scheduler, scale,
+                       callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=ratio))
+              for i, p in enumerate(prompts)]
+        return GenerationResult(np.concatenate([r.images for r in rs]), list(prompts), [seed + i for i in range(len(prompts))],
+                                [e for r in rs for e in r.evaluations_per_image], sum(r.wall_seconds for r in rs))
+    return run
+
+
+def tgate(gate_step: int, scale: float = 7.5, sp_interval: int = 5, fi_interval: int = 1, warm_up: int = 2):
+    """The tgate package's SD pipeline method with its default intervals. It replaces the `forward`
+    of every attention module; they are restored after the call so later runs are plain."""
+    def run(pipe, prompts, seed, steps, scheduler):
+        from diffusers.models.attention_processor import Attention
+        from tgate import TgateSDLoader
+
+        TgateSDLoader(pipe)
+        try:
+            return run_pipe(pipe, prompts, seed, steps, scheduler, scale, call=pipe.tgate, gate_step=gate_step,
+                            sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up)
+        finally:
+            for m in pipe.unet.modules():
+                if isinstance(m, Attention):
+                    m.__dict__.pop("forward", None)
+                    m.__dict__.pop("cache", None)
+    return run
+
+
+def interval_steps(pipe, steps: int, scheduler: str, lo: float = 0.28, hi: float = 5.42) -> tuple[int, int]:
+    """Guidance Interval: the calls whose noise level sigma = sqrt((1 - abar) / abar) is in (lo, hi]."""
+    set_scheduler(pipe, scheduler)
+    sch = copy.deepcopy(pipe.scheduler)
+    sch.set_timesteps(steps)
+    ac = sch.alphas_cumprod[sch.timesteps.long()]
+    sigma = ((1 - ac) / ac).sqrt()
+    idx = torch.nonzero((sigma > lo) & (sigma <= hi)).flatten()
+    return int(idx.min()), int(idx.max()) + 1
+
+
+def configs(pipe, args) -> list[Config]:
+    """Per cost level f (fraction of guided calls): shapefirst's stop (paper: unconditional branch
+    after), with each late cache, and the peers at the same level; Adaptive Guidance at the given
+    thresholds (tune them to a level's average cost), Guidance Interval at its paper's interval."""
+    w, n, sch = args.guidance, args.steps, args.scheduler
+    gi0, gi1 = interval_steps(pipe, n, sch)
+    c = [Config("full", GuidanceSchedule(w), sch, n)]
+    for i, f in enumerate(args.levels):
+        k = round(f * n)
+        c.append(Config(f"shapefirst stop={f} uncond", GuidanceSchedule(w, stop=f), sch, n))
+        for spec in args.caches:
+            cache = LateCache.parse(spec)
+            c.append(Config(f"shapefirst stop={f} uncond +{cache.label}", GuidanceSchedule(w, stop=f), sch, n,
+                            cache=cache))
+        c += [Config(f"T-GATE gate_step={k} (tgate)", GuidanceSchedule(w), sch, n, run=tgate(k, w)),
+              Config(f"Step AG {f} (stop={f} cond)", GuidanceSchedule(w, stop=f, after="cond"), sch, n),
+              Config(f"diffusers SDCFGCutoffCallback({f})", GuidanceSchedule(w), sch, n, run=cutoff_callback(f, w))]
+        if i < len(args.adaptive):
+            t = args.adaptive[i]
+            c.append(Config(f"Adaptive Guidance cos>={t} (cond)",
+                            GuidanceSchedule(w, adaptive=AdaptiveStop(t), after="cond"), sch, n))
+    c.append(Config(f"Guidance Interval sigma(0.28,5.42] calls [{gi0},{gi1}) (cond)",
+                    GuidanceSchedule(w, start_step=gi0, stop_step=gi1, after="cond"), sch, n))
+    if args.only:
+        c = [x for x in c if x.name == "full" or any(s in x.name for s in args.only)]
+    return [x for x in c if not any(s in x.name for s in args.skip)]
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}")
+
+
+def table(out: Path, tolerance: float) -> str:
+    q = {r["name"]: r for r in read_jsonl(out / "quality" / "sweep.jsonl")}
+    t = {r["name"]: r for r in read_jsonl(out / "timing" / "sweep.jsonl")}
+    lines = ["| configuration | saved latency (batch 8) | evaluations | all five right | Δ all vs full [95% CI] "
+             "| worst attribute Δ lower bound | Image-CLIP | KID×1000 [95% CI] | within tolerance |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in q.items():
+        tr = t.get(name)
+        sv = f"{tr['saved_latency']:.1%}" if tr and tr.get("saved_latency") is not None else "-"
+        d = r["accuracy_delta_vs_full"]
+        worst = min((v[1], a) for a, v in d.items() if a not in ("all", "one_object"))
+        ok, why = passes(r, tolerance)
+        kid = r.get("kid_x1000")
+        lines.append(f"| {name} | {sv} | ×{r['evaluation_ratio']:.3f} | {r['accuracy']['all']:.1%} | "
+                     f"{d['all'][0]:+.3f} [{d['all'][1]:+.3f}, {d['all'][2]:+.3f}] | {worst[0]:+.3f} ({worst[1]}) | "
+                     f"{r['image_clip'][0]:.1f} | {kid[0]:.2f} [{kid[1]:.2f}, {kid[2]:.2f}] | "
+                     f"{'yes' if ok else 'no: ' + why} |")
+    r0 = next(iter(q.values()))
+    lines.append(f"\nn = {r0['n']} prompts (quality), Image-CLIP floor {r0['image_clip_floor'][0]:.1f} "
+                 f"(n={r0.get('image_clip_floor_n')}), ceiling {r0['image_clip_ceiling'][0]:.1f}; timing: "
+                 f"{next(iter(t.values()))['n'] if t else 0} prompts, batch 8, A/B adjacent per batch, median of ratios.")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("phase", choices=["quality", "timing", "table"])
+    ap.add_argument("--out", type=Path, default=Path("peers-out"))
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--scheduler", default="ddim")
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--levels", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.3])
+    ap.add_argument("--adaptive", type=lambda s: [float(x) for x in s.split(",") if x], default=[])
+    ap.add_argument("--caches", type=lambda s: [x for x in s.split(",") if x], default=[])
+    ap.add_argument("--only", type=lambda s: [x for x in s.split(";") if x], default=[],
+                    help="keep configurations whose name contains one of these (';'-separated)")
+    ap.add_argument("--skip", type=lambda s: [x for x in s.split(";") if x], default=[],
+                    help="drop configurations whose name contains one of these")
+    ap.add_argument("--floor", type=int, default=200, help="prompts for the Image-CLIP seed floor")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--tolerance", type=float, default=0.01)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.phase == "table":
+        print(table(args.out, args.tolerance))
+        return
+    from shapefirst.metrics import Clip
+    from shapefirst.models import embedded_model_path
+
+    pipe = load_pipeline("embedded")
+    prompts, targets = world_prompts(args.n, 0)
+    timing = args.phase == "timing"
+    out = args.out / args.phase
+    print(f"# {args.phase}: {machine()}", flush=True)
+    rows = run_sweep(pipe, prompts, out, targets=targets, configs=configs(pipe, args), batch=args.batch,
+                     timing_batches=10**9 if timing else 0, clip=Clip.load(embedded_model_path() / "clip"),
+                     real_images=None if timing else world_renders(args.n, 0), floor_prompts=args.floor,
+                     progress=lambda k: print(f"done {k}  ({machine()})", flush=True))
+    for r in rows:
+        sv, what = saving(r)
+        print(f"{r['name']:<58} saved {sv:6.1%} {what:<11} all-right {r['accuracy']['all']:.1%}")
+    (out / "machine.json").write_text(json.dumps({"machine": machine()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Late-stage caching: save more than one denoiser branch once guidance has stopped.
+
+After the guidance stop the text hardly matters and the image changes slowly, so parts of the
+denoiser can reuse what they computed before. Two options, each alone or combined, both active
+only in the late phase (every sample of the batch past its guided calls, as the guidance hook
+reports), so with the stop at the end nothing changes: images are bit-identical.
+
+- `cross_attention`: T-GATE style (Liu et al., TMLR 2025). At the last guided call every
+  cross-attention module's output is kept per sample ("mean": the mean of its two CFG rows, as
+  T-GATE does; "kept": the row of the branch that runs after the stop), and every later call
+  returns it instead of computing queries, attention and the output projection. The text then no
+  longer enters the denoiser at all. Families with separate cross-attention (`attn2`): SD, SDXL,
+  PixArt. SD3's joint attention mixes text and image tokens in one attention: not supported.
+- `deep_interval` N >= 2: DeepCache style (Ma et al., CVPR 2024) for UNets (SD, SDXL). In the late
+  phase the full UNet runs at the first late call and every N-th call after; in between only the
+  outermost `deep_depth` levels run (conv_in, the first down blocks, the last up blocks) and the
+  deeper blocks return what they returned at the last full call (the high-level features).
+
+Mechanism: `diffusers.hooks` ModelHooks on the attention modules and UNet blocks, which read the
+phase from the guidance hook (shapefirst.guidance) on the same pipeline: apply a guidance schedule
+first (`generate(..., cache=LateCache(...))` does both). Removal restores the plain forwards.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from .errors import ShapefirstError
+from .guidance import HOOK_NAME as GUIDANCE_HOOK, denoiser_of
+
+HOOK_NAME = "shapefirst_cache"
+CROSS_MODES = ("mean", "kept")
+
+
+@dataclass(frozen=True)
+class LateCache:
+    """What to reuse after the guidance stop (see module docstring). Default: nothing."""
+
+    cross_attention: str | None = None  # None, "mean" (T-GATE) or "kept"
+    deep_interval: int = 0  # 0 = off; N >= 2: full UNet every N-th late call
+    deep_depth: int = 1  # outer UNet levels that always run
+
+    def __post_init__(self):
+        if self.cross_attention not in (None,) + CROSS_MODES:
+            raise ShapefirstError(f"cross_attention={self.cross_attention!r} is not one of {CROSS_MODES}",
+                                  "pass 'mean' (T-GATE), 'kept' or None")
+        if int(self.deep_interval) != self.deep_interval or self.deep_interval < 0 or self.deep_interval == 1:
+            raise ShapefirstError(f"deep_interval {self.deep_interval} is not 0 (off) or an integer >= 2",
+                                  "pass e.g. 3 (the full UNet every third late call)")
+        if int(self.deep_depth) != self.deep_depth or self.deep_depth < 1:
+            raise ShapefirstError(f"deep_depth {self.deep_depth} is not an integer >= 1", "pass 1 or 2")
+
+    @property
+    def active(self) -> bool:
+        return self.cross_attention is not None or self.deep_interval >= 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def label(self) -> str:
+        """The spec `parse` reads back: 'mean', 'kept', 'deep3', 'deep3d2', 'mean+deep3', 'none'."""
+        parts = [self.cross_attention] if self.cross_attention else []
+        if self.deep_interval >= 2:
+            parts.append(f"deep{self.deep_interval}" + (f"d{self.deep_depth}" if self.deep_depth != 1 else ""))
+        return "+".join(parts) or "none"
+
+    @classmethod
+    def parse(cls, spec: str) -> "LateCache | None":
+        """'none' -> None; 'mean' / 'kept' (cross-attention reuse), 'deepN' or 'deepNdD' (DeepCache every N
+        calls, D outer levels), joined with '+': 'mean+deep3'."""
+        import re
+
+        spec = (spec or "none").strip().lower()
+        if spec in ("", "none"):
+            return None
+        kw = {}
+        for part in spec.split("+"):
+            m = re.fullmatch(r"deep(\d+)(?:d(\d+))?", part)
+            if part in CROSS_MODES and "cross_attention" not in kw:
+                kw["cross_attention"] = part
+            elif m and "deep_interval" not in kw:
+                kw["deep_interval"] = int(m.group(1))
+                kw["deep_depth"] = int(m.group(2) or 1)
+            else:
+                raise ShapefirstError(f"late-stage cache spec {spec!r} is not understood (at {part!r})",
+                                      "pass none, mean, kept, deepN (e.g. deep3) or a '+' join such as mean+deep3")
+        return cls(**kw)
+
+
+class CrossAttentionReuse(ModelHook):
+    """On one cross-attention module: record per sample at calls after which a sample may stop,
+    replay in the late phase."""
+
+    def __init__(self, guide, mode: str):
+        super().__init__()
+        self.guide, self.mode = guide, mode
+        self.cache = None  # [batch, tokens, channels]
+        self.run_ref = None
+
+    def new_forward(self, module, *args, **kwargs):
+        g = self.guide
+        if self.run_ref is not g._timesteps_ref:  # a new pipeline run: forget the last one
+            self.run_ref, self.cache = g._timesteps_ref, None
+        hs = args[0] if args else kwargs["hidden_states"]
+        if g.late and self.cache is not None and self.cache.shape[0] == g.batch:
+            return self.cache[g.row_sample.to(self.cache.device)].to(hs.dtype)
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if g.may_stop_next and not g.late:
+            self._record(out, g)
+        return out
+
+    def _record(self, out: torch.Tensor, g) -> None:
+        rs = g.row_sample.to(out.device)
+        if self.cache is None or self.cache.shape[0] != g.batch or self.cache.shape[1:] != out.shape[1:]:
+            self.cache = out.new_zeros((g.batch,) + tuple(out.shape[1:]))
+        if self.mode == "kept":  # the row of the branch that runs after the stop
+            keep = g.row_branch.to(out.device) == (1 if g.schedule.after == "cond" else 0)
+            self.cache[rs[keep]] = out[keep]
+            return
+        total = out.new_zeros(self.cache.shape).index_add_(0, rs, out)
+        count = torch.bincount(rs, minlength=g.batch).to(out.dtype).view(-1, *[1] * (out.dim() - 1))
+        have = count.flatten() > 0
+        self.cache[have] = (total / count.clamp(min=1))[have]
+
+
+class DeepSkip(ModelHook):
+    """On one deep UNet block: record its output at full late calls, replay it at shallow ones."""
+
+    def __init__(self, state):
+        super().__init__()
+        self.state = state
+        self.out = None
+
+    def new_forward(self, module, *args, **kwargs):
+        if self.state.shallow and self.out is not None:
+            return self.out
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if self.state.recording:
+            self.out = out
+        return out
+
+
+class _DeepState(ModelHook):
+    """On the UNet's conv_in (the first thing each UNet call runs, inside the guidance hook):
+    decides whether this call is full (recording) or shallow (replaying)."""
+
+    def __init__(self, guide, interval: int):
+        super().__init__()
+        self.guide, self.interval = guide, interval
+        self.shallow = self.recording = False
+        self.first_late = None
+        self.run_ref = None
+
+    def pre_forward(self, module, *args, **kwargs):
+        g = self.guide
+        if self.run_ref is not g._timesteps_ref:  # a new pipeline run
+            self.run_ref, self.first_late = g._timesteps_ref, None
+        if g.late and self.first_late is None:
+            self.first_late = g.call
+        phase = (g.call - self.first_late) % self.interval if g.late else None
+        self.recording = phase == 0
+        self.shallow = phase is not None and phase != 0
+        return args, kwargs
+
+
+def _cross_attention_modules(den) -> list:
+    from diffusers.models.attention_processor import Attention
+
+    mods = [m for n, m in den.named_modules() if isinstance(m, Attention) and m.is_cross_attention and n.endswith("attn2")]
+    if not mods:
+        raise ShapefirstError(f"{type(den).__name__} has no separate cross-attention modules (attn2) to reuse "
+                              "(SD3 mixes text and image tokens in one joint attention)",
+                              "drop cross_attention from the LateCache for this model")
+    return mods
+
+
+def _deep_blocks(den, depth: int) -> list:
+    if not (hasattr(den, "down_blocks") and hasattr(den, "up_blocks") and hasattr(den, "mid_block")):
+        raise ShapefirstError(f"deep_interval needs a UNet; {type(den).__name__} has no down/mid/up blocks",
+                              "drop deep_interval from the LateCache for this model (SD, SDXL only)")
+    n = len(den.down_blocks)
+    if depth >= n:
+        raise ShapefirstError(f"deep_depth {depth} leaves no UNet level to cache ({n} levels)",
+                              f"pass a depth between 1 and {n - 1}")
+    return list(den.down_blocks[depth:]) + [den.mid_block] + list(den.up_blocks[: n - depth])
+
+
+def apply_late_cache(pipe, cache: LateCache) -> None:
+    """Attach the cache hooks (after `apply_guidance_schedule`, which they read); replaces earlier ones."""
+    den = denoiser_of(pipe)
+    reg = getattr(den, "_diffusers_hook", None)
+    guide = reg.get_hook(GUIDANCE_HOOK) if reg is not None else None
+    if guide is None:
+        raise ShapefirstError("a late-stage cache needs a guidance schedule on the pipeline (it acts after the stop)",
+                              "apply_guidance_schedule(pipe, ...) first, or pass cache= to shapefirst.generate")
+    remove_late_cache(pipe)
+    targets = []
+    if cache.cross_attention is not None:
+        targets += [(m, CrossAttentionReuse(guide, cache.cross_attention)) for m in _cross_attention_modules(den)]
+    if cache.deep_interval >= 2:
+        blocks = _deep_blocks(den, cache.deep_depth)
+        state = _DeepState(guide, cache.deep_interval)
+        targets += [(b, DeepSkip(state)) for b in blocks]
+        targets.append((den.conv_in, state))
+    for mod, hook in targets:
+        HookRegistry.check_if_exists_or_initialize(mod).register_hook(hook, HOOK_NAME)
+
+
+def remove_late_cache(pipe) -> None:
+    for mod in denoiser_of(pipe).modules():
+        reg = getattr(mod, "_diffusers_hook", None)
+        if reg is not None and reg.get_hook(HOOK_NAME) is not None:
+            reg.remove_hook(HOOK_NAME, recurse=False)
+
+
+@contextmanager
+def late_cache(pipe, cache: LateCache | None):
+    """`with guidance_schedule(pipe, s), late_cache(pipe, LateCache(cross_attention="mean")): pipe(...)`"""
+    if cache is None or not cache.active:
+        yield
+        return
+    apply_late_cache(pipe, cache)
+    try:
+        yield
+    finally:
+        remove_late_cache(pipe)
