@@ -18,11 +18,13 @@ MODEL_HELP = "'embedded' (the shipped shapes world), a local diffusers folder, o
 
 
 def _schedule(guidance: float, stop: Optional[float], stop_step: Optional[int], after: str,
-              adaptive: Optional[float] = None, adaptive_min_call: int = 0):
+              adaptive: Optional[float] = None, adaptive_min_call: int = 0, start: Optional[float] = None,
+              start_step: Optional[int] = None):
     from .guidance import AdaptiveStop, GuidanceSchedule
 
     ad = AdaptiveStop(threshold=adaptive, min_call=adaptive_min_call) if adaptive is not None else None
-    return GuidanceSchedule(scale=guidance, stop=stop, stop_step=stop_step, after=after, adaptive=ad)
+    return GuidanceSchedule(scale=guidance, stop=stop, stop_step=stop_step, after=after, adaptive=ad, start=start,
+                            start_step=start_step)
 
 
 @app.command()
@@ -36,6 +38,9 @@ def generate(
     after: str = typer.Option("uncond", help="branch kept after the stop: uncond (the paper) or cond"),
     adaptive: Optional[float] = typer.Option(None, help="per-image stop once cos(cond, uncond) >= this, in (0, 1)"),
     adaptive_min_call: int = typer.Option(0, help="no adaptive stop before this call"),
+    guidance_start: Optional[float] = typer.Option(None, help="fraction of calls before guidance starts (an interval)"),
+    guidance_start_step: Optional[int] = typer.Option(None, help="index of the first guided denoiser call"),
+    cache: str = typer.Option("none", help="late-stage reuse after the stop: none, mean, kept, deepN, mean+deep3"),
     negative_prompt: Optional[str] = typer.Option(None, help="negative prompt"),
     scheduler: str = typer.Option("ddim", help="ddim, pndm, euler, euler-a, dpm++ or unipc"),
     seed: int = typer.Option(0, help="image i uses torch.Generator('cpu').manual_seed(seed + i)"),
@@ -51,7 +56,9 @@ def generate(
     from .models import SCHEDULERS, load_pipeline
 
     prompts = check_prompts(prompts)
-    schedule = _schedule(guidance, guidance_stop, guidance_stop_step, after, adaptive, adaptive_min_call)
+    schedule = _schedule(guidance, guidance_stop, guidance_stop_step, after, adaptive, adaptive_min_call,
+                         guidance_start, guidance_start_step)
+    late = _caches(cache)[0]
     if scheduler not in SCHEDULERS:
         raise ShapefirstError(f"unknown scheduler {scheduler!r}", f"use one of: {', '.join(SCHEDULERS)}")
     if out.exists() and not out.is_dir():
@@ -64,7 +71,8 @@ def generate(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         res = run_generate(pipe, prompts, schedule, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
-                           negative_prompt=negative_prompt, scheduler=scheduler, trace=trace, progress=True)
+                           negative_prompt=negative_prompt, scheduler=scheduler, trace=trace, progress=True,
+                           cache=late)
     for w in caught:
         if issubclass(w.category, UserWarning):
             typer.echo(f"warning: {w.message}", err=True)
@@ -187,6 +195,7 @@ def _thresholds(text: str) -> list[float]:
 
 
 def _caches(text: str) -> list:
+    """A comma list of late-cache specs -> LateCache objects (None for 'none')."""
     from .cache import LateCache
 
     return [LateCache.parse(c) for c in (text or "none").split(",")]
