@@ -228,6 +228,8 @@ def sweep(
     caches: str = typer.Option("none", help="late-stage caches to sweep: none, mean, kept, deep3, mean+deep3 (comma list)"),
     timing_batches: int = typer.Option(3, help="batches timed against full guidance (A/B adjacent); 0 = no timing"),
     clip: Optional[Path] = typer.Option(None, help="a local CLIP model folder (scores for real models)"),
+    real: Optional[Path] = typer.Option(None, help="a folder of real images: FID per configuration (needs --inception)"),
+    inception: Optional[Path] = typer.Option(None, help="FID Inception weights (.safetensors; see shapefirst.fid)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
 ):
@@ -256,9 +258,19 @@ def sweep(
         raise ShapefirstError(f"--timing-batches {timing_batches} is negative", "pass 0 (no timing) or more")
     configs = default_configs(guidance, stop_list, sched_list, step_list, adaptive=_thresholds(adaptive),
                               caches=_caches(caches))
-    pipe, ps, targets, scorer, real = _sweep_inputs(model, prompts, n, seed, clip, device, allow_pickle)
+    fid = None
+    if (real is None) != (inception is None):
+        raise ShapefirstError("--real and --inception go together (FID needs real images and the Inception weights)",
+                              "pass both, or neither")
+    if real is not None:
+        from .fid import Fid, read_image_folder
+
+        real_imgs = read_image_folder(real)
+        fid = Fid(inception, allow_pickle=allow_pickle)
+        fid.update(real_imgs, real=True)
+    pipe, ps, targets, scorer, renders = _sweep_inputs(model, prompts, n, seed, clip, device, allow_pickle)
     rows = run_sweep(pipe, ps, out, targets=targets, seed=seed, batch=batch, clip=scorer, configs=configs,
-                     timing_batches=timing_batches, real_images=real,
+                     timing_batches=timing_batches, real_images=renders, fid=fid,
                      progress=lambda key: typer.echo(f"done {key}", err=True))
     from .experiments.sweep import _distributed
 
@@ -269,7 +281,8 @@ def sweep(
         sv, what = saving(r)
         typer.echo(f"{r['key']:<36} saved {sv:6.1%} {what:<11}  evaluations x{r['evaluation_ratio']:.2f}  "
                    f"PSNR {r['psnr'][0]:5.1f}" + (f"  all-right {r['accuracy']['all']:.1%}" if "accuracy" in r else "")
-                   + (f"  KID x1000 {r['kid_x1000'][0]:.2f}" if "kid_x1000" in r else ""))
+                   + (f"  KID x1000 {r['kid_x1000'][0]:.2f}" if "kid_x1000" in r else "")
+                   + (f"  FID {r['fid']:.2f} (n={r['fid_n'][0]} vs {r['fid_n'][1]})" if "fid" in r else ""))
 
 
 @app.command()

@@ -276,7 +276,8 @@ class Fid:
             load_inception(weights, allow_pickle=allow_pickle, antialias=antialias)
         self.inception = inception
         self.batch_size = int(batch_size)
-        self.metric = tm_fid.FrechetInceptionDistance(feature=_Float01(inception), normalize=True)
+        self.metric = tm_fid.FrechetInceptionDistance(feature=_Float01(inception), normalize=True,
+                                                      reset_real_features=False)
         self.n_real = self.n_fake = 0
 
     @torch.no_grad()
@@ -296,9 +297,40 @@ class Fid:
                                   "pass more images; FID is biased at small n, so report n with every number")
         return float(self.metric.compute())
 
-    def reset(self) -> None:
+    def reset_fake(self) -> None:
+        """Forget the generated images, keep the real ones (one reference set, many configurations)."""
         self.metric.reset()
+        self.n_fake = 0
+
+    def reset(self) -> None:
+        self.metric.reset_real_features = True
+        try:
+            self.metric.reset()
+        finally:
+            self.metric.reset_real_features = False
         self.n_real = self.n_fake = 0
+
+
+def read_image_folder(folder: str | Path, size: int = 299) -> np.ndarray:
+    """Every PNG/JPEG/WebP in `folder` (sorted), RGB, resized to size x size: [N, size, size, 3] in [0, 1]."""
+    from PIL import Image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ShapefirstError(f"real-image folder {folder} does not exist or is not a folder",
+                              "pass a folder of PNG/JPEG images with --real")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if len(files) < 2:
+        raise ShapefirstError(f"real-image folder {folder} holds {len(files)} images; FID needs at least 2",
+                              "put the reference images (PNG/JPEG) in it; report n with every FID")
+    out = []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                out.append(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), np.float32) / 255.0)
+        except OSError as e:
+            raise ShapefirstError(f"cannot read image {p} ({e})", "remove or replace the file") from e
+    return np.stack(out)
 
 
 def fid(real_images, fake_images, weights, allow_pickle: bool = False, antialias: bool = True,

@@ -137,15 +137,20 @@ def distribution_distances(feats: np.ndarray, real: np.ndarray, boot: int = 50, 
 def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | None = None,
               configs: list[Config] | None = None, seed: int = 0, batch: int = 8, timing_batches: int = 3,
               clip=None, progress=None, real_images: np.ndarray | None = None,
-              floor_prompts: int | None = None) -> list[dict]:
+              floor_prompts: int | None = None, fid=None) -> list[dict]:
     """Run (or resume) the sweep. Under `accelerate launch` the batches (same makeup as a single
     process, so the same numbers) are split across processes and the main process writes.
     real_images: one image per prompt (KID/FD on CLIP features against them; needs clip).
-    floor_prompts: compute the Image-CLIPScore seed floor on the first N prompts only (default all)."""
+    floor_prompts: compute the Image-CLIPScore seed floor on the first N prompts only (default all).
+    fid: a shapefirst.fid.Fid holding the real images' features (real models): FID per configuration."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     configs = configs or default_configs()
     st = _distributed()
+    if st is not None and fid is not None:
+        from ..errors import ShapefirstError
+
+        raise ShapefirstError("FID is computed in one process only", "run the sweep without accelerate launch for FID")
     main = st is None or st.is_main_process
     done = {r["key"]: r for r in read_jsonl(out / "sweep.jsonl")}
     starts = list(range(0, len(prompts), batch))
@@ -187,6 +192,8 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
             continue
         full_s = GuidanceSchedule(cfg.schedule.scale)
         records = []
+        if fid is not None:
+            fid.reset_fake()
         for i in _mine(st, starts):
             part = prompts[i:i + batch]
             ref, m = memo_of(cfg, i)
@@ -201,6 +208,8 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
                 f = generate(pipe, part, full_s, steps=cfg.steps, seed=seed + i, scheduler=cfg.scheduler)
                 ratio = r.wall_seconds / f.wall_seconds
             per = _per_image(r.images, ref, targets[i:i + batch] if targets else None, clip, m)
+            if fid is not None:
+                fid.update(r.images, real=False)
             records.append((i, per, ratio, r.evaluations_per_image))
         records = _gather(st, records)
         per = {k: np.concatenate([rec[1][k] for rec in records]) for k in records[0][1]}
@@ -221,6 +230,8 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
             if real_images is not None:
                 real = np.concatenate([_real_feats(clip, real_images, i, batch, memo) for i in starts])
                 row.update(distribution_distances(per["feat"], real))
+        if fid is not None:
+            row["fid"], row["fid_n"] = fid.compute(), [fid.n_real, fid.n_fake]
         if targets is not None:
             attrs = [k[4:] for k in per if k.startswith("acc/")]
             row["accuracy"] = {a: float(per[f"acc/{a}"].mean()) for a in attrs}
