@@ -112,27 +112,37 @@ def interval_steps(pipe, steps: int, scheduler: str, lo: float = 0.28, hi: float
 
 def configs(pipe, args) -> list[Config]:
     """Per cost level f (fraction of guided calls): shapefirst's stop (paper: unconditional branch
-    after), with each late cache, and the peers at the same level; Adaptive Guidance at the given
-    thresholds (tune them to a level's average cost), Guidance Interval at its paper's interval."""
+    after; from the second level on with the first late cache) and the peers at the same level;
+    Adaptive Guidance at the given thresholds (tune them to a level's average cost). Then the
+    extras: the other cache/no-cache variants, Guidance Interval at its paper's interval, and
+    diffusers' callback. Ordered by priority, since a sweep finishes configurations in order."""
     w, n, sch = args.guidance, args.steps, args.scheduler
     gi0, gi1 = interval_steps(pipe, n, sch)
-    c = [Config("full", GuidanceSchedule(w), sch, n)]
+    caches = [LateCache.parse(spec) for spec in args.caches]
+    main, extra = [Config("full", GuidanceSchedule(w), sch, n)], []
+
+    def ours(f, cache):
+        name = f"shapefirst stop={f} uncond" + (f" +{cache.label}" if cache else "")
+        return Config(name, GuidanceSchedule(w, stop=f), sch, n, cache=cache)
+
     for i, f in enumerate(args.levels):
         k = round(f * n)
-        c.append(Config(f"shapefirst stop={f} uncond", GuidanceSchedule(w, stop=f), sch, n))
-        for spec in args.caches:
-            cache = LateCache.parse(spec)
-            c.append(Config(f"shapefirst stop={f} uncond +{cache.label}", GuidanceSchedule(w, stop=f), sch, n,
-                            cache=cache))
-        c += [Config(f"T-GATE gate_step={k} (tgate)", GuidanceSchedule(w), sch, n, run=tgate(k, w)),
-              Config(f"Step AG {f} (stop={f} cond)", GuidanceSchedule(w, stop=f, after="cond"), sch, n),
-              Config(f"diffusers SDCFGCutoffCallback({f})", GuidanceSchedule(w), sch, n, run=cutoff_callback(f, w))]
+        variants = [None] + caches
+        first = variants[min(i, len(variants) - 1)]
+        main.append(ours(f, first))
+        extra += [ours(f, c) for c in variants if c != first]
+        main += [Config(f"T-GATE gate_step={k} (tgate)", GuidanceSchedule(w), sch, n, run=tgate(k, w)),
+                 Config(f"Step AG {f} (stop={f} cond)", GuidanceSchedule(w, stop=f, after="cond"), sch, n)]
         if i < len(args.adaptive):
             t = args.adaptive[i]
-            c.append(Config(f"Adaptive Guidance cos>={t} (cond)",
-                            GuidanceSchedule(w, adaptive=AdaptiveStop(t), after="cond"), sch, n))
-    c.append(Config(f"Guidance Interval sigma(0.28,5.42] calls [{gi0},{gi1}) (cond)",
-                    GuidanceSchedule(w, start_step=gi0, stop_step=gi1, after="cond"), sch, n))
+            main.append(Config(f"Adaptive Guidance cos>={t} (cond)",
+                               GuidanceSchedule(w, adaptive=AdaptiveStop(t), after="cond"), sch, n))
+        extra.append(Config(f"diffusers SDCFGCutoffCallback({f})", GuidanceSchedule(w), sch, n,
+                            run=cutoff_callback(f, w)))
+    extra.insert(len(caches) * len(args.levels), Config(
+        f"Guidance Interval sigma(0.28,5.42] calls [{gi0},{gi1}) (cond)",
+        GuidanceSchedule(w, start_step=gi0, stop_step=gi1, after="cond"), sch, n))
+    c = main + extra
     if args.only:
         c = [x for x in c if x.name == "full" or any(s in x.name for s in args.only)]
     return [x for x in c if not any(s in x.name for s in args.skip)]
