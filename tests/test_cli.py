@@ -154,3 +154,26 @@ def test_corrupt_safetensors_is_refused(tiny_pipe, tmp_path, capsys):
     w.write_bytes(b"not a safetensors file at all")
     code, err = run(["generate", "x", "--model", folder, "--out", tmp_path / "o"], capsys)
     assert code == 2 and "corrupt" in err
+
+
+def test_calibrate_ranks_stops_adaptive_and_caches_and_prints_a_runnable_snippet(tmp_path, capsys):
+    """On the embedded model (few prompts, 4 steps): every candidate gets a verdict line, the
+    recommendation (if any) is the fastest passing one and its snippet runs."""
+    out = tmp_path / "cal"
+    code = main(["calibrate", "--n", "8", "--steps", "4", "--stops", "0.5", "--adaptive", "0.9995",
+                 "--caches", "none,mean", "--modes", "uncond", "--timing-batches", "0", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0
+    verdicts = [line for line in text.splitlines() if line.startswith(("PASS", "fail"))]
+    names = ["stop=0.5 uncond", "stop=0.5 uncond +mean", "adaptive=0.9995 uncond", "adaptive=0.9995 uncond +mean"]
+    assert sorted(line[5:].split(" saved ")[0].strip() for line in verdicts) == sorted(f"ddim/4/{n}" for n in names)
+    assert (out / "sweep.jsonl").exists() and (out / "pareto.png").exists()
+    if "recommended:" in text:
+        code_text = text.split("recommended:")[1].split("\n\n", 1)[1]
+        from shapefirst.models import load_pipeline
+
+        env = {"pipe": load_pipeline("embedded"), "prompts": ["a red circle"]}
+        exec(code_text.replace("num_inference_steps=4", "num_inference_steps=2"), env)
+        assert len(env["images"]) == 1
+    else:
+        assert "keep full guidance" in text

@@ -296,6 +296,7 @@ def calibrate(
     adaptive: str = typer.Option("", help="candidate adaptive-stop thresholds, e.g. 0.99,0.995"),
     caches: str = typer.Option("none", help="candidate late-stage caches: none, mean, kept, deep3, mean+deep3"),
     modes: str = typer.Option("uncond,cond", help="branches kept after the stop"),
+    timing_batches: int = typer.Option(3, help="batches timed against full guidance; 0 = rank by saved evaluations"),
     scheduler: str = typer.Option("ddim", help="scheduler"),
     steps: int = typer.Option(50, help="denoising steps"),
     guidance: float = typer.Option(7.5, help="classifier-free guidance scale"),
@@ -319,7 +320,10 @@ def calibrate(
     configs = default_configs(guidance, stop_list, (scheduler,), (steps,), modes=mode_list,
                               adaptive=_thresholds(adaptive), caches=_caches(caches))
     pipe, ps, targets, scorer, real = _sweep_inputs(model, prompts, n, 0, clip, device, False)
-    rows = run_sweep(pipe, ps, out, targets=targets, batch=batch, clip=scorer, configs=configs, real_images=real)
+    if timing_batches < 0:
+        raise ShapefirstError(f"--timing-batches {timing_batches} is negative", "pass 0 (no timing) or more")
+    rows = run_sweep(pipe, ps, out, targets=targets, batch=batch, clip=scorer, configs=configs, real_images=real,
+                     timing_batches=timing_batches)
     best, verdicts = pick(rows, tolerance)
     for r, ok, why in verdicts:
         typer.echo(f"{'PASS' if ok else 'fail'} {r['key']:<36} saved {saving(r)[0]:6.1%}  {why}")
