@@ -98,6 +98,10 @@ def test_peer_runs_cache_configs_distances_and_bounds(tiny_pipe, tmp_path):
     for r in lines.values():
         assert r["image_clip_floor"] and r["image_clip_ceiling"][0] == pytest.approx(100.0, abs=1e-3)
     assert rows[-1]["key"] == "ddim/4/cached"
+    from shapefirst.experiments.sweep import paired_difference, per_image
+
+    raw = per_image(tmp_path / "s", lines["peer"])
+    assert np.isclose(raw["l1"].mean(), lines["peer"]["l1"][0]) and raw["feat"].shape[0] == len(PROMPTS)
 
 
 def test_default_configs_and_snippets_run(tiny_pipe):
@@ -116,3 +120,16 @@ def test_default_configs_and_snippets_run(tiny_pipe):
                                          "output_type='np'"), env)
         want = generate(tiny_pipe, PROMPTS[:1], c.schedule, steps=4, cache=c.cache).images
         assert np.array_equal(env["images"], want), code
+
+
+def test_paired_difference_between_rows(tmp_path):
+    from shapefirst.experiments.sweep import _save_per_image, paired_difference
+
+    a = {"acc/all": np.array([1, 1, 0, 1.0]), "l1": np.zeros(4)}
+    b = {"acc/all": np.array([1, 0, 0, 0.0]), "l1": np.zeros(4)}
+    for name, per in (("a", a), ("b", b)):
+        _save_per_image(tmp_path / f"{name}.safetensors", per)
+    ra, rb = {"per_image_file": "a.safetensors"}, {"per_image_file": "b.safetensors"}
+    m, lo, hi = paired_difference(tmp_path, ra, rb)
+    assert m == pytest.approx(0.5) and lo < 0.5 < hi
+    assert paired_difference(tmp_path, ra, ra) == (0.0, 0.0, 0.0)

@@ -236,8 +236,10 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
             attrs = [k[4:] for k in per if k.startswith("acc/")]
             row["accuracy"] = {a: float(per[f"acc/{a}"].mean()) for a in attrs}
             row["accuracy_delta_vs_full"] = {a: mean_ci(per[f"delta/{a}"]) for a in attrs}
+        row["per_image_file"] = f"per_image/{_slug(cfg.key)}.safetensors"
         row = json.loads(json.dumps(row))  # the same values a resumed run reads back
-        if main:
+        if main:  # raw per-image values first (paired comparisons between any two rows), then the line
+            _save_per_image(out / row["per_image_file"], per)
             append_jsonl(out / "sweep.jsonl", row)
         if st is not None:
             st.wait_for_everyone()
@@ -249,6 +251,33 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
     if st is not None:
         st.wait_for_everyone()
     return rows
+
+
+def _slug(key: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", key)
+
+
+def _save_per_image(path: Path, per: dict) -> None:
+    from safetensors.torch import save
+
+    tensors = {k.replace("/", "."): torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in per.items()}
+    atomic_write_bytes(path, save(tensors))
+
+
+def per_image(out: str | Path, row: dict) -> dict[str, np.ndarray]:
+    """The per-image values behind a sweep row (l1, psnr, image_clip, clip_score, feat, acc/A, delta/A)."""
+    from safetensors.torch import load_file
+
+    return {k.replace(".", "/", 1) if k.startswith(("acc.", "delta.")) else k: v.numpy()
+            for k, v in load_file(str(Path(out) / row["per_image_file"])).items()}
+
+
+def paired_difference(out: str | Path, a: dict, b: dict, attribute: str = "all") -> tuple[float, float, float]:
+    """Mean and 95% CI of (accuracy of row a - accuracy of row b) over the same prompts and seeds."""
+    pa, pb = per_image(out, a), per_image(out, b)
+    return mean_ci(pa[f"acc/{attribute}"] - pb[f"acc/{attribute}"])
 
 
 def _real_feats(clip, real_images, i, batch, memo) -> np.ndarray:
