@@ -150,9 +150,8 @@ def configs(pipe, args) -> list[Config]:
         extra.append(Config(f"diffusers SDCFGCutoffCallback({f})", GuidanceSchedule(w), sch, n,
                             run=cutoff_callback(f, w)))
     extra.append(Config("full, image by image", GuidanceSchedule(w), sch, n, run=one_by_one(w)))
-    extra.insert(len(caches) * len(args.levels), Config(
-        f"Guidance Interval sigma(0.28,5.42] calls [{gi0},{gi1}) (cond)",
-        GuidanceSchedule(w, start_step=gi0, stop_step=gi1, after="cond"), sch, n))
+    main.append(Config(f"Guidance Interval sigma(0.28,5.42] calls [{gi0},{gi1}) (cond)",
+                       GuidanceSchedule(w, start_step=gi0, stop_step=gi1, after="cond"), sch, n))
     c = main + extra
     if args.only:
         c = [x for x in c if x.name == "full" or any(s in x.name for s in args.only)]
