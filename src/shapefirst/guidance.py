@@ -111,22 +111,16 @@ class GuidanceSchedule:
     def __post_init__(self):
         if self.scale is None or math.isnan(self.scale) or self.scale < 0:
             raise ShapefirstError(f"guidance scale {self.scale} is not a number >= 0", "pass e.g. --guidance 7.5")
-        if self.stop is not None and self.stop_step is not None:
-            raise ShapefirstError("both a stop fraction and a stop step were given", "pass only one of them")
-        if self.stop is not None and (math.isnan(self.stop) or not 0.0 <= self.stop <= 1.0):
-            raise ShapefirstError(f"guidance stop {self.stop} is outside [0, 1]",
-                                  "pass a fraction of the denoiser calls, e.g. 0.5")
-        if self.stop_step is not None and (int(self.stop_step) != self.stop_step or self.stop_step < 0):
-            raise ShapefirstError(f"guidance stop step {self.stop_step} is not an integer >= 0",
-                                  "pass the index of the first unguided denoiser call")
-        if self.start is not None and self.start_step is not None:
-            raise ShapefirstError("both a start fraction and a start step were given", "pass only one of them")
-        if self.start is not None and (math.isnan(self.start) or not 0.0 <= self.start <= 1.0):
-            raise ShapefirstError(f"guidance start {self.start} is outside [0, 1]",
-                                  "pass a fraction of the denoiser calls, e.g. 0.2")
-        if self.start_step is not None and (int(self.start_step) != self.start_step or self.start_step < 0):
-            raise ShapefirstError(f"guidance start step {self.start_step} is not an integer >= 0",
-                                  "pass the index of the first guided denoiser call")
+        for what, frac, step, eg, first in (("stop", self.stop, self.stop_step, 0.5, "unguided"),
+                                            ("start", self.start, self.start_step, 0.2, "guided")):
+            if frac is not None and step is not None:
+                raise ShapefirstError(f"both a {what} fraction and a {what} step were given", "pass only one of them")
+            if frac is not None and (math.isnan(frac) or not 0.0 <= frac <= 1.0):
+                raise ShapefirstError(f"guidance {what} {frac} is outside [0, 1]",
+                                      f"pass a fraction of the denoiser calls, e.g. {eg}")
+            if step is not None and (int(step) != step or step < 0):
+                raise ShapefirstError(f"guidance {what} step {step} is not an integer >= 0",
+                                      f"pass the index of the first {first} denoiser call")
         if self.start is not None and self.stop is not None and self.start > self.stop:
             raise ShapefirstError(f"guidance start {self.start} is after the stop {self.stop}",
                                   "pass start <= stop (the guided interval is [start, stop))")
