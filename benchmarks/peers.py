@@ -12,7 +12,8 @@ ships modular pipelines for SDXL and SD3 but none for SD 1.x, the embedded model
 CFG inside [start, stop) and the conditional branch outside, is GuidanceSchedule(start, stop,
 after="cond")).
 
-Two phases, so that quality can run on a busy machine and timing alone:
+Needs `pip install tgate==1.0.0` (it pulls DeepCache 0.1.1; runs with diffusers 0.42). Two phases, so that
+quality can run on a busy machine and timing alone:
     python benchmarks/peers.py quality --n 1000 --out /work/bench/peers   # no timing (deterministic)
     python benchmarks/peers.py timing --n 40 --out /work/bench/peers      # run ALONE: A/B adjacent timing
     python benchmarks/peers.py table --out /work/bench/peers              # merge and print
