@@ -66,6 +66,13 @@ def run_pipe(pipe, prompts, seed, steps, scheduler, scale=7.5, call=None, **kw) 
     return GenerationResult(np.asarray(images), list(prompts), [seed + i for i in range(n)], [rows[0] / n] * n, wall)
 
 
+def image_by_image(pipe, prompts, seed, steps, scheduler, scale=7.5, **kw) -> GenerationResult:
+    """run_pipe one prompt per call (image i keeps seed + i); the time is the sum of the calls."""
+    rs = [run_pipe(pipe, [p], seed + i, steps, scheduler, scale, **kw) for i, p in enumerate(prompts)]
+    return GenerationResult(np.concatenate([r.images for r in rs]), list(prompts), [seed + i for i in range(len(prompts))],
+                            [e for r in rs for e in r.evaluations_per_image], sum(r.wall_seconds for r in rs))
+
+
 def cutoff_callback(ratio: float, scale: float = 7.5):
     """diffusers' SDCFGCutoffCallback as shipped. It keeps `prompt_embeds[-1:]` (one row) after the
     cutoff, so it only works for one image per pipeline call: with 8 prompts the next UNet call fails
@@ -74,20 +81,15 @@ def cutoff_callback(ratio: float, scale: float = 7.5):
     def run(pipe, prompts, seed, steps, scheduler):
         from diffusers.callbacks import SDCFGCutoffCallback
 
-        rs = [run_pipe(pipe, [p], seed + i, steps, scheduler, scale,
-                       callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=ratio))
-              for i, p in enumerate(prompts)]
-        return GenerationResult(np.concatenate([r.images for r in rs]), list(prompts), [seed + i for i in range(len(prompts))],
-                                [e for r in rs for e in r.evaluations_per_image], sum(r.wall_seconds for r in rs))
+        return image_by_image(pipe, prompts, seed, steps, scheduler, scale,
+                              callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=ratio))
     return run
 
 
 def one_by_one(scale: float = 7.5):
     """Full guidance one image per pipeline call: the time base of the callback (which cannot batch)."""
     def run(pipe, prompts, seed, steps, scheduler):
-        rs = [run_pipe(pipe, [p], seed + i, steps, scheduler, scale) for i, p in enumerate(prompts)]
-        return GenerationResult(np.concatenate([r.images for r in rs]), list(prompts), [seed + i for i in range(len(prompts))],
-                                [e for r in rs for e in r.evaluations_per_image], sum(r.wall_seconds for r in rs))
+        return image_by_image(pipe, prompts, seed, steps, scheduler, scale)
     return run
 
 

@@ -195,6 +195,7 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
             rows.append(done[cfg.key])
             continue
         full_s = GuidanceSchedule(cfg.schedule.scale)
+        n_calls = _calls(pipe, cfg)
         records = []
         if fid is not None:
             fid.reset_fake()
@@ -204,7 +205,7 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
             timed = i // batch < timing_batches
             if cfg.run is None and cfg.cache is None and not cfg.schedule.stops and not timed:
                 # full guidance untimed: its images ARE the cached reference (same seeds, same computation)
-                r = GenerationResult(ref, part, [], [2 * _calls(pipe, cfg)] * len(part), 0.0)
+                r = GenerationResult(ref, part, [], [2 * n_calls] * len(part), 0.0)
             else:
                 r = cfg.generate(pipe, part, seed + i)
             ratio = None
@@ -226,7 +227,7 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
                "saved_latency": 1 - statistics.median(ratios) if ratios else None,
                "evaluations_per_image": float(np.mean(evals)),
                "l1": mean_ci(per["l1"]), "psnr": mean_ci(per["psnr"])}
-        row["evaluation_ratio"] = row["evaluations_per_image"] / (2.0 * _calls(pipe, cfg))
+        row["evaluation_ratio"] = row["evaluations_per_image"] / (2.0 * n_calls)
         if clip is not None:
             row["image_clip"] = mean_ci(per["image_clip"])
             row["clip_score"] = mean_ci(per["clip_score"])
