@@ -23,7 +23,8 @@ import torch
 from shapefirst.experiments import run_analysis
 from shapefirst.experiments.attention import run_attention
 from shapefirst.experiments.eos_swap import encode_prompts, eos_switch, run_eos_swap, swapped
-from shapefirst.experiments.stages import run_stages, world_prompts
+from shapefirst.experiments.stages import run_stages
+from shapefirst.world.prompts import world_prompts
 from shapefirst.guidance import GuidanceSchedule
 from shapefirst.metrics import Clip
 from shapefirst.models import embedded_model_path, load_pipeline

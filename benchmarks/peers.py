@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shapefirst.experiments.stages import world_prompts, world_renders
+from shapefirst.world.prompts import world_prompts, world_renders
 from shapefirst.experiments.sweep import (Config, distribution_distances, paired_difference, passes, per_image,
                                           run_sweep, saving)
 from shapefirst.results import read_jsonl

@@ -65,13 +65,56 @@ def places(tmp_path_factory, tiny_folder, tiny_pipe):
     p["bad_pairs"] = root / "pairs.txt"
     p["bad_pairs"].write_text("a red circle || a blue square\nno separator here\n")
     p["long"] = " ".join(["red"] * 100)
+    _more_places(p, root, tiny_folder)
     return p
+
+
+def _more_places(p, root, tiny_folder):
+    import json
+    import shutil
+
+    from shapefirst.tiny import tiny_sd_pipeline
+
+    os.mkfifo(root / "fifo")
+    p["fifo"] = root / "fifo"
+    p["prompts"] = root / "prompts.txt"
+    p["prompts"].write_text("a red circle\na blue square\n")
+    p["user_dir"] = root / "user_dir"
+    p["user_dir"].mkdir()
+    (p["user_dir"] / "thesis.tex").write_text("precious")
+    for name, edit in (("no_unet", lambda d: shutil.rmtree(d / "unet")),
+                       ("no_tok", lambda d: [f.unlink() for f in (d / "tokenizer").iterdir() if f.name != "tokenizer_config.json"]),
+                       ("bad_width", lambda d: _edit(d / "unet" / "config.json", cross_attention_dim=48)),
+                       ("bad_shape", lambda d: _edit(d / "unet" / "config.json", block_out_channels=[32, 64]))):
+        shutil.copytree(tiny_folder, root / name)
+        edit(root / name)
+        p[name] = root / name
+    p["u2028_pairs"] = root / "u2028.txt"
+    p["u2028_pairs"].write_text("a red\u2028circle || a blue square\n", encoding="utf-8")
+    tiny_sd_pipeline(seed=1, folder=root / "other_tok").save_pretrained(root / "other_model")
+    p["other_model"] = root / "other_model"
+    for name, argv in (("gen_dir", ["generate", "x", "--model", tiny_folder, "--steps", "2"]),
+                       ("sweep_dir", ["sweep", "--model", tiny_folder, "--prompts", p["prompts"], "--n", "2", "--steps", "2",
+                                      "--stops", "0.5", "--schedulers", "ddim", "--timing-batches", "0"]),
+                       ("analysis_dir", ["analyze", "frequency", "--model", tiny_folder, "--prompts", p["prompts"],
+                                         "--steps", "2", "--n", "2"])):
+        p[name] = root / name
+        assert main([str(a) for a in argv] + ["--out", str(p[name])]) == 0
+    json.dumps({})
+
+
+def _edit(path, **changes):
+    import json
+
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
 
 
 @pytest.mark.parametrize("command,message,code", rows())
 def test_bad_input_row(places, tmp_path, capsys, monkeypatch, command, message, code):
     out = tmp_path / "out"
-    argv = shlex.split(command.format(out=out, **places))
+    argv = [a.replace("\\x00", "\x00") for a in shlex.split(command.format(out=out, **places))]
     if "disk full" in message or "free disk space" in message:
         def full(fd):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -88,3 +131,5 @@ def test_bad_input_row(places, tmp_path, capsys, monkeypatch, command, message, 
         assert len(lines) == 1, err
         assert lines[0].startswith("error: ")
         assert not out.exists() or not any(out.rglob("*")), list(out.rglob("*"))
+    assert (places["user_dir"] / "thesis.tex").read_text() == "precious"
+    assert not list(places["user_dir"].parent.glob("*.tmp"))

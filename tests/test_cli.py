@@ -177,3 +177,15 @@ def test_calibrate_ranks_stops_adaptive_and_caches_and_prints_a_runnable_snippet
         assert len(env["images"]) == 1
     else:
         assert "keep full guidance" in text
+
+
+def test_ci_runs_the_readmes_quickstart_test_command():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    quick = (root / "README.md").read_text().split("## Quickstart")[1].split("##")[0]
+    commands = [ln.strip() for ln in quick.splitlines() if ln.startswith("    ")]
+    assert len(commands) == 2
+    ci = [ln.strip().replace(" -q", "") for ln in (root / ".ci" / "run").read_text().splitlines()]
+    assert commands[1] in ci
+    assert (root / "scripts" / "browser-deps.sh").exists()

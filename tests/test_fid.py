@@ -188,3 +188,20 @@ def _one(tmp_path):
 
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(d / "a.png")
     return d
+
+
+def test_the_torch_fidelity_shim_is_the_real_package_and_nothing_else():
+    """The one shim (fid._import_fidelity_inception): where `import torch_fidelity` fails (torchvision
+    missing), the real package is registered from its own spec without its __init__; the Inception is
+    torch-fidelity's class, reached through torchmetrics' public NoTrainInceptionV3."""
+    import importlib.util
+    import sys
+
+    tm_fid = fidmod._torchmetrics_fid()
+    spec = importlib.util.find_spec("torch_fidelity.feature_extractor_inceptionv3")
+    pkg = sys.modules["torch_fidelity"]
+    assert list(pkg.__path__) == list(importlib.util.find_spec("torch_fidelity").submodule_search_locations)
+    base = sys.modules["torch_fidelity.feature_extractor_inceptionv3"].FeatureExtractorInceptionV3
+    assert spec.origin.endswith("feature_extractor_inceptionv3.py")
+    assert issubclass(fidmod._inception_class(), tm_fid.NoTrainInceptionV3)
+    assert issubclass(tm_fid.NoTrainInceptionV3, base)

@@ -18,8 +18,8 @@ Layers per family (`cross_attention_layers`):
   (tokens.denoiser_token_info gives the matching classes). Text queries are not captured.
 
 Rows (the CFG batch is [uncond rows, cond rows]): per call, every row is labelled with its branch
-and image. With the shapefirst guidance hook on the denoiser, the labels come from its state (a
-guidance stop runs only some rows). Without it: CFG (guidance.cfg_active on the call's latent input:
+and image. With the shapefirst guidance hook on the denoiser, the labels come from the RunState it
+shares (`guidance.run_state_of`: the current call's row layout; a guidance stop runs only some rows). Without it: CFG (guidance.cfg_active on the call's latent input:
 the pipeline's do_classifier_free_guidance, or for PixArt equal latent halves; capturing a bare
 denoiser module: an even row count > 1) and rows == 2N -> first N uncond, last N cond, with
 N = n_images or rows // 2; no CFG -> every row is cond of its image; anything else is unlabelled.
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ShapefirstError
-from .results import atomic_write_bytes, atomic_write_text
+from .results import atomic_write_bytes, atomic_write_text, strict_dumps
 from .tokens import TOKEN_CLASSES, TokenInfo
 
 KEEP_CHOICES = ("mean", "per_head", "none")
@@ -200,21 +200,18 @@ class AttentionCapture:
 
     def _labels(self, rows: int) -> tuple[int, list[str]]:
         """Images of this call and "branch:image" of every row (see the module docstring)."""
-        from .guidance import HOOK_NAME
+        from .guidance import run_state_of
 
-        reg = getattr(self.denoiser, "_diffusers_hook", None)
-        hook = reg.get_hook(HOOK_NAME) if reg is not None else None
+        st = run_state_of(self.denoiser) if self.denoiser is not None else None
+        st = st if st is not None and st.layout is not None else None  # the shared RunState, if any
         flag = self._cfg[-1] if self._cfg else None
-        if hook is not None and flag:  # the pipeline passed 2N rows; the hook ran only the needed ones
-            n, guided = hook.batch, hook.guided_now()
-            kept = torch.arange(n) + (n if hook.schedule.after == "cond" else 0)
-            run = torch.arange(2 * n) if bool(guided.all()) else torch.sort(torch.cat(
-                [torch.arange(n)[guided], torch.arange(n)[guided] + n, kept[~guided]])).values
+        if st is not None and flag:  # the pipeline passed 2N rows; the hook ran only the needed ones
+            n, run = st.batch, st.layout.run
         elif not (rows % 2 == 0 and rows > 1 if flag is None else flag):
             return rows, [f"cond:{r}" for r in range(rows)]
         else:
             n, run = self.n_images or rows // 2, torch.arange(rows)
-        if len(run) != rows or len(run) > 2 * n or (hook is None and rows != 2 * n):
+        if len(run) != rows or len(run) > 2 * n or (st is None and rows != 2 * n):
             return n, ["?"] * rows
         return n, [f"uncond:{r}" if r < n else f"cond:{r - n}" for r in run.tolist()]
 
@@ -380,7 +377,7 @@ class AttentionCapture:
                 "layers": self.layers, "spatial": self.spatial, "heads": self.heads, "row_labels": self.row_labels,
                 "calls": sorted(self.calls) if self.calls is not None else None}
         atomic_write_bytes(Path(folder) / "attention.safetensors", save(t))  # arrays first, metadata last
-        atomic_write_text(Path(folder) / "attention.json", json.dumps(meta, indent=2))
+        atomic_write_text(Path(folder) / "attention.json", strict_dumps(meta, indent=2))
         return Path(folder)
 
     @classmethod

@@ -17,8 +17,11 @@ reports), so with the stop at the end nothing changes: images are bit-identical.
   deeper blocks return what they returned at the last full call (the high-level features).
 
 Mechanism: `diffusers.hooks` ModelHooks on the attention modules and UNet blocks, which read the
-phase from the guidance hook (shapefirst.guidance) on the same pipeline: apply a guidance schedule
-first (`generate(..., cache=LateCache(...))` does both). Removal restores the plain forwards.
+phase from the RunState (shapefirst.guidance) that the guidance hook on the same pipeline shares:
+apply a guidance schedule first (`generate(..., cache=LateCache(...))` does both). A schedule that
+replaces it keeps the RunState, so the caches follow the new schedule; removing the schedule removes
+the caches. Every cache hook is stateful (`reset_state` clears what it kept; every new run resets
+them). Removal restores the plain forwards.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .errors import ShapefirstError
-from .guidance import HOOK_NAME as GUIDANCE_HOOK, denoiser_of
+from .guidance import denoiser_of, run_state_of
 
 HOOK_NAME = "shapefirst_cache"
 CROSS_MODES = ("mean", "kept")
@@ -93,47 +96,56 @@ class LateCache:
 
 class CrossAttentionReuse(ModelHook):
     """On one cross-attention module: record per sample at calls after which a sample may stop,
-    replay in the late phase."""
+    replay in the late phase. Reads the pipeline's RunState; its cache is cleared by `reset_state`
+    (at every new run)."""
 
-    def __init__(self, guide, mode: str):
+    _is_stateful = True
+
+    def __init__(self, state, mode: str):
         super().__init__()
-        self.guide, self.mode = guide, mode
+        self.state, self.mode = state, mode
         self.cache = None  # [batch, tokens, channels]
-        self.run_ref = None
+
+    def reset_state(self, module):
+        self.cache = None
+        return module
 
     def new_forward(self, module, *args, **kwargs):
-        g = self.guide
-        if self.run_ref is not g._timesteps_ref:  # a new pipeline run: forget the last one
-            self.run_ref, self.cache = g._timesteps_ref, None
+        st = self.state
         hs = args[0] if args else kwargs["hidden_states"]
-        if g.late and self.cache is not None and self.cache.shape[0] == g.batch:
-            return self.cache[g.row_sample.to(self.cache.device)].to(hs.dtype)
+        if st.late and self.cache is not None and self.cache.shape[0] == st.batch:
+            return self.cache.index_select(0, st.row_sample.to(self.cache.device)).to(hs.dtype)
         out = self.fn_ref.original_forward(*args, **kwargs)
-        if g.may_stop_next and not g.late:
-            self._record(out, g)
+        if st.may_stop_next and not st.late:
+            self._record(out, st)
         return out
 
-    def _record(self, out: torch.Tensor, g) -> None:
-        rs = g.row_sample.to(out.device)
-        if self.cache is None or self.cache.shape[0] != g.batch or self.cache.shape[1:] != out.shape[1:]:
-            self.cache = out.new_zeros((g.batch,) + tuple(out.shape[1:]))
+    def _record(self, out: torch.Tensor, st) -> None:
+        lay = st.layout
+        if self.cache is None or self.cache.shape[0] != st.batch or self.cache.shape[1:] != out.shape[1:]:
+            self.cache = out.new_zeros((st.batch,) + tuple(out.shape[1:]))
         if self.mode == "kept":  # the row of the branch that runs after the stop
-            keep = g.row_branch.to(out.device) == (1 if g.schedule.after == "cond" else 0)
-            self.cache[rs[keep]] = out[keep]
+            self.cache.index_copy_(0, lay.kept_sample, out.index_select(0, lay.kept_pos))
             return
-        total = out.new_zeros(self.cache.shape).index_add_(0, rs, out)
-        count = torch.bincount(rs, minlength=g.batch).to(out.dtype).view(-1, *[1] * (out.dim() - 1))
-        have = count.flatten() > 0
-        self.cache[have] = (total / count.clamp(min=1))[have]
+        shape = (-1,) + (1,) * (out.dim() - 1)
+        total = out.new_zeros(self.cache.shape).index_add_(0, lay.row_sample, out)
+        count = lay.sample_count.to(out.dtype).view(shape)
+        self.cache = torch.where(count > 0, total / count.clamp(min=1), self.cache)
 
 
 class DeepSkip(ModelHook):
     """On one deep UNet block: record its output at full late calls, replay it at shallow ones."""
 
+    _is_stateful = True
+
     def __init__(self, state):
         super().__init__()
         self.state = state
         self.out = None
+
+    def reset_state(self, module):
+        self.out = None
+        return module
 
     def new_forward(self, module, *args, **kwargs):
         if self.state.shallow and self.out is not None:
@@ -148,20 +160,24 @@ class _DeepState(ModelHook):
     """On the UNet's conv_in (the first thing each UNet call runs, inside the guidance hook):
     decides whether this call is full (recording) or shallow (replaying)."""
 
-    def __init__(self, guide, interval: int):
+    _is_stateful = True
+
+    def __init__(self, run_state, interval: int):
         super().__init__()
-        self.guide, self.interval = guide, interval
+        self.run_state, self.interval = run_state, interval
         self.shallow = self.recording = False
         self.first_late = None
-        self.run_ref = None
+
+    def reset_state(self, module):
+        self.shallow = self.recording = False
+        self.first_late = None
+        return module
 
     def pre_forward(self, module, *args, **kwargs):
-        g = self.guide
-        if self.run_ref is not g._timesteps_ref:  # a new pipeline run
-            self.run_ref, self.first_late = g._timesteps_ref, None
-        if g.late and self.first_late is None:
-            self.first_late = g.call
-        phase = (g.call - self.first_late) % self.interval if g.late else None
+        st = self.run_state
+        if st.late and self.first_late is None:
+            self.first_late = st.call
+        phase = (st.call - self.first_late) % self.interval if st.late else None
         self.recording = phase == 0
         self.shallow = phase is not None and phase != 0
         return args, kwargs
@@ -190,31 +206,31 @@ def _deep_blocks(den, depth: int) -> list:
 
 
 def apply_late_cache(pipe, cache: LateCache) -> None:
-    """Attach the cache hooks (after `apply_guidance_schedule`, which they read); replaces earlier ones."""
+    """Attach the cache hooks (after `apply_guidance_schedule`: they read its RunState, and follow a
+    schedule that replaces it; `remove_guidance_schedule` removes them too); replaces earlier ones."""
     den = denoiser_of(pipe)
-    reg = getattr(den, "_diffusers_hook", None)
-    guide = reg.get_hook(GUIDANCE_HOOK) if reg is not None else None
-    if guide is None:
+    state = run_state_of(pipe)
+    if state is None:
         raise ShapefirstError("a late-stage cache needs a guidance schedule on the pipeline (it acts after the stop)",
                               "apply_guidance_schedule(pipe, ...) first, or pass cache= to shapefirst.generate")
     remove_late_cache(pipe)
     targets = []
     if cache.cross_attention is not None:
-        targets += [(m, CrossAttentionReuse(guide, cache.cross_attention)) for m in _cross_attention_modules(den)]
+        targets += [(m, CrossAttentionReuse(state, cache.cross_attention)) for m in _cross_attention_modules(den)]
     if cache.deep_interval >= 2:
         blocks = _deep_blocks(den, cache.deep_depth)
-        state = _DeepState(guide, cache.deep_interval)
-        targets += [(b, DeepSkip(state)) for b in blocks]
-        targets.append((den.conv_in, state))
+        deep = _DeepState(state, cache.deep_interval)
+        targets += [(b, DeepSkip(deep)) for b in blocks]
+        targets.append((den.conv_in, deep))
     for mod, hook in targets:
         HookRegistry.check_if_exists_or_initialize(mod).register_hook(hook, HOOK_NAME)
+    HookRegistry.check_if_exists_or_initialize(den).invalidate_child_registries_cache()
 
 
 def remove_late_cache(pipe) -> None:
-    for mod in denoiser_of(pipe).modules():
-        reg = getattr(mod, "_diffusers_hook", None)
-        if reg is not None and reg.get_hook(HOOK_NAME) is not None:
-            reg.remove_hook(HOOK_NAME, recurse=False)
+    reg = HookRegistry.check_if_exists_or_initialize(denoiser_of(pipe))
+    reg.remove_hook(HOOK_NAME, recurse=True)
+    reg.invalidate_child_registries_cache()
 
 
 @contextmanager

@@ -1,20 +1,23 @@
 """The `shapefirst` command line: parses arguments and calls the library; nothing else."""
 from __future__ import annotations
 
-import json
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from . import checks
 from .errors import ShapefirstError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Explain and accelerate text-to-image diffusion: shape first, details later.")
 
 MODEL_HELP = "'embedded' (the shipped shapes world), a local diffusers folder, or a hub id"
+GUIDANCE_HELP = "classifier-free guidance scale w (default: the embedded model's recommended scale, else 7.5)"
 
 
 def _schedule(guidance: float, stop: Optional[float], stop_step: Optional[int], after: str,
@@ -22,6 +25,7 @@ def _schedule(guidance: float, stop: Optional[float], stop_step: Optional[int], 
               start_step: Optional[int] = None):
     from .guidance import AdaptiveStop, GuidanceSchedule
 
+    checks.count(adaptive_min_call, "--adaptive-min-call")
     ad = AdaptiveStop(threshold=adaptive, min_call=adaptive_min_call) if adaptive is not None else None
     return GuidanceSchedule(scale=guidance, stop=stop, stop_step=stop_step, after=after, adaptive=ad, start=start,
                             start_step=start_step)
@@ -32,7 +36,7 @@ def generate(
     prompts: List[str] = typer.Argument(None, help="one or more prompts"),
     model: str = typer.Option("embedded", help=MODEL_HELP),
     steps: int = typer.Option(50, help="denoising steps"),
-    guidance: float = typer.Option(7.5, help="classifier-free guidance scale w"),
+    guidance: Optional[float] = typer.Option(None, help=GUIDANCE_HELP),
     guidance_stop: Optional[float] = typer.Option(None, help="fraction of denoiser calls that stay guided, in [0, 1]"),
     guidance_stop_step: Optional[int] = typer.Option(None, help="index of the first unguided denoiser call"),
     after: str = typer.Option("uncond", help="branch kept after the stop: uncond (the paper) or cond"),
@@ -45,39 +49,47 @@ def generate(
     scheduler: str = typer.Option("ddim", help="ddim, pndm, euler, euler-a, dpm++ or unipc"),
     seed: int = typer.Option(0, help="image i uses torch.Generator('cpu').manual_seed(seed + i)"),
     images_per_prompt: int = typer.Option(1, help="images per prompt"),
+    batch: int = typer.Option(8, help="images per pipeline call (more images run batch after batch)"),
     out: Path = typer.Option(Path("shapefirst-out"), help="output folder"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier generate output in --out (only its files)"),
     trace: bool = typer.Option(False, "--trace", help="record every denoiser call (x_t, predictions, x0-hat)"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps (default: best available)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps (default: best available)"),
     dtype: Optional[str] = typer.Option(None, help="float32, float16, bfloat16 (default: fp16 on cuda, else fp32)"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle (.bin/.ckpt) weights: only for trusted files"),
 ):
     """Generate images with a guidance schedule; writes PNGs and run.json (and the trajectory with --trace)."""
-    from .generate import check_prompts, generate as run_generate
-    from .models import SCHEDULERS, load_pipeline
+    from .generate import check_prompts, count_calls, generate as run_generate
+    from .models import SCHEDULERS, load_pipeline, pick_dtype
+    from .outputs import OutputFolder
 
     prompts = check_prompts(prompts)
+    checks.steps(steps, model)
+    checks.positive(images_per_prompt, "--images-per-prompt", 1)
+    checks.batch_size(batch)
+    checks.seed(seed, len(prompts) * images_per_prompt)
+    guidance = _guidance(guidance, model)
     schedule = _schedule(guidance, guidance_stop, guidance_stop_step, after, adaptive, adaptive_min_call,
                          guidance_start, guidance_start_step)
     late = _caches(cache)[0]
     if scheduler not in SCHEDULERS:
         raise ShapefirstError(f"unknown scheduler {scheduler!r}", f"use one of: {', '.join(SCHEDULERS)}")
-    if out.exists() and not out.is_dir():
-        raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
+    dev = checks.device(device)
+    pick_dtype(dtype, dev or "cpu")
+    OutputFolder(out, "generate", overwrite=overwrite, reuse=False).check(dry=True)
     t0 = time.perf_counter()
-    pipe = load_pipeline(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    pipe = load_pipeline(model, device=dev, dtype=dtype, allow_pickle=allow_pickle)
     load_s = time.perf_counter() - t0
-    import warnings
+    with _warnings_to_stderr():
+        from .models import set_scheduler
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
+        set_scheduler(pipe, scheduler)
+        for w in checks.noop_warnings(schedule, late, count_calls(pipe, steps)):
+            warnings.warn(w)
         res = run_generate(pipe, prompts, schedule, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
                            negative_prompt=negative_prompt, scheduler=scheduler, trace=trace, progress=True,
-                           cache=late)
-    for w in caught:
-        if issubclass(w.category, UserWarning):
-            typer.echo(f"warning: {w.message}", err=True)
-    res.save(out, vae=pipe.vae if trace else None, extra={"model": model, "load_seconds": load_s})
-    typer.echo(f"{len(res.images)} images -> {out}  ({res.wall_seconds:.2f} s, "
+                           cache=late, batch=batch)
+    res.save(out, vae=pipe.vae if trace else None, extra={"model": model, "load_seconds": load_s}, overwrite=overwrite)
+    typer.echo(f"{len(res.images)} images -> {out}  ({res.wall_seconds:.2f} s, guidance {schedule.scale:g}, "
                f"{res.evaluations_per_image[0]} denoiser evaluations per image)", err=True)
 
 
@@ -88,34 +100,47 @@ def analyze(
     out: Path = typer.Option(Path("shapefirst-analysis"), help="output folder (the result goes to OUT/NAME)"),
     n: int = typer.Option(16, help="number of prompts (or pairs)"),
     steps: int = typer.Option(50, help="denoising steps"),
-    guidance: float = typer.Option(7.5, help="classifier-free guidance scale"),
+    guidance: Optional[float] = typer.Option(None, help=GUIDANCE_HELP),
     seed: int = typer.Option(0, help="seed of the first image"),
     batch: int = typer.Option(8, help="images per pipeline call"),
     prompts: Optional[Path] = typer.Option(None, help="prompt file: one prompt per line, # comments"),
     pairs: Optional[Path] = typer.Option(None, help="pair file for eos-swap: 'prompt A || prompt B' per line"),
     clip: Optional[Path] = typer.Option(None, help="a local CLIP model folder (scores for real models)"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a result of this analysis made with other settings"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
 ):
     """Run one of the paper's analyses; writes results.json, arrays.safetensors and figures."""
     from .experiments import ANALYSES, run_analysis
+    from .findings import findings_of
     from .models import load_pipeline
+    from .outputs import OutputFolder
     from .prompts import read_pairs, read_prompts
+    from .results import strict_dumps
 
     if name not in ANALYSES:
         raise ShapefirstError(f"unknown analysis {name!r}", f"use one of: {', '.join(ANALYSES)}")
     if n < 1 or steps < 1 or batch < 1:
         raise ShapefirstError("--n, --steps and --batch must be positive integers", "pass e.g. --n 16 --steps 50")
-    if out.exists() and not out.is_dir():
-        raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
+    checks.count(n, "--n", 1)
+    checks.steps(steps, model)
+    checks.batch_size(batch)
+    checks.seed(seed, n)
+    guidance = _guidance(guidance, model)
+    dev = checks.device(device)
     prompt_list = read_prompts(prompts) if prompts else None
     pair_list = read_pairs(pairs) if pairs else None
     world = model == "embedded"
+    _needs(name, world, prompt_list, pair_list, clip)
+    parent = OutputFolder(out, "analyze").check()
     scorer = _scorer(clip, world)
-    pipe = load_pipeline(model, device=device, allow_pickle=allow_pickle)
-    res = run_analysis(name, pipe, out, n=n, steps=steps, seed=seed, guidance=guidance, prompts=prompt_list,
-                       pairs=pair_list, clip=scorer, world=world, batch=batch)
-    typer.echo(json.dumps(res.data.get("summary", {}), indent=2, default=str)[:4000])
+    pipe = load_pipeline(model, device=dev, allow_pickle=allow_pickle)
+    with _warnings_to_stderr(), parent.claimed([name]):
+        res = run_analysis(name, pipe, out, n=n, steps=steps, seed=seed, guidance=guidance, prompts=prompt_list,
+                           pairs=pair_list, clip=scorer, world=world, batch=batch, overwrite=overwrite)
+    typer.echo(strict_dumps(res.data.get("summary", {}), indent=2)[:4000])
+    for line in findings_of(name, res.data):
+        typer.echo(f"finding: {line}")
     typer.echo(f"{name} -> {out / name}", err=True)
 
 
@@ -124,10 +149,12 @@ def report(
     model: str = typer.Option("embedded", help=MODEL_HELP),
     out: Path = typer.Option(Path("shapefirst-report"), help="output folder (index.html + results/)"),
     budget: str = typer.Option("quick", help="quick (minutes on a laptop CPU) or full"),
+    guidance: Optional[float] = typer.Option(None, help=GUIDANCE_HELP),
     prompts: Optional[Path] = typer.Option(None, help="prompt file (needed for models other than the shapes world)"),
     pairs: Optional[Path] = typer.Option(None, help="pair file for the eos-swap section ('A || B' per line)"),
     clip: Optional[Path] = typer.Option(None, help="a local CLIP model folder (scores for real models)"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="recompute sections saved with other settings"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
     page_only: bool = typer.Option(False, "--page-only", help="rebuild index.html from saved results, run nothing"),
 ):
@@ -135,26 +162,47 @@ def report(
     from rich.console import Console
 
     from .models import load_pipeline
+    from .outputs import OutputFolder
     from .prompts import read_pairs, read_prompts
     from .report import BUDGETS, build_page, run_report
 
     if budget not in BUDGETS:
         raise ShapefirstError(f"unknown budget {budget!r}", f"use one of: {', '.join(BUDGETS)}")
-    if out.exists() and not out.is_dir():
-        raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
+    owner = OutputFolder(out, "report").check()
     if page_only:
         typer.echo(f"report -> {build_page(out)}", err=True)
         return
+    guidance = _guidance(guidance, model)
+    dev = checks.device(device)
     prompt_list = read_prompts(prompts) if prompts else None
     pair_list = read_pairs(pairs) if pairs else None
     world = model == "embedded"
+    if not world and prompt_list is None:
+        raise ShapefirstError("this model is not the shapes world, so there are no built-in prompts",
+                              "pass --prompts FILE")
     scorer = _scorer(clip, world)
-    pipe = load_pipeline(model, device=device, allow_pickle=allow_pickle)
+    pipe = load_pipeline(model, device=dev, allow_pickle=allow_pickle)
     console = Console(stderr=True)
-    with console.status("report") as status:
+    with _warnings_to_stderr(), owner.claimed(), console.status("report") as status:
         index = run_report(pipe, out, budget, world=world, clip=scorer, prompts=prompt_list, pairs=pair_list,
-                           progress=lambda name: status.update(f"report: {name}"), model_name=model)
+                           progress=lambda name: status.update(f"report: {name}"), model_name=model,
+                           guidance=guidance, overwrite=overwrite)
     typer.echo(f"report -> {index}", err=True)
+
+
+def _needs(name: str, world: bool, prompts, pairs, clip) -> None:
+    """What an analysis on a model other than the shapes world needs, checked before loading it."""
+    if world:
+        return
+    if name == "eos-swap" and pairs is None:
+        raise ShapefirstError("eos-swap on a model other than the shapes world needs prompt pairs",
+                              "pass --pairs FILE (lines 'prompt A || prompt B')")
+    if name != "eos-swap" and prompts is None:
+        raise ShapefirstError("this model is not the shapes world, so there are no built-in prompts",
+                              "pass --prompts FILE (one prompt per line)")
+    if name == "stages" and clip is None:
+        raise ShapefirstError("stages on a model other than the shapes world needs a CLIP scorer",
+                              "pass --clip PATH (a local CLIP model folder)")
 
 
 def _scorer(clip: Optional[Path], world: bool):
@@ -169,9 +217,9 @@ def _scorer(clip: Optional[Path], world: bool):
 
 def _sweep_inputs(model, prompts, n, seed, clip, device, allow_pickle):
     """pipeline, prompts, judge targets (world), CLIP scorer, real images for KID/FD (world renders)."""
-    from .experiments.stages import world_prompts, world_renders
     from .models import load_pipeline
     from .prompts import read_prompts
+    from .world.prompts import world_prompts, world_renders
 
     world = model == "embedded"
     if prompts in (None, "world"):
@@ -186,30 +234,44 @@ def _sweep_inputs(model, prompts, n, seed, clip, device, allow_pickle):
     return load_pipeline(model, device=device, allow_pickle=allow_pickle), ps, targets, scorer, real
 
 
-def _thresholds(text: str) -> list[float]:
-    vals = _floats(text, "--adaptive")
-    for v in vals:
-        if not 0 < v < 1:
-            raise ShapefirstError(f"--adaptive threshold {v} is outside (0, 1)", "pass cosine similarities such as 0.99")
-    return vals
-
-
 def _caches(text: str) -> list:
-    """A comma list of late-cache specs -> LateCache objects (None for 'none')."""
+    """A comma list of late-cache specs -> LateCache objects (None for 'none'), without repeats."""
     from .cache import LateCache
 
-    return [LateCache.parse(c) for c in (text or "none").split(",")]
+    return checks.unique([LateCache.parse(c) for c in (text or "none").split(",")], "--caches")
 
 
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise ShapefirstError(f"{what} {text!r} is not a comma-separated list of numbers", "pass e.g. 0.25,0.5") from e
-    for v in vals:
-        if not 0 <= v <= 1:
-            raise ShapefirstError(f"{what} value {v} is outside [0, 1]", "pass fractions of the denoiser calls")
-    return vals
+def _guidance(value: Optional[float], model: str) -> float:
+    """The user's guidance scale, else the model's default (the embedded model's recommended one)."""
+    from .models import default_guidance
+
+    return checks.guidance(value) if value is not None else default_guidance(model)
+
+
+@contextmanager
+def _warnings_to_stderr():
+    """Library warnings (UserWarning) as one `warning: ...` line each on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            yield
+        finally:
+            seen = set()
+            for w in caught:
+                text = str(w.message).splitlines()[0] if str(w.message) else ""
+                if issubclass(w.category, UserWarning) and text not in seen:
+                    seen.add(text)
+                    typer.echo(f"warning: {text}", err=True)
+
+
+def _sweep_configs(guidance, stops, schedulers, steps, adaptive, caches, model, modes=("uncond", "cond")):
+    from .experiments.sweep import default_configs
+    from .models import SCHEDULERS
+
+    return default_configs(guidance, checks.fractions(stops, "--stops") if stops.strip() else [],
+                           checks.names(schedulers, "--schedulers", SCHEDULERS),
+                           checks.steps(checks.int_list(steps, "--steps"), model), modes=modes,
+                           adaptive=checks.thresholds(adaptive), caches=_caches(caches))
 
 
 @app.command()
@@ -221,7 +283,7 @@ def sweep(
     stops: str = typer.Option("0.1,0.25,0.5,0.75,0.9", help="guidance stops (fractions of the calls)"),
     schedulers: str = typer.Option("ddim,dpm++", help="schedulers to sweep"),
     steps: str = typer.Option("20,50", help="step counts to sweep"),
-    guidance: float = typer.Option(7.5, help="classifier-free guidance scale"),
+    guidance: Optional[float] = typer.Option(None, help=GUIDANCE_HELP),
     seed: int = typer.Option(0, help="seed of the first image"),
     batch: int = typer.Option(8, help="images per pipeline call"),
     adaptive: str = typer.Option("", help="adaptive-stop cosine thresholds to sweep too, e.g. 0.99,0.995"),
@@ -230,52 +292,34 @@ def sweep(
     clip: Optional[Path] = typer.Option(None, help="a local CLIP model folder (scores for real models)"),
     real: Optional[Path] = typer.Option(None, help="a folder of real images: FID per configuration (needs --inception)"),
     inception: Optional[Path] = typer.Option(None, help="FID Inception weights (.safetensors; see shapefirst.fid)"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a sweep in --out made with other settings"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
 ):
     """Sweep guidance stops x modes x schedulers (x adaptive thresholds x late caches): saved latency and
-    quality against full guidance. One JSON line per configuration in OUT/sweep.jsonl (a rerun resumes),
-    OUT/sweep.csv and OUT/pareto.png."""
-    from .experiments.sweep import default_configs, run_sweep, saving
-    from .models import SCHEDULERS
+    quality against full guidance. One JSON line per configuration in OUT/sweep.jsonl (a rerun with the
+    same settings resumes), OUT/sweep.csv and OUT/pareto.png."""
+    from .experiments.sweep import run_sweep, saving
+    from .outputs import OutputFolder
 
-    if n < 1 or batch < 1:
-        raise ShapefirstError("--n and --batch must be positive integers", "pass e.g. --n 64 --batch 8")
-    stop_list = _floats(stops, "--stops")
-    sched_list = [s for s in schedulers.split(",") if s]
-    for s in sched_list:
-        if s not in SCHEDULERS:
-            raise ShapefirstError(f"unknown scheduler {s!r}", f"use one of: {', '.join(SCHEDULERS)}")
-    try:
-        step_list = [int(s) for s in steps.split(",") if s]
-    except ValueError as e:
-        raise ShapefirstError(f"--steps {steps!r} is not a list of integers", "pass e.g. 20,50") from e
-    if any(s < 1 for s in step_list):
-        raise ShapefirstError("--steps values must be positive", "pass e.g. 20,50")
-    if out.exists() and not out.is_dir():
-        raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
-    if timing_batches < 0:
-        raise ShapefirstError(f"--timing-batches {timing_batches} is negative", "pass 0 (no timing) or more")
-    configs = default_configs(guidance, stop_list, sched_list, step_list, adaptive=_thresholds(adaptive),
-                              caches=_caches(caches))
-    fid = None
+    n, batch = checks.positive(n, "--n", 64), checks.batch_size(batch)
+    checks.seed(seed, n)
+    checks.count(timing_batches, "--timing-batches")
+    configs = _sweep_configs(_guidance(guidance, model), stops, schedulers, steps, adaptive, caches, model)
     if (real is None) != (inception is None):
         raise ShapefirstError("--real and --inception go together (FID needs real images and the Inception weights)",
                               "pass both, or neither")
-    if real is not None:
-        from .fid import Fid, read_image_folder
+    dev = checks.device(device)
+    OutputFolder(out, "sweep", overwrite=overwrite).check(dry=True)
+    fid = _fid(real, inception, allow_pickle) if real is not None else None
+    pipe, ps, targets, scorer, renders = _sweep_inputs(model, prompts, n, seed, clip, dev, allow_pickle)
+    with _warnings_to_stderr():
+        rows = run_sweep(pipe, ps, out, targets=targets, seed=seed, batch=batch, clip=scorer, configs=configs,
+                         timing_batches=timing_batches, real_images=renders, fid=fid, overwrite=overwrite,
+                         progress=lambda key: typer.echo(f"done {key}", err=True))
+    from .experiments.sweep import is_main_process
 
-        real_imgs = read_image_folder(real)
-        fid = Fid(inception, allow_pickle=allow_pickle)
-        fid.update(real_imgs, real=True)
-    pipe, ps, targets, scorer, renders = _sweep_inputs(model, prompts, n, seed, clip, device, allow_pickle)
-    rows = run_sweep(pipe, ps, out, targets=targets, seed=seed, batch=batch, clip=scorer, configs=configs,
-                     timing_batches=timing_batches, real_images=renders, fid=fid,
-                     progress=lambda key: typer.echo(f"done {key}", err=True))
-    from .experiments.sweep import _distributed
-
-    st = _distributed()
-    if st is not None and not st.is_main_process:
+    if not is_main_process():
         return
     for r in rows:
         sv, what = saving(r)
@@ -283,6 +327,15 @@ def sweep(
                    f"PSNR {r['psnr'][0]:5.1f}" + (f"  all-right {r['accuracy']['all']:.1%}" if "accuracy" in r else "")
                    + (f"  KID x1000 {r['kid_x1000'][0]:.2f}" if "kid_x1000" in r else "")
                    + (f"  FID {r['fid']:.2f} (n={r['fid_n'][0]} vs {r['fid_n'][1]})" if "fid" in r else ""))
+
+
+def _fid(real: Path, inception: Path, allow_pickle: bool):
+    from .fid import Fid, read_image_folder
+
+    real_imgs = read_image_folder(real)
+    fid = Fid(inception, allow_pickle=allow_pickle)
+    fid.update(real_imgs, real=True)
+    return fid
 
 
 @app.command()
@@ -299,31 +352,30 @@ def calibrate(
     timing_batches: int = typer.Option(3, help="batches timed against full guidance; 0 = rank by saved evaluations"),
     scheduler: str = typer.Option("ddim", help="scheduler"),
     steps: int = typer.Option(50, help="denoising steps"),
-    guidance: float = typer.Option(7.5, help="classifier-free guidance scale"),
+    guidance: Optional[float] = typer.Option(None, help=GUIDANCE_HELP),
     batch: int = typer.Option(8, help="images per pipeline call"),
     clip: Optional[Path] = typer.Option(None, help="a local CLIP model folder"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, mps"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a sweep in --out made with other settings"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps"),
 ):
     """Find the fastest setting (stop, adaptive threshold, late cache) that keeps quality within the
     tolerance; print it with its measured saving and a snippet."""
-    from .experiments.sweep import calibrate as pick, default_configs, run_sweep, saving, snippet
+    from .experiments.sweep import calibrate as pick, run_sweep, saving, snippet
+    from .outputs import OutputFolder
 
     if not 0 < tolerance < 1:
         raise ShapefirstError(f"tolerance {tolerance} is outside (0, 1)", "pass e.g. 0.01 (one point)")
-    stop_list = _floats(stops, "--stops")
-    if out.exists() and not out.is_dir():
-        raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
-    mode_list = [m for m in modes.split(",") if m]
-    for m in mode_list:
-        if m not in ("uncond", "cond"):
-            raise ShapefirstError(f"--modes value {m!r} is not uncond or cond", "pass e.g. uncond,cond")
-    configs = default_configs(guidance, stop_list, (scheduler,), (steps,), modes=mode_list,
-                              adaptive=_thresholds(adaptive), caches=_caches(caches))
-    pipe, ps, targets, scorer, real = _sweep_inputs(model, prompts, n, 0, clip, device, False)
-    if timing_batches < 0:
-        raise ShapefirstError(f"--timing-batches {timing_batches} is negative", "pass 0 (no timing) or more")
-    rows = run_sweep(pipe, ps, out, targets=targets, batch=batch, clip=scorer, configs=configs, real_images=real,
-                     timing_batches=timing_batches)
+    n, batch = checks.positive(n, "--n", 64), checks.batch_size(batch)
+    checks.count(timing_batches, "--timing-batches")
+    mode_list = checks.names(modes, "--modes", ("uncond", "cond"))
+    configs = _sweep_configs(_guidance(guidance, model), stops, scheduler, str(steps), adaptive, caches, model,
+                             modes=mode_list)
+    dev = checks.device(device)
+    OutputFolder(out, "sweep", overwrite=overwrite).check(dry=True)
+    pipe, ps, targets, scorer, real = _sweep_inputs(model, prompts, n, 0, clip, dev, False)
+    with _warnings_to_stderr():
+        rows = run_sweep(pipe, ps, out, targets=targets, batch=batch, clip=scorer, configs=configs, real_images=real,
+                         timing_batches=timing_batches, overwrite=overwrite)
     best, verdicts = pick(rows, tolerance)
     for r, ok, why in verdicts:
         typer.echo(f"{'PASS' if ok else 'fail'} {r['key']:<36} saved {saving(r)[0]:6.1%}  {why}")
@@ -341,12 +393,14 @@ def train(
     seed: int = typer.Option(0, help="seed of the whole recipe"),
     tiny: bool = typer.Option(False, "--tiny", help="a few steps of every stage on tiny sizes (smoke test)"),
     dest: Optional[Path] = typer.Option(None, help="where the finished model folder goes (default OUT/model)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a model folder an earlier `train` wrote at --dest"),
 ):
     """Train the shapes-world model (tokenizer -> CLIP -> VAE -> UNet); resumes from checkpoints."""
     from .world.train import Recipe, train as run_train
 
+    checks.seed(seed)
     recipe = Recipe.tiny(seed) if tiny else Recipe(seed=seed)
-    path = run_train(out, recipe, dest)
+    path = run_train(out, recipe, dest, overwrite=overwrite)
     typer.echo(f"model -> {path}", err=True)
 
 
@@ -368,6 +422,7 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
+        _no_nul(sys.argv[1:] if argv is None else argv)
         app(args=argv, standalone_mode=False)
     except ShapefirstError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -375,17 +430,33 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
         return int(code or 0)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
-            print("aborted", file=sys.stderr)
-            return 1
-        raise
+    except Exception as e:
+        usage = _usage_error(e, argv)
+        if usage is None:
+            raise
+        print(usage[0], file=sys.stderr)
+        return usage[1]
     return 0
+
+
+def _no_nul(argv) -> None:
+    for i, a in enumerate(argv, start=1):
+        if "\x00" in str(a):
+            raise ShapefirstError(f"command-line argument {i} holds a NUL byte", "remove it (paths and prompts are plain text)")
+
+
+def _usage_error(e: Exception, argv) -> tuple[str, int] | None:
+    """A command-line usage error of whatever click typer bundles -> (one line, exit code), else None."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if "Abort" in names:
+        return "error: aborted", 1
+    if not names & {"ClickException", "TyperException"} or not hasattr(e, "format_message"):
+        return None
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    cmd = words[0] if words and words[0] in {c.name or c.callback.__name__ for c in app.registered_commands} else None
+    msg = " ".join(str(e.format_message()).split())
+    help_hint = f"shapefirst {cmd} --help" if cmd else "shapefirst --help"
+    return f"error: {msg}; see `{help_hint}`", int(getattr(e, "exit_code", 2) or 2)
 
 
 def entry() -> None:

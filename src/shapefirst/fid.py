@@ -36,7 +36,6 @@ import importlib
 import importlib.util
 import io
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -55,34 +54,43 @@ _SKIP_KEY = "__shapefirst_skip_load__"  # construction-time placeholder: weights
 # ---------------------------------------------------------------------------------------------- imports
 
 def _torchmetrics_fid():
-    """torchmetrics.image.fid with torch-fidelity available, or a ShapefirstError saying what to install.
+    """torchmetrics.image.fid with torch-fidelity importable, or a ShapefirstError saying what to install.
 
-    torch-fidelity's package __init__ eagerly imports its CLIP/DINOv2/dataset modules, which need
-    torchvision; the FID Inception does not. Where torchvision is missing or broken (e.g. a CPU-only
-    torch with no matching torchvision wheel), the package is registered without running its __init__
-    so that torchmetrics can import `torch_fidelity.feature_extractor_inceptionv3` directly."""
+    torchmetrics' FrechetInceptionDistance takes the feature network publicly (`feature=` a module, which
+    `Fid` uses), but its module imports torch-fidelity's Inception at import time, and the network itself
+    is torch-fidelity's. The one shim is `_import_fidelity_inception` (see there)."""
     install = "pip install torchmetrics && pip install --no-deps torch-fidelity"
     if importlib.util.find_spec("torchmetrics") is None:
         raise ShapefirstError("FID needs torchmetrics, which is not installed", install)
     spec = importlib.util.find_spec("torch_fidelity")
     if spec is None:
         raise ShapefirstError("FID needs torch-fidelity (the FID Inception v3), which is not installed", install)
-    if "torch_fidelity" not in sys.modules:
-        try:
-            import torch_fidelity  # noqa: F401
-        except Exception:  # torchvision missing/broken: register the bare package (see docstring)
-            pkg = types.ModuleType("torch_fidelity")
-            pkg.__path__ = list(spec.submodule_search_locations or [])
-            pkg.__spec__ = spec
-            pkg.__file__ = spec.origin
-            sys.modules["torch_fidelity"] = pkg
     try:
+        _import_fidelity_inception(spec)
         tm_fid = importlib.import_module("torchmetrics.image.fid")
     except ImportError as e:
         raise ShapefirstError(f"cannot import torchmetrics' FID ({type(e).__name__}: {e})", install) from e
-    if not tm_fid._TORCH_FIDELITY_AVAILABLE:
-        raise ShapefirstError("torchmetrics does not see torch-fidelity", install)
+    if not hasattr(tm_fid, "NoTrainInceptionV3") or not hasattr(tm_fid, "FrechetInceptionDistance"):
+        raise ShapefirstError("this torchmetrics has no NoTrainInceptionV3 / FrechetInceptionDistance", install)
     return tm_fid
+
+
+def _import_fidelity_inception(spec):
+    """Import torch_fidelity.feature_extractor_inceptionv3 (the FID Inception), which needs only torch.
+
+    THE SHIM (the only one): torch-fidelity's package __init__ eagerly imports its CLIP/DINOv2/dataset
+    modules, which need torchvision. Where torchvision is missing or broken (e.g. a CPU-only torch with no
+    matching torchvision wheel) and `import torch_fidelity` fails, the real package is registered in
+    sys.modules from its own spec and path WITHOUT running its __init__, so that its submodule can be
+    imported; nothing else is replaced and no attribute of torchmetrics is read or written."""
+    if "torch_fidelity" not in sys.modules:
+        try:
+            import torch_fidelity  # noqa: F401
+        except Exception:  # torchvision missing/broken: register the bare package
+            pkg = importlib.util.module_from_spec(spec)  # the real package's spec, its __init__ not executed
+            pkg.__path__ = list(spec.submodule_search_locations or [])
+            sys.modules["torch_fidelity"] = pkg
+    return importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
 
 
 _CLASS = None

@@ -23,7 +23,7 @@ from .cache import LateCache, late_cache
 from .errors import ShapefirstError
 from .guidance import GuidanceSchedule, guidance_schedule
 from .models import set_scheduler
-from .results import atomic_write_bytes, atomic_write_text, png_bytes
+from .results import atomic_write_bytes, atomic_write_text, png_bytes, strict_dumps
 from .trace import Trajectory, TrajectoryRecorder
 
 _warned_negative = False
@@ -42,9 +42,12 @@ def check_prompts(prompts) -> list[str]:
     prompts = list(prompts or [])
     if not prompts:
         raise ShapefirstError("no prompt was given", 'pass at least one prompt, e.g. "a red circle"')
-    for p in prompts:
+    for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise ShapefirstError(f"prompt {p!r} is not text", "pass prompts as strings")
+        if "\x00" in p or any(0xD800 <= ord(c) <= 0xDFFF for c in p):
+            raise ShapefirstError(f"prompt {i + 1} holds a NUL byte or an unpaired surrogate (not text)",
+                                  "pass the prompt as plain UTF-8 text")
     return prompts
 
 
@@ -77,14 +80,18 @@ class GenerationResult:
 
         return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in self.images]
 
-    def save(self, out: str | Path, vae=None, extra: dict | None = None) -> Path:
-        """Write one PNG per image, the trajectory (if any) and run.json. Everything is written into a
-        staging folder first (where a full disk or any other failure strikes), then renamed into place,
-        run.json last: a folder with run.json is complete, and a failed save leaves nothing new."""
+    def save(self, out: str | Path, vae=None, extra: dict | None = None, overwrite: bool = False,
+             key: dict | None = None) -> Path:
+        """Write one PNG per image, the trajectory (if any) and run.json into `out`, a folder that is
+        new, empty, or holds an earlier `generate` output (replaced only with overwrite=True: its own
+        files go, nothing else; see shapefirst.outputs). Everything is written into a staging folder
+        first (where a full disk or any other failure strikes), then renamed into place, run.json
+        last: a folder with run.json is complete, and a failed save leaves nothing new."""
+        from .outputs import OutputFolder
+
         out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
         created = not out.exists()
+        owner = OutputFolder(out, "generate", key, overwrite=overwrite, reuse=False).check(probe=False)
         try:
             out.mkdir(parents=True, exist_ok=True)
             stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out))
@@ -92,21 +99,8 @@ class GenerationResult:
             raise ShapefirstError(f"cannot create or write the output folder {out} ({e.strerror or e})",
                                   "choose a writable --out folder") from e
         try:
-            names = []
-            for i, im in enumerate(self.pil()):
-                name = f"image_{i:03d}.png"
-                atomic_write_bytes(stage / name, png_bytes(im))
-                names.append(name)
-            if self.trajectory is not None:
-                self.trajectory.save(stage / "trajectory")
-                if vae is not None:
-                    self.trajectory.contact_sheet(vae, stage / "trajectory" / "contact_sheet.png")
-                    self.trajectory.gif(vae, stage / "trajectory" / "x0.gif")
-            run = {**self.settings, "prompts_per_image": self.prompts, "seeds": self.seeds,
-                   "denoiser_evaluations_per_image": self.evaluations_per_image,
-                   "wall_seconds": self.wall_seconds, "images": names, **(extra or {}),
-                   "machine": machine_info()}
-            atomic_write_text(stage / "run.json", json.dumps(run, indent=2))
+            self._write(stage, vae, extra)
+            owner.claim(p.name for p in stage.iterdir())
             files = sorted((p for p in stage.rglob("*") if p.is_file()), key=lambda p: p.name == "run.json")
             for p in files:
                 dest = out / p.relative_to(stage)
@@ -121,6 +115,22 @@ class GenerationResult:
             raise ShapefirstError(f"writing to {out} failed ({e.strerror or e})", "free disk space or choose another --out") from e
         shutil.rmtree(stage, ignore_errors=True)
         return out
+
+    def _write(self, stage: Path, vae, extra: dict | None) -> None:
+        names = []
+        for i, im in enumerate(self.pil()):
+            name = f"image_{i:03d}.png"
+            atomic_write_bytes(stage / name, png_bytes(im))
+            names.append(name)
+        if self.trajectory is not None:
+            self.trajectory.save(stage / "trajectory")
+            if vae is not None:
+                self.trajectory.contact_sheet(vae, stage / "trajectory" / "contact_sheet.png")
+                self.trajectory.gif(vae, stage / "trajectory" / "x0.gif")
+        run = {**self.settings, "prompts_per_image": self.prompts, "seeds": self.seeds,
+               "denoiser_evaluations_per_image": self.evaluations_per_image,
+               "wall_seconds": self.wall_seconds, "images": names, **(extra or {}), "machine": machine_info()}
+        atomic_write_text(stage / "run.json", strict_dumps(run, indent=2))
 
 
 def machine_info() -> dict:
@@ -138,9 +148,11 @@ def machine_info() -> dict:
 def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int = 50, seed: int = 0,
              images_per_prompt: int = 1, negative_prompt: str | list[str] | None = None,
              scheduler: str | None = None, trace: bool = False, progress: bool = False, cache: LateCache | None = None,
-             **pipe_kwargs) -> GenerationResult:
+             batch: int | None = None, **pipe_kwargs) -> GenerationResult:
     """Generate with a guidance schedule; returns images, per-image denoiser evaluations and timing.
     `cache`: late-stage reuse after the stop (shapefirst.cache.LateCache).
+    `batch`: at most this many images per pipeline call (more are run batch after batch, image i
+    still seeded with seed + i); None = all in one call.
 
     Extra keyword arguments go to the pipeline (e.g. prompt_embeds=..., negative_prompt_embeds=...;
     pass prompts=None then, and the batch is taken from prompt_embeds)."""
@@ -155,7 +167,18 @@ def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int
         raise ShapefirstError(f"steps {steps} is not a positive integer", "pass e.g. --steps 50")
     if int(images_per_prompt) != images_per_prompt or images_per_prompt < 1:
         raise ShapefirstError(f"images per prompt {images_per_prompt} is not a positive integer", "pass 1 or more")
+    n = n_prompts * images_per_prompt
+    if batch is not None and n > batch and "prompt_embeds" not in pipe_kwargs:
+        if trace:
+            raise ShapefirstError(f"a trajectory records one pipeline call, and {n} images need several of {batch}",
+                                  f"pass at most {batch} images with --trace, or a larger --batch")
+        return _in_batches(pipe, prompts_list, schedule, batch, images_per_prompt, negative_prompt, seed,
+                           dict(steps=steps, scheduler=scheduler, progress=progress, cache=cache, **pipe_kwargs))
     set_scheduler(pipe, scheduler)
+    trained = pipe.scheduler.config.get("num_train_timesteps")
+    if isinstance(trained, int) and steps > trained:
+        raise ShapefirstError(f"steps {steps} is more than the model's {trained} training timesteps",
+                              f"pass steps between 1 and {trained}")
     n_calls = count_calls(pipe, steps)
     # validates start/stop steps against the real number of calls
     if schedule.first_guided_call(n_calls) > schedule.first_unguided_call(n_calls):
@@ -169,7 +192,7 @@ def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int
         _warned_negative = True
     if prompts is not None:
         warn_truncated(pipe, prompts_list)
-    n = n_prompts * images_per_prompt
+        warn_empty(prompts_list, schedule, negative_prompt)
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
     recorder = TrajectoryRecorder() if trace else None
     kwargs = dict(num_inference_steps=steps, guidance_scale=schedule.scale, num_images_per_prompt=images_per_prompt,
@@ -200,6 +223,38 @@ def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int
         traj.meta.update({"prompts": per_image_prompts, "schedule": schedule.to_dict()})
     return GenerationResult(np.asarray(images), per_image_prompts, [seed + i for i in range(n)],
                             hook.evaluations_per_image(), wall, settings, traj)
+
+
+def warn_empty(prompts: list[str], schedule: GuidanceSchedule, negative_prompt) -> None:
+    """Guidance on an empty prompt with no negative prompt: both branches see the same (empty) text,
+    so u + w (c - u) = u whatever w is: unconditional generation at twice the cost."""
+    if schedule.scale <= 1 or negative_prompt:
+        return
+    empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        which = f"prompt {empty[0]} is" if len(empty) == 1 else f"prompts {', '.join(map(str, empty[:5]))} are"
+        warnings.warn(f"{which} empty: this is unconditional generation, and guidance {schedule.scale:g} cannot change "
+                      "it (both branches see the same text) but doubles the work; pass --guidance 1 or a prompt",
+                      stacklevel=3)
+
+
+def _in_batches(pipe, prompts: list[str], schedule, batch: int, images_per_prompt: int, negative_prompt, seed: int,
+                kwargs: dict) -> GenerationResult:
+    """generate() for more than `batch` images: image i (prompt-major) is still seeded with seed + i."""
+    per_image = [p for p in prompts for _ in range(images_per_prompt)]
+    negs = None
+    if negative_prompt is not None:
+        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        negs = [q for q in negs for _ in range(images_per_prompt)]
+    parts = [generate(pipe, per_image[c:c + batch], schedule, seed=seed + c,
+                      negative_prompt=None if negs is None else negs[c:c + batch], **kwargs)
+             for c in range(0, len(per_image), batch)]
+    settings = {**parts[0].settings, "seed": seed, "images_per_prompt": images_per_prompt, "batch": batch,
+                "prompts": prompts, "negative_prompt": negative_prompt,
+                "first_unguided_call_per_image": [c for p in parts for c in p.settings["first_unguided_call_per_image"]]}
+    return GenerationResult(np.concatenate([p.images for p in parts]), per_image, [seed + i for i in range(len(per_image))],
+                            [e for p in parts for e in p.evaluations_per_image], sum(p.wall_seconds for p in parts),
+                            settings)
 
 
 class _Progress:

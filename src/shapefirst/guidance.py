@@ -12,8 +12,32 @@ floating point). Hence:
   shrinks `prompt_embeds` cannot;
 - the noise predictions are visible, so the same hook records trajectories;
 - calls, not steps, are counted: PNDM makes 51 calls for 50 steps, Heun-type solvers ~2 per step.
-  A new pipeline run is detected when the scheduler's `timesteps` tensor is replaced
-  (every pipeline call runs `scheduler.set_timesteps`), and it has `len(scheduler.timesteps)` calls.
+  A run has the pipeline's `num_timesteps` calls (img2img's shortened schedule included; else
+  `len(scheduler.timesteps)`); see RunState for how runs begin and end.
+
+Cooperating hooks (the diffusers way): the guidance hook, the late caches (shapefirst.cache), the
+ControlNet hook (ControlNetRows), attention capture and the K/V intervention share ONE RunState per
+pipeline (`run_state_of(pipe)`), created by `apply_guidance_schedule` and read through its public
+fields. Every hook is stateful and implements `reset_state`; each new run resets them all through
+`HookRegistry.reset_stateful_hooks`. Replacing the schedule keeps the RunState (what is bound to it
+follows the new schedule); removing it removes the caches and the ControlNet hook too.
+
+GPU cost: the per-call path makes no host synchronisation. The rows that run, the gather that
+refills the CFG batch and the per-image counts are RowLayouts built on the denoiser's device once
+per pattern of guided images and reused; bookkeeping (counts, guided flags) lives on the host and
+never reads a device value. Exceptions, each a value a feature must read: the adaptive criterion
+keeps its decision on the device and reads it back once per call (after `min_call`); PixArt's CFG
+rule compares the latent halves (one read per call); the trajectory recorder copies its tensors to
+the host; pipelines detected by structure, not class, check their CFG batch once per run.
+
+Pipelines (shapefirst.models): the classes of FAMILIES (text-to-image, SD img2img / inpainting /
+ControlNet, SDXL img2img incl. the refiner layout), and others detected by their structure
+(models.family_by_structure), whose CFG batch is verified while they run. ControlNet: the ControlNet
+runs before the denoiser on the same CFG batch; ControlNetRows runs only the rows the denoiser will
+run (from a run's second call on) and the guidance hook slices its residuals (the denoiser's
+down/mid_block_additional_residual kwargs) like every other CFG-batch input; guess_mode (the
+ControlNet called with the conditional rows only, zeros for the unconditional ones) and the
+conditioning scale pass through unchanged.
 
 With no stop, every call runs the full batch through the original forward: images are
 bit-identical to the plain pipeline.
@@ -172,13 +196,24 @@ class GuidanceSchedule:
 
 
 def _rows_of(x: Any, rows: int, idx: torch.Tensor) -> Any:
-    """Slice every tensor whose first dimension is the CFG batch; recurse into dicts, lists, tuples."""
+    """Slice every tensor whose first dimension is the CFG batch; recurse into dicts, lists, tuples.
+    `idx` lives on the denoiser's device (a no-op `.to` for tensors there)."""
     if isinstance(x, torch.Tensor):
         return x[idx.to(x.device)] if x.dim() > 0 and x.shape[0] == rows else x
     if isinstance(x, dict):
         return {k: _rows_of(v, rows, idx) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return type(x)(_rows_of(v, rows, idx) for v in x)
+    return x
+
+
+def _expand_rows(x: Any, n_run: int, src: torch.Tensor) -> Any:
+    """The inverse of _rows_of for outputs: every tensor with `n_run` rows becomes the full CFG batch,
+    row r taken from computed row src[r] (recursing into lists and tuples)."""
+    if isinstance(x, torch.Tensor):
+        return x.index_select(0, src.to(x.device)) if x.dim() > 0 and x.shape[0] == n_run else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_expand_rows(v, n_run, src) for v in x)
     return x
 
 
@@ -216,7 +251,7 @@ def latent_input(args, kwargs):
 
 def cfg_active(pipe, sample: torch.Tensor) -> bool:
     """Does this denoiser call run classifier-free guidance (rows = [uncond..., cond...])?
-    See the module docstring for the rule per family."""
+    See the module docstring for the rule per family (PixArt's rule reads the latents: one host sync)."""
     rows = sample.shape[0]
     if rows % 2:
         return False
@@ -241,160 +276,414 @@ def denoiser_of(pipe) -> torch.nn.Module:
                           "pass a diffusers text-to-image pipeline")
 
 
-class GuidanceHook(ModelHook):
-    """The hook that applies a GuidanceSchedule to one pipeline's denoiser (see module docstring)."""
+def guidance_hook_of(pipe_or_denoiser) -> "GuidanceHook | None":
+    """The guidance hook on a pipeline's denoiser (or on a denoiser module), through HookRegistry."""
+    den = pipe_or_denoiser if isinstance(pipe_or_denoiser, torch.nn.Module) else denoiser_of(pipe_or_denoiser)
+    return HookRegistry.check_if_exists_or_initialize(den).get_hook(HOOK_NAME)
 
-    def __init__(self, pipe, schedule: GuidanceSchedule, recorder=None):
+
+def run_state_of(pipe_or_denoiser) -> "RunState | None":
+    """The RunState that shapefirst's hooks on this pipeline share, or None without a guidance schedule."""
+    hook = guidance_hook_of(pipe_or_denoiser)
+    return None if hook is None else hook.state
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """The rows one denoiser call runs, for one pattern of guided images; built once per pattern and
+    device, then reused (the per-call path creates no index tensors).
+
+    run: host LongTensor, the rows of the CFG batch that run, in order. On the denoiser's device:
+    run_dev (the same), src (for each of the 2N CFG rows, the computed row that fills it: an unguided
+    image's kept row fills both its halves), row_sample / row_branch (image and branch, 0 uncond 1 cond,
+    of every computed row), kept_pos / kept_sample (computed rows of the branch kept after the stop, and
+    their images), sample_count (computed rows per image), guided (bool per image)."""
+
+    run: torch.Tensor
+    run_dev: torch.Tensor
+    src: torch.Tensor
+    row_sample: torch.Tensor
+    row_branch: torch.Tensor
+    kept_pos: torch.Tensor
+    kept_sample: torch.Tensor
+    sample_count: torch.Tensor
+    guided: torch.Tensor
+    full: bool
+
+
+def _layout(run: torch.Tensor, src: torch.Tensor, n: int, kept_branch: int, guided: torch.Tensor, device) -> RowLayout:
+    sample, branch = run % n, run // n
+    kept_pos = torch.nonzero(branch == kept_branch).flatten()
+    to = lambda t: t.to(device)  # noqa: E731
+    return RowLayout(run, to(run), to(src), to(sample), to(branch), to(kept_pos), to(sample[kept_pos]),
+                     to(torch.bincount(sample, minlength=n)), to(guided), bool(guided.all()))
+
+
+def cfg_layout(guided: tuple[bool, ...], after: str, device) -> RowLayout:
+    """The layout of a CFG call ([uncond 0..N-1, cond 0..N-1]) where image i is guided iff guided[i]."""
+    n = len(guided)
+    g, ar = torch.tensor(guided, dtype=torch.bool), torch.arange(n)
+    kept = ar + (n if after == "cond" else 0)
+    run = torch.sort(torch.cat([ar[g], ar[g] + n, kept[~g]])).values
+    pos = torch.full((2 * n,), -1, dtype=torch.long)
+    pos[run] = torch.arange(len(run))
+    src = pos.clone()
+    src[ar[~g]] = pos[kept[~g]]
+    src[ar[~g] + n] = pos[kept[~g]]
+    return _layout(run, src, n, 1 if after == "cond" else 0, g, device)
+
+
+def plain_layout(rows: int, device) -> RowLayout:
+    """A call without CFG: every row is the conditional row of its own image."""
+    ar, one = torch.arange(rows), torch.ones(rows, dtype=torch.long)
+    to = lambda t: t.to(device)  # noqa: E731
+    return RowLayout(ar, to(ar), to(ar), to(ar), to(one), to(ar), to(ar), to(one), to(one.bool()), True)
+
+
+def _supported() -> str:
+    from .models import SUPPORTED
+
+    return SUPPORTED
+
+
+def calls_of_run(pipe) -> int | None:
+    """Denoiser calls of the pipeline call in progress: the pipeline's `num_timesteps` (set before its
+    loop; img2img's shortened schedule included), else the length of the scheduler's timesteps."""
+    n = getattr(pipe, "num_timesteps", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    ts = getattr(pipe.scheduler, "timesteps", None)
+    return len(ts) if ts is not None else None
+
+
+class RunState:
+    """What shapefirst's hooks on one pipeline share while it runs: one object per pipeline, created by
+    `apply_guidance_schedule` and kept when the schedule is replaced (so everything bound to it follows
+    the new schedule). Public fields, read by the late caches, the ControlNet hook, attention capture
+    and the K/V intervention:
+      schedule, recorder    what the guidance hook applies
+      run                   runs begun so far; call: index of the current (or next) denoiser call
+      batch, n_calls        images and denoiser calls of the current run (calls_of_run)
+      cfg_now, guided       does the current call run CFG; bool per image (host): is it guided now
+      layout                the current call's RowLayout (row_sample, row_branch: the rows that run)
+      late                  past the guided phase for every sample (one row per sample)
+      may_stop_next         some sample is guided now and may be unguided from the next call
+      evaluations, stop_calls  per image (host): rows through the denoiser; first unguided call (-1 never)
+      stopped               adaptive stops per image, on the denoiser's device (None before any)
+    Runs: a run ends after n_calls calls, or when diffusers resets the stateful hooks (every shapefirst
+    hook implements `reset_state`; pipelines call `maybe_free_model_hooks` at the end, which resets
+    denoisers with diffusers' CacheMixin). The next call then begins a new run, which resets every
+    stateful hook of the denoiser (`HookRegistry.reset_stateful_hooks`). A run cut short (an exception)
+    is caught by the scheduler's `timesteps` being a new tensor: every pipeline call runs set_timesteps."""
+
+    def __init__(self, pipe, schedule: "GuidanceSchedule", recorder=None):
+        self.pipe, self.denoiser = pipe, denoiser_of(pipe)
+        self.schedule, self.recorder = schedule, recorder
+        self.run, self.finished, self.prepared = 0, True, False
+        self.verify = False  # check the CFG batch layout (pipelines detected by structure, not by class)
+        self.timesteps = None  # the scheduler's timesteps tensor of the current run (compared by identity)
+        self.layouts: dict = {}
+        self.cfg_now, self.layout = None, None
+        self._reset(0)
+
+    def _reset(self, batch: int) -> None:
+        self.call, self.batch, self.n_calls = 0, batch, None
+        self.evaluations = torch.zeros(batch, dtype=torch.long)
+        self.stop_calls = torch.full((batch,), -1, dtype=torch.long)
+        self.stopped = None
+        self.guided = torch.ones(batch, dtype=torch.bool)
+        self.late = self.may_stop_next = False
+
+    def bind(self, schedule: "GuidanceSchedule", recorder=None) -> None:
+        """A new schedule (and recorder) for the next run."""
+        self.schedule, self.recorder = schedule, recorder
+        self.layouts.clear()
+        self.end_run()
+
+    def end_run(self) -> None:
+        """The next denoiser call begins a new run (the last run's counts stay readable until then)."""
+        self.finished = True
+
+    @property
+    def row_sample(self) -> torch.Tensor:
+        return self.layout.row_sample
+
+    @property
+    def row_branch(self) -> torch.Tensor:
+        return self.layout.row_branch
+
+    def needs_new_run(self, batch: int) -> bool:
+        ts = getattr(self.pipe.scheduler, "timesteps", None)
+        done = self.n_calls is not None and self.call >= self.n_calls
+        if self.verify and done and not self.finished and ts is self.timesteps:
+            raise ShapefirstError(f"{type(self.pipe).__name__} makes more denoiser calls in one run than its "
+                                  f"{self.n_calls} timesteps (extra guidance passes?), which guidance schedules do not "
+                                  "support", f"use a pipeline with diffusers' standard CFG loop, e.g. {_supported()}")
+        return self.finished or done or batch != self.batch or ts is not self.timesteps
+
+    def verify_cfg_batch(self, sample: torch.Tensor) -> None:
+        """For a pipeline detected by its structure (models.family_by_structure), once per run: a CFG call
+        must be [uncond, cond] of the same latents (two bitwise-equal halves: one host read per run)."""
+        rows = sample.shape[0]
+        if not getattr(self.pipe, "do_classifier_free_guidance", False):
+            return
+        if rows % 2 or not torch.equal(sample[:rows // 2], sample[rows // 2:]):
+            raise ShapefirstError(f"{type(self.pipe).__name__} runs classifier-free guidance with a denoiser batch of "
+                                  f"{rows} rows that is not [uncond, cond] of the same latents, which guidance schedules "
+                                  "do not support", f"use a pipeline with diffusers' standard CFG batch, e.g. {_supported()}")
+
+    def begin_run(self, batch: int) -> None:
+        HookRegistry.check_if_exists_or_initialize(self.denoiser).reset_stateful_hooks(recurse=True)
+        self._reset(batch)
+        self.finished, self.run = False, self.run + 1
+        self.timesteps = getattr(self.pipe.scheduler, "timesteps", None)
+        self.n_calls = calls_of_run(self.pipe)
+        if self.recorder is not None:
+            self.recorder.start_run(self.pipe, batch)
+
+    def guided_at(self, call: int) -> torch.Tensor:
+        """Bool per image (host): is it guided at `call`? With adaptive stops this reads the device's
+        stop flags once (the one device-to-host read of a call, only after `min_call`)."""
+        n = self.n_calls if self.n_calls is not None else 10**9
+        k0, k = self.schedule.first_guided_call(n), self.schedule.first_unguided_call(n)
+        g = torch.full((self.batch,), k0 <= call < k, dtype=torch.bool)
+        ad = self.schedule.adaptive
+        if ad is not None and self.stopped is not None and call > ad.min_call and bool(g.any()):
+            g &= ~self.stopped.cpu()
+        return g
+
+    def _set_phase(self, guided: torch.Tensor) -> None:
+        n = self.n_calls if self.n_calls is not None else 10**9
+        k0, k = self.schedule.first_guided_call(n), self.schedule.first_unguided_call(n)
+        ad, some = self.schedule.adaptive, bool(guided.any())
+        self.late = self.call >= k0 and not some
+        self.may_stop_next = some and (self.call + 1 >= k or (ad is not None and self.call >= ad.min_call))
+
+    def prepare(self, sample: torch.Tensor) -> None:
+        """Begin the current denoiser call (idempotent until `finish`): new run?, CFG?, guided images, layout."""
+        if self.prepared:
+            return
+        rows = sample.shape[0]
+        self.cfg_now = cfg_active(self.pipe, sample)
+        batch = rows // 2 if self.cfg_now else rows
+        if self.needs_new_run(batch):
+            self.begin_run(batch)
+            if self.verify:
+                self.verify_cfg_batch(sample)
+        if self.cfg_now:
+            self.guided = self.guided_at(self.call)
+            self._set_phase(self.guided)
+            key = (tuple(self.guided.tolist()), self.schedule.after, sample.device)
+            make = lambda: cfg_layout(key[0], key[1], key[2])  # noqa: E731
+        else:
+            self.guided = torch.ones(rows, dtype=torch.bool)
+            self.late = self.may_stop_next = False
+            key = ("plain", rows, sample.device)
+            make = lambda: plain_layout(rows, sample.device)  # noqa: E731
+        if key not in self.layouts:
+            self.layouts[key] = make()
+        self.layout, self.prepared = self.layouts[key], True
+
+    def finish(self) -> None:
+        """End the current denoiser call: count it, note first unguided calls."""
+        if self.cfg_now:
+            self.evaluations += torch.where(self.guided, 2, 1)
+            newly = (self.stop_calls < 0) & ~self.guided
+            self.stop_calls[newly] = self.call
+        else:
+            self.evaluations += 1
+        self.call += 1
+        self.prepared = False
+
+    def settle(self, uncond: torch.Tensor, cond: torch.Tensor) -> None:
+        """Adaptive stops: flag (on the device) the guided samples whose branches agree; effect from the next call."""
+        ad = self.schedule.adaptive
+        if ad is None or self.call < ad.min_call or not bool(self.guided.any()):
+            return
+        settle = ad.settled(uncond.float(), cond.float()) & self.layout.guided.to(uncond.device)
+        self.stopped = settle if self.stopped is None else self.stopped | settle
+
+
+class GuidanceHook(ModelHook):
+    """The hook that applies a GuidanceSchedule to one pipeline's denoiser (see module docstring).
+    Its state (counts, rows, phase) is `self.state`, a RunState shared with the other shapefirst hooks."""
+
+    _is_stateful = True
+
+    def __init__(self, pipe, schedule: GuidanceSchedule, recorder=None, state: RunState | None = None):
         super().__init__()
         self.pipe = pipe
-        self.schedule = schedule
-        self.recorder = recorder
-        self.cfg_now = None  # did the current (last) denoiser call run CFG? (see cfg_active)
-        # Read by late-stage caches (shapefirst.cache) while the denoiser runs:
-        self.late = False  # this call is past the guided phase for every sample (one row per sample)
-        self.may_stop_next = False  # some sample is guided now and may be unguided from the next call
-        self.row_sample = None  # image index of every row the denoiser runs in this call
-        self.row_branch = None  # its branch: 0 uncond, 1 cond (CFG calls)
-        self._timesteps_ref = None
-        self.reset_run(0)
+        self.state = state if state is not None else RunState(pipe, schedule, recorder)
+        self.state.bind(schedule, recorder)
 
-    # -- run bookkeeping -------------------------------------------------------------
-    def reset_run(self, batch: int):
-        self.call = 0
-        self.batch = batch
-        self.evaluations = torch.zeros(batch, dtype=torch.long)  # rows through the denoiser, per image
-        self.stopped = torch.zeros(batch, dtype=torch.bool)  # adaptive stops, per image
-        self.stop_calls = torch.full((batch,), -1, dtype=torch.long)  # first unguided call, -1 = never
-        self.n_calls = None
+    def reset_state(self, module):
+        self.state.end_run()
+        return module
 
-    def _maybe_new_run(self, batch: int):
-        ts = getattr(self.pipe.scheduler, "timesteps", None)
-        if ts is not self._timesteps_ref or batch != self.batch:
-            self._timesteps_ref = ts
-            self.reset_run(batch)
-            self.n_calls = len(ts) if ts is not None else None
-            if self.recorder is not None:
-                self.recorder.start_run(self.pipe, batch)
+    # -- read-outs (of the current or last run) -----------------------------------------
+    schedule = property(lambda self: self.state.schedule)
+    recorder = property(lambda self: self.state.recorder)
+    call = property(lambda self: self.state.call)
+    batch = property(lambda self: self.state.batch)
+    n_calls = property(lambda self: self.state.n_calls)
+    evaluations = property(lambda self: self.state.evaluations)
+    stop_calls = property(lambda self: self.state.stop_calls)
+    cfg_now = property(lambda self: self.state.cfg_now)
+    late = property(lambda self: self.state.late)
+    may_stop_next = property(lambda self: self.state.may_stop_next)
+    row_sample = property(lambda self: self.state.row_sample)
+    row_branch = property(lambda self: self.state.row_branch)
 
-    def _cfg_active(self, sample: torch.Tensor) -> bool:
-        return cfg_active(self.pipe, sample)
+    def guided_now(self) -> torch.Tensor:
+        """Bool per image: does the current call run guidance for it?"""
+        return self.state.guided_at(self.state.call)
+
+    def evaluations_per_image(self) -> list[int]:
+        return [int(v) for v in self.state.evaluations]
 
     def guidance_weight(self) -> float:
         """w of this run: the pipeline's guidance_scale attribute, else (PixArt) the schedule's."""
         w = getattr(self.pipe, "guidance_scale", None)
         return float(self.schedule.scale if w is None or callable(w) else w)
 
-    def guided_now(self) -> torch.Tensor:
-        """Bool per image: does this call run guidance for it?"""
-        n = self.n_calls if self.n_calls is not None else 10**9
-        k0, k = self.schedule.first_guided_call(n), self.schedule.first_unguided_call(n)
-        g = torch.full((self.batch,), k0 <= self.call < k, dtype=torch.bool)
-        ad = self.schedule.adaptive
-        if ad is not None:
-            g &= ~self.stopped
-        return g
-
-    def _set_phase(self, guided: torch.Tensor) -> None:
-        n = self.n_calls if self.n_calls is not None else 10**9
-        k0, k = self.schedule.first_guided_call(n), self.schedule.first_unguided_call(n)
-        self.late = self.call >= k0 and not bool(guided.any())
-        ad = self.schedule.adaptive
-        self.may_stop_next = bool(guided.any()) and (self.call + 1 >= k or (ad is not None and self.call >= ad.min_call))
-
     # -- the hook ----------------------------------------------------------------------
     def new_forward(self, module, *args, **kwargs):
-        forward = self.fn_ref.original_forward
         if kwargs.get("skip_layers") is not None:
             raise ShapefirstError("SD3 skip-layer guidance (skip_guidance_layers) is not supported with a guidance "
                                   "schedule or trajectory", "call the pipeline without skip_guidance_layers")
+        st = self.state
         sample = latent_input(args, kwargs)
-        rows = sample.shape[0]
-        self.cfg_now = self._cfg_active(sample)
-        if not self.cfg_now:
-            self._maybe_new_run(rows)
-            self.late, self.may_stop_next = False, False
-            self.row_sample, self.row_branch = torch.arange(rows), torch.ones(rows, dtype=torch.long)
-            out = forward(*args, **kwargs)
-            self.evaluations += 1
-            if self.recorder is not None:
-                pred = _main_output(out)
-                self.recorder.record(self.call, _timestep(args, kwargs), sample, None, pred, pred,
-                                     torch.zeros(rows, dtype=torch.bool))
-            self.call += 1
-            return out
+        st.prepare(sample)
+        try:
+            out = self._cfg_call(sample, args, kwargs) if st.cfg_now else self._plain_call(sample, args, kwargs)
+        except BaseException:
+            st.prepared = False
+            raise
+        st.finish()
+        return out
 
-        batch = rows // 2
-        self._maybe_new_run(batch)
-        guided = self.guided_now()
-        self._set_phase(guided)
-        if bool(guided.all()):
-            self.row_sample, self.row_branch = torch.arange(rows) % batch, torch.arange(rows) // batch
+    def _plain_call(self, sample, args, kwargs):
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if self.recorder is not None:
+            pred = _main_output(out)
+            self.recorder.record(self.state.call, _timestep(args, kwargs), sample, None, pred, pred,
+                                 torch.zeros(sample.shape[0], dtype=torch.bool))
+        return out
+
+    def _cfg_call(self, sample, args, kwargs):
+        st, lay, forward = self.state, self.state.layout, self.fn_ref.original_forward
+        rows, batch = sample.shape[0], st.batch
+        if lay.full:
             out = forward(*args, **kwargs)  # the untouched path: bit-identical to the plain pipeline
             full = _main_output(out)
         else:
-            kept = torch.arange(batch) + (batch if self.schedule.after == "cond" else 0)
-            uncond_rows = torch.arange(batch)[guided]
-            cond_rows = torch.arange(batch)[guided] + batch
-            run_rows = torch.sort(torch.cat([uncond_rows, cond_rows, kept[~guided]])).values
-            self.row_sample, self.row_branch = run_rows % batch, run_rows // batch
-            sub_args = _rows_of(args, rows, run_rows)
-            sub_kwargs = _rows_of(kwargs, rows, run_rows)
-            out = forward(*sub_args, **sub_kwargs)
+            out = forward(*_rows_of(args, rows, lay.run_dev), **_rows_of(kwargs, rows, lay.run_dev))
             sub = _main_output(out)
-            full = sub.new_empty((rows,) + tuple(sub.shape[1:]))
-            full[run_rows.to(sub.device)] = sub
-            pos = {int(r): i for i, r in enumerate(run_rows)}
-            for i in torch.nonzero(~guided).flatten().tolist():
-                branch = sub[pos[int(kept[i])]]
-                full[i] = branch
-                full[i + batch] = branch
+            full = sub.index_select(0, lay.src.to(sub.device))
             out = _replace_output(out, full)
-            newly = (self.stop_calls < 0) & ~guided
-            self.stop_calls[newly] = self.call
-        self.evaluations += torch.where(guided, 2, 1)
-
         uncond, cond = full[:batch], full[batch:]
-        if self.schedule.adaptive is not None and bool(guided.any()):
-            ad = self.schedule.adaptive
-            if self.call >= ad.min_call:
-                settle = ad.settled(uncond.float(), cond.float()) & guided.to(uncond.device)
-                self.stopped |= settle.cpu()
+        st.settle(uncond, cond)
         if self.recorder is not None:
             w = self.guidance_weight()
-            combined = torch.where(guided.view(-1, *[1] * (uncond.dim() - 1)).to(uncond.device),
-                                   uncond + w * (cond - uncond), cond)
-            self.recorder.record(self.call, _timestep(args, kwargs), sample[batch:], uncond, cond, combined, guided,
-                                 self.schedule.after)
-        self.call += 1
+            g = lay.guided.to(uncond.device).view(-1, *[1] * (uncond.dim() - 1))
+            combined = torch.where(g, uncond + w * (cond - uncond), cond)
+            self.recorder.record(st.call, _timestep(args, kwargs), sample[batch:], uncond, cond, combined,
+                                 st.guided.clone(), self.schedule.after)
         return out
 
-    def evaluations_per_image(self) -> list[int]:
-        return [int(v) for v in self.evaluations]
+
+CONTROLNET_HOOK = "shapefirst_controlnet_rows"
+
+
+class ControlNetRows(ModelHook):
+    """On the pipeline's ControlNet, which runs before the denoiser on the same CFG batch: from the second
+    call of a run on (once the RunState knows the batch), a CFG call runs only the rows the denoiser will
+    run, and its residuals come back for the whole CFG batch (a dropped row holds its kept row's values),
+    which the guidance hook slices again. Anything else (the first call, diffusers' guess_mode, which
+    calls the ControlNet with the conditional rows only, return_dict=True) runs untouched."""
+
+    def __init__(self, state: RunState):
+        super().__init__()
+        self.state = state
+
+    def _acts(self, sample, kwargs) -> bool:
+        st = self.state
+        rows = sample.shape[0]
+        if kwargs.get("return_dict", True) or st.batch == 0 or rows != 2 * st.batch or st.needs_new_run(st.batch):
+            return False
+        return cfg_active(st.pipe, sample)
+
+    def new_forward(self, module, *args, **kwargs):
+        forward, sample = self.fn_ref.original_forward, latent_input(args, kwargs)
+        if not self._acts(sample, kwargs):
+            return forward(*args, **kwargs)
+        st = self.state
+        st.prepare(sample)
+        lay, rows = st.layout, sample.shape[0]
+        if lay.full:
+            return forward(*args, **kwargs)
+        out = forward(*_rows_of(args, rows, lay.run_dev), **_rows_of(kwargs, rows, lay.run_dev))
+        return _expand_rows(out, len(lay.run), lay.src)
+
+
+def apply_controlnet_rows(pipe, state: RunState) -> None:
+    """Put the ControlNetRows hook on `pipe.controlnet` (a ControlNet or MultiControlNet), if it has one."""
+    net = getattr(pipe, "controlnet", None)
+    if not isinstance(net, torch.nn.Module):
+        return
+    remove_controlnet_rows(pipe)
+    HookRegistry.check_if_exists_or_initialize(net).register_hook(ControlNetRows(state), CONTROLNET_HOOK)
+
+
+def remove_controlnet_rows(pipe) -> None:
+    net = getattr(pipe, "controlnet", None)
+    if isinstance(net, torch.nn.Module):
+        reg = HookRegistry.check_if_exists_or_initialize(net)
+        if reg.get_hook(CONTROLNET_HOOK) is not None:
+            reg.remove_hook(CONTROLNET_HOOK, recurse=False)
+
+
+
+def _remove_dependents(pipe) -> None:
+    """Remove the hooks that read the guidance hook's RunState (late caches, ControlNet rows)."""
+    from .cache import remove_late_cache
+
+    remove_late_cache(pipe)
+    remove_controlnet_rows(pipe)
 
 
 def apply_guidance_schedule(pipe, schedule: GuidanceSchedule, recorder=None) -> GuidanceHook:
-    """Attach the schedule to `pipe` (replacing an earlier one). Returns the hook (counts, stop calls).
+    """Attach the schedule to `pipe`. Returns the hook (counts, stop calls; its RunState is `.state`).
 
-    Call the pipeline as usual with guidance_scale=schedule.scale; remove with
-    `remove_guidance_schedule(pipe)` or use the `guidance_schedule(...)` context manager."""
-    from .models import family_of_pipe
+    Replacing an earlier schedule keeps its RunState, so a late cache attached to the pipeline follows
+    the new schedule (from the next call on, a new run). Call the pipeline as usual with
+    guidance_scale=schedule.scale; remove with `remove_guidance_schedule(pipe)` (which also removes the
+    late caches) or use the `guidance_schedule(...)` context manager."""
+    from .models import family_of_pipe, listed_family
 
     family_of_pipe(pipe)  # a clear "not supported" error for other pipelines
-    cfg = getattr(denoiser_of(pipe), "config", {})
+    den = denoiser_of(pipe)
+    cfg = getattr(den, "config", {})
     if schedule.stops and cfg.get("time_cond_proj_dim") is not None:
         raise ShapefirstError("this model is guidance-distilled (its denoiser takes the guidance scale as an input, "
                               "time_cond_proj_dim) and runs no classifier-free guidance, so there is nothing to remove",
                               "drop the guidance stop")
-    remove_guidance_schedule(pipe)
-    hook = GuidanceHook(pipe, schedule, recorder)
-    HookRegistry.check_if_exists_or_initialize(denoiser_of(pipe)).register_hook(hook, HOOK_NAME)
+    reg = HookRegistry.check_if_exists_or_initialize(den)
+    old = reg.get_hook(HOOK_NAME)
+    if old is not None:
+        reg.remove_hook(HOOK_NAME, recurse=False)
+    hook = GuidanceHook(pipe, schedule, recorder, old.state if old is not None else None)
+    hook.state.verify = listed_family(pipe) is None
+    reg.register_hook(hook, HOOK_NAME)
+    apply_controlnet_rows(pipe, hook.state)
     return hook
 
 
 def remove_guidance_schedule(pipe) -> None:
-    den = denoiser_of(pipe)
-    reg = getattr(den, "_diffusers_hook", None)
-    if reg is not None and reg.get_hook(HOOK_NAME) is not None:
+    """Remove the schedule and everything bound to its RunState (late caches, the ControlNet hook)."""
+    reg = HookRegistry.check_if_exists_or_initialize(denoiser_of(pipe))
+    if reg.get_hook(HOOK_NAME) is not None:
+        _remove_dependents(pipe)
         reg.remove_hook(HOOK_NAME, recurse=False)
 
 

@@ -15,9 +15,11 @@ import torch
 from .errors import ShapefirstError
 
 # family name -> diffusers pipeline class names
+# (the classes tested with shapefirst; other pipelines are detected from what they do: family_by_structure)
 FAMILIES = {
-    "sd": ("StableDiffusionPipeline",),  # SD 1.x and 2.x
-    "sdxl": ("StableDiffusionXLPipeline",),
+    "sd": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+           "StableDiffusionControlNetPipeline"),  # SD 1.x and 2.x
+    "sdxl": ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLControlNetPipeline"),
     "pixart": ("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
     "sd3": ("StableDiffusion3Pipeline",),
 }
@@ -40,14 +42,38 @@ def family_of(class_name: str) -> str:
                           f"use one of: {SUPPORTED}")
 
 
-def family_of_pipe(pipe) -> str:
-    """The family of a pipeline object: its class, or the first supported class it derives from
-    (a user's subclass of StableDiffusionXLPipeline is "sdxl"). Not-supported error otherwise."""
+def listed_family(pipe) -> str | None:
+    """The family of the pipeline's class, or of the first FAMILIES class it derives from (a user's
+    subclass of StableDiffusionXLPipeline is "sdxl"); None for other classes."""
     for cls in type(pipe).__mro__:
         for fam, names in FAMILIES.items():
             if cls.__name__ in names:
                 return fam
-    return family_of(type(pipe).__name__)
+    return None
+
+
+def family_by_structure(pipe) -> str | None:
+    """The family from what the pipeline and its denoiser are, for classes not in FAMILIES: diffusers'
+    public CFG interface (`encode_prompt` and a `do_classifier_free_guidance` property) and a denoiser
+    of a known type: UNet2DConditionModel without class labels ("sd" with no added conditioning, "sdxl"
+    with text_time), SD3Transformer2DModel ("sd3"). None otherwise. Such a pipeline's CFG batch is
+    verified while it runs (shapefirst.guidance.RunState: [uncond, cond] halves, calls per run)."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    if not callable(getattr(pipe, "encode_prompt", None)) or \
+            not isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
+        return None
+    den = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if isinstance(den, UNet2DConditionModel) and den.config.class_embed_type is None:
+        return {None: "sd", "text_time": "sdxl"}.get(den.config.addition_embed_type)
+    return "sd3" if isinstance(den, SD3Transformer2DModel) else None
+
+
+def family_of_pipe(pipe) -> str:
+    """The family of a pipeline object: listed_family, else family_by_structure. Not-supported error
+    (naming what is supported) otherwise."""
+    fam = listed_family(pipe) or family_by_structure(pipe)
+    return fam if fam is not None else family_of(type(pipe).__name__)
 
 
 def pick_device(device: str | None = None) -> str:
@@ -87,6 +113,8 @@ def _check_folder(path: Path, allow_pickle: bool) -> str:
         cls = json.loads(index.read_text())["_class_name"]
     except (ValueError, KeyError) as e:
         raise ShapefirstError(f"{index} is not valid JSON with a _class_name", "re-save the pipeline with save_pretrained()") from e
+    _check_components(path, json.loads(index.read_text()))
+    _check_widths(path)
     weights = [p for p in path.rglob("*") if p.is_file() and (p.suffix in PICKLE_SUFFIXES or p.suffix == ".safetensors")]
     safes = [p for p in weights if p.suffix == ".safetensors"]
     pickles = [p for p in weights if p.suffix in PICKLE_SUFFIXES]
@@ -96,6 +124,83 @@ def _check_folder(path: Path, allow_pickle: bool) -> str:
     for p in safes:
         _check_safetensors(p)
     return cls
+
+
+# what a component's subfolder must hold, by the library class model_index.json names
+_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("spiece.model",), ("vocab.txt",))
+
+
+def _check_components(path: Path, index: dict) -> None:
+    """Every component model_index.json lists has its subfolder and the files its loader reads."""
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
+            continue
+        lib, cls = spec
+        sub = path / name
+        if not sub.is_dir():
+            raise ShapefirstError(f"model folder {path} has no {name}/ subfolder, which model_index.json lists ({cls})",
+                                  f"copy the {name}/ folder of the model into {path}, or re-save it with save_pretrained()")
+        if "Tokenizer" in cls:
+            if not any(all((sub / f).is_file() for f in files) for files in _TOKENIZER_FILES):
+                raise ShapefirstError(f"{sub} holds no tokenizer files (needs tokenizer.json, or vocab.json and merges.txt)",
+                                      f"copy the tokenizer files into {sub}")
+            continue
+        need = "scheduler_config.json" if "Scheduler" in cls else (
+            "preprocessor_config.json" if "Processor" in cls or "FeatureExtractor" in cls else "config.json")
+        if not (sub / need).is_file():
+            raise ShapefirstError(f"{sub} has no {need} (the {cls} component's configuration)",
+                                  f"copy {name}/{need} of the model into {sub}, or re-save it with save_pretrained()")
+
+
+def _check_widths(path: Path) -> None:
+    """SD 1.x/2.x folders: unet/config.json's cross_attention_dim is the text encoder's hidden_size."""
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text())
+        te = json.loads((path / "text_encoder" / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if (path / "text_encoder_2").exists():
+        return
+    dim, width = unet.get("cross_attention_dim"), te.get("hidden_size", te.get("d_model"))
+    if isinstance(dim, int) and isinstance(width, int) and dim != width:
+        raise ShapefirstError(f"{path}/unet/config.json has cross_attention_dim {dim}, but text_encoder/config.json "
+                              f"has hidden_size {width}",
+                              f"set cross_attention_dim to the width the UNet's weights were saved with (the text "
+                              f"encoder's {width} if they match it), or use the text encoder the UNet was trained with")
+
+
+def _shape_error(path: Path, e: Exception) -> ShapefirstError | None:
+    """diffusers' "expected shape X, but got Y" for a weight -> which component, which weight, which shapes."""
+    import re
+
+    m = re.search(r"(\S+) expected shape torch\.Size\((\[[^\]]*\])\), but got torch\.Size\((\[[^\]]*\])\)", str(e))
+    if m is None:
+        return None
+    name, want, got = m.groups()
+    comp = "a component"
+    from safetensors import safe_open
+
+    for f in path.rglob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            if name in st.keys():
+                comp = f"{f.parent.name}/"
+                break
+    return ShapefirstError(f"the weights of {comp} do not match its config.json: {name} is saved as {got}, but the "
+                           f"config asks for {want}", f"fix {comp}config.json to the saved shapes (or re-save the model)")
+
+
+def check_text_width(pipe) -> None:
+    """SD 1.x/2.x: the UNet's cross_attention_dim must be the text encoder's width (else the first
+    call fails inside attention with a matrix-shape error)."""
+    unet, te = getattr(pipe, "unet", None), getattr(pipe, "text_encoder", None)
+    if unet is None or te is None or getattr(pipe, "text_encoder_2", None) is not None:
+        return
+    dim = unet.config.get("cross_attention_dim")
+    width = getattr(te.config, "hidden_size", None)
+    if isinstance(dim, int) and isinstance(width, int) and dim != width:
+        raise ShapefirstError(f"unet/config.json has cross_attention_dim {dim}, but the text encoder's hidden_size is {width}",
+                              f"use a UNet trained with this text encoder (cross_attention_dim {width}), or the text "
+                              f"encoder the UNet was trained with")
 
 
 def _check_safetensors(p: Path) -> None:
@@ -150,9 +255,14 @@ def load_pipeline(model: str = "embedded", device: str | None = None, dtype: str
             raise ShapefirstError(f"cannot load hub model {model!r} ({why})",
                                   "download it once with network access (it is then cached) or pass a local folder; "
                                   "HF_HUB_OFFLINE=1 uses only the cache") from e
-        raise ShapefirstError(f"cannot load {model}: {str(e).splitlines()[0][:200]}",
+        shape = _shape_error(local, e)
+        if shape is not None:
+            raise shape from e
+        first = " ".join(str(e).split())
+        raise ShapefirstError(f"cannot load {model}: {first if len(first) <= 300 else first[:297] + '...'}",
                               "check that the folder is a complete diffusers pipeline") from e
     family_of_pipe(pipe)
+    check_text_width(pipe)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -213,3 +323,23 @@ def set_scheduler(pipe, name: str | None):
     cls = getattr(diffusers, cls_name)
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
     return pipe
+
+
+DIFFUSERS_GUIDANCE = 7.5  # diffusers' Stable Diffusion default, for a user's own model
+
+
+def recommended(model: str = "embedded") -> dict:
+    """The embedded model's recommended settings (recipe.json's "recommended": guidance scale and the
+    rule that chose it); {} for any other model."""
+    if model != "embedded":
+        return {}
+    try:
+        return dict(json.loads((embedded_model_path() / "recipe.json").read_text()).get("recommended") or {})
+    except (OSError, ValueError):
+        return {}
+
+
+def default_guidance(model: str) -> float:
+    """The guidance scale used when the user gives none: the embedded model's recommended scale
+    (chosen from its guidance curve, stored in its folder), else diffusers' 7.5."""
+    return float(recommended(model).get("guidance_scale", DIFFUSERS_GUIDANCE))

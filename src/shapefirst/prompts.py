@@ -1,6 +1,7 @@
 """Prompt files, prompt-pair files, and a reproducible prompt-pair set for the shapes world.
 
-Prompt file (plain text, UTF-8, a leading BOM is allowed): one prompt per line. Leading and
+Prompt file (plain text, UTF-8, a leading BOM is allowed): one prompt per line (lines end at
+\n, \r\n or \r only: U+2028 and other Unicode separators stay inside a prompt). Leading and
 trailing whitespace is stripped; blank lines and lines whose first non-blank character is '#'
 are ignored (a '#' later in a line is part of the prompt). A file with no prompt left is an error.
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ShapefirstError
+from .outputs import check_regular_file
 
 PAIR_SEPARATOR = "||"
 
@@ -40,6 +42,7 @@ def _lines(path: str | Path, what: str) -> list[tuple[int, str]]:
         raise ShapefirstError(f"{what} file {path} does not exist", "check the path (one prompt per line, UTF-8)")
     if path.is_dir():
         raise ShapefirstError(f"{what} file {path} is a folder", "pass the path of a text file")
+    check_regular_file(path, what)
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -52,8 +55,10 @@ def _lines(path: str | Path, what: str) -> list[tuple[int, str]]:
         raise ShapefirstError(f"{path}:{line}: {what} file is not UTF-8 (byte 0x{raw[e.start]:02x})",
                               "save the file as UTF-8 text") from e
     out = []
-    for i, line in enumerate(text.splitlines(), start=1):
+    for i, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
         s = line.strip()
+        if "\x00" in s:
+            raise ShapefirstError(f"{path}:{i}: the line holds a NUL byte", "save the file as plain UTF-8 text")
         if s and not s.startswith("#"):
             out.append((i, s))
     if not out:

@@ -54,6 +54,16 @@ def png_bytes(img) -> bytes:
     return bio.getvalue()
 
 
+def yerr(est, lo, hi):
+    """matplotlib's yerr ([2, n]: below, above) for estimates with intervals, clipped at 0, so an
+    interval whose bound falls on the wrong side of its estimate (a share of 100%, rounding) draws
+    as no bar on that side instead of failing."""
+    import numpy as np
+
+    est, lo, hi = (np.asarray(v, dtype=float).reshape(-1) for v in (est, lo, hi))
+    return np.stack([np.clip(est - lo, 0, None), np.clip(hi - est, 0, None)]) if est.size else None
+
+
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Render a matplotlib Figure (no pyplot, Agg) to PNG, written atomically."""
     import io
@@ -70,11 +80,38 @@ def spaced(n: int, k: int) -> list[int]:
     return sorted({int(round(i * (n - 1) / (k - 1))) for i in range(k)})
 
 
+def finite(obj, path: str = "", nulls: dict | None = None):
+    """obj with every NaN or infinite float replaced by None (JSON null); `nulls` collects the
+    JSON path of each replacement and what the value was, so a reader learns why it is null."""
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if nulls is not None:
+            nulls[path or "."] = f"not a finite number ({obj})"
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v, f"{path}.{k}" if path else str(k), nulls) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v, f"{path}[{i}]", nulls) for i, v in enumerate(obj)]
+    return obj
+
+
+def strict_dumps(obj, **kw) -> str:
+    """JSON that any strict parser reads: no NaN or Infinity. Non-finite numbers become null, and a
+    top-level dict gains "null_reasons" {path: why} for them."""
+    obj = json.loads(json.dumps(obj, default=_jsonable))  # tensors, paths -> plain values
+    nulls: dict = {}
+    clean = finite(obj, "", nulls)
+    if nulls and isinstance(clean, dict):
+        clean["null_reasons"] = {**clean.get("null_reasons", {}), **nulls}
+    return json.dumps(clean, allow_nan=False, **kw)
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one line; the whole file is rewritten atomically so no line is ever partial."""
     path = Path(path)
     old = path.read_bytes() if path.exists() else b""
-    atomic_write_bytes(path, old + (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, old + (strict_dumps(record, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -99,7 +136,7 @@ class Result:
         if self.arrays:
             atomic_write_bytes(folder / "arrays.safetensors",
                                save_bytes({k: v.detach().cpu().contiguous() for k, v in self.arrays.items()}))
-        atomic_write_text(folder / "results.json", json.dumps({"kind": self.kind, **self.data}, indent=2, default=_jsonable))
+        atomic_write_text(folder / "results.json", strict_dumps({"kind": self.kind, **self.data}, indent=2))
         return folder
 
     @classmethod

@@ -6,6 +6,12 @@ steps in a second on a CPU. One builder per supported family:
   tiny_sdxl_pipeline    SDXL (text_time UNet, CLIPTextModel + CLIPTextModelWithProjection)
   tiny_pixart_pipeline  PixArt-alpha (PixArtTransformer2DModel with learned sigma, T5EncoderModel)
   tiny_sd3_pipeline     SD3 (SD3Transformer2DModel, 2 x CLIPTextModelWithProjection + T5, 16-channel VAE)
+and for the SD 1.x/2.x pipelines beyond text-to-image (tiny_sd_variant): "img2img"
+(StableDiffusionImg2ImgPipeline), "inpaint" (StableDiffusionInpaintPipeline, a 9-channel UNet as the
+real inpainting checkpoints) and "controlnet" (StableDiffusionControlNetPipeline, a ControlNetModel made
+from the UNet with random, non-zero output convolutions so that its residuals matter); tiny_image /
+tiny_mask give matching input images; tiny_sdxl_img2img_pipeline (StableDiffusionXLImg2ImgPipeline,
+base or refiner layout).
 The CLIP tokenizer is the shapes world's CLIP-format BPE (shapefirst.world.vocab), written to a
 folder; `pad_token="!"` gives the SD 2.x / SDXL-encoder-2 convention. The T5 tokenizer is a
 unigram vocabulary over the world's words plus ASCII characters (tiny_t5_tokenizer). Nothing is
@@ -173,19 +179,47 @@ def tiny_sdxl_pipeline(seed: int = 0, folder: str | Path | None = None, sample_s
     tok2 = load_tokenizer(write_tokenizer(folder / "tokenizer_2", pad_token="!"))
     torch.manual_seed(seed)
     text, text2 = _clip_text(tok, CLIPTextModel), _clip_text(tok2, CLIPTextModelWithProjection)
-    time_dim = 8
-    unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim, transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=6 * time_dim + text2.config.projection_dim,
-        cross_attention_dim=text.config.hidden_size + text2.config.hidden_size, norm_num_groups=32)
+    unet = _tiny_sdxl_unet(sample_size, text.config.hidden_size + text2.config.hidden_size,
+                           6, text2.config.projection_dim)
     vae = _tiny_vae(4, sample_size)
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                                    timestep_spacing="leading", prediction_type="epsilon")
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok,
                                      tokenizer_2=tok2, unet=unet, scheduler=sched, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_sdxl_unet(sample_size: int, cross_attention_dim: int, n_time_ids: int, pooled_dim: int):
+    """SDXL's "text_time" UNet, tiny: n_time_ids micro-conditions (6 for the base model; 5 for the refiner,
+    which passes an aesthetic score instead of the target size) + the pooled text embedding."""
+    from diffusers import UNet2DConditionModel
+
+    time_dim = 8
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=n_time_ids * time_dim + pooled_dim,
+        cross_attention_dim=cross_attention_dim, norm_num_groups=32)
+
+
+def tiny_sdxl_img2img_pipeline(seed: int = 0, folder: str | Path | None = None, sample_size: int = 8,
+                               refiner: bool = False):
+    """StableDiffusionXLImg2ImgPipeline: tiny_sdxl_pipeline's components, or (refiner=True) the refiner's
+    layout: no first text encoder, the second one only (cross_attention_dim = its width), aesthetic-score
+    micro-conditions (requires_aesthetics_score=True, 5 time ids)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    comp = dict(tiny_sdxl_pipeline(seed, folder=folder, sample_size=sample_size).components)
+    if refiner:
+        torch.manual_seed(seed + 1)
+        text2 = comp["text_encoder_2"]
+        comp.update(text_encoder=None, tokenizer=None,
+                    unet=_tiny_sdxl_unet(sample_size, text2.config.hidden_size, 5, text2.config.projection_dim))
+    comp = {k: v for k, v in comp.items() if k not in ("image_encoder", "feature_extractor")}
+    pipe = StableDiffusionXLImg2ImgPipeline(**comp, requires_aesthetics_score=refiner, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -245,3 +279,57 @@ def tiny_sd3_pipeline(seed: int = 0, folder: str | Path | None = None, sample_si
                                     tokenizer_3=tok3)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# -- SD 1.x/2.x beyond text-to-image -----------------------------------------------------------
+SD_VARIANTS = ("img2img", "inpaint", "controlnet")
+
+
+def _random_zero_convs(controlnet, seed: int):
+    """ControlNets start with zero output convolutions (no effect); tests need residuals that matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for conv in list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.1)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * 0.1)
+    return controlnet
+
+
+def tiny_sd_variant(kind: str, seed: int = 0, folder: str | Path | None = None, sample_size: int = 8):
+    """A tiny SD 1.x pipeline of another kind (SD_VARIANTS), with tiny_sd_pipeline's components
+    (the inpainting UNet takes 4 latent + 1 mask + 4 masked-image channels)."""
+    from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline,
+                           StableDiffusionInpaintPipeline, UNet2DConditionModel)
+
+    if kind not in SD_VARIANTS:
+        raise ValueError(f"kind {kind!r} is not one of {SD_VARIANTS}")
+    comp = dict(tiny_sd_pipeline(seed, folder=folder, sample_size=sample_size).components)
+    if kind == "img2img":
+        pipe = StableDiffusionImg2ImgPipeline(**comp, requires_safety_checker=False)
+    elif kind == "inpaint":
+        torch.manual_seed(seed + 1)
+        cfg = dict(comp["unet"].config)
+        cfg["in_channels"] = 9
+        comp["unet"] = UNet2DConditionModel.from_config(cfg)
+        pipe = StableDiffusionInpaintPipeline(**comp, requires_safety_checker=False)
+    else:
+        torch.manual_seed(seed + 1)
+        net = ControlNetModel.from_unet(comp["unet"], conditioning_embedding_out_channels=(16, 32))
+        pipe = StableDiffusionControlNetPipeline(controlnet=_random_zero_convs(net, seed), **comp,
+                                                 requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_image(seed: int = 0, size: int = 16, n: int = 1) -> torch.Tensor:
+    """Smooth random RGB images [n, 3, size, size] in [0, 1] (img2img input, control image)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand((n, 3, 4, 4), generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def tiny_mask(size: int = 16) -> torch.Tensor:
+    """An inpainting mask [1, 1, size, size]: 1 (repaint) on the right half."""
+    m = torch.zeros((1, 1, size, size))
+    m[..., size // 2:] = 1.0
+    return m

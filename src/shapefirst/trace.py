@@ -18,6 +18,8 @@ timesteps of its own), t / num_train_timesteps if t is not found.
 Learned variance (PixArt: the transformer outputs 2C channels, noise then variance, for C latent
 channels; the pipeline guides all 2C and gives the scheduler the first C): the recorder keeps the
 first C channels of uncond/cond/combined, and x0 uses them.
+Inpainting UNets (SD inpaint: 9 input channels = 4 latent + 1 mask + 4 masked-image latent, 4 output
+channels): x_t is the input's first C channels, C the prediction's (the latents themselves).
 Saved as safetensors (stacked arrays [calls, images, ...]) + JSON metadata.
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .results import atomic_write_bytes, atomic_write_text, png_bytes, spaced
+from .results import atomic_write_bytes, atomic_write_text, png_bytes, spaced, strict_dumps
 
 FIELDS = ("x_t", "uncond", "cond", "combined", "x0")
 
@@ -105,7 +107,7 @@ class Trajectory:
         from safetensors.torch import save as save_bytes
 
         atomic_write_bytes(folder / "trajectory.safetensors", save_bytes(tensors))
-        atomic_write_text(folder / "trajectory.json", json.dumps({"meta": self.meta, "timesteps": self.timesteps}, indent=2))
+        atomic_write_text(folder / "trajectory.json", strict_dumps({"meta": self.meta, "timesteps": self.timesteps}, indent=2))
         return folder
 
     @classmethod
@@ -179,6 +181,8 @@ class TrajectoryRecorder:
         """One denoiser call. uncond is None when the call ran no CFG; for unguided images
         (guided False) only the `after` branch was computed, the other is stored as NaN."""
         x_t = x_t.detach().float().cpu()
+        if x_t.dim() > 1 and combined.dim() > 1 and x_t.shape[1] > combined.shape[1]:
+            x_t = x_t[:, :combined.shape[1]]  # inpainting UNets: input [latents, mask, masked image]
         c_lat = x_t.shape[1] if x_t.dim() > 1 else None
 
         def noise_part(p):  # learned variance: keep the first C channels (see the module docstring)

@@ -40,7 +40,7 @@ from ..errors import ShapefirstError
 from ..generate import count_calls, generate
 from ..guidance import GuidanceSchedule, denoiser_of
 from ..metrics import mean_ci, wilson
-from ..results import Result, save_figure
+from ..results import Result, save_figure, yerr
 from ..tokens import analyze_prompt, swap_eos
 
 DEFAULT_SWITCH_CALLS = (0, 1, 2, 3, 5, 8, 12, 20, 30, 50)
@@ -56,13 +56,22 @@ SWITCH_DIRECTION = ("calls < a: A's full prompt; calls >= a: A words + B EOS (co
 # -- helpers shared with the other token experiments ------------------------------------------
 def encode_prompts(pipe, prompts: list[str], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(cond, uncond) embeddings [N, L, D] as the pipeline makes them (uncond: the empty prompt)."""
-    device = pipe._execution_device
     conds, unconds = [], []
     for s in range(0, len(prompts), batch):
-        c, u = pipe.encode_prompt(list(prompts[s:s + batch]), device, 1, True, negative_prompt=None)
+        out = pipe.encode_prompt(prompt=list(prompts[s:s + batch]), device=pipe.device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=True, negative_prompt=None)
+        c, u = _cond_uncond(pipe, out)
         conds.append(c)
         unconds.append(u)
     return torch.cat(conds), torch.cat(unconds)
+
+
+def _cond_uncond(pipe, out) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds, negative_prompt_embeds) from a family's encode_prompt output: SD, SDXL and SD3
+    return them first; PixArt returns (embeds, mask, negative embeds, negative mask)."""
+    from ..models import family_of_pipe
+
+    return (out[0], out[2]) if family_of_pipe(pipe) == "pixart" else (out[0], out[1])
 
 
 def generate_embeds(pipe, cond: torch.Tensor, uncond: torch.Tensor, steps: int, seed: int,
@@ -368,7 +377,7 @@ def plot_eos_swap(result: Result, folder: str | Path, max_pairs: int = 6) -> lis
             x = np.arange(len(attrs))
             for off, side, label in ((-0.2, "a", "A's value"), (0.2, "b", "B's value")):
                 rates = [sc[a][side]["rate"] for a in attrs]
-                err = np.array([[r - sc[a][side]["ci"][0], sc[a][side]["ci"][1] - r] for a, r in zip(attrs, rates)]).T
+                err = yerr(rates, [sc[a][side]["ci"][0] for a in attrs], [sc[a][side]["ci"][1] for a in attrs])
                 ax.bar(x + off, rates, 0.4, yerr=err if len(attrs) else None, capsize=3, label=label)
             ax.set_xticks(x, attrs, fontsize=8)
             ax.set_title(CONDITION_TITLES[cond], fontsize=9)
@@ -398,6 +407,7 @@ def plot_eos_swap(result: Result, folder: str | Path, max_pairs: int = 6) -> lis
             ys = [e["shares"][attr]["b"]["rate"] if attr in e.get("shares", {}) else np.nan for e in sw["per_call"]]
             lo = [e["shares"][attr]["b"]["ci"][0] if attr in e.get("shares", {}) else np.nan for e in sw["per_call"]]
             hi = [e["shares"][attr]["b"]["ci"][1] if attr in e.get("shares", {}) else np.nan for e in sw["per_call"]]
+            lo, hi = np.fmin(lo, ys), np.fmax(hi, ys)  # the band never excludes its estimate
             ax.plot(xs, ys, marker="o", label=attr)
             ax.fill_between(xs, lo, hi, alpha=0.15)
             plotted = True

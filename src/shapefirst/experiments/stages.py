@@ -36,7 +36,8 @@ from ..errors import ShapefirstError
 from ..generate import check_prompts, generate
 from ..guidance import GuidanceSchedule
 from ..results import Result, save_figure
-from ..world.render import ATTRIBUTES, VALUES, render, sample_captions, sample_scenes
+from ..world.prompts import world_prompts, world_renders  # noqa: F401 (re-exported for old imports)
+from ..world.render import ATTRIBUTES, VALUES
 
 CLIP_SETTLE = 0.9
 """CLIP mode: an image has settled once the cosine similarity of its x0-hat's CLIP embedding with
@@ -99,17 +100,6 @@ def summarize(settle: torch.Tensor) -> dict:
 
 
 # -- helpers -------------------------------------------------------------------------------
-def world_prompts(n: int, seed: int = 0, split: str = "test") -> tuple[list[str], list[dict]]:
-    """n shapes-world captions and their target labels (sample_scenes + sample_captions)."""
-    scenes = sample_scenes(n, seed, split)
-    return sample_captions(scenes, seed), [s.labels() for s in scenes]
-
-
-def world_renders(n: int, seed: int = 0, split: str = "test") -> np.ndarray:
-    """The exact renders of the scenes behind world_prompts(n, seed): [n, H, W, 3] in [0, 1]."""
-    return np.stack([render(s) for s in sample_scenes(n, seed, split)])
-
-
 def decode_chunks(traj, vae, which: str = "x0", chunk: int = DECODE_CHUNK,
                   calls: Sequence[int] | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (calls, images [len(calls), N, 3, H, W] in [0, 1]) over a trajectory, a few calls at a time."""

@@ -28,7 +28,7 @@ from ..cache import LateCache
 from ..generate import GenerationResult, generate
 from ..guidance import GuidanceSchedule
 from ..metrics import judged_accuracy, kernel_distance, frechet_distance, l1, mean_ci, psnr
-from ..results import append_jsonl, atomic_write_bytes, read_jsonl
+from ..results import append_jsonl, atomic_write_bytes, read_jsonl, strict_dumps
 
 
 @dataclass
@@ -92,6 +92,44 @@ def _distributed():
     return st if st.num_processes > 1 else None
 
 
+def is_main_process() -> bool:
+    """True unless this is a secondary process of an `accelerate launch` run."""
+    st = _distributed()
+    return st is None or st.is_main_process
+
+
+def sweep_key(pipe, prompts, targets, seed, batch, clip, real_images) -> dict:
+    """What every row of a sweep folder shares; a folder made with another key is not reused."""
+    from ..outputs import model_fingerprint, module_fingerprint, text_digest, version
+
+    return {"model": model_fingerprint(pipe), "prompts": text_digest(prompts), "targets": text_digest(targets),
+            "n": len(prompts), "seed": seed, "batch": batch, "version": version(),
+            "clip": None if clip is None else module_fingerprint(clip.model),
+            "real_images": None if real_images is None else text_digest(np.asarray(real_images).sum(axis=(1, 2, 3)).round(4).tolist())}
+
+
+def _config_of(cfg: Config) -> dict:
+    return json.loads(strict_dumps({"schedule": cfg.schedule.to_dict(), "cache": cfg.cache.to_dict() if cfg.cache else None,
+                                    "scheduler": cfg.scheduler, "steps": cfg.steps, "peer": cfg.run is not None}))
+
+
+def _reusable(out: Path, owner, configs: list[Config], overwrite: bool) -> dict:
+    """The finished rows that may be reused: same folder key (checked by owner) and same configuration."""
+    from ..errors import ShapefirstError
+
+    done = {r["key"]: r for r in read_jsonl(out / "sweep.jsonl")} if owner.reused else {}
+    for cfg in configs:
+        old = done.get(cfg.key)
+        if old is not None and {k: old.get(k) for k in _config_of(cfg)} != _config_of(cfg):
+            if not overwrite:
+                raise ShapefirstError(f"{out} holds row {cfg.key!r} made with another configuration "
+                                      f"(guidance {old.get('schedule', {}).get('scale')} vs {cfg.schedule.scale})",
+                                      "pass --overwrite to recompute the sweep, or a fresh --out folder")
+            owner.remove_own()
+            return {}
+    return done
+
+
 def _mine(st, items: list) -> list:
     if st is None:
         return items
@@ -133,22 +171,29 @@ def distribution_distances(feats: np.ndarray, real: np.ndarray, subsets: int = 5
     sub = [kernel_distance(x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)])
            for _ in range(subsets)]
     half = 1.96 * float(np.std(sub, ddof=1)) * (m / min(len(x), len(y))) ** 0.5
-    fd = frechet_distance(x, y) if len(x) > x.shape[1] and len(y) > y.shape[1] else float("nan")
-    return {"kid_x1000": [1000 * kid, 1000 * (kid - half), 1000 * (kid + half)], "fd_clip": fd,
-            "distance_n": [len(x), len(y)]}
+    out = {"kid_x1000": [1000 * kid, 1000 * (kid - half), 1000 * (kid + half)], "distance_n": [len(x), len(y)]}
+    if len(x) > x.shape[1] and len(y) > y.shape[1]:
+        out["fd_clip"] = frechet_distance(x, y)
+    else:  # a covariance of d features needs more than d images
+        out["fd_clip"] = None
+        out["fd_clip_reason"] = f"needs more images than the {x.shape[1]} feature dimensions (n={len(x)}, {len(y)})"
+    return out
 
 
 def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | None = None,
               configs: list[Config] | None = None, seed: int = 0, batch: int = 8, timing_batches: int = 3,
               clip=None, progress=None, real_images: np.ndarray | None = None,
-              floor_prompts: int | None = None, fid=None) -> list[dict]:
+              floor_prompts: int | None = None, fid=None, overwrite: bool = False) -> list[dict]:
     """Run (or resume) the sweep. Under `accelerate launch` the batches (same makeup as a single
     process, so the same numbers) are split across processes and the main process writes.
     real_images: one image per prompt (KID/FD on CLIP features against them; needs clip).
     floor_prompts: compute the Image-CLIPScore seed floor on the first N prompts only (default all).
-    fid: a shapefirst.fid.Fid holding the real images' features (real models): FID per configuration."""
+    fid: a shapefirst.fid.Fid holding the real images' features (real models): FID per configuration.
+    out is keyed (sweep_key, and each row by its configuration): a folder made with other settings
+    is refused unless overwrite=True, which replaces only the sweep's own files."""
+    from ..outputs import OutputFolder
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     configs = configs or default_configs()
     st = _distributed()
     if st is not None and fid is not None:
@@ -156,13 +201,22 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
 
         raise ShapefirstError("FID is computed in one process only", "run the sweep without accelerate launch for FID")
     main = st is None or st.is_main_process
-    done = {r["key"]: r for r in read_jsonl(out / "sweep.jsonl")}
+    owner = OutputFolder(out, "sweep", sweep_key(pipe, prompts, targets, seed, batch, clip, real_images),
+                         overwrite=overwrite)
+    if main:  # the main process checks and claims the folder; the others follow it
+        owner.check()
+        done = _reusable(out, owner, configs, overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        owner.claim()
+    if st is not None:
+        st.wait_for_everyone()
+        done = done if main else {r["key"]: r for r in read_jsonl(out / "sweep.jsonl")}
     starts = list(range(0, len(prompts), batch))
     rows, memo = [], {}
 
     def ref_of(cfg, i, offset=0):
         part = prompts[i:i + batch]
-        name = f"{'floor' if offset else 'ref'}_{cfg.scheduler}_{cfg.steps}_{i}"
+        name = f"{'floor' if offset else 'ref'}_{cfg.scheduler}_{cfg.steps}_w{cfg.schedule.scale:g}_{i}"
         return _cache(out, name, lambda: generate(pipe, part, GuidanceSchedule(cfg.schedule.scale), steps=cfg.steps,
                                                   seed=seed + offset + i, scheduler=cfg.scheduler).images)
 
@@ -183,7 +237,7 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
         c0 = configs[0]
         fstarts = [i for i in starts if floor_prompts is None or i < floor_prompts]
         recs = [(i, clip.image_similarity(ref_of(c0, i, 10**6), ref_of(c0, i)).numpy()) for i in _mine(st, fstarts)]
-        rerun = _cache(out, f"rerun_{c0.scheduler}_{c0.steps}_0", lambda: generate(
+        rerun = _cache(out, f"rerun_{c0.scheduler}_{c0.steps}_w{c0.schedule.scale:g}_0", lambda: generate(
             pipe, prompts[:batch], GuidanceSchedule(c0.schedule.scale), steps=c0.steps, seed=seed,
             scheduler=c0.scheduler).images)
         bounds = {"image_clip_floor": list(mean_ci(np.concatenate([r[1] for r in _gather(st, recs)]))),
@@ -242,10 +296,11 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
             row["accuracy"] = {a: float(per[f"acc/{a}"].mean()) for a in attrs}
             row["accuracy_delta_vs_full"] = {a: mean_ci(per[f"delta/{a}"]) for a in attrs}
         row["per_image_file"] = f"per_image/{_slug(cfg.key)}.safetensors"
-        row = json.loads(json.dumps(row))  # the same values a resumed run reads back
+        row = json.loads(strict_dumps(row))  # the same values a resumed run reads back
         if main:  # raw per-image values first (paired comparisons between any two rows), then the line
             _save_per_image(out / row["per_image_file"], per)
             append_jsonl(out / "sweep.jsonl", row)
+            owner.claim(p.name for p in out.iterdir() if not p.name.startswith(".shapefirst"))
         if st is not None:
             st.wait_for_everyone()
         rows.append(row)
@@ -253,6 +308,7 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
             progress(cfg.key)
     if main:
         write_summary(rows, out)
+        owner.claim(p.name for p in out.iterdir() if not p.name.startswith(".shapefirst"))
     if st is not None:
         st.wait_for_everyone()
     return rows

@@ -23,13 +23,14 @@ K/V substitution: `kv_substitution(pipe)` puts a KVSubstituteProcessor on every 
 layer (processor names ending in "attn2.processor") and yields the shared KVState; set
 `state.set(alt, mode)` before generating and `state.clear()` after (the context restores the
 original processor objects on exit, also after an exception). While no alternative is set the
-processor calls the original one. With an alternative it runs AttnProcessor2_0's computation
-(F.scaled_dot_product_attention) with keys from one context and values from the other; only the
-conditional rows get the alternative (CFG batch [uncond, cond]: the second half; shapefirst's
-guidance hook, when it runs only some rows, is followed; without CFG every row).
+processor calls the original one. With an alternative it still calls the original processor, and
+forward pre-hooks on the layer's key / value projections (`to_k`, `to_v`) feed them the substituted
+context: keys from one context and values from the other; only the conditional rows get the
+alternative (CFG batch [uncond, cond]: the second half; shapefirst's guidance hook, when it runs
+only some rows, is followed through its shared RunState; without CFG every row). Fused QKV
+projections are refused with a clear error.
 Reduction check: with alternative == original the output is BIT-IDENTICAL to a run with the
-default AttnProcessor2_0 (same operations on the same values); against another original
-processor (e.g. the explicit-softmax AttnProcessor) it agrees within ~1e-6.
+original processor (the same processor on the same values), AttnProcessor2_0 included.
 
 KL of attention maps against uniform (per variant, for a few calls, mean over the positions of
 [SOS], semantic tokens and the [EOS] block) when `shapefirst.attention.capture_attention` is
@@ -43,13 +44,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import ShapefirstError
 from ..generate import check_prompts, count_calls
-from ..guidance import GuidanceSchedule, HOOK_NAME, denoiser_of
+from ..guidance import GuidanceSchedule, denoiser_of, run_state_of
 from ..metrics import l1
-from ..results import Result
+from ..results import Result, yerr
 from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, keep_first_eos, replace_class, analyze_prompt
 from .eos_swap import (ci_dict, default_judge, encode_prompts, generate_embeds, image_grid, judged_labels,
                        save_figure, share, swapped, to_uint8, _chunks)
@@ -94,17 +94,11 @@ class KVState:
         """Per row of this attention call: the image whose conditional row it is, or -1."""
         n = self.alt.shape[0]
         cfg = getattr(self.pipe, "do_classifier_free_guidance", None) if self.pipe is not None else None
-        if self.pipe is not None and cfg:
-            reg = getattr(denoiser_of(self.pipe), "_diffusers_hook", None)
-            hook = reg.get_hook(HOOK_NAME) if reg is not None else None
-            if hook is not None and hook.batch == n:
-                guided = hook.guided_now()
-                if not bool(guided.all()):
-                    kept = torch.arange(n) + (n if hook.schedule.after == "cond" else 0)
-                    run = torch.sort(torch.cat([torch.arange(n)[guided], torch.arange(n)[guided] + n,
-                                                kept[~guided]])).values
-                    if len(run) == rows:
-                        return torch.where(run >= n, run - n, torch.full_like(run, -1))
+        st = run_state_of(self.pipe) if self.pipe is not None and cfg else None
+        if st is not None and st.layout is not None and st.batch == n and not st.layout.full:
+            run = st.layout.run  # the rows the guidance hook runs in this call (the shared RunState)
+            if len(run) == rows:
+                return torch.where(run >= n, run - n, torch.full_like(run, -1))
         if rows == 2 * n and cfg is not False:
             return torch.cat([torch.full((n,), -1, dtype=torch.long), torch.arange(n)])
         if rows == n and not cfg:
@@ -113,51 +107,20 @@ class KVState:
                               "set one alternative per image of the batch being generated")
 
 
-def kv_attention(attn, hidden_states, key_context, value_context, attention_mask=None, temb=None):
-    """AttnProcessor2_0's computation with keys from `key_context` and values from `value_context`."""
-    residual = hidden_states
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    input_ndim = hidden_states.ndim
-    if input_ndim == 4:
-        batch_size, channel, height, width = hidden_states.shape
-        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-    batch_size, sequence_length, _ = key_context.shape
-    if attention_mask is not None:
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    query = attn.to_q(hidden_states)
-    if attn.norm_cross:
-        key_context = attn.norm_encoder_hidden_states(key_context)
-        value_context = attn.norm_encoder_hidden_states(value_context)
-    key = attn.to_k(key_context)
-    value = attn.to_v(value_context)
-    inner_dim = key.shape[-1]
-    head_dim = inner_dim // attn.heads
-    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                                   is_causal=False)
-    hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-    hidden_states = hidden_states.to(query.dtype)
-    hidden_states = attn.to_out[0](hidden_states)
-    hidden_states = attn.to_out[1](hidden_states)
-    if input_ndim == 4:
-        hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-    if attn.residual_connection:
-        hidden_states = hidden_states + residual
-    return hidden_states / attn.rescale_output_factor
+def _swap_input(replacement: torch.Tensor, fired: list):
+    """Forward pre-hook for a key or value projection: its input becomes `replacement`."""
+    def hook(module, args):
+        fired.append(module)
+        return (replacement,) + tuple(args[1:])
+    return hook
 
 
 class KVSubstituteProcessor:
-    """Cross-attention processor: keys and/or values of the conditional rows from `state.alt`."""
+    """Cross-attention processor: keys and/or values of the conditional rows from `state.alt`.
+
+    It calls the ORIGINAL processor; while that runs, forward pre-hooks on `attn.to_k` / `attn.to_v`
+    give the key / value projection the substituted context (normalised by the layer's
+    `norm_encoder_hidden_states` where `norm_cross` is set, as the processor does for its own)."""
 
     def __init__(self, original, state: KVState):
         self.original, self.state = original, state
@@ -165,19 +128,39 @@ class KVSubstituteProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):  # AttnProcessor's parameter names: Attention.forward filters by them
         st = self.state
-        if st.alt is None or encoder_hidden_states is None:
-            extra = {"temb": temb} if temb is not None else {}
+        extra = {"temb": temb} if temb is not None else {}
+
+        def original():
             return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  attention_mask=attention_mask, **extra, **kwargs)
+
+        if st.alt is None or encoder_hidden_states is None:
+            return original()
+        if getattr(attn, "fused_projections", False):
+            raise ShapefirstError("K/V substitution needs separate key and value projections, but this attention "
+                                  "layer's projections are fused", "call unfuse_qkv_projections() on the pipeline first")
         ctx = encoder_hidden_states
         idx = st.row_images(ctx.shape[0])
         alt = ctx.clone()
         sel = idx >= 0
         alt[sel.to(ctx.device)] = st.alt.to(device=ctx.device, dtype=ctx.dtype)[idx[sel].to(ctx.device)]
+        if attn.norm_cross:
+            alt = attn.norm_encoder_hidden_states(alt)
+        targets = [m for m, on in ((attn.to_k, st.mode in ("keys", "both")), (attn.to_v, st.mode in ("values", "both")))
+                   if on]
+        fired: list = []
+        handles = [m.register_forward_pre_hook(_swap_input(alt, fired)) for m in targets]
+        try:
+            out = original()
+        finally:
+            for h in handles:
+                h.remove()
+        if len(fired) < len(targets):
+            raise ShapefirstError(f"the attention processor {type(self.original).__name__} did not call the key/value "
+                                  "projections (to_k / to_v), so nothing could be substituted",
+                                  "use diffusers' default attention processor (pipe.unet.set_default_attn_processor())")
         st.substituted += 1
-        key_ctx = alt if st.mode in ("keys", "both") else ctx
-        value_ctx = alt if st.mode in ("values", "both") else ctx
-        return kv_attention(attn, hidden_states, key_ctx, value_ctx, attention_mask, temb)
+        return out
 
 
 def cross_attention_processor_names(unet) -> list[str]:
@@ -395,8 +378,7 @@ def plot_token_ablation(result: Result, folder: str | Path, max_prompts: int = 4
     width = 0.8 / len(series)
     for j, (lab, rows) in enumerate(series):
         ys = np.array([r["rate"] for r in rows], dtype=float)
-        err = np.nan_to_num(np.abs(np.array([[y - r["ci"][0], r["ci"][1] - y] for y, r in zip(ys, rows)],
-                                            dtype=float).T))
+        err = np.nan_to_num(yerr(ys, [r["ci"][0] for r in rows], [r["ci"][1] for r in rows]))
         ax.bar(x - 0.4 + width * (j + 0.5), ys, width, yerr=err, capsize=1.5, label=lab)
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("judged accuracy" if "judged" in sc0 else label, fontsize=8)

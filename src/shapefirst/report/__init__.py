@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+from .. import findings
 from ..errors import ShapefirstError
 from ..results import Result, atomic_write_text
 
@@ -27,19 +28,23 @@ SECTIONS = ("generate", "stages", "frequency", "attention", "eos-swap", "token-a
 
 
 def run_report(pipe, out: str | Path, budget: str = "quick", world: bool = True, clip=None, prompts=None,
-               pairs=None, progress=None, model_name: str = "embedded") -> Path:
-    """Compute what is missing under out/results, then build the page. Returns index.html's path."""
+               pairs=None, progress=None, model_name: str = "embedded", guidance: float | None = None,
+               overwrite: bool = False) -> Path:
+    """Compute what is missing under out/results, then build the page. Returns index.html's path.
+    Every section is keyed by its settings and the model's weights: a saved section made with
+    others is refused unless overwrite=True (then recomputed). guidance: None = the model's default."""
     from ..experiments import run_analysis
-    from ..experiments.stages import world_prompts
     from ..experiments.sweep import default_configs, run_sweep
-    from ..generate import generate
+    from ..models import default_guidance
+    from ..outputs import OutputFolder
+    from ..world.prompts import world_prompts
 
     if budget not in BUDGETS:
         raise ShapefirstError(f"unknown budget {budget!r}", f"use one of: {', '.join(BUDGETS)}")
     b = BUDGETS[budget]
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ShapefirstError(f"output path {out} is a file", "pass a folder path with --out")
+    owner = OutputFolder(out, "report").check()
+    w = default_guidance(model_name) if guidance is None else guidance
     res_dir = out / "results"
     t0 = time.time()
     tick = progress or (lambda name: None)
@@ -47,26 +52,44 @@ def run_report(pipe, out: str | Path, budget: str = "quick", world: bool = True,
         raise ShapefirstError("this model is not the shapes world, so there are no built-in prompts",
                               "pass --prompts FILE")
     ps, targets = (prompts, None) if prompts else world_prompts(max(b["n"], b["sweep_n"]), 0)
-
-    gen_dir = res_dir / "generate"
-    if not (gen_dir / "run.json").exists():
-        tick("generate")
-        r = generate(pipe, ps[:b["film"]], steps=b["steps"], trace=True)
-        r.save(gen_dir, vae=pipe.vae)
+    owner.claim(["results"])
+    tick("generate")
+    _film(pipe, ps[:b["film"]], b["steps"], w, res_dir / "generate", overwrite)
     timings = {}
     for name in ("stages", "frequency", "attention", "eos-swap", "token-ablation"):
         tick(name)
         s = time.time()
         run_analysis(name, pipe, res_dir, n=b["pairs"] if name == "eos-swap" else b["n"], steps=b["steps"], seed=0,
-                     prompts=ps[:b["n"]] if prompts else None, pairs=pairs, clip=clip, world=world, batch=b["batch"])
+                     guidance=w, prompts=ps[:b["n"]] if prompts else None, pairs=pairs, clip=clip, world=world,
+                     batch=b["batch"], overwrite=overwrite)
         timings[name] = time.time() - s
     tick("sweep")
     s = time.time()
     run_sweep(pipe, ps[:b["sweep_n"]], res_dir / "sweep", targets=targets[:b["sweep_n"]] if targets else None,
-              configs=default_configs(stops=b["stops"], steps=(b["steps"],)), batch=b["batch"], clip=clip)
+              configs=default_configs(w, stops=b["stops"], steps=(b["steps"],)), batch=b["batch"], clip=clip,
+              overwrite=overwrite)
     timings["sweep"] = time.time() - s
-    meta = {"model": model_name, "budget": budget, "settings": b, "seconds": time.time() - t0, "timings": timings}
+    meta = {"model": model_name, "budget": budget, "guidance": w, "settings": b, "seconds": time.time() - t0,
+            "timings": timings}
     return build_page(out, meta)
+
+
+def _film(pipe, prompts, steps: int, guidance: float, folder: Path, overwrite: bool) -> None:
+    """The traced generation behind the film strips, reused when its key matches."""
+    from ..generate import generate
+    from ..guidance import GuidanceSchedule
+    from ..outputs import model_fingerprint, read_marker, text_digest, version
+
+    key = {"model": model_fingerprint(pipe), "prompts": text_digest(prompts), "steps": steps, "guidance": guidance,
+           "version": version()}
+    m = read_marker(folder)
+    if m is not None and m.get("key") == json.loads(json.dumps(key)) and (folder / "run.json").exists():
+        return
+    if m is not None and not overwrite:
+        raise ShapefirstError(f"{folder} holds a generation made with other settings",
+                              "pass --overwrite to recompute it, or a fresh --out folder")
+    r = generate(pipe, prompts, GuidanceSchedule(guidance), steps=steps, trace=True)
+    r.save(folder, vae=pipe.vae, overwrite=overwrite, key=key)
 
 
 def _fmt_share(d) -> str:
@@ -94,8 +117,7 @@ def _sections(res_dir: Path) -> list[dict]:
                 rows.append([sname, a, f"{v['median']:.0f}", f"{v['p10']:.0f}-{v['p90']:.0f}", summ["n_calls"]])
         out.append({"id": "stages", "title": "When each attribute is decided",
                     "caption": "Share of images whose judged attribute (from the decoded x0-hat) has reached its final "
-                               "value by each call: compare the low-frequency attributes (shape, color, position, "
-                               "size) with the high-frequency texture.",
+                               "value by each call. " + " ".join(findings.stages(r.data)),
                     "figures": sorted(st.glob("stages_*.png")), "table": rows})
     fq = res_dir / "frequency"
     if (fq / "results.json").exists():
@@ -104,10 +126,10 @@ def _sections(res_dir: Path) -> list[dict]:
         for space, d in r.data["reverse"]["settle_median"].items():
             for band, v in d.items():
                 rows.append([space, band, f"{v:.0f}"])
-        out.append({"id": "frequency", "title": "Low frequencies survive the noise; they are generated first",
+        out.append({"id": "frequency", "title": findings.frequency_title(r.data),
                     "caption": "Forward process: norms of the low- and high-frequency parts of signal and noise at each "
-                               "timestep (the low band of the image stays above its noise much longer). Reverse "
-                               "process: the low band of x0-hat reaches its final value earlier than the high band.",
+                               "timestep. Reverse process: the call from which each band of x0-hat keeps its final "
+                               "value. " + " ".join(findings.frequency(r.data)),
                     "figures": sorted(fq.glob("*.png")), "table": rows})
     at = res_dir / "attention"
     if (at / "results.json").exists():
@@ -116,9 +138,9 @@ def _sections(res_dir: Path) -> list[dict]:
         rows = [["token class", "mean attention mass"]] + [[c, f"{v:.3f}"] for c, v in s["mean_mass_per_class"].items()]
         rows.append(["semantic maps: relative F1 >= 0.9 from call", str(s["semantic_f1_ge_0.9_from_call"])])
         out.append({"id": "attention", "title": "Which tokens the image attends to",
-                    "caption": "Cross-attention mass per token class per call ([SOS] is an attention sink), how early "
-                               "each word's map converges (relative F1 against the final map; maps binarised at their "
-                               "mean), and per-word heat maps at the first, middle and last captured call.",
+                    "caption": "Cross-attention mass per token class per call, how early each word's map converges "
+                               "(relative F1 against the final map; maps binarised at their mean), and per-word heat "
+                               "maps at the first, middle and last captured call. " + " ".join(findings.attention(r.data)),
                     "figures": sorted(at.glob("attention_*.png")), "table": rows})
     ev = res_dir / "eos-swap"
     if (ev / "results.json").exists():
@@ -127,10 +149,10 @@ def _sections(res_dir: Path) -> list[dict]:
         for attr, d in (r.data.get("scores") or {}).get("swap", {}).items():
             if isinstance(d, dict) and "a" in d:
                 rows.append([attr, _fmt_share(d["a"]), _fmt_share(d["b"])])
-        out.append({"id": "eos-swap", "title": "[EOS] decides the object",
-                    "caption": "Prompt A's [SOS] and word embeddings with prompt B's [EOS] block: the generated object "
-                               "mostly follows B. Switching the [EOS] block only from call a on shows when it stops "
-                               "mattering. " + r.data["rule"],
+        out.append({"id": "eos-swap", "title": findings.eos_title(r.data),
+                    "caption": "Prompt A's [SOS] and word embeddings with prompt B's [EOS] block. "
+                               + " ".join(findings.eos_swap(r.data)) + " Switching the [EOS] block only from call a on "
+                               "shows when it stops mattering. " + r.data["rule"],
                     "figures": sorted(ev.glob("eos_swap_*.png")), "table": rows})
     ta = res_dir / "token-ablation"
     if (ta / "results.json").exists():
@@ -170,13 +192,17 @@ def build_page(out: str | Path, meta: dict | None = None) -> Path:
 
     from ..generate import machine_info
 
+    from ..outputs import OutputFolder
+
     out = Path(out)
     res_dir = out / "results"
     if not res_dir.is_dir():
         raise ShapefirstError(f"{res_dir} holds no results", "run `shapefirst report` first")
+    OutputFolder(out, "report").check(probe=False)
     stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 10**6:06d}"
     page = out / f"page-{stamp}"
     page.mkdir(parents=True)
+    OutputFolder(out, "report").claim(["results", page.name])
     sections = _sections(res_dir)
     for sec in sections:
         figs = []
@@ -191,8 +217,11 @@ def build_page(out: str | Path, meta: dict | None = None) -> Path:
     meta = meta or {}
     text = env.get_template("template.html").render(sections=sections, meta=meta, machine=machine_info(),
                                                     meta_json=json.dumps(meta, indent=1, default=str))
+    owner = OutputFolder(out, "report")
+    old_pages = [e for e in owner.entries() if e.startswith("page-") and e != page.name]
+    owner.claim(["results", "index.html", page.name])
     atomic_write_text(out / "index.html", text)
-    for old in out.glob("page-*"):
-        if old.is_dir() and old != page:
-            shutil.rmtree(old, ignore_errors=True)
+    for name in old_pages:  # only pages this command built: a user's own page-* folder stays
+        shutil.rmtree(out / name, ignore_errors=True)
+    owner.forget(old_pages)
     return out / "index.html"

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import ShapefirstError
+from ..outputs import OutputFolder
 from . import render
 from .vocab import load_tokenizer, write_tokenizer
 
@@ -378,25 +380,41 @@ def assemble(out: Path, dest: Path, r: Recipe, timings: dict) -> Path:
     if r.fp16:  # diffusers loads these back as float32 by default; transformers 5 would keep a float16
         pipe.unet.to(torch.float16)  # text encoder as float16 ("auto" dtype), so the text models stay float32
         pipe.vae.to(torch.float16)
-    tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        import shutil
+    import shutil
+    import tempfile
 
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    finish_clip_folder(clip, tok, tmp / "clip")
-    (tmp / "recipe.json").write_text(json.dumps({"recipe": asdict(r), "seconds_per_stage": timings}, indent=2))
-    if dest.exists():
-        import shutil
-
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        finish_clip_folder(clip, tok, tmp / "clip")
+        (tmp / "recipe.json").write_text(json.dumps({"recipe": asdict(r), "seconds_per_stage": timings}, indent=2))
+        OutputFolder(tmp, "train-model", asdict(r)).claim(p.name for p in tmp.iterdir())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():  # checked by check_dest: an earlier model of this command, replaced with overwrite
         shutil.rmtree(dest)
     tmp.replace(dest)
     return dest
 
 
+def check_dest(dest: Path, out: Path, overwrite: bool) -> None:
+    """The finished model goes to a new or empty folder, or replaces one an earlier `train` wrote
+    (with overwrite, or when it lies inside the work folder, whose recipe was already checked)."""
+    inside = out.resolve() in dest.resolve().parents
+    owner = OutputFolder(dest, "train-model", None, overwrite=overwrite or inside, reuse=False)
+    owner.check(dry=True)
+    if dest.resolve() == out.resolve() or dest.resolve() in out.resolve().parents:
+        raise ShapefirstError(f"--dest {dest} would hold the work folder {out}", "pass a --dest outside --out")
+
+
 def train(out: str | Path, recipe: Recipe | None = None, dest: str | Path | None = None,
-          max_steps: int | None = None) -> Path | None:
+          max_steps: int | None = None, overwrite: bool = False) -> Path | None:
     """Run (or resume) the whole recipe in `out`; the finished model folder is `dest` (default out/model).
+    `out` is owned (shapefirst.outputs): a folder of other files, or of another recipe, is refused
+    (overwrite=True restarts an own folder with another recipe); `dest` must be new, empty, or an
+    earlier model of this command (replaced only with overwrite, unless it lies inside `out`).
 
     max_steps: stop (checkpointed) after this many optimisation steps in this invocation, for
     time-boxed sessions; returns None then, and a rerun resumes where it stopped."""
@@ -404,8 +422,11 @@ def train(out: str | Path, recipe: Recipe | None = None, dest: str | Path | None
     _budget = _Budget(max_steps)
     r = recipe or Recipe()
     out = Path(out)
-    (out / "work").mkdir(parents=True, exist_ok=True)
     dest = Path(dest) if dest else out / "model"
+    owner = OutputFolder(out, "train", asdict(r), overwrite=overwrite).check()
+    check_dest(dest, out, overwrite)
+    (out / "work").mkdir(parents=True, exist_ok=True)
+    owner.claim(["work", "tokenizer", "clip", "text_encoder", "vae", "vae_refined", "latents", "unet", "model"])
     torch.set_num_threads(max(1, torch.get_num_threads()))
     times_path = out / "work" / "times.json"
     timings = json.loads(times_path.read_text()) if times_path.exists() else {}

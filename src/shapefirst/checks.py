@@ -1,0 +1,167 @@
+"""Checks of what a user typed, before any work: ranges, lists, devices, options that would do nothing.
+
+Each check raises a ShapefirstError with one line (problem; fix) or returns the cleaned value;
+`noop_warnings` returns the warnings for options that would change nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .errors import ShapefirstError
+
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit seeds; seed + i must stay below this
+MAX_BATCH = 64  # images per pipeline call the CLI allows (memory: the default is 8)
+
+
+MAX_COUNT = 10**6  # prompts, batches, calls: anything larger is a typo, not a plan
+
+
+def positive(value: int, option: str, example: int = 8) -> int:
+    if int(value) != value or value < 1:
+        raise ShapefirstError(f"{option} {value} is not a positive integer", f"pass e.g. {option} {example}")
+    return count(value, option, 1)
+
+
+def count(value: int, option: str, low: int = 0) -> int:
+    """An integer in [low, MAX_COUNT]."""
+    if int(value) != value or not low <= value <= MAX_COUNT:
+        raise ShapefirstError(f"{option} {value} is outside [{low}, {MAX_COUNT}]", f"pass {option} between {low} and {MAX_COUNT}")
+    return int(value)
+
+
+def batch_size(value: int, option: str = "--batch") -> int:
+    positive(value, option)
+    if value > MAX_BATCH:
+        raise ShapefirstError(f"{option} {value} is more than {MAX_BATCH} images per pipeline call",
+                              f"pass {option} {MAX_BATCH} or less (more images are split into batches anyway)")
+    return int(value)
+
+
+def seed(value: int, count: int = 1) -> int:
+    if value < 0 or value + max(count, 1) > SEED_LIMIT:
+        raise ShapefirstError(f"seed {value} is outside [0, 2^63 - {max(count, 1)}] for {count} image(s)",
+                              "pass a seed such as 0 (image i uses seed + i)")
+    return int(value)
+
+
+def guidance(value: float) -> float:
+    if value is None:
+        return value
+    if not math.isfinite(value) or value < 0:
+        raise ShapefirstError(f"guidance scale {value} is not a number >= 0", "pass e.g. --guidance 7.5")
+    return float(value)
+
+
+def train_timesteps(model: str) -> int | None:
+    """num_train_timesteps of a local model folder's scheduler (None when it cannot be read)."""
+    from .models import embedded_model_path
+
+    folder = embedded_model_path() if model == "embedded" else Path(model).expanduser()
+    cfg = folder / "scheduler" / "scheduler_config.json"
+    try:
+        return int(json.loads(cfg.read_text())["num_train_timesteps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def steps(values, model: str, option: str = "--steps") -> list[int]:
+    values = [values] if isinstance(values, int) else list(values)
+    limit = train_timesteps(model)
+    for s in values:
+        positive(s, option, 50)
+        if limit is not None and s > limit:
+            raise ShapefirstError(f"{option} {s} is more than the model's {limit} training timesteps",
+                                  f"pass {option} between 1 and {limit}")
+    return values
+
+
+def unique(values: list, option: str) -> list:
+    """The list without repeats (first occurrence kept); an empty list is an error."""
+    out = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    if not out:
+        raise ShapefirstError(f"{option} is empty", f"pass at least one value to {option}")
+    return out
+
+
+def int_list(text: str, option: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ShapefirstError(f"{option} {text!r} is not a comma-separated list of integers", "pass e.g. 20,50") from e
+    return unique(vals, option)
+
+
+def fractions(text: str, option: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ShapefirstError(f"{option} {text!r} is not a comma-separated list of numbers", "pass e.g. 0.25,0.5") from e
+    for v in vals:
+        if not 0 <= v <= 1:
+            raise ShapefirstError(f"{option} value {v} is outside [0, 1]", "pass fractions of the denoiser calls")
+    return unique(vals, option)
+
+
+def thresholds(text: str, option: str = "--adaptive") -> list[float]:
+    if not text.strip():
+        return []
+    vals = fractions(text, option)
+    for v in vals:
+        if not 0 < v < 1:
+            raise ShapefirstError(f"{option} threshold {v} is outside (0, 1)", "pass cosine similarities such as 0.99")
+    return vals
+
+
+def names(text: str, option: str, allowed) -> list[str]:
+    vals = unique([s.strip() for s in text.split(",") if s.strip()], option)
+    for v in vals:
+        if v not in allowed:
+            raise ShapefirstError(f"{option} value {v!r} is not known", f"use some of: {', '.join(allowed)}")
+    return vals
+
+
+def device(value: str | None) -> str | None:
+    """cpu, cuda, cuda:N or mps, and only what this machine has (None: the best available)."""
+    import re
+
+    import torch
+
+    if value in (None, "", "auto"):
+        return None
+    if value == "cpu":
+        return value
+    if re.fullmatch(r"cuda(:\d+)?", value):
+        if not torch.cuda.is_available():
+            raise ShapefirstError(f"device {value!r} was asked for but CUDA is not available", "pass --device cpu")
+        idx = int(value.split(":")[1]) if ":" in value else 0
+        if idx >= torch.cuda.device_count():
+            raise ShapefirstError(f"device {value!r} does not exist ({torch.cuda.device_count()} CUDA devices)",
+                                  "pass --device cuda:0")
+        return value
+    if value == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ShapefirstError("device 'mps' was asked for but Apple's MPS is not available", "pass --device cpu")
+        return value
+    raise ShapefirstError(f"unknown device {value!r}", "pass cpu, cuda, cuda:N or mps")
+
+
+def noop_warnings(schedule, cache, n_calls: int | None = None) -> list[str]:
+    """Options that were given but would change nothing in this run."""
+    out = []
+    if cache is not None and not schedule.stops:
+        out.append("--cache acts only after a guidance stop, and none was given: it changes nothing "
+                   "(pass --guidance-stop or --adaptive)")
+    ad = schedule.adaptive
+    if ad is not None and n_calls is not None and ad.min_call >= n_calls:
+        out.append(f"--adaptive-min-call {ad.min_call} is at or beyond the {n_calls} denoiser calls: the adaptive "
+                   "stop can never act (pass a smaller --adaptive-min-call)")
+    if cache is not None and cache.deep_interval and n_calls is not None and cache.deep_interval >= n_calls:
+        out.append(f"deep-cache interval {cache.deep_interval} is at or beyond the {n_calls} denoiser calls: the deep "
+                   "blocks are computed once after the stop and replayed for the rest (pass e.g. deep3)")
+    return out

@@ -1,0 +1,152 @@
+"""Cooperating hooks (issue #14.3/#14.4): one RunState shared by the guidance hook and everything that
+reads it, reset through `reset_state` at every new run, rebound or removed with the schedule; no
+private attributes of diffusers, transformers or torchmetrics."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers.hooks import HookRegistry
+
+from shapefirst.cache import HOOK_NAME as CACHE_HOOK, CrossAttentionReuse, LateCache, apply_late_cache
+from shapefirst.guidance import (GuidanceHook, GuidanceSchedule, apply_guidance_schedule, guidance_hook_of,
+                                 remove_guidance_schedule, run_state_of)
+from shapefirst.models import set_scheduler
+
+from conftest import gens
+
+PROMPTS = ["a red circle", "a small blue striped square"]
+STEPS = 8
+
+
+@pytest.fixture(autouse=True)
+def clean(tiny_pipe):
+    set_scheduler(tiny_pipe, "ddim")
+    yield
+    remove_guidance_schedule(tiny_pipe)
+
+
+def run(pipe, prompts=PROMPTS, **kw):
+    return pipe(prompts, num_inference_steps=STEPS, guidance_scale=7.5, generator=gens(0, len(prompts)),
+                output_type="np", **kw).images
+
+
+def cache_hooks(pipe) -> list:
+    hooks = [HookRegistry.check_if_exists_or_initialize(m).get_hook(CACHE_HOOK) for m in pipe.unet.modules()]
+    return [h for h in hooks if h is not None]
+
+
+def fresh_reference(pipe, schedule, cache=None):
+    """The same run on a pipeline with no shapefirst history."""
+    remove_guidance_schedule(pipe)
+    apply_guidance_schedule(pipe, schedule)
+    if cache is not None:
+        apply_late_cache(pipe, cache)
+    out = run(pipe)
+    remove_guidance_schedule(pipe)
+    return out
+
+
+def test_replacing_the_schedule_rebinds_the_late_cache(tiny_pipe):
+    """The bug of #14: stop + LateCache('mean'), run, new full-guidance schedule, run again: the cache hooks
+    followed the removed guidance hook and replayed the old run's values (a shape error, here with a
+    different batch; silently wrong images with the same one)."""
+    plain = run(tiny_pipe)
+    plain_one = run(tiny_pipe, PROMPTS[:1])
+    apply_guidance_schedule(tiny_pipe, GuidanceSchedule(7.5, stop_step=4))
+    apply_late_cache(tiny_pipe, LateCache("mean"))
+    run(tiny_pipe)
+    hook = apply_guidance_schedule(tiny_pipe, GuidanceSchedule(7.5))  # full guidance: the cache never acts
+    assert all(h.state is hook.state for h in cache_hooks(tiny_pipe)) and cache_hooks(tiny_pipe)
+    assert np.array_equal(run(tiny_pipe, PROMPTS[:1]), plain_one)  # other batch: was a shape error
+    assert np.array_equal(run(tiny_pipe), plain)  # same batch: was silently wrong
+    # a new stop: the same images as the same schedule and cache on a fresh pipeline
+    apply_guidance_schedule(tiny_pipe, GuidanceSchedule(7.5, stop_step=2))
+    got = run(tiny_pipe)
+    assert np.array_equal(got, fresh_reference(tiny_pipe, GuidanceSchedule(7.5, stop_step=2), LateCache("mean")))
+    assert not np.array_equal(got, fresh_reference(tiny_pipe, GuidanceSchedule(7.5, stop_step=2)))
+
+
+def test_removing_the_schedule_removes_what_depends_on_it(tiny_pipe):
+    plain = run(tiny_pipe)
+    apply_guidance_schedule(tiny_pipe, GuidanceSchedule(7.5, stop_step=3))
+    apply_late_cache(tiny_pipe, LateCache("mean", deep_interval=2))
+    assert len(cache_hooks(tiny_pipe)) > 1
+    remove_guidance_schedule(tiny_pipe)
+    assert cache_hooks(tiny_pipe) == [] and guidance_hook_of(tiny_pipe) is None and run_state_of(tiny_pipe) is None
+    assert np.array_equal(run(tiny_pipe), plain)
+
+
+def test_every_hook_is_reset_through_reset_state_at_each_run(tiny_pipe, monkeypatch):
+    resets = {"guidance": 0, "cache": 0}
+    for cls, key in ((GuidanceHook, "guidance"), (CrossAttentionReuse, "cache")):
+        orig = cls.reset_state
+
+        def counted(self, module, orig=orig, key=key):
+            resets[key] += 1
+            return orig(self, module)
+
+        monkeypatch.setattr(cls, "reset_state", counted)
+    hook = apply_guidance_schedule(tiny_pipe, GuidanceSchedule(7.5, stop_step=4))
+    apply_late_cache(tiny_pipe, LateCache("mean"))
+    n_cache = len(cache_hooks(tiny_pipe))
+    assert hook._is_stateful and all(h._is_stateful for h in cache_hooks(tiny_pipe))
+    first = run(tiny_pipe)
+    assert hook.state.run == 1 and resets == {"guidance": 1, "cache": n_cache}
+    assert all(h.cache is not None for h in cache_hooks(tiny_pipe))  # kept until the next run begins
+    assert run_state_of(tiny_pipe).evaluations.tolist() == [2 * 4 + 4] * 2
+    assert np.array_equal(run(tiny_pipe), first)
+    assert hook.state.run == 2 and resets == {"guidance": 2, "cache": 2 * n_cache}
+    # diffusers' own reset (what maybe_free_model_hooks does for CacheMixin denoisers) between runs:
+    # the caches are freed, the last run's counts stay readable, the next run is a fresh one
+    HookRegistry.check_if_exists_or_initialize(tiny_pipe.unet).reset_stateful_hooks(recurse=True)
+    assert all(h.cache is None for h in cache_hooks(tiny_pipe)) and hook.evaluations_per_image() == [12, 12]
+    assert np.array_equal(run(tiny_pipe), first) and hook.state.run == 3
+
+
+def test_a_run_cut_short_does_not_leak_into_the_next(tiny_pipe):
+    hook = apply_guidance_schedule(tiny_pipe, GuidanceSchedule(7.5, stop_step=4))
+    apply_late_cache(tiny_pipe, LateCache("mean"))
+    ref = run(tiny_pipe)
+
+    def boom(pipe, i, t, kw):
+        if i == 5:
+            raise RuntimeError("interrupted")
+        return {}
+
+    with pytest.raises(RuntimeError):
+        run(tiny_pipe, callback_on_step_end=boom)
+    assert hook.state.call == 6  # stopped in the late phase, caches full
+    assert np.array_equal(run(tiny_pipe), ref)
+
+
+def test_the_run_length_is_the_pipelines_own(tiny_pipe):
+    """n_calls comes from the pipeline's public num_timesteps (img2img shortens its schedule)."""
+    hook = apply_guidance_schedule(tiny_pipe, GuidanceSchedule(7.5, stop=0.5))
+    run(tiny_pipe)
+    assert hook.n_calls == tiny_pipe.num_timesteps == STEPS and hook.evaluations_per_image() == [12, 12]
+
+
+OWNED = ["guidance.py", "cache.py", "attention.py", "trace.py", "tiny.py", "fid.py", "experiments/token_ablation.py",
+         "experiments/eos_swap.py"]
+PRIVATE = [r"\._diffusers_hook\b", r"_execution_device", r"_TORCH_FIDELITY_AVAILABLE", r"\._timesteps_ref",
+           r"\._guidance_scale\b", r"\._num_timesteps\b", r"\._interrupt\b", r"\._step_index\b",
+           r"\._hook_order\b", r"\._fn_refs\b", r"_reset_stateful_cache"]
+
+
+@pytest.mark.parametrize("name", OWNED)
+def test_no_private_attributes_of_the_libraries_are_used(name):
+    src = Path(__file__).resolve().parents[1] / "src" / "shapefirst" / name
+    text = src.read_text(encoding="utf-8")
+    hits = [p for p in PRIVATE if re.search(p, text)]
+    assert not hits, f"{name} uses {hits}"
+
+
+def test_encode_prompts_uses_the_public_keyword_interface(tiny_pipe):
+    from shapefirst.experiments.eos_swap import encode_prompts
+
+    cond, uncond = encode_prompts(tiny_pipe, PROMPTS)
+    want_c, want_u = tiny_pipe.encode_prompt(prompt=PROMPTS, device=tiny_pipe.device, num_images_per_prompt=1,
+                                             do_classifier_free_guidance=True)
+    assert torch.equal(cond, want_c) and torch.equal(uncond, want_u)

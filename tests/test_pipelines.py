@@ -1,0 +1,313 @@
+"""Guidance schedules, late caches, trajectories and attention capture on the SD pipelines beyond
+text-to-image (issue #15): img2img, inpainting (9-channel UNet), ControlNet; capability detection.
+
+Tiny in-code components (shapefirst.tiny.tiny_sd_variant, built like diffusers' get_dummy_components)."""
+import numpy as np
+import pytest
+import torch
+from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
+
+from shapefirst.attention import capture_attention
+from shapefirst.cache import LateCache, late_cache
+from shapefirst.errors import ShapefirstError
+from shapefirst.guidance import AdaptiveStop, GuidanceSchedule, guidance_schedule
+from shapefirst.models import FAMILIES, family_by_structure, family_of_pipe
+from shapefirst.tiny import tiny_image, tiny_mask, tiny_sd_variant, tiny_sdxl_img2img_pipeline
+from shapefirst.trace import TrajectoryRecorder
+
+from conftest import gens
+
+PROMPTS = ["a red circle", "a small blue striped square"]
+STEPS = 8
+W = 7.5
+SD_KINDS = ("img2img", "inpaint", "controlnet")
+KINDS = SD_KINDS + ("sdxl-img2img", "sdxl-refiner")
+FAMILY = {**{k: "sd" for k in SD_KINDS}, "sdxl-img2img": "sdxl", "sdxl-refiner": "sdxl"}
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    out = {k: tiny_sd_variant(k, folder=tmp_path_factory.mktemp(k)) for k in SD_KINDS}
+    for k, refiner in (("sdxl-img2img", False), ("sdxl-refiner", True)):
+        out[k] = tiny_sdxl_img2img_pipeline(folder=tmp_path_factory.mktemp(k), refiner=refiner)
+    return out
+
+
+def inputs(kind: str, rows: int = 1) -> dict:
+    """The pipeline's image inputs. Inpainting gets one row per image: with a single image, diffusers
+    encodes the masked image once with the FIRST generator for the whole batch (so image i of a batch
+    differs from its solo run in the plain pipeline too)."""
+    if kind.startswith("sdxl"):
+        return dict(image=tiny_image(0), strength=0.75)
+    return {"img2img": dict(image=tiny_image(0), strength=0.75),
+            "inpaint": dict(image=tiny_image(0).repeat(rows, 1, 1, 1), mask_image=tiny_mask().repeat(rows, 1, 1, 1)),
+            "controlnet": dict(image=tiny_image(1))}[kind]
+
+
+def run(pipe, kind, prompts=PROMPTS, n_img=1, generators=None, **kw):
+    g = generators if generators is not None else gens(0, len(prompts) * n_img)
+    return pipe(prompts, num_inference_steps=STEPS, guidance_scale=W, num_images_per_prompt=n_img, generator=g,
+                output_type="np", **{**inputs(kind, len(g)), **kw}).images
+
+
+class Cutoff(SDCFGCutoffCallback):
+    """diffusers' SDCFGCutoffCallback, also cutting the pipeline's other CFG-batch tensors to their
+    conditional row at the cutoff (the inpainting mask and masked-image latents, the control image),
+    as SDXLControlnetCFGCutoffCallback does for the control image."""
+
+    def __init__(self, cutoff_step_index: int, extra: tuple[str, ...]):
+        super().__init__(cutoff_step_ratio=None, cutoff_step_index=cutoff_step_index)
+        self.extra = extra
+
+    @property
+    def tensor_inputs(self):
+        return ["prompt_embeds", *self.extra]
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        out = super().callback_fn(pipeline, step_index, timestep, callback_kwargs)
+        if step_index == self.config.cutoff_step_index:
+            for name in self.extra:
+                out[name] = out[name][-1:]
+        return out
+
+
+EXTRA = {"img2img": (), "inpaint": ("mask", "masked_image_latents"), "controlnet": ("image",)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_family_and_no_stop_is_bit_identical(pipes, kind):
+    pipe = pipes[kind]
+    assert family_of_pipe(pipe) == FAMILY[kind] == family_by_structure(pipe)
+    ref = run(pipe, kind, n_img=2)
+    for sched in (GuidanceSchedule(W), GuidanceSchedule(W, stop=1.0)):
+        with guidance_schedule(pipe, sched) as hook:
+            assert np.array_equal(run(pipe, kind, n_img=2), ref)
+        assert hook.evaluations_per_image() == [2 * pipe.num_timesteps] * 4
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cond_mode_equals_the_cfg_cutoff_callback(pipes, kind, k):
+    pipe = pipes[kind]
+    cb = SDXLCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=k - 1) if kind.startswith("sdxl") \
+        else Cutoff(k - 1, EXTRA[kind])
+    ref = run(pipe, kind, PROMPTS[:1], callback_on_step_end=cb, callback_on_step_end_tensor_inputs=cb.tensor_inputs)
+    with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=k, after="cond")) as hook:
+        got = run(pipe, kind, PROMPTS[:1])
+    n = pipe.num_timesteps
+    assert np.array_equal(got, ref) and hook.evaluations_per_image() == [2 * k + (n - k)]
+
+
+@pytest.mark.parametrize("after", ["uncond", "cond"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_prompts_two_images_match_their_solo_runs(pipes, kind, after):
+    pipe = pipes[kind]
+    g = gens(0, 4)
+    with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=3, after=after)):
+        batch = run(pipe, kind, PROMPTS, n_img=2, generators=g)
+        for i in range(4):
+            solo = run(pipe, kind, [PROMPTS[i // 2]], generators=[gens(0, 4)[i]])
+            assert np.abs(batch[i] - solo[0]).max() <= 1 / 255, (kind, after, i)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_late_cache_with_the_stop_at_the_end_is_bit_identical(pipes, kind):
+    pipe = pipes[kind]
+    ref = run(pipe, kind)
+    cut = None
+    for stop, cache in ((1.0, LateCache("mean", 2)), (1.0, LateCache("kept")), (0.5, LateCache("mean", 2))):
+        with guidance_schedule(pipe, GuidanceSchedule(W, stop=stop)), late_cache(pipe, cache):
+            got = run(pipe, kind)
+        if stop == 1.0:
+            assert np.array_equal(got, ref)
+        else:
+            cut = got
+    with guidance_schedule(pipe, GuidanceSchedule(W, stop=0.5)):
+        assert not np.array_equal(run(pipe, kind), cut)  # the cache acts after a stop
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interval_and_adaptive_schedules_count_per_run_calls(pipes, kind):
+    pipe = pipes[kind]
+    with guidance_schedule(pipe, GuidanceSchedule(W, start_step=1, stop_step=4, after="cond")) as hook:
+        run(pipe, kind)
+    n = pipe.num_timesteps
+    assert hook.evaluations_per_image() == [2 * 3 + (n - 3)] * 2
+    with guidance_schedule(pipe, GuidanceSchedule(W, adaptive=AdaptiveStop(0.5, min_call=2))) as hook:
+        run(pipe, kind)
+    assert hook.evaluations_per_image() == [2 * 3 + (n - 3)] * 2 and hook.stop_calls.tolist() == [3, 3]
+    with guidance_schedule(pipe, GuidanceSchedule(W, stop=0.5)) as hook:  # fractions of this run's calls
+        run(pipe, kind)
+    k = int(np.floor(0.5 * n + 0.5))
+    assert hook.n_calls == n and hook.stop_calls.tolist() == [k, k]
+    assert hook.evaluations_per_image() == [2 * k + (n - k)] * 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_trajectory_and_attention_capture_leave_images_unchanged(pipes, kind):
+    pipe = pipes[kind]
+    sched = GuidanceSchedule(W, stop_step=2)
+    with guidance_schedule(pipe, sched):
+        ref = run(pipe, kind)
+    rec = TrajectoryRecorder()
+    with guidance_schedule(pipe, sched, rec), capture_attention(pipe) as cap:
+        got = run(pipe, kind)
+    n = pipe.num_timesteps
+    tr = rec.trajectory
+    assert np.array_equal(got, ref) and tr.n_calls == n == cap.n_calls
+    assert tr.guided[:2].all() and not tr.guided[2:].any() and torch.isfinite(tr.arrays["x0"]).all()
+    assert cap.complete == [True, True] + [False] * (n - 2) and torch.isfinite(cap.mass[:2]).all()
+
+
+# -- ControlNet ---------------------------------------------------------------------------------
+class Rows:
+    """Rows entering a module (a forward pre-hook: counts what really runs)."""
+
+    def __init__(self, module):
+        self.rows, self.h = 0, module.register_forward_pre_hook(self)
+
+    def __call__(self, mod, args):
+        self.rows += args[0].shape[0]
+
+
+def test_controlnet_runs_only_the_rows_the_unet_needs(pipes):
+    pipe = pipes["controlnet"]
+    cn, un = Rows(pipe.controlnet.conv_in), Rows(pipe.unet.conv_in)
+    try:
+        with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=3, after="cond")):
+            run(pipe, "controlnet", PROMPTS)
+    finally:
+        cn.h.remove()
+        un.h.remove()
+    assert cn.rows == un.rows == 2 * (2 * 3 + (STEPS - 3))
+
+
+@pytest.mark.parametrize("after", ["uncond", "cond"])
+def test_controlnet_guess_mode_and_conditioning_scale_keep_working(pipes, after):
+    pipe = pipes["controlnet"]
+    kw = dict(guess_mode=True, controlnet_conditioning_scale=0.5)
+    ref = run(pipe, "controlnet", **kw)
+    with guidance_schedule(pipe, GuidanceSchedule(W)):
+        assert np.array_equal(run(pipe, "controlnet", **kw), ref)
+    with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=3, after=after)) as hook:
+        batch = run(pipe, "controlnet", **kw)
+        for i in range(2):
+            solo = run(pipe, "controlnet", [PROMPTS[i]], generators=[gens(0, 2)[i]], **kw)
+            assert np.abs(batch[i] - solo[0]).max() <= 1 / 255
+    assert hook.evaluations_per_image() == [2 * 3 + (STEPS - 3)]
+
+
+# -- capability detection -----------------------------------------------------------------------
+def test_an_unlisted_pipeline_is_detected_by_its_structure(pipes, monkeypatch):
+    pipe = pipes["img2img"]
+    monkeypatch.setitem(FAMILIES, "sd", tuple(c for c in FAMILIES["sd"] if c != "StableDiffusionImg2ImgPipeline"))
+    assert family_of_pipe(pipe) == "sd"
+    ref = run(pipe, "img2img")
+    with guidance_schedule(pipe, GuidanceSchedule(W, stop=1.0)) as hook:
+        assert np.array_equal(run(pipe, "img2img"), ref)
+    assert hook.state.verify
+
+
+def test_another_cfg_batch_layout_is_refused(pipes):
+    from diffusers import StableDiffusionPAGPipeline
+
+    comp = {k: v for k, v in pipes["img2img"].components.items() if k != "image_encoder"}
+    pag = StableDiffusionPAGPipeline(**comp, requires_safety_checker=False, pag_applied_layers=["mid"])
+    pag.set_progress_bar_config(disable=True)
+    assert family_of_pipe(pag) == "sd"  # by structure; its CFG batch is [uncond, cond, perturbed]
+    for prompts in (PROMPTS[:1], PROMPTS):
+        with guidance_schedule(pag, GuidanceSchedule(W, stop_step=2)):
+            with pytest.raises(ShapefirstError, match=r"not \[uncond, cond\]") as e:
+                pag(prompts, num_inference_steps=2, guidance_scale=W, pag_scale=2.0, output_type="np")
+        assert "\n" not in str(e.value) and "StableDiffusionPipeline" in str(e.value)
+
+
+# -- no host synchronisation in the per-call path -----------------------------------------------
+SYNCS = {"item", "cpu", "tolist", "numpy", "equal", "nonzero", "__bool__", "__int__", "__float__", "__index__"}
+
+
+class SyncChecker:
+    """Counts device-to-host reads made by shapefirst's hooks themselves (not by the modules they wrap).
+
+    The pipeline's latents are a DeviceTensor (a tensor subclass, so every value computed from them, the
+    denoiser's outputs included, is one too): reading one back while a hook's own code runs (armed) is a
+    sync: .item(), .cpu(), .tolist(), .numpy(), bool()/int()/float(), torch.equal, nonzero, and boolean-
+    mask indexing. The hooks' entry points arm it, their calls into the wrapped forward disarm it."""
+
+    def __init__(self):
+        self.armed, self.syncs = 0, []
+        checker = self
+
+        class DeviceTensor(torch.Tensor):
+            @classmethod
+            def __torch_function__(cls, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", "")
+                mask = name in ("__getitem__", "__setitem__") and len(args) > 1 and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                    for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+                if checker.armed and (name in SYNCS or mask):
+                    checker.syncs.append(name)
+                if name == "cpu":  # what comes back to the host is a host tensor
+                    with torch._C.DisableTorchFunctionSubclass():
+                        return func(*args, **(kwargs or {})).as_subclass(torch.Tensor)
+                return super().__torch_function__(func, types, args, kwargs or {})
+
+        self.cls = DeviceTensor
+
+    def arm(self, fn):
+        def armed(*a, **k):
+            self.armed += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                self.armed -= 1
+        return armed
+
+    def disarm(self, fn):
+        def disarmed(*a, **k):
+            saved, self.armed = self.armed, 0
+            try:
+                return fn(*a, **k)
+            finally:
+                self.armed = saved
+        return disarmed
+
+
+def _all_hooks(pipe):
+    from diffusers.hooks import HookRegistry
+
+    mods = list(pipe.unet.modules()) + (list(pipe.controlnet.modules()) if hasattr(pipe, "controlnet") else [])
+    for m in mods:
+        reg = HookRegistry.check_if_exists_or_initialize(m)
+        for name in ("shapefirst_guidance", "shapefirst_cache", "shapefirst_controlnet_rows"):
+            if reg.get_hook(name) is not None:
+                yield reg.get_hook(name)
+
+
+@pytest.mark.parametrize("case", ["stop+mean+deep", "kept", "controlnet", "adaptive"])
+def test_the_hooks_make_no_host_sync_per_call(pipes, tiny_pipe, monkeypatch, case):
+    from shapefirst import cache as cache_mod, guidance as guidance_mod
+
+    chk = SyncChecker()
+    for cls, meth in ((guidance_mod.GuidanceHook, "new_forward"), (guidance_mod.ControlNetRows, "new_forward"),
+                      (cache_mod.CrossAttentionReuse, "new_forward"), (cache_mod.DeepSkip, "new_forward"),
+                      (cache_mod._DeepState, "pre_forward")):
+        monkeypatch.setattr(cls, meth, chk.arm(getattr(cls, meth)))
+    kind = "controlnet" if case == "controlnet" else None
+    pipe = pipes["controlnet"] if kind else tiny_pipe
+    sched = GuidanceSchedule(W, adaptive=AdaptiveStop(0.5, min_call=2)) if case == "adaptive" else \
+        GuidanceSchedule(W, stop_step=3, after="cond" if kind else "uncond")
+    cache = {"stop+mean+deep": LateCache("mean", 2), "kept": LateCache("kept")}.get(case)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn((2, 4, 8, 8), generator=g).as_subclass(chk.cls)
+    with guidance_schedule(pipe, sched) as hook, late_cache(pipe, cache):
+        for h in _all_hooks(pipe):
+            if h.fn_ref.original_forward is not None:
+                h.fn_ref.original_forward = chk.disarm(h.fn_ref.original_forward)
+        pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=W, latents=latents, output_type="np",
+             **(inputs(kind) if kind else {}))
+    assert hook.call == STEPS and hook.evaluations_per_image() == [2 * 3 + STEPS - 3] * 2
+    if case == "adaptive":  # documented: at most one read per call, of the adaptive stop flags
+        assert 0 < len(chk.syncs) <= STEPS and set(chk.syncs) == {"cpu"}, chk.syncs
+    else:
+        assert chk.syncs == [], chk.syncs
