@@ -27,7 +27,7 @@ from shapefirst.experiments.stages import run_stages
 from shapefirst.world.prompts import world_prompts
 from shapefirst.guidance import GuidanceSchedule
 from shapefirst.metrics import Clip
-from shapefirst.models import embedded_model_path, load_pipeline
+from shapefirst.models import default_guidance, embedded_model_path, load_pipeline
 from shapefirst.prompts import world_pairs
 from shapefirst.tokens import analyze_prompt
 
@@ -46,7 +46,9 @@ def main():
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--out", default="findings")
     ap.add_argument("--model", default="embedded", help="embedded, or 'tiny' (random in-code pipeline: a smoke run)")
+    ap.add_argument("--guidance", type=float, default=None, help="default: the model's recommended scale")
     args = ap.parse_args()
+    w = default_guidance(args.model) if args.guidance is None else args.guidance
     out = Path(args.out)
     if args.model == "tiny":
         from shapefirst.tiny import tiny_clip_folder, tiny_sd_pipeline
@@ -60,21 +62,23 @@ def main():
     t0 = time.time()
     times = {}
     s = time.time()
-    stages = run_analysis("stages", pipe, out, n=args.n, steps=args.steps, batch=args.batch)
+    stages = run_analysis("stages", pipe, out, n=args.n, steps=args.steps, batch=args.batch, guidance=w)
     times["stages"] = time.time() - s
     s = time.time()
-    freq = run_analysis("frequency", pipe, out, n=min(args.n, 64), steps=args.steps, batch=args.batch)
+    freq = run_analysis("frequency", pipe, out, n=min(args.n, 64), steps=args.steps, batch=args.batch, guidance=w)
     times["frequency"] = time.time() - s
     s = time.time()
     ps, _ = world_prompts(args.attention_n, 1)
-    att = run_attention(pipe, ps, steps=args.steps, batch=min(args.batch, 16))
+    att = run_attention(pipe, ps, steps=args.steps, batch=min(args.batch, 16), schedule=GuidanceSchedule(w))
     att.save(out / "attention")
     times["attention"] = time.time() - s
     s = time.time()
     pairs = world_pairs(args.pairs, 0)
-    swap = run_eos_swap(pipe, pairs, steps=args.steps, batch=args.batch, switch_calls=[], clip=clip)
+    swap = run_eos_swap(pipe, pairs, steps=args.steps, batch=args.batch, switch_calls=[], clip=clip,
+                        schedule=GuidanceSchedule(w))
     swap.save(out / "eos-swap")
-    sw = run_eos_swap(pipe, pairs[:args.switch_pairs], steps=args.steps, batch=args.batch, clip=None)
+    sw = run_eos_swap(pipe, pairs[:args.switch_pairs], steps=args.steps, batch=args.batch, clip=None,
+                      schedule=GuidanceSchedule(w))
     sw.save(out / "eos-switch")
     times["eos-swap"] = time.time() - s
     # stages under the [EOS] switch: prompts A, [EOS] block of B from call a on (one batch per a)
@@ -89,11 +93,11 @@ def main():
     for a in (0, 5):
         with eos_switch(pipe, sw_cond, a):
             switch_stages[a] = run_stages(pipe, a_txt, [p["labels_b"] for p in sub], steps=args.steps,
-                                          batch=len(sub), schedules={f"[EOS] of B from call {a}": GuidanceSchedule()})
+                                          batch=len(sub), schedules={f"[EOS] of B from call {a}": GuidanceSchedule(w)})
     times["stages-under-switch"] = time.time() - s
     load1 = os.getloadavg()
 
-    print(f"# findings on the embedded model: DDIM {args.steps} steps, guidance 7.5; "
+    print(f"# findings on the embedded model: DDIM {args.steps} steps, guidance {w:g}; "
           f"{platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}; "
           f"load {load0[0]:.2f} -> {load1[0]:.2f}; {time.time() - t0:.0f} s")
     print(f"\n## When each attribute settles (n={args.n} held-out prompts; call index of {args.steps} calls)")

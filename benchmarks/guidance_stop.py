@@ -28,7 +28,11 @@ def main():
     ap.add_argument("--stops", default="0.25,0.5,0.75")
     ap.add_argument("--scheduler", default="ddim")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--guidance", type=float, default=None, help="default: the model's recommended scale")
     args = ap.parse_args()
+    from shapefirst.models import default_guidance
+
+    w = default_guidance(args.model) if args.guidance is None else args.guidance
     if args.model == "tiny":
         from shapefirst.tiny import tiny_sd_pipeline
 
@@ -38,8 +42,8 @@ def main():
 
         pipe = load_pipeline(args.model, device=args.device)
     stops = [float(s) for s in args.stops.split(",")]
-    configs = [("full", GuidanceSchedule())] + [
-        (f"stop={s} {after}", GuidanceSchedule(stop=s, after=after)) for s in stops for after in ("uncond", "cond")]
+    configs = [("full", GuidanceSchedule(w))] + [
+        (f"stop={s} {after}", GuidanceSchedule(w, stop=s, after=after)) for s in stops for after in ("uncond", "cond")]
     prompt = "a large red striped circle on the left"
     load0 = os.getloadavg()
     rows = []
@@ -61,7 +65,7 @@ def main():
     load1 = os.getloadavg()
     dev = "cuda " + torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else \
         f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
-    print(f"# guidance stop benchmark: model={args.model} scheduler={args.scheduler} steps={args.steps} "
+    print(f"# guidance stop benchmark: model={args.model} scheduler={args.scheduler} steps={args.steps} guidance={w:g} "
           f"repeats={args.repeats} device={dev} torch={torch.__version__} threads={torch.get_num_threads()}")
     print(f"# load average before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     print("| batch | schedule | median s | time / full (median of ratios) | saved | evaluations / full | saved bound |")

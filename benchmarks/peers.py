@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shapefirst.models import default_guidance
 from shapefirst.world.prompts import world_prompts, world_renders
 from shapefirst.experiments.sweep import (Config, distribution_distances, paired_difference, passes, per_image,
                                           run_sweep, saving)
@@ -222,7 +223,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--scheduler", default="ddim")
-    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--guidance", type=float, default=default_guidance("embedded"),
+                    help="default: the embedded model's recommended scale")
     ap.add_argument("--levels", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.3])
     ap.add_argument("--adaptive", type=lambda s: [float(x) for x in s.split(",") if x], default=[])
     ap.add_argument("--caches", type=lambda s: [x for x in s.split(",") if x], default=[])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from shapefirst.cli import main
-from shapefirst.experiments import ANALYSES, _runner
+from shapefirst.experiments import ANALYSES, get
 from shapefirst.results import Result
 
 
@@ -22,8 +22,8 @@ def check_folder(folder: Path, name: str, tmp_path: Path):
     data = strict(folder / "results.json")
     assert data["kind"]
     redraw = tmp_path / "redraw"
-    redraw.mkdir()
-    _runner(name)[1](Result.load(folder), redraw)  # the figures the plot function draws from the saved result
+    redraw.mkdir(parents=True)
+    get(name).plot(Result.load(folder), redraw)  # the figures the plot function draws from the saved result
     want = sorted(p.name for p in redraw.glob("*.png"))
     assert want, f"{name} draws no figure"
     assert sorted(p.name for p in folder.glob("*.png")) == want
@@ -82,7 +82,9 @@ def test_a_figure_that_fails_keeps_the_result_and_warns_once(tiny_folder, tiny_i
     def broken(result, folder):
         raise ValueError("'yerr' must not contain negative values")
 
-    monkeypatch.setattr(freq, "plot_frequency", broken)
+    import dataclasses
+
+    monkeypatch.setattr(freq, "ANALYSIS", dataclasses.replace(freq.ANALYSIS, plot=broken))
     root, _ = tiny_inputs
     code, err = run(["analyze", "frequency", "--model", tiny_folder, "--steps", 3, "--n", 2,
                      "--prompts", root / "prompts.txt", "--out", tmp_path / "a"], capsys)
@@ -102,3 +104,16 @@ def test_yerr_is_clipped_at_the_estimate():
 
     e = yerr([1.0, 0.5], [0.98, 0.6], [1.0 - 1e-12, 0.7])  # a share of 100%; an interval above its estimate
     assert (e >= 0).all() and e.shape == (2, 2)
+
+
+def test_report_with_defaults_on_a_tiny_pipeline(tiny_folder, tiny_inputs, tmp_path, capsys):
+    root, clip = tiny_inputs
+    out = tmp_path / "rep"
+    code, err = run(["report", "--model", tiny_folder, "--prompts", root / "prompts.txt", "--pairs", root / "pairs.txt",
+                     "--clip", clip, "--out", out], capsys)
+    assert code == 0, err
+    assert "warning" not in err and "Traceback" not in err, err
+    html = (out / "index.html").read_text()
+    for name in ANALYSES:
+        check_folder(out / "results" / name, name, tmp_path / name)
+        assert f'id="{name}"' in html

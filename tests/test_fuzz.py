@@ -37,7 +37,7 @@ def _int_opts(family):
 
 
 def _float_opts(family):
-    return {"generate": ["--guidance", "--guidance-stop", "--adaptive", "--guidance-start"],
+    return {"generate": ["--guidance", "--guidance-stop", "--adaptive", "--guidance-start", "--adaptive-shape"],
             "analyze": ["--guidance"], "report": ["--guidance"], "sweep": ["--guidance"],
             "calibrate": ["--guidance", "--tolerance"], "train": []}[family]
 

@@ -226,3 +226,15 @@ def test_png_written_by_generate_is_readable(tiny_folder, tmp_path, capsys):
     out = tmp_path / "g"
     assert run(["generate", "x", "--model", tiny_folder, "--steps", 2, "--out", out], capsys)[0] == 0
     assert Image.open(out / "image_000.png").size[0] > 0
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from shapefirst.results import atomic_write_text
+
+    p = atomic_write_text(tmp_path / "a.json", "{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask

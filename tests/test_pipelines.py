@@ -1,18 +1,22 @@
-"""Guidance schedules, late caches, trajectories and attention capture on the SD pipelines beyond
-text-to-image (issue #15): img2img, inpainting (9-channel UNet), ControlNet; capability detection.
+"""Guidance schedules, late caches, trajectories and attention capture on the pipelines beyond
+text-to-image (issue #15): SD img2img, inpainting (9-channel UNet), ControlNet (SD and SDXL), SDXL
+img2img (base and refiner); SD with a LoRA (load_lora_weights, unfused and fused), an IP-Adapter
+(ip_adapter_image_embeds), attention slicing and fused QKV projections; capability detection.
 
-Tiny in-code components (shapefirst.tiny.tiny_sd_variant, built like diffusers' get_dummy_components)."""
+Tiny in-code components (shapefirst.tiny, built like diffusers' get_dummy_components; the LoRA and the
+IP-Adapter are made in code with random weights: tiny_lora, tiny_ip_adapter)."""
 import numpy as np
 import pytest
 import torch
-from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
+from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback, SDXLControlnetCFGCutoffCallback
 
 from shapefirst.attention import capture_attention
 from shapefirst.cache import LateCache, late_cache
 from shapefirst.errors import ShapefirstError
 from shapefirst.guidance import AdaptiveStop, GuidanceSchedule, guidance_schedule
 from shapefirst.models import FAMILIES, family_by_structure, family_of_pipe
-from shapefirst.tiny import tiny_image, tiny_mask, tiny_sd_variant, tiny_sdxl_img2img_pipeline
+from shapefirst.tiny import (tiny_image, tiny_ip_adapter, tiny_lora, tiny_mask, tiny_sd_pipeline, tiny_sd_variant,
+                             tiny_sdxl_controlnet_pipeline, tiny_sdxl_img2img_pipeline)
 from shapefirst.trace import TrajectoryRecorder
 
 from conftest import gens
@@ -21,8 +25,13 @@ PROMPTS = ["a red circle", "a small blue striped square"]
 STEPS = 8
 W = 7.5
 SD_KINDS = ("img2img", "inpaint", "controlnet")
-KINDS = SD_KINDS + ("sdxl-img2img", "sdxl-refiner")
-FAMILY = {**{k: "sd" for k in SD_KINDS}, "sdxl-img2img": "sdxl", "sdxl-refiner": "sdxl"}
+SDXL_KINDS = ("sdxl-img2img", "sdxl-refiner", "sdxl-controlnet")
+TEXT_KINDS = ("lora", "lora-fused", "ip-adapter", "sliced", "fused-qkv")  # StableDiffusionPipeline, modified
+KINDS = SD_KINDS + SDXL_KINDS + TEXT_KINDS
+CUTOFF_KINDS = tuple(k for k in KINDS if k != "ip-adapter")  # diffusers' callbacks cannot cut image embeddings
+CONTROLNET_KINDS = ("controlnet", "sdxl-controlnet")
+FAMILY = {k: "sdxl" if k.startswith("sdxl") else "sd" for k in KINDS}
+IP_EMBEDS = torch.randn((2, 1, 16), generator=torch.Generator().manual_seed(7))  # [negative; positive] image
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +39,30 @@ def pipes(tmp_path_factory):
     out = {k: tiny_sd_variant(k, folder=tmp_path_factory.mktemp(k)) for k in SD_KINDS}
     for k, refiner in (("sdxl-img2img", False), ("sdxl-refiner", True)):
         out[k] = tiny_sdxl_img2img_pipeline(folder=tmp_path_factory.mktemp(k), refiner=refiner)
+    out["sdxl-controlnet"] = tiny_sdxl_controlnet_pipeline(folder=tmp_path_factory.mktemp("sdxl-controlnet"))
+    for k in TEXT_KINDS:
+        out[k] = tiny_sd_pipeline(folder=tmp_path_factory.mktemp(k))
+    lora = tiny_lora(out["lora"].unet, tmp_path_factory.mktemp("lora-weights"), seed=5)
+    for k in ("lora", "lora-fused"):
+        out[k].load_lora_weights(lora)
+    out["lora-fused"].fuse_lora()
+    tiny_ip_adapter(out["ip-adapter"], seed=3, image_embed_dim=IP_EMBEDS.shape[-1])
+    out["sliced"].enable_attention_slicing(1)
+    out["fused-qkv"].fuse_qkv_projections()
     return out
 
 
 def inputs(kind: str, rows: int = 1) -> dict:
     """The pipeline's image inputs. Inpainting gets one row per image: with a single image, diffusers
     encodes the masked image once with the FIRST generator for the whole batch (so image i of a batch
-    differs from its solo run in the plain pipeline too)."""
-    if kind.startswith("sdxl"):
+    differs from its solo run in the plain pipeline too). IP-Adapter: one image embedding, which diffusers
+    uses for every image of the batch."""
+    if kind in ("sdxl-img2img", "sdxl-refiner"):
         return dict(image=tiny_image(0), strength=0.75)
     return {"img2img": dict(image=tiny_image(0), strength=0.75),
             "inpaint": dict(image=tiny_image(0).repeat(rows, 1, 1, 1), mask_image=tiny_mask().repeat(rows, 1, 1, 1)),
-            "controlnet": dict(image=tiny_image(1))}[kind]
+            "controlnet": dict(image=tiny_image(1)), "sdxl-controlnet": dict(image=tiny_image(1)),
+            "ip-adapter": dict(ip_adapter_image_embeds=[IP_EMBEDS])}.get(kind, {})
 
 
 def run(pipe, kind, prompts=PROMPTS, n_img=1, generators=None, **kw):
@@ -71,7 +92,16 @@ class Cutoff(SDCFGCutoffCallback):
         return out
 
 
-EXTRA = {"img2img": (), "inpaint": ("mask", "masked_image_latents"), "controlnet": ("image",)}
+EXTRA = {"inpaint": ("mask", "masked_image_latents"), "controlnet": ("image",)}
+
+
+def cutoff_callback(kind: str, index: int):
+    """diffusers' CFG-cutoff callback for the pipeline (after step `index`)."""
+    if kind == "sdxl-controlnet":
+        return SDXLControlnetCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=index)
+    if kind.startswith("sdxl"):
+        return SDXLCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=index)
+    return Cutoff(index, EXTRA.get(kind, ()))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -86,11 +116,10 @@ def test_family_and_no_stop_is_bit_identical(pipes, kind):
 
 
 @pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", CUTOFF_KINDS)
 def test_cond_mode_equals_the_cfg_cutoff_callback(pipes, kind, k):
     pipe = pipes[kind]
-    cb = SDXLCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=k - 1) if kind.startswith("sdxl") \
-        else Cutoff(k - 1, EXTRA[kind])
+    cb = cutoff_callback(kind, k - 1)
     ref = run(pipe, kind, PROMPTS[:1], callback_on_step_end=cb, callback_on_step_end_tensor_inputs=cb.tensor_inputs)
     with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=k, after="cond")) as hook:
         got = run(pipe, kind, PROMPTS[:1])
@@ -170,12 +199,13 @@ class Rows:
         self.rows += args[0].shape[0]
 
 
-def test_controlnet_runs_only_the_rows_the_unet_needs(pipes):
-    pipe = pipes["controlnet"]
+@pytest.mark.parametrize("kind", CONTROLNET_KINDS)
+def test_controlnet_runs_only_the_rows_the_unet_needs(pipes, kind):
+    pipe = pipes[kind]
     cn, un = Rows(pipe.controlnet.conv_in), Rows(pipe.unet.conv_in)
     try:
         with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=3, after="cond")):
-            run(pipe, "controlnet", PROMPTS)
+            run(pipe, kind, PROMPTS)
     finally:
         cn.h.remove()
         un.h.remove()
@@ -183,18 +213,63 @@ def test_controlnet_runs_only_the_rows_the_unet_needs(pipes):
 
 
 @pytest.mark.parametrize("after", ["uncond", "cond"])
-def test_controlnet_guess_mode_and_conditioning_scale_keep_working(pipes, after):
-    pipe = pipes["controlnet"]
+@pytest.mark.parametrize("kind", CONTROLNET_KINDS)
+def test_controlnet_guess_mode_and_conditioning_scale_keep_working(pipes, kind, after):
+    pipe = pipes[kind]
     kw = dict(guess_mode=True, controlnet_conditioning_scale=0.5)
-    ref = run(pipe, "controlnet", **kw)
+    ref = run(pipe, kind, **kw)
+    assert not np.array_equal(ref, run(pipe, kind))  # guess_mode and the scale change the images
     with guidance_schedule(pipe, GuidanceSchedule(W)):
-        assert np.array_equal(run(pipe, "controlnet", **kw), ref)
+        assert np.array_equal(run(pipe, kind, **kw), ref)
     with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=3, after=after)) as hook:
-        batch = run(pipe, "controlnet", **kw)
+        batch = run(pipe, kind, **kw)
         for i in range(2):
-            solo = run(pipe, "controlnet", [PROMPTS[i]], generators=[gens(0, 2)[i]], **kw)
+            solo = run(pipe, kind, [PROMPTS[i]], generators=[gens(0, 2)[i]], **kw)
             assert np.abs(batch[i] - solo[0]).max() <= 1 / 255
     assert hook.evaluations_per_image() == [2 * 3 + (STEPS - 3)]
+
+
+# -- LoRA, IP-Adapter, attention slicing, fused QKV ----------------------------------------------
+@pytest.mark.parametrize("kind", TEXT_KINDS)
+def test_the_modification_really_acts(pipes, tiny_pipe, kind):
+    """The LoRA and the IP-Adapter change the images (against the same components without them); fusing the
+    LoRA, slicing attention and fusing QKV change them only by float rounding, also with a stop."""
+    pipe = pipes[kind]
+    base = pipes["lora"] if kind == "lora-fused" else tiny_pipe  # the same components without the modification
+    got, ref = run(pipe, kind), run(base, "plain")
+    if kind in ("lora", "ip-adapter"):
+        assert np.abs(got - ref).max() > 10 / 255
+        return
+    assert np.abs(got - ref).max() <= 1 / 255
+    stopped = []
+    for p in (pipe, base):
+        with guidance_schedule(p, GuidanceSchedule(W, stop_step=3)):
+            stopped.append(run(p, "plain"))
+    assert np.abs(stopped[0] - stopped[1]).max() <= 1 / 255
+
+
+def test_lora_is_in_the_unet_the_hooks_see(pipes):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for kind in ("lora", "lora-fused"):
+        layers = [m for m in pipes[kind].unet.modules() if isinstance(m, BaseTunerLayer)]
+        assert layers and all(bool(m.merged) == (kind == "lora-fused") for m in layers)
+
+
+@pytest.mark.parametrize("after", ["uncond", "cond"])
+def test_ip_adapter_image_embeddings_follow_the_rows_that_run(pipes, after):
+    """Unguided from the first call, a run is the kept branch alone: bit-identical to the pipeline without CFG
+    (guidance_scale=1) given that branch's prompt and image embedding only (the negative one for uncond)."""
+    pipe = pipes["ip-adapter"]
+    neg, pos = IP_EMBEDS[:1], IP_EMBEDS[1:]
+    assert not np.array_equal(run(pipe, "ip-adapter", PROMPTS[:1], ip_adapter_image_embeds=[torch.cat([pos, pos])]),
+                              run(pipe, "ip-adapter", PROMPTS[:1]))  # the negative image embedding matters
+    with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=0, after=after)) as hook:
+        got = run(pipe, "ip-adapter", PROMPTS[:1])
+    prompt, embeds = (PROMPTS[0], pos) if after == "cond" else ("", neg)
+    ref = pipe([prompt], num_inference_steps=STEPS, guidance_scale=1.0, generator=gens(0, 1), output_type="np",
+               ip_adapter_image_embeds=[embeds]).images
+    assert np.array_equal(got, ref) and hook.evaluations_per_image() == [STEPS]
 
 
 # -- capability detection -----------------------------------------------------------------------
@@ -284,17 +359,18 @@ def _all_hooks(pipe):
                 yield reg.get_hook(name)
 
 
-@pytest.mark.parametrize("case", ["stop+mean+deep", "kept", "controlnet", "adaptive"])
+@pytest.mark.parametrize("case", ["stop+mean+deep", "kept", "controlnet", "sdxl-controlnet", "ip-adapter",
+                                  "adaptive"])
 def test_the_hooks_make_no_host_sync_per_call(pipes, tiny_pipe, monkeypatch, case):
     from shapefirst import cache as cache_mod, guidance as guidance_mod
 
     chk = SyncChecker()
     for cls, meth in ((guidance_mod.GuidanceHook, "new_forward"), (guidance_mod.ControlNetRows, "new_forward"),
                       (cache_mod.CrossAttentionReuse, "new_forward"), (cache_mod.DeepSkip, "new_forward"),
-                      (cache_mod._DeepState, "pre_forward")):
+                      (cache_mod._DeepState, "on_call")):
         monkeypatch.setattr(cls, meth, chk.arm(getattr(cls, meth)))
-    kind = "controlnet" if case == "controlnet" else None
-    pipe = pipes["controlnet"] if kind else tiny_pipe
+    kind = case if case in pipes else None
+    pipe = pipes[kind] if kind else tiny_pipe
     sched = GuidanceSchedule(W, adaptive=AdaptiveStop(0.5, min_call=2)) if case == "adaptive" else \
         GuidanceSchedule(W, stop_step=3, after="cond" if kind else "uncond")
     cache = {"stop+mean+deep": LateCache("mean", 2), "kept": LateCache("kept")}.get(case)

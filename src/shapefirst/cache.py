@@ -21,7 +21,10 @@ phase from the RunState (shapefirst.guidance) that the guidance hook on the same
 apply a guidance schedule first (`generate(..., cache=LateCache(...))` does both). A schedule that
 replaces it keeps the RunState, so the caches follow the new schedule; removing the schedule removes
 the caches. Every cache hook is stateful (`reset_state` clears what it kept; every new run resets
-them). Removal restores the plain forwards.
+them). Removal restores the plain forwards. A cache hook acts only inside a call the guidance hook has
+prepared (`RunState.prepared`); any other call runs the plain forward. The DeepCache phase is decided
+when the call is prepared (a RunState listener), so a compiled UNet reads only booleans (no recompile per
+call).
 """
 from __future__ import annotations
 
@@ -113,6 +116,8 @@ class CrossAttentionReuse(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         st = self.state
         hs = args[0] if args else kwargs["hidden_states"]
+        if not st.prepared:  # a denoiser call the guidance hook did not see (it raises a clear error after it)
+            return self.fn_ref.original_forward(*args, **kwargs)
         if st.late and self.cache is not None and self.cache.shape[0] == st.batch:
             return self.cache.index_select(0, st.row_sample.to(self.cache.device)).to(hs.dtype)
         out = self.fn_ref.original_forward(*args, **kwargs)
@@ -148,17 +153,20 @@ class DeepSkip(ModelHook):
         return module
 
     def new_forward(self, module, *args, **kwargs):
-        if self.state.shallow and self.out is not None:
+        prepared = self.state.run_state.prepared  # else: a call the guidance hook did not see
+        if prepared and self.state.shallow and self.out is not None:
             return self.out
         out = self.fn_ref.original_forward(*args, **kwargs)
-        if self.state.recording:
+        if prepared and self.state.recording:
             self.out = out
         return out
 
 
 class _DeepState(ModelHook):
-    """On the UNet's conv_in (the first thing each UNet call runs, inside the guidance hook):
-    decides whether this call is full (recording) or shallow (replaying)."""
+    """Decides whether a late call is full (recording) or shallow (replaying): a listener of the RunState
+    (`on_call`, when the guidance hook prepares the call, outside a compiled UNet, which then reads only
+    the two booleans), and a stateful hook on the UNet's conv_in (its forward unchanged) so that every
+    new run resets it."""
 
     _is_stateful = True
 
@@ -173,14 +181,12 @@ class _DeepState(ModelHook):
         self.first_late = None
         return module
 
-    def pre_forward(self, module, *args, **kwargs):
-        st = self.run_state
+    def on_call(self, st) -> None:
         if st.late and self.first_late is None:
             self.first_late = st.call
         phase = (st.call - self.first_late) % self.interval if st.late else None
         self.recording = phase == 0
         self.shallow = phase is not None and phase != 0
-        return args, kwargs
 
 
 def _cross_attention_modules(den) -> list:
@@ -222,12 +228,16 @@ def apply_late_cache(pipe, cache: LateCache) -> None:
         deep = _DeepState(state, cache.deep_interval)
         targets += [(b, DeepSkip(deep)) for b in blocks]
         targets.append((den.conv_in, deep))
+        state.listeners.append(deep)
     for mod, hook in targets:
         HookRegistry.check_if_exists_or_initialize(mod).register_hook(hook, HOOK_NAME)
     HookRegistry.check_if_exists_or_initialize(den).invalidate_child_registries_cache()
 
 
 def remove_late_cache(pipe) -> None:
+    state = run_state_of(pipe)
+    if state is not None:
+        state.listeners[:] = [x for x in state.listeners if not isinstance(x, _DeepState)]
     reg = HookRegistry.check_if_exists_or_initialize(denoiser_of(pipe))
     reg.remove_hook(HOOK_NAME, recurse=True)
     reg.invalidate_child_registries_cache()

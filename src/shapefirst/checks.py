@@ -117,6 +117,32 @@ def thresholds(text: str, option: str = "--adaptive") -> list[float]:
     return vals
 
 
+def shape_tolerances(text: str | None, model: str, option: str = "--adaptive-shape") -> list[float]:
+    """`--adaptive-shape`: comma-separated shape-settling tolerances (finite numbers > 0) or `auto` (the model's
+    default: models.default_shape_tolerance); '' or None -> []."""
+    if text is None or not str(text).strip():
+        return []
+    from .models import default_shape_tolerance
+
+    vals = []
+    for part in (x.strip() for x in str(text).split(",")):
+        if not part:
+            continue
+        if part.lower() == "auto":
+            vals.append(default_shape_tolerance(model))
+            continue
+        try:
+            v = float(part)
+        except ValueError:
+            v = None
+        if v is None or not math.isfinite(v) or v <= 0:
+            raise ShapefirstError(f"{option} value {part!r} is not a finite number > 0 or 'auto'",
+                                  f"pass a relative change of x0-hat's low band per call, e.g. {option} 0.02, "
+                                  f"or {option} auto")
+        vals.append(v)
+    return unique(vals, option)
+
+
 def names(text: str, option: str, allowed) -> list[str]:
     vals = unique([s.strip() for s in text.split(",") if s.strip()], option)
     for v in vals:

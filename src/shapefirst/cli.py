@@ -18,15 +18,31 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 MODEL_HELP = "'embedded' (the shipped shapes world), a local diffusers folder, or a hub id"
 GUIDANCE_HELP = "classifier-free guidance scale w (default: the embedded model's recommended scale, else 7.5)"
+ADAPTIVE_SHAPE_HELP = ("per-image stop once its x0-hat's low band changes by less than TOL per call (2 calls in a row), "
+                       "or 'auto' (the embedded model's calibrated tolerance, else 0.02)")
+
+
+def _shape_tolerance(text: Optional[str], model: str) -> Optional[float]:
+    """generate's --adaptive-shape: one tolerance (a number > 0 or 'auto'), None when not given."""
+    if text is None:
+        return None
+    vals = checks.shape_tolerances(text, model)
+    if len(vals) != 1:
+        raise ShapefirstError(f"--adaptive-shape {text!r} is not one tolerance", "pass e.g. --adaptive-shape 0.02 or auto")
+    return vals[0]
 
 
 def _schedule(guidance: float, stop: Optional[float], stop_step: Optional[int], after: str,
               adaptive: Optional[float] = None, adaptive_min_call: int = 0, start: Optional[float] = None,
-              start_step: Optional[int] = None):
+              start_step: Optional[int] = None, adaptive_shape: Optional[float] = None):
     from .guidance import AdaptiveStop, GuidanceSchedule
 
     checks.count(adaptive_min_call, "--adaptive-min-call")
+    if adaptive is not None and adaptive_shape is not None:
+        raise ShapefirstError("--adaptive and --adaptive-shape were both given", "pass only one adaptive criterion")
     ad = AdaptiveStop(threshold=adaptive, min_call=adaptive_min_call) if adaptive is not None else None
+    if adaptive_shape is not None:
+        ad = AdaptiveStop(criterion="shape", tolerance=adaptive_shape, min_call=adaptive_min_call)
     return GuidanceSchedule(scale=guidance, stop=stop, stop_step=stop_step, after=after, adaptive=ad, start=start,
                             start_step=start_step)
 
@@ -42,6 +58,7 @@ def generate(
     after: str = typer.Option("uncond", help="branch kept after the stop: uncond (the paper) or cond"),
     adaptive: Optional[float] = typer.Option(None, help="per-image stop once cos(cond, uncond) >= this, in (0, 1)"),
     adaptive_min_call: int = typer.Option(0, help="no adaptive stop before this call"),
+    adaptive_shape: Optional[str] = typer.Option(None, help=ADAPTIVE_SHAPE_HELP),
     guidance_start: Optional[float] = typer.Option(None, help="fraction of calls before guidance starts (an interval)"),
     guidance_start_step: Optional[int] = typer.Option(None, help="index of the first guided denoiser call"),
     cache: str = typer.Option("none", help="late-stage reuse after the stop: none, mean, kept, deepN, mean+deep3"),
@@ -69,7 +86,7 @@ def generate(
     checks.seed(seed, len(prompts) * images_per_prompt)
     guidance = _guidance(guidance, model)
     schedule = _schedule(guidance, guidance_stop, guidance_stop_step, after, adaptive, adaptive_min_call,
-                         guidance_start, guidance_start_step)
+                         guidance_start, guidance_start_step, _shape_tolerance(adaptive_shape, model))
     late = _caches(cache)[0]
     if scheduler not in SCHEDULERS:
         raise ShapefirstError(f"unknown scheduler {scheduler!r}", f"use one of: {', '.join(SCHEDULERS)}")
@@ -98,7 +115,7 @@ def analyze(
     name: str = typer.Argument(..., help="stages, frequency, attention, eos-swap or token-ablation"),
     model: str = typer.Option("embedded", help=MODEL_HELP),
     out: Path = typer.Option(Path("shapefirst-analysis"), help="output folder (the result goes to OUT/NAME)"),
-    n: int = typer.Option(16, help="number of prompts (or pairs)"),
+    n: int = typer.Option(8, help="number of prompts (or pairs): 8 is a first look on a laptop CPU, 64+ for numbers"),
     steps: int = typer.Option(50, help="denoising steps"),
     guidance: Optional[float] = typer.Option(None, help=GUIDANCE_HELP),
     seed: int = typer.Option(0, help="seed of the first image"),
@@ -111,15 +128,12 @@ def analyze(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
 ):
     """Run one of the paper's analyses; writes results.json, arrays.safetensors and figures."""
-    from .experiments import ANALYSES, run_analysis
-    from .findings import findings_of
+    from .experiments import Inputs, get, run_analysis
     from .models import load_pipeline
     from .outputs import OutputFolder
     from .prompts import read_pairs, read_prompts
-    from .results import strict_dumps
 
-    if name not in ANALYSES:
-        raise ShapefirstError(f"unknown analysis {name!r}", f"use one of: {', '.join(ANALYSES)}")
+    analysis = get(name)
     if n < 1 or steps < 1 or batch < 1:
         raise ShapefirstError("--n, --steps and --batch must be positive integers", "pass e.g. --n 16 --steps 50")
     checks.count(n, "--n", 1)
@@ -131,17 +145,30 @@ def analyze(
     prompt_list = read_prompts(prompts) if prompts else None
     pair_list = read_pairs(pairs) if pairs else None
     world = model == "embedded"
-    _needs(name, world, prompt_list, pair_list, clip)
+    analysis.check_inputs(Inputs(prompts=prompt_list, pairs=pair_list, clip=clip, world=world))
     parent = OutputFolder(out, "analyze").check()
     scorer = _scorer(clip, world)
     pipe = load_pipeline(model, device=dev, allow_pickle=allow_pickle)
     with _warnings_to_stderr(), parent.claimed([name]):
         res = run_analysis(name, pipe, out, n=n, steps=steps, seed=seed, guidance=guidance, prompts=prompt_list,
                            pairs=pair_list, clip=scorer, world=world, batch=batch, overwrite=overwrite)
-    typer.echo(strict_dumps(res.data.get("summary", {}), indent=2)[:4000])
-    for line in findings_of(name, res.data):
-        typer.echo(f"finding: {line}")
+    _print_summary(analysis.summary(res))
     typer.echo(f"{name} -> {out / name}", err=True)
+
+
+def _print_summary(sm) -> None:
+    """An analysis's summary on stdout: its table (rich) and one `finding:` line per finding."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=sm.title, title_justify="left")
+    for head in sm.table[0] if sm.table else []:
+        table.add_column(str(head))
+    for row in sm.table[1:]:
+        table.add_row(*[str(c) for c in row])
+    Console(width=120).print(table)
+    for line in sm.findings:
+        typer.echo(f"finding: {line}")
 
 
 @app.command()
@@ -188,21 +215,6 @@ def report(
                            progress=lambda name: status.update(f"report: {name}"), model_name=model,
                            guidance=guidance, overwrite=overwrite)
     typer.echo(f"report -> {index}", err=True)
-
-
-def _needs(name: str, world: bool, prompts, pairs, clip) -> None:
-    """What an analysis on a model other than the shapes world needs, checked before loading it."""
-    if world:
-        return
-    if name == "eos-swap" and pairs is None:
-        raise ShapefirstError("eos-swap on a model other than the shapes world needs prompt pairs",
-                              "pass --pairs FILE (lines 'prompt A || prompt B')")
-    if name != "eos-swap" and prompts is None:
-        raise ShapefirstError("this model is not the shapes world, so there are no built-in prompts",
-                              "pass --prompts FILE (one prompt per line)")
-    if name == "stages" and clip is None:
-        raise ShapefirstError("stages on a model other than the shapes world needs a CLIP scorer",
-                              "pass --clip PATH (a local CLIP model folder)")
 
 
 def _scorer(clip: Optional[Path], world: bool):
@@ -264,14 +276,16 @@ def _warnings_to_stderr():
                     typer.echo(f"warning: {text}", err=True)
 
 
-def _sweep_configs(guidance, stops, schedulers, steps, adaptive, caches, model, modes=("uncond", "cond")):
+def _sweep_configs(guidance, stops, schedulers, steps, adaptive, caches, model, modes=("uncond", "cond"),
+                   adaptive_shape: str = ""):
     from .experiments.sweep import default_configs
     from .models import SCHEDULERS
 
     return default_configs(guidance, checks.fractions(stops, "--stops") if stops.strip() else [],
                            checks.names(schedulers, "--schedulers", SCHEDULERS),
                            checks.steps(checks.int_list(steps, "--steps"), model), modes=modes,
-                           adaptive=checks.thresholds(adaptive), caches=_caches(caches))
+                           adaptive=checks.thresholds(adaptive), caches=_caches(caches),
+                           adaptive_shape=checks.shape_tolerances(adaptive_shape, model))
 
 
 @app.command()
@@ -287,6 +301,8 @@ def sweep(
     seed: int = typer.Option(0, help="seed of the first image"),
     batch: int = typer.Option(8, help="images per pipeline call"),
     adaptive: str = typer.Option("", help="adaptive-stop cosine thresholds to sweep too, e.g. 0.99,0.995"),
+    adaptive_shape: str = typer.Option("", help="shape-settled adaptive-stop tolerances to sweep too, e.g. 0.02,0.05 "
+                                                "or auto (rows 'adaptive-shape=TOL')"),
     caches: str = typer.Option("none", help="late-stage caches to sweep: none, mean, kept, deep3, mean+deep3 (comma list)"),
     timing_batches: int = typer.Option(3, help="batches timed against full guidance (A/B adjacent); 0 = no timing"),
     clip: Optional[Path] = typer.Option(None, help="a local CLIP model folder (scores for real models)"),
@@ -296,7 +312,7 @@ def sweep(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
 ):
-    """Sweep guidance stops x modes x schedulers (x adaptive thresholds x late caches): saved latency and
+    """Sweep guidance stops x modes x schedulers (x adaptive thresholds and tolerances x late caches): saved latency and
     quality against full guidance. One JSON line per configuration in OUT/sweep.jsonl (a rerun with the
     same settings resumes), OUT/sweep.csv and OUT/pareto.png."""
     from .experiments.sweep import run_sweep, saving
@@ -305,7 +321,8 @@ def sweep(
     n, batch = checks.positive(n, "--n", 64), checks.batch_size(batch)
     checks.seed(seed, n)
     checks.count(timing_batches, "--timing-batches")
-    configs = _sweep_configs(_guidance(guidance, model), stops, schedulers, steps, adaptive, caches, model)
+    configs = _sweep_configs(_guidance(guidance, model), stops, schedulers, steps, adaptive, caches, model,
+                             adaptive_shape=adaptive_shape)
     if (real is None) != (inception is None):
         raise ShapefirstError("--real and --inception go together (FID needs real images and the Inception weights)",
                               "pass both, or neither")
@@ -347,6 +364,7 @@ def calibrate(
     tolerance: float = typer.Option(0.01, help="largest accepted accuracy loss (95% paired CI lower bound)"),
     stops: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8", help="candidate stops"),
     adaptive: str = typer.Option("", help="candidate adaptive-stop thresholds, e.g. 0.99,0.995"),
+    adaptive_shape: str = typer.Option("", help="candidate shape-settled adaptive-stop tolerances, e.g. 0.02,0.05 or auto"),
     caches: str = typer.Option("none", help="candidate late-stage caches: none, mean, kept, deep3, mean+deep3"),
     modes: str = typer.Option("uncond,cond", help="branches kept after the stop"),
     timing_batches: int = typer.Option(3, help="batches timed against full guidance; 0 = rank by saved evaluations"),
@@ -358,7 +376,7 @@ def calibrate(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a sweep in --out made with other settings"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps"),
 ):
-    """Find the fastest setting (stop, adaptive threshold, late cache) that keeps quality within the
+    """Find the fastest setting (stop, adaptive threshold or shape tolerance, late cache) that keeps quality within the
     tolerance; print it with its measured saving and a snippet."""
     from .experiments.sweep import calibrate as pick, run_sweep, saving, snippet
     from .outputs import OutputFolder
@@ -369,7 +387,7 @@ def calibrate(
     checks.count(timing_batches, "--timing-batches")
     mode_list = checks.names(modes, "--modes", ("uncond", "cond"))
     configs = _sweep_configs(_guidance(guidance, model), stops, scheduler, str(steps), adaptive, caches, model,
-                             modes=mode_list)
+                             modes=mode_list, adaptive_shape=adaptive_shape)
     dev = checks.device(device)
     OutputFolder(out, "sweep", overwrite=overwrite).check(dry=True)
     pipe, ps, targets, scorer, real = _sweep_inputs(model, prompts, n, 0, clip, dev, False)

@@ -42,9 +42,9 @@ import numpy as np
 import torch
 
 from .errors import ShapefirstError
+from .models import PICKLE_SUFFIXES
 
 WEIGHTS_URL_NAME = "weights-inception-2015-12-05-6726825d.pth"
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 NUM_FEATURES = 2048
 _CONVERT_FIX = (f"download {WEIGHTS_URL_NAME} (torch-fidelity v0.2.0 release) and convert it to .safetensors "
                 "with the 3-line snippet in the shapefirst.fid docstring")

@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from .settling import settled_from
+
 DEFAULT_RADIUS = 0.25
 """Default low-pass radius as a fraction of the Nyquist radius.  For a 64x64
 SD latent it keeps spatial frequencies up to 8 cycles per side (about 5% of the
@@ -139,9 +141,7 @@ def settling_call(values: torch.Tensor, tol: float = DEFAULT_TOL) -> torch.Tenso
         raise ValueError("values must be [T, N, ...]")
     v = values.detach().double().reshape(values.shape[0], values.shape[1], -1)
     rel = (v - v[-1]).norm(dim=2) / (v[-1].norm(dim=1) + 1e-12)  # [T, N]
-    ok = (rel <= tol).long()
-    suffix_ok = ok.flip(0).cumprod(0).flip(0)  # 1 where this and all later calls are ok
-    return values.shape[0] - suffix_ok.sum(0)
+    return settled_from(rel <= tol)
 
 
 def radial_power_spectrum(x: torch.Tensor, n_bins: int | None = None):

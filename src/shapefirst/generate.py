@@ -7,7 +7,6 @@ generate(pipe, [prompt_p], seed=seed + i) gives image i again (up to batch-makeu
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import shutil
 import tempfile
@@ -157,12 +156,10 @@ def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int
     Extra keyword arguments go to the pipeline (e.g. prompt_embeds=..., negative_prompt_embeds=...;
     pass prompts=None then, and the batch is taken from prompt_embeds)."""
     schedule = schedule or GuidanceSchedule()
-    if "prompt_embeds" in pipe_kwargs and prompts is None:
-        n_prompts = pipe_kwargs["prompt_embeds"].shape[0]
-        prompts_list = [f"<embeds {i}>" for i in range(n_prompts)]
-    else:
-        prompts_list = check_prompts(prompts)
-        n_prompts = len(prompts_list)
+    embeds = "prompt_embeds" in pipe_kwargs and prompts is None
+    prompts_list = ([f"<embeds {i}>" for i in range(pipe_kwargs["prompt_embeds"].shape[0])] if embeds
+                    else check_prompts(prompts))
+    n_prompts = len(prompts_list)
     if int(steps) != steps or steps < 1:
         raise ShapefirstError(f"steps {steps} is not a positive integer", "pass e.g. --steps 50")
     if int(images_per_prompt) != images_per_prompt or images_per_prompt < 1:
@@ -174,33 +171,15 @@ def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int
                                   f"pass at most {batch} images with --trace, or a larger --batch")
         return _in_batches(pipe, prompts_list, schedule, batch, images_per_prompt, negative_prompt, seed,
                            dict(steps=steps, scheduler=scheduler, progress=progress, cache=cache, **pipe_kwargs))
-    set_scheduler(pipe, scheduler)
-    trained = pipe.scheduler.config.get("num_train_timesteps")
-    if isinstance(trained, int) and steps > trained:
-        raise ShapefirstError(f"steps {steps} is more than the model's {trained} training timesteps",
-                              f"pass steps between 1 and {trained}")
-    n_calls = count_calls(pipe, steps)
-    # validates start/stop steps against the real number of calls
-    if schedule.first_guided_call(n_calls) > schedule.first_unguided_call(n_calls):
-        raise ShapefirstError(f"the guidance start (call {schedule.first_guided_call(n_calls)}) is after its stop "
-                              f"(call {schedule.first_unguided_call(n_calls)})", "pass start <= stop")
-    global _warned_negative
-    if negative_prompt and schedule.stops and schedule.after == "uncond" and not _warned_negative:
-        warnings.warn("after='uncond' with a negative prompt: the unguided late calls follow the NEGATIVE prompt's "
-                      "branch (the unconditional branch is the negative prompt's); use after='cond' to follow the prompt",
-                      stacklevel=2)
-        _warned_negative = True
+    n_calls = _prepare(pipe, scheduler, steps, schedule, negative_prompt)
     if prompts is not None:
         warn_truncated(pipe, prompts_list)
         warn_empty(prompts_list, schedule, negative_prompt)
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
     recorder = TrajectoryRecorder() if trace else None
     kwargs = dict(num_inference_steps=steps, guidance_scale=schedule.scale, num_images_per_prompt=images_per_prompt,
-                  generator=gens, output_type="np", **pipe_kwargs)
-    if prompts is not None:
-        kwargs["prompt"] = prompts_list
-    if negative_prompt is not None:
-        kwargs["negative_prompt"] = [negative_prompt] * n_prompts if isinstance(negative_prompt, str) else negative_prompt
+                  generator=gens, output_type="np", **pipe_kwargs,
+                  **_text_kwargs(prompts_list if prompts is not None else None, negative_prompt, n_prompts))
     bar = _Progress(n_calls) if progress else None
     if bar is not None:
         kwargs["callback_on_step_end"] = bar
@@ -213,16 +192,45 @@ def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int
                 bar.close()
         wall = time.perf_counter() - t0
     settings = {"steps": steps, "denoiser_calls": n_calls, "guidance": schedule.scale, "schedule": schedule.to_dict(),
-                "cache": cache.to_dict() if cache is not None else None, "scheduler": scheduler or type(pipe.scheduler).__name__, "seed": seed,
-                "images_per_prompt": images_per_prompt, "negative_prompt": negative_prompt,
-                "prompts": prompts_list, "first_unguided_call_per_image": hook.stop_calls.tolist()
-                if schedule.adaptive is not None else [schedule.first_unguided_call(n_calls)] * n}
+                "cache": cache.to_dict() if cache is not None else None,
+                "scheduler": scheduler or type(pipe.scheduler).__name__, "seed": seed,
+                "images_per_prompt": images_per_prompt, "negative_prompt": negative_prompt, "prompts": prompts_list,
+                "first_unguided_call_per_image": hook.stop_calls.tolist() if schedule.adaptive is not None
+                else [schedule.first_unguided_call(n_calls)] * n}
     per_image_prompts = [p for p in prompts_list for _ in range(images_per_prompt)]
     traj = recorder.trajectory if recorder is not None else None
     if traj is not None:
         traj.meta.update({"prompts": per_image_prompts, "schedule": schedule.to_dict()})
     return GenerationResult(np.asarray(images), per_image_prompts, [seed + i for i in range(n)],
                             hook.evaluations_per_image(), wall, settings, traj)
+
+
+def _text_kwargs(prompts, negative_prompt, n_prompts: int) -> dict:
+    out = {} if prompts is None else {"prompt": prompts}
+    if negative_prompt is not None:
+        out["negative_prompt"] = [negative_prompt] * n_prompts if isinstance(negative_prompt, str) else negative_prompt
+    return out
+
+
+def _prepare(pipe, scheduler, steps: int, schedule: GuidanceSchedule, negative_prompt) -> int:
+    """Set the scheduler, check steps and the schedule against the run's real calls; return the calls."""
+    global _warned_negative
+    set_scheduler(pipe, scheduler)
+    trained = pipe.scheduler.config.get("num_train_timesteps")
+    if isinstance(trained, int) and steps > trained:
+        raise ShapefirstError(f"steps {steps} is more than the model's {trained} training timesteps",
+                              f"pass steps between 1 and {trained}")
+    n_calls = count_calls(pipe, steps)
+    # validates start/stop steps against the real number of calls
+    if schedule.first_guided_call(n_calls) > schedule.first_unguided_call(n_calls):
+        raise ShapefirstError(f"the guidance start (call {schedule.first_guided_call(n_calls)}) is after its stop "
+                              f"(call {schedule.first_unguided_call(n_calls)})", "pass start <= stop")
+    if negative_prompt and schedule.stops and schedule.after == "uncond" and not _warned_negative:
+        warnings.warn("after='uncond' with a negative prompt: the unguided late calls follow the NEGATIVE prompt's "
+                      "branch (the unconditional branch is the negative prompt's); use after='cond' to follow the prompt",
+                      stacklevel=3)
+        _warned_negative = True
+    return n_calls
 
 
 def warn_empty(prompts: list[str], schedule: GuidanceSchedule, negative_prompt) -> None:
@@ -255,6 +263,21 @@ def _in_batches(pipe, prompts: list[str], schedule, batch: int, images_per_promp
     return GenerationResult(np.concatenate([p.images for p in parts]), per_image, [seed + i for i in range(len(per_image))],
                             [e for p in parts for e in p.evaluations_per_image], sum(p.wall_seconds for p in parts),
                             settings)
+
+
+def generate_embeds(pipe, cond: torch.Tensor, uncond: torch.Tensor, steps: int, seed: int,
+                    schedule: GuidanceSchedule | None = None) -> np.ndarray:
+    """Images [N, H, W, 3] in [0, 1] for conditional / unconditional embeddings; image i uses seed + i."""
+    return generate(pipe, None, schedule, steps=steps, seed=seed, prompt_embeds=cond,
+                    negative_prompt_embeds=uncond).images
+
+
+def batches(n: int, batch: int):
+    """(start, end) of consecutive batches of at most `batch` out of n items."""
+    if int(batch) != batch or batch < 1:
+        raise ShapefirstError(f"batch {batch} is not a positive integer", "pass e.g. batch=8")
+    for s in range(0, n, int(batch)):
+        yield s, min(n, s + int(batch))
 
 
 class _Progress:

@@ -137,3 +137,35 @@ def judged_accuracy(images: np.ndarray, targets: list[dict]) -> dict:
     out["all"] = np.all(np.stack([out[a] for a in targets[0]]), axis=0).astype(np.int8)
     out["one_object"] = np.array([v.count == 1 for v in verdicts], dtype=np.int8)
     return out
+
+
+# -- judged labels and shares (the token experiments) ------------------------------------------
+def to_uint8(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy((np.clip(np.asarray(images, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8))
+
+
+def default_judge():
+    from .world.judge import judge
+
+    return judge
+
+
+def judged_labels(judge_fn, images) -> list[dict]:
+    """Labels per image; judge_fn returns a dict of labels or an object with `.labels` (a Verdict)."""
+    out = []
+    for im in images:
+        v = judge_fn(im)
+        labels = v.labels if hasattr(v, "labels") else v
+        out.append({str(k): str(x) for k, x in dict(labels or {}).items()})
+    return out
+
+
+def share(k: int, n: int) -> dict:
+    lo, hi = wilson(int(k), int(n))
+    return {"k": int(k), "n": int(n), "rate": (k / n) if n else float("nan"), "ci": [lo, hi]}
+
+
+def ci_dict(x) -> dict:
+    x = np.asarray(x, dtype=np.float64)
+    m, lo, hi = mean_ci(x) if len(x) else (float("nan"),) * 3
+    return {"mean": m, "ci": [lo, hi], "n": int(len(x))}

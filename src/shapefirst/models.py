@@ -343,3 +343,12 @@ def default_guidance(model: str) -> float:
     """The guidance scale used when the user gives none: the embedded model's recommended scale
     (chosen from its guidance curve, stored in its folder), else diffusers' 7.5."""
     return float(recommended(model).get("guidance_scale", DIFFUSERS_GUIDANCE))
+
+
+def default_shape_tolerance(model: str) -> float:
+    """The shape-settled adaptive stop's tolerance for `--adaptive-shape auto`: the embedded model's calibrated
+    one (recipe.json's recommended "adaptive_shape_tolerance", beside its guidance scale), else
+    guidance.DEFAULT_SHAPE_TOLERANCE."""
+    from .guidance import DEFAULT_SHAPE_TOLERANCE
+
+    return float(recommended(model).get("adaptive_shape_tolerance", DEFAULT_SHAPE_TOLERANCE))

@@ -31,6 +31,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual permissions
         os.replace(tmp, path)
     except OSError as e:
         try:
@@ -39,6 +40,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             pass
         raise ShapefirstError(f"writing {path} failed ({e.strerror or e})", "free disk space or choose another output folder") from e
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -71,6 +78,28 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def image_grid(images, row_titles: list[str], col_titles: list[str], path: Path, size: float = 1.4) -> Path:
+    """images [rows, cols, H, W, 3] (uint8 or [0, 1] floats) -> a titled PNG grid."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    images = np.asarray(images)
+    rows, cols = images.shape[:2]
+    fig = Figure(figsize=(size * cols + 0.6, size * rows + 0.4))
+    axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.imshow(images[r, c], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(col_titles[c], fontsize=7)
+            if c == 0:
+                ax.set_ylabel(row_titles[r], fontsize=6, rotation=0, ha="right", va="center")
+    return save_figure(fig, path)
 
 
 def spaced(n: int, k: int) -> list[int]:

@@ -11,7 +11,10 @@ and for the SD 1.x/2.x pipelines beyond text-to-image (tiny_sd_variant): "img2im
 real inpainting checkpoints) and "controlnet" (StableDiffusionControlNetPipeline, a ControlNetModel made
 from the UNet with random, non-zero output convolutions so that its residuals matter); tiny_image /
 tiny_mask give matching input images; tiny_sdxl_img2img_pipeline (StableDiffusionXLImg2ImgPipeline,
-base or refiner layout).
+base or refiner layout); tiny_sdxl_controlnet_pipeline (StableDiffusionXLControlNetPipeline).
+Adapters made in code: tiny_lora (a peft LoRA on the UNet's attention projections, saved as a
+diffusers LoRA folder for `load_lora_weights`) and tiny_ip_adapter (IP-Adapter attention processors
+and image projection with random weights, set through public diffusers API).
 The CLIP tokenizer is the shapes world's CLIP-format BPE (shapefirst.world.vocab), written to a
 folder; `pad_token="!"` gives the SD 2.x / SDXL-encoder-2 convention. The T5 tokenizer is a
 unigram vocabulary over the world's words plus ASCII characters (tiny_t5_tokenizer). Nothing is
@@ -169,7 +172,7 @@ def tiny_sdxl_pipeline(seed: int = 0, folder: str | Path | None = None, sample_s
     """StableDiffusionXLPipeline: a "text_time" UNet (micro-conditions + pooled text), CLIPTextModel
     + CLIPTextModelWithProjection (cross_attention_dim = 32 + 32), the world tokenizer padding with
     EOS for encoder 1 and with "!" for encoder 2 (as real SDXL), Euler scheduler (SDXL's)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from .world.vocab import load_tokenizer, write_tokenizer
@@ -220,6 +223,19 @@ def tiny_sdxl_img2img_pipeline(seed: int = 0, folder: str | Path | None = None, 
                     unet=_tiny_sdxl_unet(sample_size, text2.config.hidden_size, 5, text2.config.projection_dim))
     comp = {k: v for k, v in comp.items() if k not in ("image_encoder", "feature_extractor")}
     pipe = StableDiffusionXLImg2ImgPipeline(**comp, requires_aesthetics_score=refiner, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_controlnet_pipeline(seed: int = 0, folder: str | Path | None = None, sample_size: int = 8):
+    """StableDiffusionXLControlNetPipeline: tiny_sdxl_pipeline's components and a ControlNetModel made
+    from its text_time UNet (random, non-zero output convolutions, as tiny_sd_variant("controlnet"))."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    comp = dict(tiny_sdxl_pipeline(seed, folder=folder, sample_size=sample_size).components)
+    comp = {k: v for k, v in comp.items() if k not in ("image_encoder", "feature_extractor")}
+    pipe = StableDiffusionXLControlNetPipeline(controlnet=_tiny_controlnet(comp["unet"], seed), **comp,
+                                               add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -285,6 +301,14 @@ def tiny_sd3_pipeline(seed: int = 0, folder: str | Path | None = None, sample_si
 SD_VARIANTS = ("img2img", "inpaint", "controlnet")
 
 
+def _tiny_controlnet(unet, seed: int):
+    """A ControlNetModel made from `unet`, with random non-zero output convolutions (its residuals matter)."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed + 1)
+    return _random_zero_convs(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)), seed)
+
+
 def _random_zero_convs(controlnet, seed: int):
     """ControlNets start with zero output convolutions (no effect); tests need residuals that matter."""
     g = torch.Generator().manual_seed(seed)
@@ -298,7 +322,7 @@ def _random_zero_convs(controlnet, seed: int):
 def tiny_sd_variant(kind: str, seed: int = 0, folder: str | Path | None = None, sample_size: int = 8):
     """A tiny SD 1.x pipeline of another kind (SD_VARIANTS), with tiny_sd_pipeline's components
     (the inpainting UNet takes 4 latent + 1 mask + 4 masked-image channels)."""
-    from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline,
+    from diffusers import (StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline,
                            StableDiffusionInpaintPipeline, UNet2DConditionModel)
 
     if kind not in SD_VARIANTS:
@@ -313,9 +337,7 @@ def tiny_sd_variant(kind: str, seed: int = 0, folder: str | Path | None = None, 
         comp["unet"] = UNet2DConditionModel.from_config(cfg)
         pipe = StableDiffusionInpaintPipeline(**comp, requires_safety_checker=False)
     else:
-        torch.manual_seed(seed + 1)
-        net = ControlNetModel.from_unet(comp["unet"], conditioning_embedding_out_channels=(16, 32))
-        pipe = StableDiffusionControlNetPipeline(controlnet=_random_zero_convs(net, seed), **comp,
+        pipe = StableDiffusionControlNetPipeline(controlnet=_tiny_controlnet(comp["unet"], seed), **comp,
                                                  requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -333,3 +355,52 @@ def tiny_mask(size: int = 16) -> torch.Tensor:
     m = torch.zeros((1, 1, size, size))
     m[..., size // 2:] = 1.0
     return m
+
+
+# -- adapters made in code: LoRA, IP-Adapter -------------------------------------------------------
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def tiny_lora(unet, folder: str | Path, seed: int = 0, rank: int = 4) -> Path:
+    """A diffusers LoRA folder for `pipe.load_lora_weights(folder)`, made as diffusers' own LoRA tests make
+    one: a peft LoraConfig on the UNet's attention projections (LORA_TARGETS) with random, non-zero
+    weights (init_lora_weights=False), on a copy of `unet` (left untouched), its peft state dict saved
+    with StableDiffusionPipeline.save_lora_weights. Needs peft (the `test` extra)."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    folder = Path(folder)
+    tmp = copy.deepcopy(unet)
+    torch.manual_seed(seed)
+    tmp.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS), init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(tmp),
+                                              safe_serialization=True)
+    return folder
+
+
+def tiny_ip_adapter(pipe, seed: int = 0, image_embed_dim: int = 16, num_tokens: int = 4) -> None:
+    """Turn `pipe.unet` into an IP-Adapter UNet with random weights, through public diffusers API only (what
+    `load_ip_adapter` builds, without a checkpoint): an IPAdapterAttnProcessor2_0 on every cross-attention
+    layer (set_attn_processor; self-attention keeps its processor), an ImageProjection of image embeddings
+    of width `image_embed_dim` to `num_tokens` tokens (unet.encoder_hid_proj, a MultiIPAdapterImageProjection)
+    and encoder_hid_dim_type="ip_image_proj" (register_to_config). Call the pipeline with
+    ip_adapter_image_embeds=[tensor [2, 1, image_embed_dim]] (negative; positive) under CFG: diffusers uses
+    that one image embedding for every image of the batch."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+
+    unet = pipe.unet
+    cross = unet.config.cross_attention_dim
+    torch.manual_seed(seed)
+    procs = {}
+    for name, proc in unet.attn_processors.items():
+        mod = unet.get_submodule(name[:-len(".processor")])
+        procs[name] = IPAdapterAttnProcessor2_0(hidden_size=mod.inner_dim, cross_attention_dim=cross, scale=1.0,
+                                                num_tokens=num_tokens) if mod.is_cross_attention else proc
+    unet.set_attn_processor(procs)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection([ImageProjection(
+        cross_attention_dim=cross, image_embed_dim=image_embed_dim, num_image_text_embeds=num_tokens)])
+    unet.register_to_config(encoder_hid_dim_type="ip_image_proj")

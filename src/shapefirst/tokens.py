@@ -343,3 +343,9 @@ def denoiser_token_info(pipe, prompt: str, max_sequence_length: int | None = Non
     else:
         t5 = analyze_prompt(pipe.tokenizer_3, prompt, n)
     return concat_token_infos([clip, t5])
+
+
+def swapped(emb_words: torch.Tensor, infos_words, emb_eos: torch.Tensor, infos_eos) -> torch.Tensor:
+    """Row i: words (SOS + semantic) of emb_words[i], [EOS] block of emb_eos[i] (TOKEN_RULE)."""
+    return torch.cat([swap_eos(emb_words[i:i + 1], infos_words[i], emb_eos[i:i + 1], infos_eos[i])
+                      for i in range(emb_words.shape[0])])

@@ -9,6 +9,8 @@ which is exactly sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, so one formula se
     sample:        x0 = prediction
     flow matching: x0 = x_t - sigma v   (SD3: FlowMatchEulerDiscreteScheduler)
 alpha_bar at a (possibly fractional) timestep is interpolated in sigma space, as Euler does.
+The same functions take the timestep as a tensor on the denoiser's device and then compute there, with
+no host read (the guidance hook's shape-settled adaptive stop derives x0-hat this way at every call).
 Flow matching: the denoiser gets the latent itself, x_t = (1 - sigma) x0 + sigma noise, with
 timestep t = sigma * num_train_timesteps, and predicts v = noise - x0; the Euler step is
 x_next = x_t + (sigma_next - sigma) v, so sigma_next = 0 lands exactly on x_t - sigma v. sigma is
@@ -37,50 +39,105 @@ from .results import atomic_write_bytes, atomic_write_text, png_bytes, spaced, s
 FIELDS = ("x_t", "uncond", "cond", "combined", "x0")
 
 
-def alpha_bar_at(scheduler, t: float) -> float:
-    """alpha_bar (VP) at timestep t for the scheduler, interpolating sigma like Euler does."""
+_TABLES: dict = {}  # (id(alphas_cumprod), device, dtype) -> (alphas_cumprod, its sigma table there); a few kept
+
+
+def _work_dtype(device) -> torch.dtype:
+    """float64 where the device has it (MPS has not: float32 there)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def _sigma_table(ac: torch.Tensor, device, dtype) -> torch.Tensor:
+    """sqrt((1 - ab) / ab) per training timestep, on `device`; made once per scheduler and device (no host read:
+    computed where alphas_cumprod lives, then moved)."""
+    key = (id(ac), str(device), dtype)
+    hit = _TABLES.get(key)
+    if hit is None or hit[0] is not ac:
+        while len(_TABLES) >= 16:
+            _TABLES.pop(next(iter(_TABLES)))
+        a = ac.detach().to(torch.float64 if ac.device.type != "mps" else torch.float32)
+        hit = (ac, torch.sqrt((1 - a) / a).to(device, dtype))
+        _TABLES[key] = hit
+    return hit[1]
+
+
+def _interp(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """np.interp(x, arange(len(table)), table) in torch, elementwise, on x's device (the same formula:
+    (f[j+1] - f[j]) * (x - j) + f[j], clamped at both ends)."""
+    n = table.shape[0]
+    if n < 2:
+        return table.reshape(()).expand_as(x).clone()
+    xc = x.clamp(0, n - 1)
+    j = xc.floor().long().clamp(max=n - 2)
+    lo, hi = table.take(j), table.take(j + 1)
+    return torch.where(xc >= n - 1, table[-1], (hi - lo) * (xc - j.to(x.dtype)) + lo)
+
+
+def alpha_bar_at(scheduler, t):
+    """alpha_bar (VP) at timestep t for the scheduler, interpolating sigma like Euler does.
+    t a float: a float (host). t a tensor: a tensor of its shape on its device, computed there (no host read)."""
     ac = getattr(scheduler, "alphas_cumprod", None)
     if ac is None:
         raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod")
-    ac = ac.double().cpu().numpy()
-    sig = np.sqrt((1 - ac) / ac)
-    s = float(np.interp(float(t), np.arange(len(ac)), sig))
-    return 1.0 / (1.0 + s * s)
+    if isinstance(t, torch.Tensor):
+        dtype = _work_dtype(t.device)
+        s = _interp(_sigma_table(ac, t.device, dtype), t.detach().to(dtype))
+        return 1.0 / (1.0 + s * s)
+    return float(alpha_bar_at(scheduler, torch.tensor(float(t), dtype=torch.float64)))
 
 
 def is_flow_matching(scheduler) -> bool:
     return getattr(scheduler, "alphas_cumprod", None) is None and "shift" in getattr(scheduler, "config", {})
 
 
-def flow_sigma(scheduler, t: float) -> float:
-    """sigma of a flow-matching scheduler at timestep t: sigmas[i] where timesteps[i] == t."""
+def flow_sigma(scheduler, t):
+    """sigma of a flow-matching scheduler at timestep t: sigmas[i] where timesteps[i] == t (within 1e-3
+    relative), else t / num_train_timesteps. t a float: a float; a tensor: a tensor on its device (no host read)."""
+    if not isinstance(t, torch.Tensor):
+        return float(flow_sigma(scheduler, torch.tensor(float(t), dtype=torch.float64)))
+    dtype = _work_dtype(t.device)
+    tt = t.detach().to(dtype)
+    plain = tt / scheduler.config.num_train_timesteps
     ts, sig = getattr(scheduler, "timesteps", None), getattr(scheduler, "sigmas", None)
-    if isinstance(ts, torch.Tensor) and isinstance(sig, torch.Tensor) and len(ts):
-        d = (ts.detach().double().cpu() - float(t)).abs()
-        i = int(d.argmin())
-        if float(d[i]) <= 1e-3 * max(1.0, abs(float(t))) and i < len(sig):
-            return float(sig[i])
-    return float(t) / scheduler.config.num_train_timesteps
+    if not (isinstance(ts, torch.Tensor) and isinstance(sig, torch.Tensor) and len(ts) and len(sig)):
+        return plain
+    ts = ts.detach().to(t.device, dtype)
+    sig = sig.detach().to(t.device, dtype)
+    d = (ts - tt.unsqueeze(-1)).abs()
+    i = d.argmin(-1, keepdim=True)
+    found = d.gather(-1, i).squeeze(-1) <= 1e-3 * tt.abs().clamp(min=1.0)
+    return torch.where(found, sig.take(i.squeeze(-1).clamp(max=len(sig) - 1)), plain)
 
 
-def predicted_x0(scheduler, t: float, x_t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+def predicted_x0(scheduler, t, x_t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     """x0-hat from the denoiser's input and (combined) output, for the scheduler's prediction type.
-    A prediction with twice the channels of x_t (learned variance) uses its first half."""
+    A prediction with twice the channels of x_t (learned variance) uses its first half; an x_t with more
+    channels than the prediction (an inpainting UNet's input) its first ones.
+    t: a float (the recorder), or a tensor on x_t's device, 0-dim or one per row: then nothing is read back
+    to the host (the guidance hook's shape-settled adaptive stop; the coefficients take x_t's dtype)."""
     if pred.dim() > 1 and x_t.dim() > 1 and pred.shape[1] == 2 * x_t.shape[1]:
         pred = pred[:, :x_t.shape[1]]
+    if pred.dim() > 1 and x_t.dim() > 1 and x_t.shape[1] > pred.shape[1]:
+        x_t = x_t[:, :pred.shape[1]]
+
+    def coef(c):  # a tensor coefficient broadcasts over the rows of x_t
+        if not isinstance(c, torch.Tensor):
+            return c
+        c = c.to(x_t.dtype)
+        return c.view(-1, *[1] * (x_t.dim() - 1)) if c.dim() else c
+
     if is_flow_matching(scheduler):
-        sigma = flow_sigma(scheduler, t)
-        return x_t - sigma * pred
-    ab = alpha_bar_at(scheduler, t)
+        return x_t - coef(flow_sigma(scheduler, t)) * pred
     kind = scheduler.config.prediction_type
-    a, b = ab ** 0.5, (1 - ab) ** 0.5
-    if kind == "epsilon":
-        return (x_t - b * pred) / a
-    if kind == "v_prediction":
-        return a * x_t - b * pred
     if kind == "sample":
         return pred
-    raise ValueError(f"unknown prediction_type {kind!r}")
+    if kind not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unknown prediction_type {kind!r}")
+    ab = alpha_bar_at(scheduler, t)
+    a, b = coef(ab ** 0.5), coef((1 - ab) ** 0.5)
+    if kind == "epsilon":
+        return (x_t - b * pred) / a
+    return a * x_t - b * pred
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The paper's analyses, each a function pipeline + settings -> Result (+ plots).
+"""The paper's analyses: each one module declaring an `Analysis` (see registry.py).
 
 `run_analysis(name, pipe, out, ...)` runs one by name, saves the Result into `out/<name>/`
 (results.json + arrays.safetensors + figure PNGs) and returns it; a folder that already holds a
@@ -9,21 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ShapefirstError
 from ..results import Result
 
-ANALYSES = ("stages", "frequency", "attention", "eos-swap", "token-ablation")
+from .registry import Inputs, Settings, analyses, get
 
 
-def _world_or_prompts(n: int, seed: int, prompts: list[str] | None, world: bool):
-    from ..world.prompts import world_prompts
-
-    if prompts:
-        return prompts[:n] if n else prompts, None
-    if not world:
-        raise ShapefirstError("this model is not the shapes world, so there are no built-in prompts",
-                              "pass --prompts FILE (one prompt per line)")
-    return world_prompts(n, seed)
+def __getattr__(name: str):
+    if name == "ANALYSES":  # the analysis names, discovered from the modules (report order)
+        return tuple(analyses())
+    raise AttributeError(name)
 
 
 def analysis_key(name: str, pipe, n, steps, seed, guidance, prompts, pairs, clip, world, batch) -> dict:
@@ -47,7 +41,7 @@ def draw(plot, res: Result, folder: Path) -> str | None:
     return None
 
 
-def run_analysis(name: str, pipe, out: str | Path, n: int = 16, steps: int = 50, seed: int = 0,
+def run_analysis(name: str, pipe, out: str | Path, n: int = 8, steps: int = 50, seed: int = 0,
                  guidance: float = 7.5, prompts: list[str] | None = None, pairs: list | None = None,
                  clip=None, world: bool = True, batch: int = 8, reuse: bool = True, overwrite: bool = False) -> Result:
     """Run analysis `name` on `pipe` and save it under out/name. world: the pipe is the shapes world
@@ -60,92 +54,19 @@ def run_analysis(name: str, pipe, out: str | Path, n: int = 16, steps: int = 50,
 
     from ..outputs import OutputFolder
 
-    if name not in ANALYSES:
-        raise ShapefirstError(f"unknown analysis {name!r}", f"use one of: {', '.join(ANALYSES)}")
+    analysis = get(name)
     folder = Path(out) / name
     key = analysis_key(name, pipe, n, steps, seed, guidance, prompts, pairs, clip, world, batch)
     owner = OutputFolder(folder, "analyze", key, overwrite=overwrite or not reuse).check()
-    run, plot = _runner(name)
     if owner.reused and (folder / "results.json").exists():
         res = Result.load(folder)
     else:
-        res = run(pipe, n=n, steps=steps, seed=seed, guidance=guidance, prompts=prompts, pairs=pairs, clip=clip,
-                  world=world, batch=batch)
+        settings = analysis.settings(n=n, steps=steps, seed=seed, guidance=guidance, batch=batch)
+        res = analysis.run(pipe, settings, Inputs(prompts=prompts, pairs=pairs, clip=clip, world=world))
         owner.claim()
         res.save(folder)
-    problem = draw(plot, res, folder)
+    problem = draw(analysis.plot, res, folder)
     owner.claim(p.name for p in folder.iterdir() if not p.name.startswith(".shapefirst"))
     if problem:
         warnings.warn(problem, stacklevel=2)
     return res
-
-
-def _runner(name: str):
-    """(run, plot) of an analysis: run(pipe, **settings) -> Result, plot(result, folder)."""
-    return {"stages": (_stages, _plot("stages", "plot_stages")),
-            "frequency": (_frequency, _plot("frequency", "plot_frequency")),
-            "attention": (_attention, _plot("attention", "plot_attention")),
-            "eos-swap": (_eos_swap, _plot("eos_swap", "plot_eos_swap")),
-            "token-ablation": (_token_ablation, _plot("token_ablation", "plot_token_ablation"))}[name]
-
-
-def _plot(module: str, fn: str):
-    def plot(res, folder):
-        import importlib
-
-        return getattr(importlib.import_module(f".{module}", __name__), fn)(res, folder)
-
-    return plot
-
-
-def _stages(pipe, n, steps, seed, guidance, prompts, pairs, clip, world, batch):
-    from ..guidance import GuidanceSchedule
-    from .stages import run_stages
-
-    ps, targets = _world_or_prompts(n, seed, prompts, world)
-    if not world and clip is None:
-        raise ShapefirstError("stages on a model other than the shapes world needs a CLIP scorer",
-                              "pass --clip PATH (a local CLIP model folder)")
-    schedules = {"full": GuidanceSchedule(guidance), "stop 0.5 uncond": GuidanceSchedule(guidance, stop=0.5)}
-    return run_stages(pipe, ps, targets, steps=steps, seed=seed, schedules=schedules, batch=batch,
-                      clip=clip, mode="judge" if world else "clip")
-
-
-def _frequency(pipe, n, steps, seed, guidance, prompts, pairs, clip, world, batch):
-    from ..guidance import GuidanceSchedule
-    from .frequency import run_frequency
-
-    ps, _ = _world_or_prompts(n, seed, prompts, world)
-    return run_frequency(pipe, n_images=len(ps), seed=seed, steps=steps, prompts=ps,
-                         schedule=GuidanceSchedule(guidance), batch=batch)
-
-
-def _attention(pipe, n, steps, seed, guidance, prompts, pairs, clip, world, batch):
-    from ..guidance import GuidanceSchedule
-    from .attention import run_attention
-
-    ps, _ = _world_or_prompts(n, seed, prompts, world)
-    return run_attention(pipe, ps, steps=steps, seed=seed, schedule=GuidanceSchedule(guidance), batch=batch)
-
-
-def _eos_swap(pipe, n, steps, seed, guidance, prompts, pairs, clip, world, batch):
-    from ..guidance import GuidanceSchedule
-    from ..prompts import world_pairs
-    from .eos_swap import run_eos_swap
-
-    if pairs is None:
-        if not world:
-            raise ShapefirstError("eos-swap on a model other than the shapes world needs prompt pairs",
-                                  "pass --pairs FILE (lines 'prompt A || prompt B')")
-        pairs = world_pairs(n, seed)
-    return run_eos_swap(pipe, pairs, steps=steps, seed=seed, schedule=GuidanceSchedule(guidance), batch=batch,
-                        clip=clip)
-
-
-def _token_ablation(pipe, n, steps, seed, guidance, prompts, pairs, clip, world, batch):
-    from ..guidance import GuidanceSchedule
-    from .token_ablation import run_token_ablation
-
-    ps, targets = _world_or_prompts(n, seed, prompts, world)
-    return run_token_ablation(pipe, ps, targets, steps=steps, seed=seed, batch=batch, clip=clip,
-                              schedule=GuidanceSchedule(guidance))

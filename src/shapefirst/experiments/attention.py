@@ -17,6 +17,8 @@ from ..attention import capture_attention
 from ..generate import generate
 from ..guidance import GuidanceSchedule
 from ..results import Result, save_figure, spaced
+from ..settling import settled_from
+from .registry import Analysis, Inputs, Settings, Summary
 from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, TOKEN_CLASSES, analyze_prompt
 
 
@@ -46,13 +48,7 @@ def run_attention(pipe, prompts: list[str], steps: int = 50, seed: int = 0, sche
         eos = [infos[i].positions(EOS) for i in range(s, s + len(part))]
         conv_sem.append(cap.convergence(sem))
         conv_eos.append(cap.convergence(eos))
-        for j in range(len(part)):
-            i = s + j
-            if i < heatmap_prompts:
-                for c in (map_calls[0], map_calls[len(map_calls) // 2], map_calls[-1]):
-                    for w, m in cap.word_maps(c, j, infos[i]).items():
-                        heat[f"heat/{i}/{c}/{w}"] = m
-                    heat[f"heat/{i}/{c}/[EOS]"] = cap.token_maps(c)[j, infos[i].positions(EOS)].mean(0)
+        heat.update(_heatmaps(cap, infos, s, len(part), map_calls, heatmap_prompts))
     arrays = {f"mass/{c}": torch.cat(v, 1) for c, v in class_mass.items()}
     arrays["convergence/semantic"] = torch.cat(conv_sem, 1)
     arrays["convergence/eos"] = torch.cat(conv_eos, 1)
@@ -61,8 +57,8 @@ def run_attention(pipe, prompts: list[str], steps: int = 50, seed: int = 0, sche
     m = {c: float(arrays[f"mass/{c}"].nanmean()) for c in TOKEN_CLASSES}
     kept = torch.tensor(map_calls)
     conv = arrays["convergence/semantic"][kept].nanmean(1)
-    first90 = next((int(c) for c, v in zip(map_calls, conv.tolist()) if v >= 0.9 and
-                    all(x >= 0.9 for x in conv[map_calls.index(c):].tolist())), None)
+    k = int(settled_from(conv >= 0.9))
+    first90 = int(map_calls[k]) if k < len(map_calls) else None
     data = {"settings": {"steps": steps, "seed": seed, "n": len(prompts), "schedule": schedule.to_dict(),
                          "map_calls": map_calls, "n_calls": n_calls, "binarise": "map > its mean over pixels",
                          "prompts": prompts},
@@ -71,6 +67,18 @@ def run_attention(pipe, prompts: list[str], steps: int = 50, seed: int = 0, sche
                         "eos_block_mass": m[EOS] + m[EOS_PAD] + m[PAD]},
             "words": {str(i): infos[i].words for i in range(min(heatmap_prompts, len(prompts)))}}
     return Result("attention", data, arrays)
+
+
+def _heatmaps(cap, infos, s: int, n: int, map_calls: list[int], heatmap_prompts: int) -> dict:
+    """Per-word (and [EOS]-block mean) maps of the batch's first prompts at the first, middle and last call."""
+    heat = {}
+    for j in range(min(n, max(0, heatmap_prompts - s))):
+        i = s + j
+        for c in (map_calls[0], map_calls[len(map_calls) // 2], map_calls[-1]):
+            for w, m in cap.word_maps(c, j, infos[i]).items():
+                heat[f"heat/{i}/{c}/{w}"] = m
+            heat[f"heat/{i}/{c}/[EOS]"] = cap.token_maps(c)[j, infos[i].positions(EOS)].mean(0)
+    return heat
 
 
 def plot_attention(result: Result, folder: str | Path) -> list[Path]:
@@ -127,3 +135,42 @@ def plot_attention(result: Result, folder: str | Path) -> list[Path]:
                 ax.set_title(w, fontsize=8)
         paths.append(save_figure(fig, folder / f"attention_words_{i}.png"))
     return paths
+
+
+# -- the analysis: settings, run, summary (report + CLI) --------------------------------------
+CLASS_NAMES = {"sos": "[SOS]", "semantic": "word", "eos": "[EOS] (first)", "eos_pad": "[EOS] padding", "pad": "padding"}
+
+
+def findings(data: dict) -> list[str]:
+    """Which token class is the attention sink (the paper: [SOS])."""
+    mass = {c: v for c, v in (data.get("summary", {}).get("mean_mass_per_class") or {}).items() if v is not None}
+    if not mass:
+        return []
+    top = max(mass, key=mass.get)
+    name = CLASS_NAMES.get(top, top)
+    if top == "sos":
+        return [f"[SOS] is the attention sink here ({mass[top]:.2f} of the cross-attention mass), as the paper reports."]
+    sos = mass.get("sos")
+    tail = f"; [SOS] gets {sos:.3f}" if sos is not None else ""
+    return [f"The {name} tokens are the attention sink here ({mass[top]:.2f} of the cross-attention mass{tail}); "
+            "the paper reports [SOS]."]
+
+
+def _run(pipe, settings: Settings, inputs: Inputs) -> Result:
+    ps, _ = inputs.prompts_and_targets(settings.n, settings.seed)
+    return run_attention(pipe, ps, steps=settings.steps, seed=settings.seed,
+                         schedule=GuidanceSchedule(settings.guidance), batch=settings.batch)
+
+
+def summary(result: Result) -> Summary:
+    s = result.data["summary"]
+    rows = [["token class", "mean attention mass"]] + [[c, f"{v:.3f}"] for c, v in s["mean_mass_per_class"].items()]
+    rows.append(["semantic maps: relative F1 >= 0.9 from call", str(s["semantic_f1_ge_0.9_from_call"])])
+    found = findings(result.data)
+    return Summary("Which tokens the image attends to",
+                   "Cross-attention mass per token class per call, how early each word's map converges (relative F1 "
+                   "against the final map; maps binarised at their mean), and per-word heat maps at the first, middle "
+                   "and last captured call. " + " ".join(found), rows, found, ("attention_*.png",))
+
+
+ANALYSIS = Analysis("attention", _run, summary, plot_attention, order=30)

@@ -37,11 +37,13 @@ import numpy as np
 import torch
 
 from ..errors import ShapefirstError
-from ..generate import count_calls, generate
+from ..generate import batches, count_calls, generate_embeds
 from ..guidance import GuidanceSchedule, denoiser_of
-from ..metrics import mean_ci, wilson
-from ..results import Result, save_figure, yerr
-from ..tokens import analyze_prompt, swap_eos
+from ..metrics import ci_dict, default_judge, judged_labels, share, to_uint8
+from ..pipeline import encode_prompts
+from ..results import Result, image_grid, save_figure, yerr
+from ..tokens import analyze_prompt, swapped
+from .registry import Analysis, Inputs, Settings, Summary, share_text
 
 DEFAULT_SWITCH_CALLS = (0, 1, 2, 3, 5, 8, 12, 20, 30, 50)
 CONDITIONS = ("a", "b", "swap", "reverse")
@@ -51,86 +53,6 @@ TOKEN_RULE = ("tokens.swap_eos(mode='block'): keep the words' prompt positions 0
               "if that block runs out (the EOS prompt has more semantic tokens), its last position is repeated")
 SWITCH_DIRECTION = ("calls < a: A's full prompt; calls >= a: A words + B EOS (cond rows only). "
                     "a = 0 is the full swap, a = number of calls is plain A")
-
-
-# -- helpers shared with the other token experiments ------------------------------------------
-def encode_prompts(pipe, prompts: list[str], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond, uncond) embeddings [N, L, D] as the pipeline makes them (uncond: the empty prompt)."""
-    conds, unconds = [], []
-    for s in range(0, len(prompts), batch):
-        out = pipe.encode_prompt(prompt=list(prompts[s:s + batch]), device=pipe.device, num_images_per_prompt=1,
-                                 do_classifier_free_guidance=True, negative_prompt=None)
-        c, u = _cond_uncond(pipe, out)
-        conds.append(c)
-        unconds.append(u)
-    return torch.cat(conds), torch.cat(unconds)
-
-
-def _cond_uncond(pipe, out) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds, negative_prompt_embeds) from a family's encode_prompt output: SD, SDXL and SD3
-    return them first; PixArt returns (embeds, mask, negative embeds, negative mask)."""
-    from ..models import family_of_pipe
-
-    return (out[0], out[2]) if family_of_pipe(pipe) == "pixart" else (out[0], out[1])
-
-
-def generate_embeds(pipe, cond: torch.Tensor, uncond: torch.Tensor, steps: int, seed: int,
-                    schedule: GuidanceSchedule | None = None) -> np.ndarray:
-    """Images [N, H, W, 3] in [0, 1] for conditional / unconditional embeddings; image i uses seed + i."""
-    return generate(pipe, None, schedule, steps=steps, seed=seed, prompt_embeds=cond,
-                    negative_prompt_embeds=uncond).images
-
-
-def to_uint8(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy((np.clip(np.asarray(images, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8))
-
-
-def default_judge():
-    from ..world.judge import judge
-
-    return judge
-
-
-def judged_labels(judge_fn, images) -> list[dict]:
-    """Labels per image; judge_fn returns a dict of labels or an object with `.labels` (a Verdict)."""
-    out = []
-    for im in images:
-        v = judge_fn(im)
-        labels = v.labels if hasattr(v, "labels") else v
-        out.append({str(k): str(x) for k, x in dict(labels or {}).items()})
-    return out
-
-
-def share(k: int, n: int) -> dict:
-    lo, hi = wilson(int(k), int(n))
-    return {"k": int(k), "n": int(n), "rate": (k / n) if n else float("nan"), "ci": [lo, hi]}
-
-
-def ci_dict(x) -> dict:
-    x = np.asarray(x, dtype=np.float64)
-    m, lo, hi = mean_ci(x) if len(x) else (float("nan"),) * 3
-    return {"mean": m, "ci": [lo, hi], "n": int(len(x))}
-
-
-def image_grid(images: np.ndarray, row_titles: list[str], col_titles: list[str], path: Path, size: float = 1.4) -> Path:
-    """images [rows, cols, H, W, 3] (uint8 or [0, 1] floats) -> a titled PNG grid."""
-    from matplotlib.figure import Figure
-
-    images = np.asarray(images)
-    rows, cols = images.shape[:2]
-    fig = Figure(figsize=(size * cols + 0.6, size * rows + 0.4))
-    axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
-    for r in range(rows):
-        for c in range(cols):
-            ax = axes[r, c]
-            ax.imshow(images[r, c], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(col_titles[c], fontsize=7)
-            if c == 0:
-                ax.set_ylabel(row_titles[r], fontsize=6, rotation=0, ha="right", va="center")
-    return save_figure(fig, path)
 
 
 # -- pairs and embeddings -------------------------------------------------------------------
@@ -152,12 +74,6 @@ def normalize_pairs(pairs) -> list[dict]:
     if not out:
         raise ShapefirstError("no prompt pairs were given", "pass at least one (A, B) pair")
     return out
-
-
-def swapped(emb_words: torch.Tensor, infos_words, emb_eos: torch.Tensor, infos_eos) -> torch.Tensor:
-    """Row i: words (SOS + semantic) of emb_words[i], [EOS] block of emb_eos[i] (TOKEN_RULE)."""
-    return torch.cat([swap_eos(emb_words[i:i + 1], infos_words[i], emb_eos[i:i + 1], infos_eos[i])
-                      for i in range(emb_words.shape[0])])
 
 
 class EosSwitch:
@@ -207,13 +123,6 @@ def eos_switch(pipe, cond: torch.Tensor, from_call: int):
         handle.remove()
 
 
-def _chunks(n: int, batch: int):
-    if int(batch) != batch or batch < 1:
-        raise ShapefirstError(f"batch {batch} is not a positive integer", "pass e.g. batch=8")
-    for s in range(0, n, int(batch)):
-        yield s, min(n, s + int(batch))
-
-
 def _chunk_embeds(pipe, pairs: list[dict], s: int, e: int):
     a_txt, b_txt = [p["a"] for p in pairs[s:e]], [p["b"] for p in pairs[s:e]]
     ca, u = encode_prompts(pipe, a_txt)
@@ -228,7 +137,7 @@ def generate_swaps(pipe, pairs, steps: int = 50, seed: int = 0, schedule: Guidan
     """{"a", "b", "swap", "reverse"}: images [N, H, W, 3]; pair i uses seed + i in every condition."""
     pairs = normalize_pairs(pairs)
     out = {c: [] for c in CONDITIONS}
-    for s, e in _chunks(len(pairs), batch):
+    for s, e in batches(len(pairs), batch):
         ca, cb, u, ia, ib = _chunk_embeds(pipe, pairs, s, e)
         conds = {"a": ca, "b": cb, "swap": swapped(ca, ia, cb, ib), "reverse": swapped(cb, ib, ca, ia)}
         for c in CONDITIONS:
@@ -241,7 +150,7 @@ def generate_switch(pipe, pairs, from_call: int, steps: int = 50, seed: int = 0,
     """Images of A's prompt whose [EOS] block becomes B's from denoiser call `from_call` on."""
     pairs = normalize_pairs(pairs)
     out = []
-    for s, e in _chunks(len(pairs), batch):
+    for s, e in batches(len(pairs), batch):
         ca, cb, u, ia, ib = _chunk_embeds(pipe, pairs, s, e)
         with eos_switch(pipe, swapped(ca, ia, cb, ib), from_call):
             out.append(generate_embeds(pipe, ca, u, steps, seed + s, schedule))
@@ -294,64 +203,19 @@ def run_eos_swap(pipe, pairs, steps: int = 50, seed: int = 0, schedule: Guidance
     calls = [] if switch_calls is not None and len(list(switch_calls)) == 0 else switch_calls_for(n_calls, switch_calls)
 
     images = generate_swaps(pipe, pairs, steps, seed, schedule, batch)
-    tok = pipe.tokenizer
-    per_pair = []
-    for i, p in enumerate(pairs):
-        ia, ib = analyze_prompt(tok, p["a"]), analyze_prompt(tok, p["b"])
-        per_pair.append({**p, "seed": seed + i, "n_semantic_a": ia.n_semantic, "n_semantic_b": ib.n_semantic,
-                         "eos_index_a": ia.eos_index, "eos_index_b": ib.eos_index,
-                         "equal_token_counts": ia.n_semantic == ib.n_semantic})
+    per_pair = _per_pair(pipe.tokenizer, pairs, seed)
     k = min(keep_images, len(pairs))
     arrays = {f"images_{c}": to_uint8(images[c][:k]) for c in CONDITIONS}
-
     scores, notes = {}, []
     if judge_fn is not None and labelled:
-        judged = {c: judged_labels(judge_fn, images[c]) for c in CONDITIONS}
-        for i, rec in enumerate(per_pair):
-            rec["judged"] = {c: judged[c][i] for c in CONDITIONS}
-        scores = {"plain_a_accuracy": _accuracy(judged["a"], [p["labels_a"] for p in pairs]),
-                  "plain_b_accuracy": _accuracy(judged["b"], [p["labels_b"] for p in pairs]),
-                  "swap": _ab_shares(judged["swap"], pairs), "reverse": _ab_shares(judged["reverse"], pairs)}
-        # pooled over both directions: does the attribute follow the words or the [EOS] block?
-        follows = {}
-        for attr in sorted(set(scores["swap"]) | set(scores["reverse"])):
-            sw, rv = scores["swap"].get(attr), scores["reverse"].get(attr)
-            n = (sw["n"] if sw else 0) + (rv["n"] if rv else 0)
-            kw = (sw["a"]["k"] if sw else 0) + (rv["b"]["k"] if rv else 0)
-            ke = (sw["b"]["k"] if sw else 0) + (rv["a"]["k"] if rv else 0)
-            follows[attr] = {"n": n, "words": share(kw, n), "eos": share(ke, n)}
-        scores["follows"] = follows
+        scores = _judged_scores(judge_fn, images, pairs, per_pair)
     elif not labelled:
         notes.append("pairs carry no labels: no judged scores")
-
-    clip_scores = None
-    if clip is not None:
-        ta, tb = [p["a"] for p in pairs], [p["b"] for p in pairs]
-        clip_scores = {}
-        for c in CONDITIONS:
-            va = clip.clip_score(images[c], ta).double().numpy()
-            vb = clip.clip_score(images[c], tb).double().numpy()
-            clip_scores[c] = {"vs_a": ci_dict(va), "vs_b": ci_dict(vb), "b_minus_a": ci_dict(vb - va)}
-            for i, rec in enumerate(per_pair):
-                rec.setdefault("clip", {})[c] = {"vs_a": float(va[i]), "vs_b": float(vb[i])}
-
+    clip_scores = _clip_scores(clip, images, pairs, per_pair) if clip is not None else None
     switch = None
     if calls:
-        per_call, switch_imgs = [], []
-        for a in calls:
-            imgs = generate_switch(pipe, pairs, a, steps, seed, schedule, batch)
-            entry = {"from_call": a}
-            if judge_fn is not None and labelled:
-                entry["shares"] = _ab_shares(judged_labels(judge_fn, imgs), pairs)
-            if clip is not None:
-                va = clip.clip_score(imgs, [p["a"] for p in pairs]).double().numpy()
-                vb = clip.clip_score(imgs, [p["b"] for p in pairs]).double().numpy()
-                entry["clip_b_minus_a"] = ci_dict(vb - va)
-            per_call.append(entry)
-            switch_imgs.append(to_uint8(imgs[:k]))
-        arrays["switch_images"] = torch.stack(switch_imgs)
-        switch = {"direction": SWITCH_DIRECTION, "calls": calls, "n_calls": n_calls, "per_call": per_call}
-
+        switch, arrays["switch_images"] = _switch(pipe, pairs, calls, n_calls, steps, seed, schedule, batch,
+                                                  judge_fn if labelled else None, clip, k)
     data = {"rule": TOKEN_RULE, "conditions": {c: CONDITION_TITLES[c] for c in CONDITIONS},
             "settings": {"steps": steps, "denoiser_calls": n_calls, "seed": seed, "batch": batch,
                          "schedule": (schedule or GuidanceSchedule()).to_dict(), "n_pairs": len(pairs),
@@ -361,73 +225,207 @@ def run_eos_swap(pipe, pairs, steps: int = 50, seed: int = 0, schedule: Guidance
     return Result("eos_swap", data, arrays)
 
 
+def _per_pair(tok, pairs, seed) -> list[dict]:
+    out = []
+    for i, p in enumerate(pairs):
+        ia, ib = analyze_prompt(tok, p["a"]), analyze_prompt(tok, p["b"])
+        out.append({**p, "seed": seed + i, "n_semantic_a": ia.n_semantic, "n_semantic_b": ib.n_semantic,
+                    "eos_index_a": ia.eos_index, "eos_index_b": ib.eos_index,
+                    "equal_token_counts": ia.n_semantic == ib.n_semantic})
+    return out
+
+
+def _judged_scores(judge_fn, images, pairs, per_pair) -> dict:
+    """Plain accuracies, A-vs-B shares of the swapped images, and both directions pooled ("follows")."""
+    judged = {c: judged_labels(judge_fn, images[c]) for c in CONDITIONS}
+    for i, rec in enumerate(per_pair):
+        rec["judged"] = {c: judged[c][i] for c in CONDITIONS}
+    scores = {"plain_a_accuracy": _accuracy(judged["a"], [p["labels_a"] for p in pairs]),
+              "plain_b_accuracy": _accuracy(judged["b"], [p["labels_b"] for p in pairs]),
+              "swap": _ab_shares(judged["swap"], pairs), "reverse": _ab_shares(judged["reverse"], pairs)}
+    follows = {}  # pooled over both directions: does the attribute follow the words or the [EOS] block?
+    for attr in sorted(set(scores["swap"]) | set(scores["reverse"])):
+        sw, rv = scores["swap"].get(attr), scores["reverse"].get(attr)
+        n = (sw["n"] if sw else 0) + (rv["n"] if rv else 0)
+        kw = (sw["a"]["k"] if sw else 0) + (rv["b"]["k"] if rv else 0)
+        ke = (sw["b"]["k"] if sw else 0) + (rv["a"]["k"] if rv else 0)
+        follows[attr] = {"n": n, "words": share(kw, n), "eos": share(ke, n)}
+    scores["follows"] = follows
+    return scores
+
+
+def _clip_scores(clip, images, pairs, per_pair) -> dict:
+    ta, tb = [p["a"] for p in pairs], [p["b"] for p in pairs]
+    out = {}
+    for c in CONDITIONS:
+        va = clip.clip_score(images[c], ta).double().numpy()
+        vb = clip.clip_score(images[c], tb).double().numpy()
+        out[c] = {"vs_a": ci_dict(va), "vs_b": ci_dict(vb), "b_minus_a": ci_dict(vb - va)}
+        for i, rec in enumerate(per_pair):
+            rec.setdefault("clip", {})[c] = {"vs_a": float(va[i]), "vs_b": float(vb[i])}
+    return out
+
+
+def _switch(pipe, pairs, calls, n_calls, steps, seed, schedule, batch, judge_fn, clip, k):
+    """The switch sweep: B's [EOS] only from call a on, for every a in calls -> (summary, stored images)."""
+    per_call, switch_imgs = [], []
+    for a in calls:
+        imgs = generate_switch(pipe, pairs, a, steps, seed, schedule, batch)
+        entry = {"from_call": a}
+        if judge_fn is not None:
+            entry["shares"] = _ab_shares(judged_labels(judge_fn, imgs), pairs)
+        if clip is not None:
+            va = clip.clip_score(imgs, [p["a"] for p in pairs]).double().numpy()
+            vb = clip.clip_score(imgs, [p["b"] for p in pairs]).double().numpy()
+            entry["clip_b_minus_a"] = ci_dict(vb - va)
+        per_call.append(entry)
+        switch_imgs.append(to_uint8(imgs[:k]))
+    return ({"direction": SWITCH_DIRECTION, "calls": calls, "n_calls": n_calls, "per_call": per_call},
+            torch.stack(switch_imgs))
+
+
 def plot_eos_swap(result: Result, folder: str | Path, max_pairs: int = 6) -> list[Path]:
     """Bar chart of A-vs-B shares per attribute, the switch curve, and an image grid -> PNG paths."""
+    folder = Path(folder)
+    d = result.data
+    scores = d.get("scores") or {}
+    figs = [_plot_shares(scores, folder) if scores.get("swap") or scores.get("reverse")
+            else _plot_clip(d["clip"], folder) if d.get("clip") else None,
+            _plot_switch(d["switch"], folder) if (d.get("switch") or {}).get("per_call") else None,
+            _plot_grid(result, folder, max_pairs)]
+    return [p for p in figs if p is not None]
+
+
+def _plot_shares(scores: dict, folder: Path) -> Path:
     from matplotlib.figure import Figure
 
-    folder = Path(folder)
-    d, paths = result.data, []
-    scores = d.get("scores") or {}
-    if scores.get("swap") or scores.get("reverse"):
-        fig = Figure(figsize=(9, 3.4))
-        axes = fig.subplots(1, 2, sharey=True)
-        for ax, cond in zip(axes, ("swap", "reverse")):
-            sc = scores.get(cond) or {}
-            attrs = list(sc)
-            x = np.arange(len(attrs))
-            for off, side, label in ((-0.2, "a", "A's value"), (0.2, "b", "B's value")):
-                rates = [sc[a][side]["rate"] for a in attrs]
-                err = yerr(rates, [sc[a][side]["ci"][0] for a in attrs], [sc[a][side]["ci"][1] for a in attrs])
-                ax.bar(x + off, rates, 0.4, yerr=err if len(attrs) else None, capsize=3, label=label)
-            ax.set_xticks(x, attrs, fontsize=8)
-            ax.set_title(CONDITION_TITLES[cond], fontsize=9)
-            ax.set_ylim(0, 1)
-        axes[0].set_ylabel("share of images judged with")
-        axes[0].legend(fontsize=7)
-        paths.append(save_figure(fig, folder / "eos_swap_shares.png"))
-    elif d.get("clip"):
-        fig = Figure(figsize=(5, 3.2))
-        ax = fig.subplots()
-        conds = list(d["clip"])
-        x = np.arange(len(conds))
-        for off, key, label in ((-0.2, "vs_a", "CLIP vs caption A"), (0.2, "vs_b", "CLIP vs caption B")):
-            ax.bar(x + off, [d["clip"][c][key]["mean"] for c in conds], 0.4, label=label)
-        ax.set_xticks(x, [CONDITION_TITLES.get(c, c) for c in conds], fontsize=7)
-        ax.legend(fontsize=7)
-        paths.append(save_figure(fig, folder / "eos_swap_clip.png"))
+    fig = Figure(figsize=(9, 3.4))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, cond in zip(axes, ("swap", "reverse")):
+        sc = scores.get(cond) or {}
+        attrs = list(sc)
+        x = np.arange(len(attrs))
+        for off, side, label in ((-0.2, "a", "A's value"), (0.2, "b", "B's value")):
+            rates = [sc[a][side]["rate"] for a in attrs]
+            err = yerr(rates, [sc[a][side]["ci"][0] for a in attrs], [sc[a][side]["ci"][1] for a in attrs])
+            ax.bar(x + off, rates, 0.4, yerr=err if len(attrs) else None, capsize=3, label=label)
+        ax.set_xticks(x, attrs, fontsize=8)
+        ax.set_title(CONDITION_TITLES[cond], fontsize=9)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("share of images judged with")
+    axes[0].legend(fontsize=7)
+    return save_figure(fig, folder / "eos_swap_shares.png")
 
-    sw = d.get("switch")
-    if sw and sw.get("per_call"):
-        fig = Figure(figsize=(5, 3.2))
-        ax = fig.subplots()
-        xs = [e["from_call"] for e in sw["per_call"]]
-        plotted = False
-        attrs = sorted({a for e in sw["per_call"] for a in (e.get("shares") or {})})
-        for attr in attrs:
-            ys = [e["shares"][attr]["b"]["rate"] if attr in e.get("shares", {}) else np.nan for e in sw["per_call"]]
-            lo = [e["shares"][attr]["b"]["ci"][0] if attr in e.get("shares", {}) else np.nan for e in sw["per_call"]]
-            hi = [e["shares"][attr]["b"]["ci"][1] if attr in e.get("shares", {}) else np.nan for e in sw["per_call"]]
-            lo, hi = np.fmin(lo, ys), np.fmax(hi, ys)  # the band never excludes its estimate
-            ax.plot(xs, ys, marker="o", label=attr)
-            ax.fill_between(xs, lo, hi, alpha=0.15)
-            plotted = True
-        if plotted:
-            ax.set_ylabel("share judged as B's value")
-            ax.set_ylim(0, 1)
-        elif any("clip_b_minus_a" in e for e in sw["per_call"]):
-            ax.plot(xs, [e["clip_b_minus_a"]["mean"] for e in sw["per_call"]], marker="o", label="CLIP(B) - CLIP(A)")
-            ax.set_ylabel("CLIP score difference")
-            plotted = True
-        if plotted:
-            ax.set_xlabel("denoiser call a from which B's [EOS] is used")
-            ax.set_title("when does [EOS] stop mattering?", fontsize=9)
-            ax.legend(fontsize=7)
-            paths.append(save_figure(fig, folder / "eos_swap_switch.png"))
 
-    if all(f"images_{c}" in result.arrays for c in CONDITIONS):
-        k = min(max_pairs, result.arrays["images_a"].shape[0])
-        if k:
-            grid = np.stack([np.stack([result.arrays[f"images_{c}"][i].numpy() for c in CONDITIONS]) for i in range(k)])
-            titles = [f"{p['a']}\n{p['b']}" if len(p["a"]) < 40 else f"pair {i}" for i, p in enumerate(d["pairs"][:k])]
-            paths.append(image_grid(grid, titles, [CONDITION_TITLES[c] for c in CONDITIONS], folder / "eos_swap_grid.png"))
-    return paths
+def _plot_clip(clip: dict, folder: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
+    conds = list(clip)
+    x = np.arange(len(conds))
+    for off, key, label in ((-0.2, "vs_a", "CLIP vs caption A"), (0.2, "vs_b", "CLIP vs caption B")):
+        ax.bar(x + off, [clip[c][key]["mean"] for c in conds], 0.4, label=label)
+    ax.set_xticks(x, [CONDITION_TITLES.get(c, c) for c in conds], fontsize=7)
+    ax.legend(fontsize=7)
+    return save_figure(fig, folder / "eos_swap_clip.png")
+
+
+def _plot_switch(sw: dict, folder: Path) -> Path | None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
+    xs = [e["from_call"] for e in sw["per_call"]]
+    attrs = sorted({a for e in sw["per_call"] for a in (e.get("shares") or {})})
+    for attr in attrs:
+        got = [e["shares"][attr]["b"] if attr in e.get("shares", {}) else None for e in sw["per_call"]]
+        ys = [g["rate"] if g else np.nan for g in got]
+        lo = np.fmin([g["ci"][0] if g else np.nan for g in got], ys)  # the band never excludes its estimate
+        hi = np.fmax([g["ci"][1] if g else np.nan for g in got], ys)
+        ax.plot(xs, ys, marker="o", label=attr)
+        ax.fill_between(xs, lo, hi, alpha=0.15)
+    if attrs:
+        ax.set_ylabel("share judged as B's value")
+        ax.set_ylim(0, 1)
+    elif any("clip_b_minus_a" in e for e in sw["per_call"]):
+        ax.plot(xs, [e["clip_b_minus_a"]["mean"] for e in sw["per_call"]], marker="o", label="CLIP(B) - CLIP(A)")
+        ax.set_ylabel("CLIP score difference")
+    else:
+        return None
+    ax.set_xlabel("denoiser call a from which B's [EOS] is used")
+    ax.set_title("when does [EOS] stop mattering?", fontsize=9)
+    ax.legend(fontsize=7)
+    return save_figure(fig, folder / "eos_swap_switch.png")
+
+
+def _plot_grid(result: Result, folder: Path, max_pairs: int) -> Path | None:
+    if not all(f"images_{c}" in result.arrays for c in CONDITIONS):
+        return None
+    k = min(max_pairs, result.arrays["images_a"].shape[0])
+    if not k:
+        return None
+    grid = np.stack([np.stack([result.arrays[f"images_{c}"][i].numpy() for c in CONDITIONS]) for i in range(k)])
+    titles = [f"{p['a']}\n{p['b']}" if len(p["a"]) < 40 else f"pair {i}" for i, p in enumerate(result.data["pairs"][:k])]
+    return image_grid(grid, titles, [CONDITION_TITLES[c] for c in CONDITIONS], folder / "eos_swap_grid.png")
+
+
+# -- the analysis: settings, run, summary (report + CLI) --------------------------------------
+def findings(data: dict) -> list[str]:
+    """Which prompt the swapped image follows, per judged attribute (the paper: B's [EOS])."""
+    swap = (data.get("scores") or {}).get("swap") or {}
+    parts, follows_b, judged = [], 0, 0
+    for attr, d in swap.items():
+        if not (isinstance(d, dict) and "a" in d and "b" in d):
+            continue
+        a, b = d["a"]["rate"], d["b"]["rate"]
+        judged += 1
+        follows_b += b > a
+        parts.append(f"{attr} follows B {b:.0%} / A {a:.0%}")
+    if not judged:
+        return []
+    if follows_b == judged:
+        head = "With A's words and B's [EOS], the image follows B's [EOS] in every judged attribute, as the paper reports"
+    elif follows_b == 0:
+        head = "With A's words and B's [EOS], the image follows A's words in every judged attribute, against the paper"
+    else:
+        head = f"With A's words and B's [EOS], the image follows B's [EOS] in {follows_b} of {judged} judged attributes"
+    return [f"{head} ({'; '.join(parts)})."]
+
+
+def title(data: dict) -> str:
+    swap = (data.get("scores") or {}).get("swap") or {}
+    obj = [d for a, d in swap.items() if a in ("shape", "color") and isinstance(d, dict) and "a" in d]
+    if obj and all(d["b"]["rate"] > d["a"]["rate"] for d in obj):
+        return "[EOS] decides the object"
+    if obj and all(d["b"]["rate"] < d["a"]["rate"] for d in obj):
+        return "The words, not [EOS], decide the object here"
+    return "[EOS] swap: which prompt the object follows"
+
+
+def _run(pipe, settings: Settings, inputs: Inputs) -> Result:
+    from ..prompts import world_pairs
+
+    pairs = inputs.pairs
+    if pairs is None:
+        if not inputs.world:
+            raise ShapefirstError("eos-swap on a model other than the shapes world needs prompt pairs",
+                                  "pass --pairs FILE (lines 'prompt A || prompt B')")
+        pairs = world_pairs(settings.n, settings.seed)
+    return run_eos_swap(pipe, pairs, steps=settings.steps, seed=settings.seed,
+                        schedule=GuidanceSchedule(settings.guidance), batch=settings.batch, clip=inputs.clip)
+
+
+def summary(result: Result) -> Summary:
+    rows = [["attribute", "swapped image follows A's words", "follows B's [EOS]"]]
+    for attr, d in (result.data.get("scores") or {}).get("swap", {}).items():
+        if isinstance(d, dict) and "a" in d:
+            rows.append([attr, share_text(d["a"]), share_text(d["b"])])
+    found = findings(result.data)
+    return Summary(title(result.data),
+                   "Prompt A's [SOS] and word embeddings with prompt B's [EOS] block. " + " ".join(found)
+                   + " Switching the [EOS] block only from call a on shows when it stops mattering. "
+                   + result.data["rule"], rows, found, ("eos_swap_*.png",))
+
+
+ANALYSIS = Analysis("eos-swap", _run, summary, plot_eos_swap, order=40, needs=("pairs",))

@@ -30,6 +30,8 @@ from ..frequency import (DEFAULT_RADIUS, DEFAULT_TOL, band_energy_fraction, forw
 from ..generate import check_prompts, generate
 from ..guidance import GuidanceSchedule
 from ..results import Result, save_figure
+from ..settling import settled_from
+from .registry import Analysis, Inputs, Settings, Summary
 from ..world.render import render_batch, sample_captions, sample_scenes
 from .stages import decode_chunks, summarize
 
@@ -80,8 +82,7 @@ def encode_latents(vae, x: torch.Tensor, batch: int = 16) -> torch.Tensor:
 def settle_from_distances(rel: torch.Tensor, tol: float = DEFAULT_TOL) -> torch.Tensor:
     """settling_call from precomputed relative distances to the last call, rel [T, N] -> long [N]
     (for trajectories too large to hold at once; same rule as shapefirst.frequency.settling_call)."""
-    ok = (rel <= tol).long()
-    return rel.shape[0] - ok.flip(0).cumprod(0).flip(0).sum(0)
+    return settled_from(rel <= tol)
 
 
 def _first_t_below(ts: torch.Tensor, snr: torch.Tensor, level: float = 1.0):
@@ -136,11 +137,24 @@ def run_frequency(pipe, n_images: int = 16, seed: int = 0, radius: float = DEFAU
     size = image_size(pipe)
     schedule = schedule or GuidanceSchedule(7.5)
     arrays: dict[str, torch.Tensor] = {}
+    spaces = _spaces(pipe, n_images, seed, size, photo, batch)
+    forward_summary = _forward(spaces, ac, stride, radius, seed, arrays)
+    if prompts is None:
+        prompts = sample_captions(sample_scenes(n_images, seed, "test"), seed)
+    prompts = check_prompts(prompts)
+    generated, final_latents = _reverse(pipe, prompts, schedule, steps, seed, batch, radius, tol, arrays)
+    reverse_summary = _reverse_summary(arrays, tol)
+    _spectra(generated, final_latents, spaces, arrays)
+    settings = {"n_images": n_images, "seed": seed, "radius": radius, "steps": steps, "stride": stride, "tol": tol,
+                "photo": photo, "batch": batch, "schedule": schedule.to_dict(), "prompts": prompts,
+                "image_size": list(size), "spaces": list(spaces), "pipeline": type(pipe).__name__,
+                "scheduler": type(pipe.scheduler).__name__, "num_train_timesteps": len(ac)}
+    data = {"settings": settings, "forward": forward_summary, "reverse": reverse_summary}
+    return Result("frequency", data, arrays)
 
-    # (a) forward process
-    ts = torch.arange(0, len(ac), stride, dtype=torch.long)
-    arrays["forward/timesteps"] = ts
-    arrays["forward/alphas_cumprod"] = ac[ts].clone()
+
+def _spaces(pipe, n_images, seed, size, photo, batch) -> dict[str, torch.Tensor]:
+    """The clean images of the forward process: world renders, the photograph, and their latents."""
     renders = world_renders(n_images, seed, size)
     spaces = {"pixel": renders}
     pic = photo_image(size) if photo else None
@@ -149,32 +163,39 @@ def run_frequency(pipe, n_images: int = 16, seed: int = 0, radius: float = DEFAU
     spaces["latent"] = encode_latents(pipe.vae, renders, batch)
     if photo:
         spaces["latent_photo"] = encode_latents(pipe.vae, pic, batch)
-    forward_summary = {}
+    return spaces
+
+
+def _forward(spaces, ac, stride, radius, seed, arrays) -> dict:
+    """(a) the forward process: band norms of signal and noise at every stride-th timestep, per space."""
+    ts = torch.arange(0, len(ac), stride, dtype=torch.long)
+    arrays["forward/timesteps"] = ts
+    arrays["forward/alphas_cumprod"] = ac[ts].clone()
+    summary = {}
     for k, (space, x0) in enumerate(spaces.items()):
         out = forward_process_bands(x0, ac, ts, radius, torch.Generator().manual_seed(seed + k))
         for key, v in out.items():
             arrays[f"forward/{space}/{key}"] = v.double()
         sig2 = out["signal_low"][0] ** 2 + out["signal_high"][0] ** 2
-        forward_summary[space] = {
+        summary[space] = {
             "shape": list(x0.shape), "low_bin_fraction": band_energy_fraction(x0.shape[-2], x0.shape[-1], radius),
             "signal_low_energy_share": float(out["signal_low"][0] ** 2 / sig2) if float(sig2) > 0 else None,
             "t_snr_below_1": {"low": _first_t_below(ts, out["snr_low"]), "high": _first_t_below(ts, out["snr_high"])},
             "snr_at_500": {"low": _at(ts, out["snr_low"], 500), "high": _at(ts, out["snr_high"], 500)},
             "noise_over_expected": {b: float((out[f"noise_{b}"][1:] / out[f"expected_noise_{b}"][1:]).mean())
                                     if len(ts) > 1 else None for b in BANDS}}
+    return summary
 
-    # (b) reverse process
-    if prompts is None:
-        prompts = sample_captions(sample_scenes(n_images, seed, "test"), seed)
-    prompts = check_prompts(prompts)
+
+def _reverse(pipe, prompts, schedule, steps, seed, batch, radius, tol, arrays):
+    """(b) the reverse process: band norms of x_t and x0-hat per call and the settling call of each band."""
     rev = {f"{where}/{b}": [] for where in ("latent/x_t", "latent/x0", "pixel/x0") for b in BANDS}
     settle = {k: [] for k in ("latent_low", "latent_high", "pixel_low", "pixel_high")}
     generated, final_latents, timesteps = [], [], None
     for b0 in range(0, len(prompts), batch):
         res = generate(pipe, prompts[b0:b0 + batch], schedule=schedule, steps=steps, seed=seed + b0, trace=True)
         traj = res.trajectory
-        if timesteps is None:
-            timesteps = list(traj.timesteps)
+        timesteps = timesteps if timesteps is not None else list(traj.timesteps)
         x_t, x0 = traj.arrays["x_t"], traj.arrays["x0"]
         for where, states in (("latent/x_t", x_t), ("latent/x0", x0)):
             tb = trajectory_bands(states, radius)
@@ -192,44 +213,37 @@ def run_frequency(pipe, n_images: int = 16, seed: int = 0, radius: float = DEFAU
     arrays["reverse/timesteps"] = torch.tensor(timesteps, dtype=torch.float64)
     for k, v in rev.items():
         arrays[f"reverse/{k}"] = torch.cat(v, 1)
-    arrays["reverse/settle_low"] = torch.cat(settle["latent_low"])
-    arrays["reverse/settle_high"] = torch.cat(settle["latent_high"])
-    arrays["reverse/pixel/settle_low"] = torch.cat(settle["pixel_low"])
-    arrays["reverse/pixel/settle_high"] = torch.cat(settle["pixel_high"])
-    n_calls = len(timesteps)
+    for space, prefix in (("latent", "reverse"), ("pixel", "reverse/pixel")):
+        for b in BANDS:
+            arrays[f"{prefix}/settle_{b}"] = torch.cat(settle[f"{space}_{b}"])
+    return generated, final_latents
 
-    def _settle_summary(lo_key, hi_key):
-        lo, hi = arrays[lo_key], arrays[hi_key]
+
+def _reverse_summary(arrays, tol) -> dict:
+    def both(prefix):
+        lo, hi = arrays[f"{prefix}/settle_low"], arrays[f"{prefix}/settle_high"]
         return {"low": summarize(lo), "high": summarize(hi),
                 "share_low_before_high": float((lo < hi).double().mean()),
                 "share_low_not_after_high": float((lo <= hi).double().mean())}
 
-    reverse_summary = {"n_calls": n_calls, "tol": tol,
-                       "settle": {"latent": _settle_summary("reverse/settle_low", "reverse/settle_high"),
-                                  "pixel": _settle_summary("reverse/pixel/settle_low", "reverse/pixel/settle_high")},
-                       "settle_median": {
-                           "latent": {b: summarize(arrays[f"reverse/settle_{b}"])["median"] for b in BANDS},
-                           "pixel": {b: summarize(arrays[f"reverse/pixel/settle_{b}"])["median"] for b in BANDS}}}
+    return {"n_calls": len(arrays["reverse/timesteps"]), "tol": tol,
+            "settle": {"latent": both("reverse"), "pixel": both("reverse/pixel")},
+            "settle_median": {"latent": {b: summarize(arrays[f"reverse/settle_{b}"])["median"] for b in BANDS},
+                              "pixel": {b: summarize(arrays[f"reverse/pixel/settle_{b}"])["median"] for b in BANDS}}}
 
-    # (c) spectra
-    gen = torch.cat(generated)
-    freqs, p_gen = radial_power_spectrum(gen)
+
+def _spectra(generated, final_latents, spaces, arrays) -> None:
+    """(c) radially averaged power spectra of generated images and latents against the renders (and photo)."""
+    freqs, p_gen = radial_power_spectrum(torch.cat(generated))
     arrays["spectrum/freqs"] = freqs
     arrays["spectrum/generated"] = p_gen
-    arrays["spectrum/renders"] = radial_power_spectrum(renders)[1]
-    if photo:
-        arrays["spectrum/photo"] = radial_power_spectrum(pic)[1]
+    arrays["spectrum/renders"] = radial_power_spectrum(spaces["pixel"])[1]
+    if "photo" in spaces:
+        arrays["spectrum/photo"] = radial_power_spectrum(spaces["photo"])[1]
     lf, lp = radial_power_spectrum(torch.cat(final_latents))
     arrays["spectrum/latent_freqs"] = lf
     arrays["spectrum/latent_generated"] = lp
     arrays["spectrum/latent_renders"] = radial_power_spectrum(spaces["latent"])[1]
-
-    settings = {"n_images": n_images, "seed": seed, "radius": radius, "steps": steps, "stride": stride, "tol": tol,
-                "photo": photo, "batch": batch, "schedule": schedule.to_dict(), "prompts": prompts,
-                "image_size": list(size), "spaces": list(spaces), "pipeline": type(pipe).__name__,
-                "scheduler": type(pipe.scheduler).__name__, "num_train_timesteps": len(ac)}
-    data = {"settings": settings, "forward": forward_summary, "reverse": reverse_summary}
-    return Result("frequency", data, arrays)
 
 
 # -- plots ------------------------------------------------------------------------------------
@@ -239,36 +253,44 @@ def _positive(v: torch.Tensor) -> np.ndarray:
     return a
 
 
+BAND_COLORS = {"low": "tab:blue", "high": "tab:red"}
+
+
 def plot_frequency(result: Result, folder: str | Path) -> list[Path]:
     """PNGs: forward_<space>.png (band norms of signal and noise vs t, SNR per band and the x_t
     low/high ratio), reverse.png (band norms per call, median and 10-90% band), spectrum.png."""
+    folder = Path(folder)
+    paths = [_plot_forward(result.arrays, space, folder) for space in result.data["settings"]["spaces"]]
+    return paths + [_plot_reverse(result.arrays, folder), _plot_spectrum(result, folder)]
+
+
+def _plot_forward(A, space: str, folder: Path) -> Path:
     from matplotlib.figure import Figure
 
-    folder = Path(folder)
-    A = result.arrays
-    paths = []
     ts = A["forward/timesteps"].numpy()
-    colors = {"low": "tab:blue", "high": "tab:red"}
-    for space in result.data["settings"]["spaces"]:
-        fig = Figure(figsize=(11, 4), layout="constrained")
-        ax1, ax2 = fig.add_subplot(121), fig.add_subplot(122)
-        for b in BANDS:
-            ax1.plot(ts, _positive(A[f"forward/{space}/signal_{b}"]), color=colors[b], label=f"signal {b}")
-            ax1.plot(ts, _positive(A[f"forward/{space}/noise_{b}"]), color=colors[b], ls="--", label=f"noise {b}")
-            ax2.plot(ts, _positive(A[f"forward/{space}/snr_{b}"]), color=colors[b], label=f"SNR {b}")
-        ax2.plot(ts, _positive(A[f"forward/{space}/ratio"]), color="k", ls=":", label="x_t low / high")
-        ax2.axhline(1.0, color="gray", lw=0.8)
-        ax1.set_yscale("log")
-        ax2.set_yscale("log")
-        for ax in (ax1, ax2):
-            ax.set_xlabel("timestep t")
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=8)
-        ax1.set_ylabel("L2 norm")
-        ax1.set_title(f"forward process, {space}: band norms")
-        ax2.set_ylabel("ratio")
-        ax2.set_title(f"{space}: SNR per band, x_t low/high")
-        paths.append(save_figure(fig, folder / f"forward_{space}.png"))
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax1, ax2 = fig.add_subplot(121), fig.add_subplot(122)
+    for b in BANDS:
+        ax1.plot(ts, _positive(A[f"forward/{space}/signal_{b}"]), color=BAND_COLORS[b], label=f"signal {b}")
+        ax1.plot(ts, _positive(A[f"forward/{space}/noise_{b}"]), color=BAND_COLORS[b], ls="--", label=f"noise {b}")
+        ax2.plot(ts, _positive(A[f"forward/{space}/snr_{b}"]), color=BAND_COLORS[b], label=f"SNR {b}")
+    ax2.plot(ts, _positive(A[f"forward/{space}/ratio"]), color="k", ls=":", label="x_t low / high")
+    ax2.axhline(1.0, color="gray", lw=0.8)
+    ax1.set_yscale("log")
+    ax2.set_yscale("log")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("timestep t")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    ax1.set_ylabel("L2 norm")
+    ax1.set_title(f"forward process, {space}: band norms")
+    ax2.set_ylabel("ratio")
+    ax2.set_title(f"{space}: SNR per band, x_t low/high")
+    return save_figure(fig, folder / f"forward_{space}.png")
+
+
+def _plot_reverse(A, folder: Path) -> Path:
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(15, 4), layout="constrained")
     panels = [("latent/x_t", "latent x_t"), ("latent/x0", "latent x0-hat"), ("pixel/x0", "pixel x0-hat")]
@@ -278,11 +300,11 @@ def plot_frequency(result: Result, folder: str | Path) -> list[Path]:
             v = A[f"reverse/{key}/{b}"].double().numpy()
             calls = np.arange(v.shape[0])
             lo, med, hi = np.percentile(v, [10, 50, 90], axis=1)
-            ax.plot(calls, med, color=colors[b], label=f"{b} (median)")
-            ax.fill_between(calls, lo, hi, color=colors[b], alpha=0.2)
+            ax.plot(calls, med, color=BAND_COLORS[b], label=f"{b} (median)")
+            ax.fill_between(calls, lo, hi, color=BAND_COLORS[b], alpha=0.2)
             skey = {"latent/x0": f"reverse/settle_{b}", "pixel/x0": f"reverse/pixel/settle_{b}"}.get(key)
             if skey:
-                ax.axvline(float(A[skey].double().median()), color=colors[b], ls=":", lw=1,
+                ax.axvline(float(A[skey].double().median()), color=BAND_COLORS[b], ls=":", lw=1,
                            label=f"{b} settles (median)")
         ax.set_yscale("log")
         ax.set_xlabel("denoiser call")
@@ -290,8 +312,13 @@ def plot_frequency(result: Result, folder: str | Path) -> list[Path]:
         ax.set_title(f"reverse process: {title}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    paths.append(save_figure(fig, folder / "reverse.png"))
+    return save_figure(fig, folder / "reverse.png")
 
+
+def _plot_spectrum(result: Result, folder: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    A = result.arrays
     fig = Figure(figsize=(11, 4), layout="constrained")
     ax1, ax2 = fig.add_subplot(121), fig.add_subplot(122)
     f = A["spectrum/freqs"].numpy()
@@ -311,5 +338,51 @@ def plot_frequency(result: Result, folder: str | Path) -> list[Path]:
         ax.set_title(f"radially averaged power spectrum, {title}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    paths.append(save_figure(fig, folder / "spectrum.png"))
-    return paths
+    return save_figure(fig, folder / "spectrum.png")
+
+
+# -- the analysis: settings, run, summary (report + CLI) --------------------------------------
+def findings(data: dict) -> list[str]:
+    """Which band of x0-hat settles first, per space (the paper: the low band)."""
+    out = []
+    for space, bands in (data.get("reverse", {}).get("settle_median") or {}).items():
+        lo, hi = bands.get("low"), bands.get("high")
+        if lo is None or hi is None:
+            continue
+        if lo < hi:
+            verdict = "low frequencies first, as the paper reports"
+        elif lo > hi:
+            verdict = "the high band first, against the paper's low-first order"
+        else:
+            verdict = "both bands at the same call, so no order is seen here"
+        out.append(f"In {space} space x0-hat's low band settles at call {lo:.0f} (median) and its high band at "
+                   f"call {hi:.0f}: {verdict}.")
+    return out
+
+
+def title(data: dict) -> str:
+    med = (data.get("reverse", {}).get("settle_median") or {}).get("latent") or {}
+    if med.get("low") is not None and med.get("high") is not None and med["low"] < med["high"]:
+        return "Low frequencies survive the noise; they are generated first"
+    return "Low and high frequencies: which is generated first"
+
+
+def _run(pipe, settings: Settings, inputs: Inputs) -> Result:
+    ps, _ = inputs.prompts_and_targets(settings.n, settings.seed)
+    return run_frequency(pipe, n_images=len(ps), seed=settings.seed, steps=settings.steps, prompts=ps,
+                         schedule=GuidanceSchedule(settings.guidance), batch=settings.batch)
+
+
+def summary(result: Result) -> Summary:
+    rows = [["space", "band", "median settling call of x0-hat"]]
+    for space, d in result.data["reverse"]["settle_median"].items():
+        for band, v in d.items():
+            rows.append([space, band, f"{v:.0f}"])
+    found = findings(result.data)
+    return Summary(title(result.data),
+                   "Forward process: norms of the low- and high-frequency parts of signal and noise at each timestep. "
+                   "Reverse process: the call from which each band of x0-hat keeps its final value. " + " ".join(found),
+                   rows, found)
+
+
+ANALYSIS = Analysis("frequency", _run, summary, plot_frequency, order=20)

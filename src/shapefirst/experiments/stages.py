@@ -36,6 +36,8 @@ from ..errors import ShapefirstError
 from ..generate import check_prompts, generate
 from ..guidance import GuidanceSchedule
 from ..results import Result, save_figure
+from ..settling import settled_from
+from .registry import Analysis, Inputs, Settings, Summary
 from ..world.prompts import world_prompts, world_renders  # noqa: F401 (re-exported for old imports)
 from ..world.render import ATTRIBUTES, VALUES
 
@@ -56,10 +58,7 @@ def settle_call(sequence: Sequence) -> int:
     seq = list(sequence)
     if not seq:
         raise ValueError("settle_call needs a non-empty sequence")
-    c = len(seq) - 1
-    while c > 0 and seq[c - 1] == seq[-1]:
-        c -= 1
-    return c
+    return int(settled_from(torch.tensor([x == seq[-1] for x in seq])))
 
 
 def settle_calls(labels_per_call: Sequence[Sequence]) -> list[int]:
@@ -77,9 +76,7 @@ def settle_codes(codes: torch.Tensor) -> torch.Tensor:
     """Array version of settle_calls: codes [T, ...] (any comparable dtype) -> long [...]."""
     if codes.dim() < 1 or codes.shape[0] == 0:
         raise ValueError("codes must be [T, ...] with T >= 1")
-    same = (codes == codes[-1]).long()
-    suffix = same.flip(0).cumprod(0).flip(0)  # 1 where this and every later call equal the last
-    return codes.shape[0] - suffix.sum(0)
+    return settled_from(codes == codes[-1])
 
 
 def settle_threshold(values: torch.Tensor, threshold: float = CLIP_SETTLE) -> torch.Tensor:
@@ -87,9 +84,7 @@ def settle_threshold(values: torch.Tensor, threshold: float = CLIP_SETTLE) -> to
     T where the last value is below the threshold (never settled)."""
     if values.dim() < 1 or values.shape[0] == 0:
         raise ValueError("values must be [T, ...] with T >= 1")
-    ok = (values >= threshold).long()
-    suffix = ok.flip(0).cumprod(0).flip(0)
-    return values.shape[0] - suffix.sum(0)
+    return settled_from(values >= threshold)
 
 
 def summarize(settle: torch.Tensor) -> dict:
@@ -172,121 +167,144 @@ def run_stages(pipe, prompts, targets: list[dict] | None = None, steps: int = 50
     `match/<schedule>/all`), `clip_sim/<schedule>` float32 [T, N] and `settle/<schedule>/clip`
     (clip modes), `timesteps/<schedule>` float64 [T].
     """
+    prompts, targets, mode = _check_inputs(prompts, targets, batch, mode, judge_fn, clip)
+    use_judge, use_clip = mode in ("judge", "both"), mode in ("clip", "both")
+    if use_judge and judge_fn is None:
+        from ..world.judge import judge as judge_fn
+    run = _Run(pipe, prompts, steps, seed, batch, list(attributes) if use_judge else [], judge_fn if use_judge else None,
+               clip if use_clip else None, progress)
+    schedules = _check_schedules(schedules)
+    run.total = len(prompts) * len(schedules)
+    arrays: dict[str, torch.Tensor] = {}
+    per_schedule = {name: run.schedule(name, sch, targets, clip_threshold, arrays) for name, sch in schedules.items()}
+    settings = {"steps": steps, "seed": seed, "n": len(prompts), "batch": batch, "mode": mode,
+                "schedules": {k: s.to_dict() for k, s in schedules.items()}, "attributes": run.attributes,
+                "clip_threshold": clip_threshold if use_clip else None, "prompts": prompts, "targets": targets,
+                "pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
+                "settle_definition": "first call c with value(c') == value(last call) for all c' >= c"
+                                     + ("; clip: first call from which similarity to the final image stays >= "
+                                        f"{clip_threshold} (n_calls = never)" if use_clip else "")}
+    data = {"settings": settings, "vocab": run.book.vocab, "no_label_code": NO_LABEL, "schedules": per_schedule}
+    return Result("stages", data, arrays)
+
+
+def _check_inputs(prompts, targets, batch, mode, judge_fn, clip):
     prompts = check_prompts(prompts)
-    n = len(prompts)
     if int(batch) != batch or batch < 1:
         raise ShapefirstError(f"batch {batch} is not a positive integer", "pass e.g. 16")
     if targets is not None:
         targets = [dict(t) for t in targets]
-        if len(targets) != n:
-            raise ShapefirstError(f"{len(targets)} targets for {n} prompts", "pass one label dict per prompt")
+        if len(targets) != len(prompts):
+            raise ShapefirstError(f"{len(targets)} targets for {len(prompts)} prompts", "pass one label dict per prompt")
     if mode is None:
         mode = "clip" if (judge_fn is None and clip is not None) else "judge"
     if mode not in MODES:
         raise ShapefirstError(f"unknown stages mode {mode!r}", f"use one of {MODES}")
     if mode in ("clip", "both") and clip is None:
         raise ShapefirstError(f"mode {mode!r} needs a CLIP model", "pass clip=Clip.load(folder)")
-    use_judge, use_clip = mode in ("judge", "both"), mode in ("clip", "both")
-    if use_judge and judge_fn is None:
-        from ..world.judge import judge as judge_fn
-    attributes = list(attributes) if use_judge else []
-    schedules = _check_schedules(schedules)
-    book = _Codebook(attributes)
-    arrays: dict[str, torch.Tensor] = {}
-    per_schedule: dict[str, dict] = {}
-    total, done = n * len(schedules), 0
+    return prompts, targets, mode
 
-    for name, sch in schedules.items():
-        codes = {a: [] for a in attributes}
-        out_codes = {a: [] for a in attributes}
-        counts, sims = [], []
-        timesteps = None
-        for b0 in range(0, n, batch):
-            res = generate(pipe, prompts[b0:b0 + batch], schedule=sch, steps=steps, seed=seed + b0, trace=True)
+
+class _Run:
+    """One stages run: generates each schedule's traced batches and reads every call's decoded x0-hat
+    with the judge (labels, object count) and/or CLIP (similarity to the final image)."""
+
+    def __init__(self, pipe, prompts, steps, seed, batch, attributes, judge_fn, clip, progress):
+        self.pipe, self.prompts, self.steps, self.seed, self.batch = pipe, prompts, steps, seed, batch
+        self.attributes, self.judge_fn, self.clip, self.progress = attributes, judge_fn, clip, progress
+        self.book = _Codebook(attributes)
+        self.done, self.total = 0, 0
+
+    def schedule(self, name, sch, targets, clip_threshold, arrays) -> dict:
+        """Run every batch with schedule `sch`; fill arrays[.../name/...]; return its summary."""
+        parts, timesteps = [], None
+        for b0 in range(0, len(self.prompts), self.batch):
+            res = generate(self.pipe, self.prompts[b0:b0 + self.batch], schedule=sch, steps=self.steps,
+                           seed=self.seed + b0, trace=True)
             traj = res.trajectory
-            t_calls, nb = traj.n_calls, len(res.images)
             if timesteps is None:
                 timesteps = list(traj.timesteps)
             elif len(traj.timesteps) != len(timesteps):
                 raise ShapefirstError("batches made different numbers of denoiser calls", "use a fixed scheduler")
-            c_b = {a: torch.full((t_calls, nb), NO_LABEL, dtype=torch.int32) for a in attributes}
-            n_b = torch.full((t_calls, nb), -1, dtype=torch.int32)
-            s_b = torch.zeros((t_calls, nb), dtype=torch.float32)
-            final_feat = clip.image_features(res.images) if use_clip else None
-            for calls, imgs in decode_chunks(traj, pipe.vae):
-                hwc = imgs.permute(0, 1, 3, 4, 2).numpy()  # [k, N, H, W, 3] in [0, 1]
-                if use_judge:
-                    for j, c in enumerate(calls):
-                        for i in range(nb):
-                            labels, count = _labels_of(judge_fn(hwc[j, i]))
-                            for a in attributes:
-                                c_b[a][c, i] = book.code(a, labels.get(a))
-                            if count is not None:
-                                n_b[c, i] = int(count)
-                if use_clip:
-                    feats = clip.image_features(hwc.reshape(-1, *hwc.shape[2:])).view(len(calls), nb, -1)
-                    s_b[calls] = (feats * final_feat[None]).sum(-1).float().cpu()
-            if use_judge:
-                for a in attributes:
-                    codes[a].append(c_b[a])
-                counts.append(n_b)
-                for i in range(nb):
-                    labels, _ = _labels_of(judge_fn(res.images[i]))
-                    for a in attributes:
-                        out_codes[a].append(book.code(a, labels.get(a)))
-            if use_clip:
-                sims.append(s_b)
-            done += nb
-            if progress is not None:
-                progress(done, total)
+            parts.append(self._read_batch(traj, res.images))
+            self.done += len(res.images)
+            if self.progress is not None:
+                self.progress(self.done, self.total)
+        joined = {k: torch.cat([p[k] for p in parts], 1) if parts[0][k].dim() == 2 else torch.cat([p[k] for p in parts])
+                  for k in parts[0]}
+        return self._summarize(name, joined, timesteps, targets, clip_threshold, arrays)
 
+    def _read_batch(self, traj, images) -> dict[str, torch.Tensor]:
+        """{"code/<attr>": int32 [T, n], "count": int32 [T, n], "out/<attr>": int32 [n], "sim": float32 [T, n]}."""
+        t_calls, nb = traj.n_calls, len(images)
+        got = {f"code/{a}": torch.full((t_calls, nb), NO_LABEL, dtype=torch.int32) for a in self.attributes}
+        got["count"] = torch.full((t_calls, nb), -1, dtype=torch.int32)
+        got["sim"] = torch.zeros((t_calls, nb), dtype=torch.float32)
+        final_feat = self.clip.image_features(images) if self.clip is not None else None
+        for calls, imgs in decode_chunks(traj, self.pipe.vae):
+            hwc = imgs.permute(0, 1, 3, 4, 2).numpy()  # [k, N, H, W, 3] in [0, 1]
+            if self.judge_fn is not None:
+                self._judge_calls(calls, hwc, got)
+            if self.clip is not None:
+                feats = self.clip.image_features(hwc.reshape(-1, *hwc.shape[2:])).view(len(calls), nb, -1)
+                got["sim"][calls] = (feats * final_feat[None]).sum(-1).float().cpu()
+        for a in self.attributes:
+            got[f"out/{a}"] = torch.tensor([self.book.code(a, self._labels(im)[0].get(a)) for im in images],
+                                           dtype=torch.int32)
+        return got
+
+    def _labels(self, image):
+        return _labels_of(self.judge_fn(image))
+
+    def _judge_calls(self, calls, hwc, got) -> None:
+        for j, c in enumerate(calls):
+            for i in range(hwc.shape[1]):
+                labels, count = self._labels(hwc[j, i])
+                for a in self.attributes:
+                    got[f"code/{a}"][c, i] = self.book.code(a, labels.get(a))
+                if count is not None:
+                    got["count"][c, i] = int(count)
+
+    def _summarize(self, name, got, timesteps, targets, clip_threshold, arrays) -> dict:
         t_calls = len(timesteps)
         summary: dict = {"n_calls": t_calls, "timesteps": [float(t) for t in timesteps], "settle": {},
                          "final_match": None, "output_match": None}
         arrays[f"timesteps/{name}"] = torch.tensor(timesteps, dtype=torch.float64)
-        if use_judge:
-            arrays[f"count/{name}"] = torch.cat(counts, 1)
-            for a in attributes:
-                lab = torch.cat(codes[a], 1)
-                arrays[f"labels/{name}/{a}"] = lab
-                arrays[f"settle/{name}/{a}"] = settle_codes(lab)
-                arrays[f"output/{name}/{a}"] = torch.tensor(out_codes[a], dtype=torch.int32)
+        if self.judge_fn is not None:
+            arrays[f"count/{name}"] = got["count"]
+            for a in self.attributes:
+                arrays[f"labels/{name}/{a}"] = got[f"code/{a}"]
+                arrays[f"settle/{name}/{a}"] = settle_codes(got[f"code/{a}"])
+                arrays[f"output/{name}/{a}"] = got[f"out/{a}"]
                 summary["settle"][a] = summarize(arrays[f"settle/{name}/{a}"])
-            if targets is not None and attributes:
-                summary["final_match"], summary["output_match"] = {}, {}
-                hits_all, out_all = [], []
-                for a in attributes:
-                    want = torch.tensor([book.code(a, t[a]) if a in t else -2 for t in targets], dtype=torch.int32)
-                    known = torch.tensor([a in t for t in targets])
-                    hit = (arrays[f"labels/{name}/{a}"][-1] == want) | ~known
-                    out_hit = (arrays[f"output/{name}/{a}"] == want) | ~known
-                    arrays[f"match/{name}/{a}"] = hit.to(torch.int8)
-                    hits_all.append(hit)
-                    out_all.append(out_hit)
-                    if bool(known.any()):
-                        summary["final_match"][a] = float(hit[known].double().mean())
-                        summary["output_match"][a] = float(out_hit[known].double().mean())
-                allhit = torch.stack(hits_all).all(0)
-                arrays[f"match/{name}/all"] = allhit.to(torch.int8)
-                summary["final_match"]["all"] = float(allhit.double().mean())
-                summary["output_match"]["all"] = float(torch.stack(out_all).all(0).double().mean())
-        if use_clip:
-            sim = torch.cat(sims, 1)
-            arrays[f"clip_sim/{name}"] = sim
-            arrays[f"settle/{name}/clip"] = settle_threshold(sim, clip_threshold)
+            if targets is not None and self.attributes:
+                self._matches(name, targets, arrays, summary)
+        if self.clip is not None:
+            arrays[f"clip_sim/{name}"] = got["sim"]
+            arrays[f"settle/{name}/clip"] = settle_threshold(got["sim"], clip_threshold)
             summary["settle"]["clip"] = summarize(arrays[f"settle/{name}/clip"])
             summary["clip_never_settled"] = int((arrays[f"settle/{name}/clip"] >= t_calls).sum())
-        per_schedule[name] = summary
+        return summary
 
-    settings = {"steps": steps, "seed": seed, "n": n, "batch": batch, "mode": mode,
-                "schedules": {k: s.to_dict() for k, s in schedules.items()}, "attributes": attributes,
-                "clip_threshold": clip_threshold if use_clip else None, "prompts": prompts, "targets": targets,
-                "pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
-                "settle_definition": "first call c with value(c') == value(last call) for all c' >= c"
-                                     + ("; clip: first call from which similarity to the final image stays >= "
-                                        f"{clip_threshold} (n_calls = never)" if use_clip else "")}
-    data = {"settings": settings, "vocab": book.vocab, "no_label_code": NO_LABEL, "schedules": per_schedule}
-    return Result("stages", data, arrays)
+    def _matches(self, name, targets, arrays, summary) -> None:
+        """Share of images whose last x0-hat (final_match) and output (output_match) have the target label."""
+        summary["final_match"], summary["output_match"] = {}, {}
+        hits_all, out_all = [], []
+        for a in self.attributes:
+            want = torch.tensor([self.book.code(a, t[a]) if a in t else -2 for t in targets], dtype=torch.int32)
+            known = torch.tensor([a in t for t in targets])
+            hit = (arrays[f"labels/{name}/{a}"][-1] == want) | ~known
+            out_hit = (arrays[f"output/{name}/{a}"] == want) | ~known
+            arrays[f"match/{name}/{a}"] = hit.to(torch.int8)
+            hits_all.append(hit)
+            out_all.append(out_hit)
+            if bool(known.any()):
+                summary["final_match"][a] = float(hit[known].double().mean())
+                summary["output_match"][a] = float(out_hit[known].double().mean())
+        allhit = torch.stack(hits_all).all(0)
+        arrays[f"match/{name}/all"] = allhit.to(torch.int8)
+        summary["final_match"]["all"] = float(allhit.double().mean())
+        summary["output_match"]["all"] = float(torch.stack(out_all).all(0).double().mean())
 
 
 # -- plots ------------------------------------------------------------------------------------
@@ -327,3 +345,49 @@ def plot_stages(result: Result, folder: str | Path) -> list[Path]:
         ax.set_title(f"{name}: when each attribute settles ({n_img} images, {t_calls} calls)")
         paths.append(save_figure(fig, folder / f"stages_{_safe(name)}.png"))
     return paths
+
+
+# -- the analysis: settings, run, summary (report + CLI) --------------------------------------
+def findings(data: dict) -> list[str]:
+    """Which attribute settles first and last, per schedule, and where texture falls (the paper:
+    texture, the high-frequency attribute, after the low-frequency ones)."""
+    out = []
+    for name, summ in (data.get("schedules") or {}).items():
+        med = {a: v["median"] for a, v in (summ.get("settle") or {}).items() if v.get("median") is not None}
+        if len(med) < 2:
+            continue
+        first, last = min(med, key=med.get), max(med, key=med.get)
+        sentence = (f"With {name} guidance, {first} settles first (median call {med[first]:.0f}) and {last} last "
+                    f"(call {med[last]:.0f}) of {summ.get('n_calls')} calls")
+        if "texture" in med:
+            shape_like = [med[a] for a in ("shape", "color", "position", "size") if a in med]
+            later = bool(shape_like) and med["texture"] > max(shape_like)
+            sentence += ("; texture (high frequency) after every low-frequency attribute, as the paper reports"
+                         if later else "; texture is not the last to settle here, against the paper")
+        out.append(sentence + ".")
+    return out
+
+
+def _run(pipe, settings: Settings, inputs: Inputs) -> Result:
+    ps, targets = inputs.prompts_and_targets(settings.n, settings.seed)
+    if not inputs.world and inputs.clip is None:
+        raise ShapefirstError("stages on a model other than the shapes world needs a CLIP scorer",
+                              "pass --clip PATH (a local CLIP model folder)")
+    w = settings.guidance
+    schedules = {"full": GuidanceSchedule(w), "stop 0.5 uncond": GuidanceSchedule(w, stop=0.5)}
+    return run_stages(pipe, ps, targets, steps=settings.steps, seed=settings.seed, schedules=schedules,
+                      batch=settings.batch, clip=inputs.clip, mode="judge" if inputs.world else "clip")
+
+
+def summary(result: Result) -> Summary:
+    rows = [["schedule", "attribute", "median settling call", "10th-90th percentile", "calls"]]
+    for sname, summ in result.data["schedules"].items():
+        for a, v in summ["settle"].items():
+            rows.append([sname, a, f"{v['median']:.0f}", f"{v['p10']:.0f}-{v['p90']:.0f}", summ["n_calls"]])
+    found = findings(result.data)
+    return Summary("When each attribute is decided",
+                   "Share of images whose judged attribute (from the decoded x0-hat) has reached its final value by "
+                   "each call. " + " ".join(found), rows, found, ("stages_*.png",))
+
+
+ANALYSIS = Analysis("stages", _run, summary, plot_stages, order=10, needs=("prompts", "clip"))

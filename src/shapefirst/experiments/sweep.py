@@ -52,22 +52,23 @@ class Config:
 
 
 def default_configs(scale: float = 7.5, stops=(0.25, 0.5, 0.75), schedulers=("ddim",), steps=(50,),
-                    modes=("uncond", "cond"), adaptive=(), caches=(None,)) -> list[Config]:
-    """full guidance, then every stop x mode x cache, then every adaptive threshold x mode x cache
+                    modes=("uncond", "cond"), adaptive=(), caches=(None,), adaptive_shape=()) -> list[Config]:
+    """full guidance, then every stop x mode x cache, then every adaptive threshold x mode x cache, then every
+    shape-settling tolerance (AdaptiveStop(criterion="shape"), named 'adaptive-shape=TOL') x mode x cache
     (per scheduler and step count). caches: LateCache objects or None (no cache)."""
+    import itertools
+
     from ..guidance import AdaptiveStop
 
+    rules = [(f"stop={s}", dict(stop=s)) for s in stops]
+    rules += [(f"adaptive={t}", dict(adaptive=AdaptiveStop(t))) for t in adaptive]
+    rules += [(f"adaptive-shape={t}", dict(adaptive=AdaptiveStop(criterion="shape", tolerance=t))) for t in adaptive_shape]
     out = []
-    for sch in schedulers:
-        for st in steps:
-            out.append(Config("full", GuidanceSchedule(scale), sch, st))
-            rules = [(f"stop={s}", dict(stop=s)) for s in stops]
-            rules += [(f"adaptive={t}", dict(adaptive=AdaptiveStop(t))) for t in adaptive]
-            for rule, kw in rules:
-                for after in modes:
-                    for c in caches:
-                        name = f"{rule} {after}" + (f" +{c.label}" if c is not None else "")
-                        out.append(Config(name, GuidanceSchedule(scale, after=after, **kw), sch, st, cache=c))
+    for sch, st in itertools.product(schedulers, steps):
+        out.append(Config("full", GuidanceSchedule(scale), sch, st))
+        for (rule, kw), after, c in itertools.product(rules, modes, caches):
+            name = f"{rule} {after}" + (f" +{c.label}" if c is not None else "")
+            out.append(Config(name, GuidanceSchedule(scale, after=after, **kw), sch, st, cache=c))
     return out
 
 
@@ -203,102 +204,17 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
     main = st is None or st.is_main_process
     owner = OutputFolder(out, "sweep", sweep_key(pipe, prompts, targets, seed, batch, clip, real_images),
                          overwrite=overwrite)
-    if main:  # the main process checks and claims the folder; the others follow it
-        owner.check()
-        done = _reusable(out, owner, configs, overwrite)
-        out.mkdir(parents=True, exist_ok=True)
-        owner.claim()
-    if st is not None:
-        st.wait_for_everyone()
-        done = done if main else {r["key"]: r for r in read_jsonl(out / "sweep.jsonl")}
-    starts = list(range(0, len(prompts), batch))
-    rows, memo = [], {}
-
-    def ref_of(cfg, i, offset=0):
-        part = prompts[i:i + batch]
-        name = f"{'floor' if offset else 'ref'}_{cfg.scheduler}_{cfg.steps}_w{cfg.schedule.scale:g}_{i}"
-        return _cache(out, name, lambda: generate(pipe, part, GuidanceSchedule(cfg.schedule.scale), steps=cfg.steps,
-                                                  seed=seed + offset + i, scheduler=cfg.scheduler).images)
-
-    def memo_of(cfg, i):  # what every configuration compares against, computed once per reference batch
-        k = (cfg.scheduler, cfg.steps, cfg.schedule.scale, i)
-        if k not in memo:
-            ref, m = ref_of(cfg, i), {}
-            if clip is not None:
-                m["feat"], m["text"] = clip.image_features(ref), clip.text_features(prompts[i:i + batch])
-            if targets is not None:
-                m["acc"] = judged_accuracy(ref, targets[i:i + batch])
-            memo[k] = (ref, m)
-        return memo[k]
-
-    bounds = {}
-    if clip is not None and configs:
-        # Image-CLIPScore floor (the same prompts with other seeds) and ceiling (the same seed rerun)
-        c0 = configs[0]
-        fstarts = [i for i in starts if floor_prompts is None or i < floor_prompts]
-        recs = [(i, clip.image_similarity(ref_of(c0, i, 10**6), ref_of(c0, i)).numpy()) for i in _mine(st, fstarts)]
-        rerun = _cache(out, f"rerun_{c0.scheduler}_{c0.steps}_w{c0.schedule.scale:g}_0", lambda: generate(
-            pipe, prompts[:batch], GuidanceSchedule(c0.schedule.scale), steps=c0.steps, seed=seed,
-            scheduler=c0.scheduler).images)
-        bounds = {"image_clip_floor": list(mean_ci(np.concatenate([r[1] for r in _gather(st, recs)]))),
-                  "image_clip_floor_n": sum(len(prompts[i:i + batch]) for i in fstarts),
-                  "image_clip_ceiling": list(mean_ci(clip.image_similarity(rerun, ref_of(c0, 0)).numpy())),
-                  "image_clip_ceiling_n": len(rerun)}
+    done = _claim(out, owner, configs, overwrite, st, main)
+    sw = _Sweep(pipe, prompts, out, targets, seed, batch, clip, st, real_images, fid)
+    bounds = sw.bounds(configs[0], floor_prompts) if clip is not None and configs else {}
+    rows = []
     for cfg in configs:
         if cfg.key in done:
             rows.append(done[cfg.key])
             continue
-        full_s = GuidanceSchedule(cfg.schedule.scale)
-        n_calls = _calls(pipe, cfg)
-        records = []
-        if fid is not None:
-            fid.reset_fake()
-        for i in _mine(st, starts):
-            part = prompts[i:i + batch]
-            ref, m = memo_of(cfg, i)
-            timed = i // batch < timing_batches
-            if cfg.run is None and cfg.cache is None and not cfg.schedule.stops and not timed:
-                # full guidance untimed: its images ARE the cached reference (same seeds, same computation)
-                r = GenerationResult(ref, part, [], [2 * n_calls] * len(part), 0.0)
-            else:
-                r = cfg.generate(pipe, part, seed + i)
-            ratio = None
-            if timed:
-                f = generate(pipe, part, full_s, steps=cfg.steps, seed=seed + i, scheduler=cfg.scheduler)
-                ratio = r.wall_seconds / f.wall_seconds
-            per = _per_image(r.images, ref, targets[i:i + batch] if targets else None, clip, m)
-            if fid is not None:
-                fid.update(r.images, real=False)
-            records.append((i, per, ratio, r.evaluations_per_image))
-        records = _gather(st, records)
-        per = {k: np.concatenate([rec[1][k] for rec in records]) for k in records[0][1]}
-        ratios = [rec[2] for rec in records if rec[2] is not None]
-        evals = [e for rec in records for e in rec[3]]
-        row = {"key": cfg.key, "name": cfg.name, "scheduler": cfg.scheduler, "steps": cfg.steps,
-               "schedule": cfg.schedule.to_dict(), "cache": cfg.cache.to_dict() if cfg.cache else None,
-               "peer": cfg.run is not None, "n": len(prompts), "batch": batch,
-               "time_ratio_median": statistics.median(ratios) if ratios else None, "time_ratios": ratios,
-               "saved_latency": 1 - statistics.median(ratios) if ratios else None,
-               "evaluations_per_image": float(np.mean(evals)),
-               "l1": mean_ci(per["l1"]), "psnr": mean_ci(per["psnr"])}
-        row["evaluation_ratio"] = row["evaluations_per_image"] / (2.0 * n_calls)
-        if clip is not None:
-            row["image_clip"] = mean_ci(per["image_clip"])
-            row["clip_score"] = mean_ci(per["clip_score"])
-            row.update(bounds)
-            if real_images is not None:
-                real = np.concatenate([_real_feats(clip, real_images, i, batch, memo) for i in starts])
-                row.update(distribution_distances(per["feat"], real))
-        if fid is not None:
-            row["fid"], row["fid_n"] = fid.compute(), [fid.n_real, fid.n_fake]
-        if targets is not None:
-            attrs = [k[4:] for k in per if k.startswith("acc/")]
-            row["accuracy"] = {a: float(per[f"acc/{a}"].mean()) for a in attrs}
-            row["accuracy_delta_vs_full"] = {a: mean_ci(per[f"delta/{a}"]) for a in attrs}
-        row["per_image_file"] = f"per_image/{_slug(cfg.key)}.safetensors"
-        row = json.loads(strict_dumps(row))  # the same values a resumed run reads back
+        row = sw.row(cfg, sw.records(cfg, timing_batches), bounds)
         if main:  # raw per-image values first (paired comparisons between any two rows), then the line
-            _save_per_image(out / row["per_image_file"], per)
+            _save_per_image(out / row["per_image_file"], sw.per)
             append_jsonl(out / "sweep.jsonl", row)
             owner.claim(p.name for p in out.iterdir() if not p.name.startswith(".shapefirst"))
         if st is not None:
@@ -312,6 +228,119 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
     if st is not None:
         st.wait_for_everyone()
     return rows
+
+
+def _claim(out: Path, owner, configs, overwrite: bool, st, main: bool) -> dict:
+    """The main process checks and claims the folder; the others follow it. Returns the reusable rows."""
+    done = {}
+    if main:
+        owner.check()
+        done = _reusable(out, owner, configs, overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        owner.claim()
+    if st is not None:
+        st.wait_for_everyone()
+        done = done if main else {r["key"]: r for r in read_jsonl(out / "sweep.jsonl")}
+    return done
+
+
+class _Sweep:
+    """One sweep's shared inputs, its cached reference images and the per-batch records of a configuration."""
+
+    def __init__(self, pipe, prompts, out, targets, seed, batch, clip, st, real_images, fid):
+        self.pipe, self.prompts, self.out, self.targets, self.seed, self.batch = pipe, prompts, out, targets, seed, batch
+        self.clip, self.st, self.real_images, self.fid = clip, st, real_images, fid
+        self.starts = list(range(0, len(prompts), batch))
+        self.memo, self.per = {}, {}
+
+    def ref_of(self, cfg, i, offset=0):
+        """Full guidance's images of batch i (seed offset: the floor's other seeds), cached on disk."""
+        part = self.prompts[i:i + self.batch]
+        name = f"{'floor' if offset else 'ref'}_{cfg.scheduler}_{cfg.steps}_w{cfg.schedule.scale:g}_{i}"
+        return _cache(self.out, name, lambda: generate(self.pipe, part, GuidanceSchedule(cfg.schedule.scale),
+                                                       steps=cfg.steps, seed=self.seed + offset + i,
+                                                       scheduler=cfg.scheduler).images)
+
+    def memo_of(self, cfg, i):
+        """What every configuration compares against, computed once per reference batch."""
+        k = (cfg.scheduler, cfg.steps, cfg.schedule.scale, i)
+        if k not in self.memo:
+            ref, m = self.ref_of(cfg, i), {}
+            if self.clip is not None:
+                m["feat"], m["text"] = self.clip.image_features(ref), self.clip.text_features(self.prompts[i:i + self.batch])
+            if self.targets is not None:
+                m["acc"] = judged_accuracy(ref, self.targets[i:i + self.batch])
+            self.memo[k] = (ref, m)
+        return self.memo[k]
+
+    def bounds(self, c0, floor_prompts) -> dict:
+        """Image-CLIPScore floor (the same prompts with other seeds) and ceiling (the same seed rerun)."""
+        clip, batch = self.clip, self.batch
+        fstarts = [i for i in self.starts if floor_prompts is None or i < floor_prompts]
+        recs = [(i, clip.image_similarity(self.ref_of(c0, i, 10**6), self.ref_of(c0, i)).numpy())
+                for i in _mine(self.st, fstarts)]
+        rerun = _cache(self.out, f"rerun_{c0.scheduler}_{c0.steps}_w{c0.schedule.scale:g}_0", lambda: generate(
+            self.pipe, self.prompts[:batch], GuidanceSchedule(c0.schedule.scale), steps=c0.steps, seed=self.seed,
+            scheduler=c0.scheduler).images)
+        return {"image_clip_floor": list(mean_ci(np.concatenate([r[1] for r in _gather(self.st, recs)]))),
+                "image_clip_floor_n": sum(len(self.prompts[i:i + batch]) for i in fstarts),
+                "image_clip_ceiling": list(mean_ci(clip.image_similarity(rerun, self.ref_of(c0, 0)).numpy())),
+                "image_clip_ceiling_n": len(rerun)}
+
+    def records(self, cfg, timing_batches: int) -> list:
+        """(batch start, per-image values, time ratio to full guidance or None, evaluations) per batch."""
+        n_calls, records = _calls(self.pipe, cfg), []
+        if self.fid is not None:
+            self.fid.reset_fake()
+        for i in _mine(self.st, self.starts):
+            part = self.prompts[i:i + self.batch]
+            ref, m = self.memo_of(cfg, i)
+            timed = i // self.batch < timing_batches
+            if cfg.run is None and cfg.cache is None and not cfg.schedule.stops and not timed:
+                # full guidance untimed: its images ARE the cached reference (same seeds, same computation)
+                r = GenerationResult(ref, part, [], [2 * n_calls] * len(part), 0.0)
+            else:
+                r = cfg.generate(self.pipe, part, self.seed + i)
+            ratio = None
+            if timed:
+                f = generate(self.pipe, part, GuidanceSchedule(cfg.schedule.scale), steps=cfg.steps, seed=self.seed + i,
+                             scheduler=cfg.scheduler)
+                ratio = r.wall_seconds / f.wall_seconds
+            per = _per_image(r.images, ref, self.targets[i:i + self.batch] if self.targets else None, self.clip, m)
+            if self.fid is not None:
+                self.fid.update(r.images, real=False)
+            records.append((i, per, ratio, r.evaluations_per_image))
+        return _gather(self.st, records)
+
+    def row(self, cfg, records, bounds) -> dict:
+        """The JSON line of one configuration (self.per: its per-image values, saved beside it)."""
+        per = self.per = {k: np.concatenate([rec[1][k] for rec in records]) for k in records[0][1]}
+        ratios = [rec[2] for rec in records if rec[2] is not None]
+        evals = [e for rec in records for e in rec[3]]
+        row = {"key": cfg.key, "name": cfg.name, "scheduler": cfg.scheduler, "steps": cfg.steps,
+               "schedule": cfg.schedule.to_dict(), "cache": cfg.cache.to_dict() if cfg.cache else None,
+               "peer": cfg.run is not None, "n": len(self.prompts), "batch": self.batch,
+               "time_ratio_median": statistics.median(ratios) if ratios else None, "time_ratios": ratios,
+               "saved_latency": 1 - statistics.median(ratios) if ratios else None,
+               "evaluations_per_image": float(np.mean(evals)),
+               "l1": mean_ci(per["l1"]), "psnr": mean_ci(per["psnr"])}
+        row["evaluation_ratio"] = row["evaluations_per_image"] / (2.0 * _calls(self.pipe, cfg))
+        if self.clip is not None:
+            row["image_clip"] = mean_ci(per["image_clip"])
+            row["clip_score"] = mean_ci(per["clip_score"])
+            row.update(bounds)
+            if self.real_images is not None:
+                real = np.concatenate([_real_feats(self.clip, self.real_images, i, self.batch, self.memo)
+                                       for i in self.starts])
+                row.update(distribution_distances(per["feat"], real))
+        if self.fid is not None:
+            row["fid"], row["fid_n"] = self.fid.compute(), [self.fid.n_real, self.fid.n_fake]
+        if self.targets is not None:
+            attrs = [k[4:] for k in per if k.startswith("acc/")]
+            row["accuracy"] = {a: float(per[f"acc/{a}"].mean()) for a in attrs}
+            row["accuracy_delta_vs_full"] = {a: mean_ci(per[f"delta/{a}"]) for a in attrs}
+        row["per_image_file"] = f"per_image/{_slug(cfg.key)}.safetensors"
+        return json.loads(strict_dumps(row))  # the same values a resumed run reads back
 
 
 def _slug(key: str) -> str:
@@ -438,7 +467,7 @@ def snippet(row: dict) -> str:
     ad = s.pop("adaptive", None)
     args = ", ".join(f"{k}={v!r}" for k, v in s.items() if v is not None)
     if ad:
-        args += f", adaptive=AdaptiveStop(threshold={ad['threshold']!r}, min_call={ad['min_call']!r})"
+        args += ", adaptive=AdaptiveStop(" + ", ".join(f"{k}={v!r}" for k, v in ad.items()) + ")"
     imports = "AdaptiveStop, GuidanceSchedule, guidance_schedule" if ad else "GuidanceSchedule, guidance_schedule"
     c = row.get("cache")
     if c:

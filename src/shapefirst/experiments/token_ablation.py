@@ -51,8 +51,12 @@ from ..guidance import GuidanceSchedule, denoiser_of, run_state_of
 from ..metrics import l1
 from ..results import Result, yerr
 from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, keep_first_eos, replace_class, analyze_prompt
-from .eos_swap import (ci_dict, default_judge, encode_prompts, generate_embeds, image_grid, judged_labels,
-                       save_figure, share, swapped, to_uint8, _chunks)
+from ..generate import batches, generate_embeds
+from ..metrics import ci_dict, default_judge, judged_labels, share, to_uint8
+from ..pipeline import encode_prompts
+from ..results import image_grid, save_figure
+from ..tokens import swapped
+from .registry import Analysis, Inputs, Settings, Summary, share_text
 
 try:  # written separately; the KL metric is skipped when it is absent
     from ..attention import capture_attention as _capture_attention
@@ -282,56 +286,11 @@ def run_token_ablation(pipe, prompts, targets=None, steps: int = 50, seed: int =
 
     cond, uncond = encode_prompts(pipe, prompts)
     infos = [analyze_prompt(pipe.tokenizer, p) for p in prompts]
-    images, identical, kl = {}, {}, {}
-    for name in names:
-        if name in KV_VARIANTS:
-            continue
-        emb = torch.cat([variant_embedding(name, cond[i:i + 1], infos[i], torch.Generator("cpu").manual_seed(seed + i))
-                         for i in range(n)])
-        if name != "plain" and torch.equal(emb, cond):
-            images[name], identical[name] = images["plain"], "plain"
-            if "plain" in kl:
-                kl[name] = kl["plain"]
-            continue
-        out, kls = [], []
-        for s, e in _chunks(n, batch):
-            if kl_on:
-                with _capture_attention(pipe, keep="mean", calls=kl_calls, n_images=e - s) as cap:
-                    out.append(generate_embeds(pipe, emb[s:e], uncond[s:e], steps, seed + s, schedule))
-                kls.append((e - s, _kl_summary(cap, kl_calls, infos[s:e])))
-            else:
-                out.append(generate_embeds(pipe, emb[s:e], uncond[s:e], steps, seed + s, schedule))
-        images[name] = np.concatenate(out)
-        if kls:
-            kl[name] = {c: {g: float(sum(m * r[c][g] for m, r in kls) / n) for g in KL_GROUPS} for c in kls[0][1]}
-
+    gen = _Generator(pipe, cond, uncond, infos, steps, seed, schedule, batch, kl_calls if kl_on else None)
+    images, identical, kl = gen.embedding_variants(names)
     if n >= 2:
-        perm = [(i + 1) % n for i in range(n)]
-        alt = swapped(cond, infos, cond[perm], [infos[j] for j in perm])
-        for name, mode in KV_VARIANTS.items():
-            out = []
-            for s, e in _chunks(n, batch):
-                with kv_substitution(pipe) as st:
-                    st.set(alt[s:e], mode)
-                    out.append(generate_embeds(pipe, cond[s:e], uncond[s:e], steps, seed + s, schedule))
-            images[name] = np.concatenate(out)
-
-    scores, judged_all = {}, {}
-    for name in names:
-        sc = {"l1_to_plain": ci_dict(l1(images[name], images["plain"]))}
-        if targets is not None:
-            judged = judged_labels(judge_fn, images[name])
-            judged_all[name] = judged
-            attrs = sorted({a for t in targets for a in t})
-            sc["judged"] = {a: share(sum(j.get(a) == t.get(a) for j, t in zip(judged, targets) if a in t),
-                                     sum(a in t for t in targets)) for a in attrs}
-            sc["judged"]["all"] = share(sum(all(j.get(a) == v for a, v in t.items()) for j, t in zip(judged, targets)), n)
-        if clip is not None:
-            sc["clip"] = ci_dict(clip.clip_score(images[name], prompts).double().numpy())
-        if name in kl:
-            sc["kl_to_uniform"] = kl[name]
-        scores[name] = sc
-
+        images.update(gen.kv_variants())
+    scores, judged_all = _scores(names, images, kl, prompts, targets, judge_fn, clip)
     k = min(keep_images, n)
     arrays = {"images": torch.stack([to_uint8(images[v][:k]) for v in names])}
     data = {"variants": names, "prompts": prompts, "targets": targets, "scores": scores, "judged": judged_all or None,
@@ -350,6 +309,79 @@ def run_token_ablation(pipe, prompts, targets=None, steps: int = 50, seed: int =
             "token_info": [{"prompt": p, "n_semantic": i.n_semantic, "eos_index": i.eos_index} for p, i in zip(prompts, infos)],
             "notes": notes}
     return Result("token_ablation", data, arrays)
+
+
+class _Generator:
+    """Images of every variant, batch by batch (prompt i seeded with seed + i in every variant)."""
+
+    def __init__(self, pipe, cond, uncond, infos, steps, seed, schedule, batch, kl_calls):
+        self.pipe, self.cond, self.uncond, self.infos = pipe, cond, uncond, infos
+        self.steps, self.seed, self.schedule, self.batch, self.kl_calls = steps, seed, schedule, batch, kl_calls
+        self.n = cond.shape[0]
+
+    def embedding_variants(self, names):
+        """Variants that change the prompt embedding; a variant equal to plain reuses plain's images."""
+        images, identical, kl = {}, {}, {}
+        for name in names:
+            if name in KV_VARIANTS:
+                continue
+            emb = torch.cat([variant_embedding(name, self.cond[i:i + 1], self.infos[i],
+                                               torch.Generator("cpu").manual_seed(self.seed + i)) for i in range(self.n)])
+            if name != "plain" and torch.equal(emb, self.cond):
+                images[name], identical[name] = images["plain"], "plain"
+                if "plain" in kl:
+                    kl[name] = kl["plain"]
+                continue
+            images[name], kls = self._generate(emb)
+            if kls:
+                kl[name] = {c: {g: float(sum(m * r[c][g] for m, r in kls) / self.n) for g in KL_GROUPS} for c in kls[0][1]}
+        return images, identical, kl
+
+    def _generate(self, emb):
+        out, kls = [], []
+        for s, e in batches(self.n, self.batch):
+            if self.kl_calls is not None:
+                with _capture_attention(self.pipe, keep="mean", calls=self.kl_calls, n_images=e - s) as cap:
+                    out.append(generate_embeds(self.pipe, emb[s:e], self.uncond[s:e], self.steps, self.seed + s,
+                                               self.schedule))
+                kls.append((e - s, _kl_summary(cap, self.kl_calls, self.infos[s:e])))
+            else:
+                out.append(generate_embeds(self.pipe, emb[s:e], self.uncond[s:e], self.steps, self.seed + s, self.schedule))
+        return np.concatenate(out), kls
+
+    def kv_variants(self) -> dict:
+        """[EOS] of prompt (i+1) mod N in the cross-attention keys and/or values only."""
+        perm = [(i + 1) % self.n for i in range(self.n)]
+        alt = swapped(self.cond, self.infos, self.cond[perm], [self.infos[j] for j in perm])
+        images = {}
+        for name, mode in KV_VARIANTS.items():
+            out = []
+            for s, e in batches(self.n, self.batch):
+                with kv_substitution(self.pipe) as st:
+                    st.set(alt[s:e], mode)
+                    out.append(generate_embeds(self.pipe, self.cond[s:e], self.uncond[s:e], self.steps, self.seed + s,
+                                               self.schedule))
+            images[name] = np.concatenate(out)
+        return images
+
+
+def _scores(names, images, kl, prompts, targets, judge_fn, clip):
+    scores, judged_all = {}, {}
+    for name in names:
+        sc = {"l1_to_plain": ci_dict(l1(images[name], images["plain"]))}
+        if targets is not None:
+            judged = judged_all[name] = judged_labels(judge_fn, images[name])
+            attrs = sorted({a for t in targets for a in t})
+            sc["judged"] = {a: share(sum(j.get(a) == t.get(a) for j, t in zip(judged, targets) if a in t),
+                                     sum(a in t for t in targets)) for a in attrs}
+            sc["judged"]["all"] = share(sum(all(j.get(a) == v for a, v in t.items()) for j, t in zip(judged, targets)),
+                                        len(prompts))
+        if clip is not None:
+            sc["clip"] = ci_dict(clip.clip_score(images[name], prompts).double().numpy())
+        if name in kl:
+            sc["kl_to_uniform"] = kl[name]
+        scores[name] = sc
+    return scores, judged_all
 
 
 def _metric(sc: dict) -> tuple[str, float, list]:
@@ -411,3 +443,25 @@ def plot_token_ablation(result: Result, folder: str | Path, max_prompts: int = 4
         rows = [p if len(p) < 40 else p[:37] + "..." for p in d["prompts"][:k]]
         paths.append(image_grid(grid, rows, names, folder / "token_ablation_grid.png", size=1.1))
     return paths
+
+
+# -- the analysis: settings, run, summary (report + CLI) --------------------------------------
+def _run(pipe, settings: Settings, inputs: Inputs) -> Result:
+    ps, targets = inputs.prompts_and_targets(settings.n, settings.seed)
+    return run_token_ablation(pipe, ps, targets, steps=settings.steps, seed=settings.seed, batch=settings.batch,
+                              clip=inputs.clip, schedule=GuidanceSchedule(settings.guidance))
+
+
+def summary(result: Result) -> Summary:
+    rows = [["variant", "all attributes right", "L1 to plain"]]
+    for v in result.data["variants"]:
+        sc = result.data["scores"][v]
+        acc = share_text(sc["judged"]["all"]) if "judged" in sc else "-"
+        rows.append([v, acc, f"{sc['l1_to_plain']['mean']:.4f}"])
+    return Summary("Token ablations",
+                   "Keeping only the first n [EOS] tokens, zeroing or noising words or the [EOS] block, [SOS]-only "
+                   "and [EOS]-only prompts, and [EOS] swapped only in the attention keys or values. "
+                   + "; ".join(f"{k}: {v}" for k, v in result.data["rules"].items()), rows)
+
+
+ANALYSIS = Analysis("token-ablation", _run, summary, plot_token_ablation, order=50)

@@ -15,16 +15,15 @@ import shutil
 import time
 from pathlib import Path
 
-from .. import findings
 from ..errors import ShapefirstError
+from ..experiments.registry import analyses, figures_of
 from ..results import Result, atomic_write_text
 
 BUDGETS = {
-    # n prompts / pairs, steps, sweep prompts, sweep stops
-    "quick": {"n": 8, "pairs": 8, "steps": 20, "film": 4, "sweep_n": 8, "stops": (0.25, 0.5, 0.75), "batch": 8},
-    "full": {"n": 64, "pairs": 64, "steps": 50, "film": 6, "sweep_n": 64, "stops": (0.1, 0.25, 0.5, 0.75, 0.9), "batch": 16},
+    # n prompts (or pairs) per analysis, steps, film strips, sweep prompts, sweep stops, batch
+    "quick": {"n": 8, "steps": 20, "film": 4, "sweep_n": 8, "stops": (0.25, 0.5, 0.75), "batch": 8},
+    "full": {"n": 64, "steps": 50, "film": 6, "sweep_n": 64, "stops": (0.1, 0.25, 0.5, 0.75, 0.9), "batch": 16},
 }
-SECTIONS = ("generate", "stages", "frequency", "attention", "eos-swap", "token-ablation", "sweep")
 
 
 def run_report(pipe, out: str | Path, budget: str = "quick", world: bool = True, clip=None, prompts=None,
@@ -56,10 +55,10 @@ def run_report(pipe, out: str | Path, budget: str = "quick", world: bool = True,
     tick("generate")
     _film(pipe, ps[:b["film"]], b["steps"], w, res_dir / "generate", overwrite)
     timings = {}
-    for name in ("stages", "frequency", "attention", "eos-swap", "token-ablation"):
+    for name in analyses():
         tick(name)
         s = time.time()
-        run_analysis(name, pipe, res_dir, n=b["pairs"] if name == "eos-swap" else b["n"], steps=b["steps"], seed=0,
+        run_analysis(name, pipe, res_dir, n=b["n"], steps=b["steps"], seed=0,
                      guidance=w, prompts=ps[:b["n"]] if prompts else None, pairs=pairs, clip=clip, world=world,
                      batch=b["batch"], overwrite=overwrite)
         timings[name] = time.time() - s
@@ -92,10 +91,6 @@ def _film(pipe, prompts, steps: int, guidance: float, folder: Path, overwrite: b
     r.save(folder, vae=pipe.vae, overwrite=overwrite, key=key)
 
 
-def _fmt_share(d) -> str:
-    return f"{d['rate']:.0%} [{d['ci'][0]:.0%}, {d['ci'][1]:.0%}] (n={d['n']})"
-
-
 def _sections(res_dir: Path) -> list[dict]:
     """Figures, tables and captions per analysis, from saved results only."""
     out = []
@@ -108,65 +103,12 @@ def _sections(res_dir: Path) -> list[dict]:
                                "object's place, color and outline appear, and how long fine detail keeps changing.",
                     "figures": [gen / "trajectory" / "contact_sheet.png"],
                     "table": [["prompt", "steps", "guidance"]] + [[p, run["steps"], run["guidance"]] for p in run["prompts"]]})
-    st = res_dir / "stages"
-    if (st / "results.json").exists():
-        r = Result.load(st)
-        rows = [["schedule", "attribute", "median settling call", "10th-90th percentile", "calls"]]
-        for sname, summ in r.data["schedules"].items():
-            for a, v in summ["settle"].items():
-                rows.append([sname, a, f"{v['median']:.0f}", f"{v['p10']:.0f}-{v['p90']:.0f}", summ["n_calls"]])
-        out.append({"id": "stages", "title": "When each attribute is decided",
-                    "caption": "Share of images whose judged attribute (from the decoded x0-hat) has reached its final "
-                               "value by each call. " + " ".join(findings.stages(r.data)),
-                    "figures": sorted(st.glob("stages_*.png")), "table": rows})
-    fq = res_dir / "frequency"
-    if (fq / "results.json").exists():
-        r = Result.load(fq)
-        rows = [["space", "band", "median settling call of x0-hat"]]
-        for space, d in r.data["reverse"]["settle_median"].items():
-            for band, v in d.items():
-                rows.append([space, band, f"{v:.0f}"])
-        out.append({"id": "frequency", "title": findings.frequency_title(r.data),
-                    "caption": "Forward process: norms of the low- and high-frequency parts of signal and noise at each "
-                               "timestep. Reverse process: the call from which each band of x0-hat keeps its final "
-                               "value. " + " ".join(findings.frequency(r.data)),
-                    "figures": sorted(fq.glob("*.png")), "table": rows})
-    at = res_dir / "attention"
-    if (at / "results.json").exists():
-        r = Result.load(at)
-        s = r.data["summary"]
-        rows = [["token class", "mean attention mass"]] + [[c, f"{v:.3f}"] for c, v in s["mean_mass_per_class"].items()]
-        rows.append(["semantic maps: relative F1 >= 0.9 from call", str(s["semantic_f1_ge_0.9_from_call"])])
-        out.append({"id": "attention", "title": "Which tokens the image attends to",
-                    "caption": "Cross-attention mass per token class per call, how early each word's map converges "
-                               "(relative F1 against the final map; maps binarised at their mean), and per-word heat "
-                               "maps at the first, middle and last captured call. " + " ".join(findings.attention(r.data)),
-                    "figures": sorted(at.glob("attention_*.png")), "table": rows})
-    ev = res_dir / "eos-swap"
-    if (ev / "results.json").exists():
-        r = Result.load(ev)
-        rows = [["attribute", "swapped image follows A's words", "follows B's [EOS]"]]
-        for attr, d in (r.data.get("scores") or {}).get("swap", {}).items():
-            if isinstance(d, dict) and "a" in d:
-                rows.append([attr, _fmt_share(d["a"]), _fmt_share(d["b"])])
-        out.append({"id": "eos-swap", "title": findings.eos_title(r.data),
-                    "caption": "Prompt A's [SOS] and word embeddings with prompt B's [EOS] block. "
-                               + " ".join(findings.eos_swap(r.data)) + " Switching the [EOS] block only from call a on "
-                               "shows when it stops mattering. " + r.data["rule"],
-                    "figures": sorted(ev.glob("eos_swap_*.png")), "table": rows})
-    ta = res_dir / "token-ablation"
-    if (ta / "results.json").exists():
-        r = Result.load(ta)
-        rows = [["variant", "all attributes right", "L1 to plain"]]
-        for v in r.data["variants"]:
-            sc = r.data["scores"][v]
-            acc = _fmt_share(sc["judged"]["all"]) if "judged" in sc else "-"
-            rows.append([v, acc, f"{sc['l1_to_plain']['mean']:.4f}"])
-        out.append({"id": "token-ablation", "title": "Token ablations",
-                    "caption": "Keeping only the first n [EOS] tokens, zeroing or noising words or the [EOS] block, "
-                               "[SOS]-only and [EOS]-only prompts, and [EOS] swapped only in the attention keys or "
-                               "values. " + "; ".join(f"{k}: {v}" for k, v in r.data["rules"].items()),
-                    "figures": sorted(ta.glob("*.png")), "table": rows})
+    for name, analysis in analyses().items():
+        folder = res_dir / name
+        if (folder / "results.json").exists():
+            sm = analysis.summary(Result.load(folder))
+            out.append({"id": name, "title": sm.title, "caption": sm.caption, "figures": figures_of(sm, folder),
+                        "table": sm.table})
     sw = res_dir / "sweep"
     if (sw / "sweep.jsonl").exists():
         from ..results import read_jsonl
