@@ -238,3 +238,19 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask
+
+
+def test_a_users_file_inside_an_owned_folder_survives_overwrite(tiny_pipe, tmp_path):
+    from shapefirst.experiments import run_analysis
+
+    _sweep(tiny_pipe, tmp_path / "s")
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    _sweep(tiny_pipe, tmp_path / "s")  # a resume claims only the sweep's own files
+    _sweep(tiny_pipe, tmp_path / "s", scale=7.5, overwrite=True)
+    assert (tmp_path / "s" / "notes.txt").read_text() == "mine"
+    kw = dict(n=2, steps=2, prompts=["a red circle", "a blue square"], world=False, batch=2)
+    run_analysis("frequency", tiny_pipe, tmp_path / "a", **kw)
+    (tmp_path / "a" / "frequency" / "notes.txt").write_text("mine")
+    run_analysis("frequency", tiny_pipe, tmp_path / "a", **kw)
+    run_analysis("frequency", tiny_pipe, tmp_path / "a", overwrite=True, **{**kw, "seed": 3})
+    assert (tmp_path / "a" / "frequency" / "notes.txt").read_text() == "mine"

@@ -30,15 +30,16 @@ def analysis_key(name: str, pipe, n, steps, seed, guidance, prompts, pairs, clip
             "version": version()}
 
 
-def draw(plot, res: Result, folder: Path) -> str | None:
-    """Draw an analysis's figures; a failure never costs the computed result: it returns the
-    one-line reason (the caller warns), and rerunning the same command redraws from the saved result."""
+def draw(plot, res: Result, folder: Path) -> tuple[str | None, list[str]]:
+    """Draw an analysis's figures -> (problem, figure file names). A failure never costs the computed
+    result: it returns the one-line reason (the caller warns), and rerunning the same command redraws
+    from the saved result."""
     try:
-        plot(res, folder)
+        paths = plot(res, folder)
     except Exception as e:  # matplotlib raises many types; the result is already saved
         first = (str(e).splitlines() or [""])[0][:200]
-        return f"the figures of {folder.name} could not be drawn ({type(e).__name__}: {first}); results.json is saved"
-    return None
+        return f"the figures of {folder.name} could not be drawn ({type(e).__name__}: {first}); results.json is saved", []
+    return None, [Path(p).name for p in paths or []]
 
 
 def run_analysis(name: str, pipe, out: str | Path, n: int = 8, steps: int = 50, seed: int = 0,
@@ -65,8 +66,8 @@ def run_analysis(name: str, pipe, out: str | Path, n: int = 8, steps: int = 50, 
         res = analysis.run(pipe, settings, Inputs(prompts=prompts, pairs=pairs, clip=clip, world=world))
         owner.claim()
         res.save(folder)
-    problem = draw(analysis.plot, res, folder)
-    owner.claim(p.name for p in folder.iterdir() if not p.name.startswith(".shapefirst"))
+    problem, figures = draw(analysis.plot, res, folder)
+    owner.claim(["results.json", "arrays.safetensors", *figures])
     if problem:
         warnings.warn(problem, stacklevel=2)
     return res

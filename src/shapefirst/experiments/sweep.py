@@ -216,7 +216,7 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
         if main:  # raw per-image values first (paired comparisons between any two rows), then the line
             _save_per_image(out / row["per_image_file"], sw.per)
             append_jsonl(out / "sweep.jsonl", row)
-            owner.claim(p.name for p in out.iterdir() if not p.name.startswith(".shapefirst"))
+            owner.claim(_own_entries(out))
         if st is not None:
             st.wait_for_everyone()
         rows.append(row)
@@ -224,10 +224,21 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
             progress(cfg.key)
     if main:
         write_summary(rows, out)
-        owner.claim(p.name for p in out.iterdir() if not p.name.startswith(".shapefirst"))
+        owner.claim(_own_entries(out))
     if st is not None:
         st.wait_for_everyone()
     return rows
+
+
+OWN_PATTERNS = ("sweep.jsonl", "sweep.csv", "pareto.png", "per_image", "ref_*.safetensors", "floor_*.safetensors",
+                "rerun_*.safetensors")
+
+
+def _own_entries(out: Path) -> list[str]:
+    """The files a sweep writes (never a user's file that happens to sit in the folder)."""
+    import fnmatch
+
+    return [p.name for p in out.iterdir() if any(fnmatch.fnmatch(p.name, pat) for pat in OWN_PATTERNS)]
 
 
 def _claim(out: Path, owner, configs, overwrite: bool, st, main: bool) -> dict:
