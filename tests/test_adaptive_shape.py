@@ -182,6 +182,7 @@ def test_no_host_sync_beyond_one_read_per_call(tiny_pipe, monkeypatch, scheduler
     for cls, meth in ((guidance_mod.GuidanceHook, "new_forward"), (cache_mod.CrossAttentionReuse, "new_forward"),
                       (cache_mod.DeepSkip, "new_forward"), (cache_mod._DeepState, "on_call")):
         monkeypatch.setattr(cls, meth, chk.arm(getattr(cls, meth)))
+    monkeypatch.setattr(tiny_pipe, "scheduler", tiny_pipe.scheduler)  # the shared pipe gets its own scheduler back
     set_scheduler(tiny_pipe, scheduler)
     sch, set_timesteps = tiny_pipe.scheduler, tiny_pipe.scheduler.set_timesteps
 

@@ -6,7 +6,6 @@ generate(pipe, [prompt_p], seed=seed + i) gives image i again (up to batch-makeu
 """
 from __future__ import annotations
 
-import copy
 import platform
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ _warned_negative = False
 
 def count_calls(pipe, steps: int) -> int:
     """Denoiser calls the pipeline's scheduler makes for `steps` steps (PNDM: 51 for 50)."""
-    sch = copy.deepcopy(pipe.scheduler)
+    sch = type(pipe.scheduler).from_config(pipe.scheduler.config)  # a fresh one: the pipeline's keeps its state
     sch.set_timesteps(steps)
     return len(sch.timesteps)
 

@@ -90,6 +90,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .errors import ShapefirstError
+from .pipeline import cfg_active, denoiser_of, latent_input  # noqa: F401 (public here too)
 
 HOOK_NAME = "shapefirst_guidance"
 AFTER_CHOICES = ("uncond", "cond")
@@ -351,41 +352,6 @@ def _timestep_tensor(args, kwargs, device) -> torch.Tensor:
     if isinstance(t, torch.Tensor):
         return t.detach().reshape(-1)[0] if t.dim() else t.detach()
     return torch.tensor(float(t), device=device)
-
-
-def latent_input(args, kwargs):
-    """The denoiser's latent input: positional first argument (UNet, PixArt) or `sample=` /
-    `hidden_states=` (SD3 passes every argument by keyword)."""
-    if args:
-        return args[0]
-    return kwargs["sample"] if "sample" in kwargs else kwargs.get("hidden_states")
-
-
-def cfg_active(pipe, sample: torch.Tensor) -> bool:
-    """Does this denoiser call run classifier-free guidance (rows = [uncond..., cond...])?
-    See the module docstring for the rule per family (PixArt's rule reads the latents: one host sync)."""
-    rows = sample.shape[0]
-    if rows % 2:
-        return False
-    flag = getattr(pipe, "do_classifier_free_guidance", None)
-    if flag is None and hasattr(pipe, "guidance_scale") and not callable(pipe.guidance_scale):
-        try:
-            flag = float(pipe.guidance_scale) > 1.0
-        except (TypeError, ValueError):
-            flag = None
-    if flag is None:  # PixArt: read the call itself
-        half = rows // 2
-        return bool(torch.equal(sample[:half], sample[half:]))
-    return bool(flag)
-
-
-def denoiser_of(pipe) -> torch.nn.Module:
-    for name in ("unet", "transformer"):
-        mod = getattr(pipe, name, None)
-        if isinstance(mod, torch.nn.Module):
-            return mod
-    raise ShapefirstError(f"{type(pipe).__name__} has no `unet` or `transformer` denoiser",
-                          "pass a diffusers text-to-image pipeline")
 
 
 def guidance_hook_of(pipe_or_denoiser) -> "GuidanceHook | None":

@@ -1,7 +1,10 @@
-"""Pipeline helpers every family shares: prompt encoding through each pipeline's public encode_prompt."""
+"""Pipeline helpers every family shares: the denoiser, its latent input, whether a call runs
+classifier-free guidance, and prompt encoding through each pipeline's public encode_prompt."""
 from __future__ import annotations
 
 import torch
+
+from .errors import ShapefirstError
 
 
 def encode_prompts(pipe, prompts: list[str], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,3 +25,38 @@ def _cond_uncond(pipe, out) -> tuple[torch.Tensor, torch.Tensor]:
     from .models import family_of_pipe
 
     return (out[0], out[2]) if family_of_pipe(pipe) == "pixart" else (out[0], out[1])
+
+
+def latent_input(args, kwargs):
+    """The denoiser's latent input: positional first argument (UNet, PixArt) or `sample=` /
+    `hidden_states=` (SD3 passes every argument by keyword)."""
+    if args:
+        return args[0]
+    return kwargs["sample"] if "sample" in kwargs else kwargs.get("hidden_states")
+
+
+def cfg_active(pipe, sample: torch.Tensor) -> bool:
+    """Does this denoiser call run classifier-free guidance (rows = [uncond..., cond...])?
+    See the module docstring for the rule per family (PixArt's rule reads the latents: one host sync)."""
+    rows = sample.shape[0]
+    if rows % 2:
+        return False
+    flag = getattr(pipe, "do_classifier_free_guidance", None)
+    if flag is None and hasattr(pipe, "guidance_scale") and not callable(pipe.guidance_scale):
+        try:
+            flag = float(pipe.guidance_scale) > 1.0
+        except (TypeError, ValueError):
+            flag = None
+    if flag is None:  # PixArt: read the call itself
+        half = rows // 2
+        return bool(torch.equal(sample[:half], sample[half:]))
+    return bool(flag)
+
+
+def denoiser_of(pipe) -> torch.nn.Module:
+    for name in ("unet", "transformer"):
+        mod = getattr(pipe, name, None)
+        if isinstance(mod, torch.nn.Module):
+            return mod
+    raise ShapefirstError(f"{type(pipe).__name__} has no `unet` or `transformer` denoiser",
+                          "pass a diffusers text-to-image pipeline")
