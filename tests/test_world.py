@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from shapefirst.errors import ShapefirstError
 from shapefirst.world import model_path, render
 from shapefirst.world.judge import degrade, judge
 from shapefirst.world.vocab import load_tokenizer, write_tokenizer
@@ -114,6 +115,37 @@ def test_training_smoke_and_resume(tmp_path):
     wa = load_file(str(full / "unet" / "diffusion_pytorch_model.safetensors"))
     wb = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_training_continues_from_a_base_model(tmp_path):
+    """--base keeps the base model's text encoder, VAE and CLIP and trains its UNet further."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from shapefirst.world.train import Recipe, train
+
+    base = train(tmp_path / "a", Recipe.tiny())
+    r = Recipe.tiny(seed=1)
+    r.base, r.unet_lr, r.fp16 = str(base), 1e-12, False
+    cont = train(tmp_path / "b", r)
+    w = lambda m, f: load_file(str(m / f))  # noqa: E731
+    for f in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        a, b = w(base, f), w(cont, f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ua, ub = w(base, "unet/diffusion_pytorch_model.safetensors"), w(cont, "unet/diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(ua[k], ub[k], atol=1e-6) for k in ua)  # started from the base UNet (lr ~ 0)
+    rec = json.loads((cont / "recipe.json").read_text())
+    assert rec["recipe"]["base"] == str(base) and rec["base"]["recipe"]["seed"] == 0
+
+
+def test_training_base_must_be_a_model_folder(tmp_path):
+    from shapefirst.world.train import Recipe, train
+
+    r = Recipe.tiny()
+    r.base = str(tmp_path)
+    with pytest.raises(ShapefirstError, match="not a shapes-world model folder"):
+        train(tmp_path / "b", r)
 
 
 SHIPPED = model_path()

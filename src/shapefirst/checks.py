@@ -54,6 +54,12 @@ def guidance(value: float) -> float:
     return float(value)
 
 
+def learning_rate(value: float, option: str) -> float:
+    if not math.isfinite(value) or not 0 < value < 1:
+        raise ShapefirstError(f"{option} {value} is not a learning rate in (0, 1)", f"pass e.g. {option} 2e-4")
+    return float(value)
+
+
 def train_timesteps(model: str) -> int | None:
     """num_train_timesteps of a local model folder's scheduler (None when it cannot be read)."""
     from .models import embedded_model_path

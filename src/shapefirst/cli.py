@@ -412,12 +412,24 @@ def train(
     tiny: bool = typer.Option(False, "--tiny", help="a few steps of every stage on tiny sizes (smoke test)"),
     dest: Optional[Path] = typer.Option(None, help="where the finished model folder goes (default OUT/model)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a model folder an earlier `train` wrote at --dest"),
+    base: Optional[str] = typer.Option(None, help="continue from a finished model folder (or `embedded`): its text "
+                                       "encoder, VAE and CLIP are kept, its UNet trained further on fresh latents"),
+    unet_steps: Optional[int] = typer.Option(None, help="UNet optimisation steps (default: the recipe's 1000)"),
+    unet_lr: Optional[float] = typer.Option(None, help="peak UNet learning rate (default: the recipe's 4e-4)"),
 ):
     """Train the shapes-world model (tokenizer -> CLIP -> VAE -> UNet); resumes from checkpoints."""
     from .world.train import Recipe, train as run_train
 
     checks.seed(seed)
     recipe = Recipe.tiny(seed) if tiny else Recipe(seed=seed)
+    if unet_steps is not None:
+        recipe.unet_steps = checks.positive(unet_steps, "--unet-steps", 1000)
+    if unet_lr is not None:
+        recipe.unet_lr = checks.learning_rate(unet_lr, "--unet-lr")
+    if base:
+        from .models import embedded_model_path
+
+        recipe.base = str(embedded_model_path() if base == "embedded" else Path(base).resolve())
     path = run_train(out, recipe, dest, overwrite=overwrite)
     typer.echo(f"model -> {path}", err=True)
 

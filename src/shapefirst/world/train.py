@@ -45,6 +45,9 @@ class Recipe:
     caption_dropout: float = 0.1
     ckpt_every: int = 100
     fp16: bool = True
+    # a finished model folder to continue from: its tokenizer, CLIP, text encoder and VAE are taken as
+    # they are and the UNet training starts from its UNet (fresh latents and batches from this seed)
+    base: str = ""
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -298,7 +301,7 @@ def make_scheduler_config() -> dict:
 
 
 def train_unet(out: Path, tok, r: Recipe, prog) -> float:
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     text = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
@@ -320,6 +323,8 @@ def train_unet(out: Path, tok, r: Recipe, prog) -> float:
 
     torch.manual_seed(r.seed + 5)
     unet = make_unet(r, text.config.hidden_size)
+    if r.base:  # float16 shipped weights, trained on in float32
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(Path(r.base) / "unet").float().state_dict())
     ema = make_unet(r, text.config.hidden_size)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
@@ -365,6 +370,17 @@ def finish_clip_folder(clip, tok, folder: Path) -> None:
                        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(folder)
 
 
+def recipe_record(r: Recipe, timings: dict) -> dict:
+    """recipe.json of a finished model: its recipe and stage times, and for a continued model the
+    record of the model it continued from (so the whole training history stays with the weights)."""
+    rec = {"recipe": asdict(r), "seconds_per_stage": timings}
+    if r.base:
+        base = json.loads((Path(r.base) / "recipe.json").read_text()) if (Path(r.base) / "recipe.json").exists() else {}
+        base.pop("recommended", None)  # measured on the base model, not on this one
+        rec["base"] = base
+    return rec
+
+
 def assemble(out: Path, dest: Path, r: Recipe, timings: dict) -> Path:
     """Write the final diffusers folder (UNet and VAE weights in float16 when r.fp16)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -388,7 +404,7 @@ def assemble(out: Path, dest: Path, r: Recipe, timings: dict) -> Path:
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         finish_clip_folder(clip, tok, tmp / "clip")
-        (tmp / "recipe.json").write_text(json.dumps({"recipe": asdict(r), "seconds_per_stage": timings}, indent=2))
+        (tmp / "recipe.json").write_text(json.dumps(recipe_record(r, timings), indent=2))
         OutputFolder(tmp, "train-model", asdict(r)).claim(p.name for p in tmp.iterdir())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -443,7 +459,26 @@ def train(out: str | Path, recipe: Recipe | None = None, dest: str | Path | None
     return assemble(out, dest, r, timings)
 
 
+def take_base(out: Path, base: Path) -> None:
+    """Continue from a finished model: its tokenizer, CLIP, text encoder and (refined) VAE become this
+    run's finished stages, so only the latents and the UNet are made anew."""
+    import shutil
+
+    if not (base / "unet" / "config.json").exists() or not (base / "clip" / "config.json").exists():
+        raise ShapefirstError(f"--base {base} is not a shapes-world model folder (no unet/ or clip/ in it)",
+                              "pass a folder `shapefirst train` wrote, or `embedded` for the shipped model")
+    for src, dst in (("tokenizer", "tokenizer"), ("clip", "clip"), ("text_encoder", "text_encoder"), ("vae", "vae_refined")):
+        shutil.copytree(base / src, out / dst, dirs_exist_ok=True)
+
+
 def _stages(out: Path, r: Recipe, prog, done) -> None:
+    if r.base:
+        take_base(out, Path(r.base))
+        tok = load_tokenizer(out / "tokenizer")
+        done("latents", encode_latents(out, r, prog))
+        if not (out / "unet" / "config.json").exists():
+            done("unet", train_unet(out, tok, r, prog))
+        return
     write_tokenizer(out / "tokenizer")
     tok = load_tokenizer(out / "tokenizer")
     if not (out / "clip" / "config.json").exists():
