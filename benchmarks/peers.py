@@ -7,10 +7,11 @@ after), Guidance Interval (Kynkaanniemi et al. 2024: guidance only for sigma in 
 paper's SD-XL interval, conditional branch outside) and Step AG ("How Much To Guide" 2025: guidance
 for a fixed first fraction of the steps, conditional after). The last three have no package for
 diffusers pipelines; they are shapefirst GuidanceSchedules built from their papers' rules.
-diffusers' modular `ClassifierFreeGuidance(start, stop)` guider cannot run here: diffusers 0.42
-ships modular pipelines for SDXL and SD3 but none for SD 1.x, the embedded model's family (its rule,
-CFG inside [start, stop) and the conditional branch outside, is GuidanceSchedule(start, stop,
-after="cond")).
+diffusers' modular `ClassifierFreeGuidance(start, stop)` guider cannot run on the embedded model:
+diffusers 0.42 ships modular pipelines for SDXL and SD3 but none for SD 1.x. Its rule (CFG inside
+[start, stop), the conditional branch outside) is GuidanceSchedule(start, stop, after="cond"), which
+gives its latents on a tiny SDXL pipeline (tests/test_modular_guider.py), so the "Step AG" rows
+below are also that guider's.
 
 Needs `pip install tgate==1.0.0` (it pulls DeepCache 0.1.1; runs with diffusers 0.42). Two phases, so that
 quality can run on a busy machine and timing alone:
