@@ -1,7 +1,10 @@
 """shapefirst against its peers on one model, one prompt set, one seed per image, several cost levels.
 
 Peers (../shared/PAPER.md): diffusers' SDCFGCutoffCallback (run as diffusers ships it), the `tgate`
-package (T-GATE, run as it ships: its own copied pipeline method `pipe.tgate`), Adaptive Guidance
+package (T-GATE, run as it ships: its own copied pipeline method `pipe.tgate`; it stops CFG itself at
+its gate step, conditional branch after, so "T-GATE + a guidance stop" is T-GATE alone, and the stop
+with T-GATE's cross-attention reuse is shapefirst's own `+mean` late cache), the `DeepCache` package
+(DeepCacheSDHelper as it ships, alone and under shapefirst's fixed stop: see `deepcache`), Adaptive Guidance
 (Castillo et al. 2023: stop CFG per sample once cos(cond, uncond) >= threshold, conditional branch
 after), Guidance Interval (Kynkaanniemi et al. 2024: guidance only for sigma in (0.28, 5.42], the
 paper's SD-XL interval, conditional branch outside) and Step AG ("How Much To Guide" 2025: guidance
@@ -13,7 +16,7 @@ diffusers 0.42 ships modular pipelines for SDXL and SD3 but none for SD 1.x. Its
 gives its latents on a tiny SDXL pipeline (tests/test_modular_guider.py), so the "Step AG" rows
 below are also that guider's.
 
-Needs `pip install tgate==1.0.0` (it pulls DeepCache 0.1.1; runs with diffusers 0.42). Two phases, so that
+Needs `pip install tgate==1.0.0` (it pulls DeepCache 0.1.1; both run with diffusers 0.42). Two phases, so that
 quality can run on a busy machine and timing alone:
     python benchmarks/peers.py quality --n 1000 --out /work/bench/peers   # no timing (deterministic)
     python benchmarks/peers.py timing --n 40 --out /work/bench/peers      # run ALONE: A/B adjacent timing
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import time
@@ -41,7 +45,7 @@ from shapefirst.experiments.sweep import (Config, distribution_distances, paired
                                           run_sweep, saving)
 from shapefirst.results import read_jsonl
 from shapefirst.generate import GenerationResult
-from shapefirst.guidance import AdaptiveStop, GuidanceSchedule, denoiser_of, latent_input
+from shapefirst.guidance import AdaptiveStop, GuidanceSchedule, denoiser_of, guidance_schedule, latent_input
 from shapefirst.cache import LateCache
 from shapefirst.models import load_pipeline, set_scheduler
 
@@ -114,6 +118,37 @@ def tgate(gate_step: int, scale: float = 7.5, sp_interval: int = 5, fi_interval:
     return run
 
 
+def deepcache(interval: int, scale: float = 7.5, schedule: GuidanceSchedule | None = None, branch: int = 0):
+    """The DeepCache package (Ma et al., CVPR 2024) as it ships: DeepCacheSDHelper wraps the UNet's
+    blocks; the full UNet runs every `interval`-th call, in between only the outer branch `branch`.
+    With `schedule` (a fixed stop), shapefirst's guidance hook runs under it: DeepCache wraps the
+    hooked forward, so its cached block outputs have the batch the hook passes on. The stop changes
+    that batch (2B rows to B), so it must fall on a call DeepCache refreshes (aligned_stop); an
+    adaptive per-sample stop changes it at any call and does not compose with the package."""
+    def run(pipe, prompts, seed, steps, scheduler):
+        from contextlib import nullcontext
+
+        from DeepCache import DeepCacheSDHelper
+
+        with guidance_schedule(pipe, schedule) if schedule else nullcontext() as hook:
+            helper = DeepCacheSDHelper(pipe=pipe)
+            helper.set_params(cache_interval=interval, cache_branch_id=branch)
+            helper.enable()
+            try:
+                r = run_pipe(pipe, prompts, seed, steps, scheduler, scale)
+            finally:
+                helper.disable()
+        if hook is not None:  # the pre-hook in run_pipe sees the rows before the guidance hook drops any
+            r.evaluations_per_image = [int(e) for e in hook.evaluations]
+        return r
+    return run
+
+
+def aligned_stop(f: float, steps: int, interval: int) -> int:
+    """The first unguided call nearest f * steps that DeepCache refreshes (a multiple of its interval)."""
+    return max(interval, interval * int(math.floor(f * steps / interval + 0.5)))
+
+
 def interval_steps(pipe, steps: int, scheduler: str, lo: float = 0.28, hi: float = 5.42) -> tuple[int, int]:
     """Guidance Interval: the calls whose noise level sigma = sqrt((1 - abar) / abar) is in (lo, hi]."""
     set_scheduler(pipe, scheduler)
@@ -154,6 +189,16 @@ def configs(pipe, args) -> list[Config]:
                                GuidanceSchedule(w, adaptive=AdaptiveStop(t), after="cond"), sch, n))
         extra.append(Config(f"diffusers SDCFGCutoffCallback({f})", GuidanceSchedule(w), sch, n,
                             run=cutoff_callback(f, w)))
+    for t in args.shape:
+        main.append(Config(f"shapefirst shape-settled tol={t} uncond",
+                           GuidanceSchedule(w, adaptive=AdaptiveStop(criterion="shape", tolerance=t)), sch, n))
+    for i, d in enumerate(args.deepcache):
+        main.append(Config(f"DeepCache interval={d} (DeepCache)", GuidanceSchedule(w), sch, n, run=deepcache(d, w)))
+        if i < len(args.levels):
+            k = aligned_stop(args.levels[i], n, d)
+            both = GuidanceSchedule(w, stop_step=k)
+            main.append(Config(f"shapefirst stop_step={k} uncond + DeepCache interval={d}", both, sch, n,
+                               run=deepcache(d, w, both)))
     extra.append(Config("full, image by image", GuidanceSchedule(w), sch, n, run=one_by_one(w)))
     main.append(Config(f"Guidance Interval sigma(0.28,5.42] calls [{gi0},{gi1}) (cond)",
                        GuidanceSchedule(w, start_step=gi0, stop_step=gi1, after="cond"), sch, n))
@@ -229,6 +274,10 @@ def main():
     ap.add_argument("--levels", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.3])
     ap.add_argument("--adaptive", type=lambda s: [float(x) for x in s.split(",") if x], default=[])
     ap.add_argument("--caches", type=lambda s: [x for x in s.split(",") if x], default=[])
+    ap.add_argument("--shape", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
+                    help="tolerances of shapefirst's shape-settled adaptive stop (unconditional branch after)")
+    ap.add_argument("--deepcache", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                    help="cache intervals of the DeepCache package; the i-th also with shapefirst's stop at level i")
     ap.add_argument("--only", type=lambda s: [x for x in s.split(";") if x], default=[],
                     help="keep configurations whose name contains one of these (';'-separated)")
     ap.add_argument("--skip", type=lambda s: [x for x in s.split(";") if x], default=[],
