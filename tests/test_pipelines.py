@@ -387,3 +387,29 @@ def test_the_hooks_make_no_host_sync_per_call(pipes, tiny_pipe, monkeypatch, cas
         assert 0 < len(chk.syncs) <= STEPS and set(chk.syncs) == {"cpu"}, chk.syncs
     else:
         assert chk.syncs == [], chk.syncs
+
+
+@pytest.mark.parametrize("kind", CONTROLNET_KINDS)
+def test_a_controlnet_that_fails_mid_run_leaves_the_next_run_clean(pipes, kind):
+    """The ControlNet raising inside a stopped call (its rows cut) must not leave the shared state
+    half-prepared: the next run equals a run on a fresh schedule."""
+    pipe = pipes[kind]
+    sched = GuidanceSchedule(W, stop=0.5)
+    with guidance_schedule(pipe, sched):
+        ref = run(pipe, kind)
+    calls = [0]
+
+    def boom(module, args):
+        calls[0] += 1
+        if calls[0] == STEPS - 1:  # a late call: the hook runs the ControlNet on the kept rows only
+            raise RuntimeError("boom")
+
+    with guidance_schedule(pipe, sched):
+        h = pipe.controlnet.conv_in.register_forward_pre_hook(boom)
+        try:
+            with pytest.raises(RuntimeError, match="boom"):
+                run(pipe, kind)
+        finally:
+            h.remove()
+        again = run(pipe, kind)
+    np.testing.assert_allclose(again, ref, atol=1e-6)

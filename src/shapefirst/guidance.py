@@ -763,9 +763,13 @@ class ControlNetRows(ModelHook):
         st = self.state
         st.prepare(sample)
         lay, rows = st.layout, sample.shape[0]
-        if lay.full:
-            return forward(*args, **kwargs)
-        out = forward(*_rows_of(args, rows, lay.run_dev), **_rows_of(kwargs, rows, lay.run_dev))
+        try:
+            if lay.full:
+                return forward(*args, **kwargs)
+            out = forward(*_rows_of(args, rows, lay.run_dev), **_rows_of(kwargs, rows, lay.run_dev))
+        except BaseException:  # as the guidance hook does: the next run must begin afresh
+            st.prepared = False
+            raise
         return _expand_rows(out, len(lay.run), lay.src)
 
 
