@@ -254,3 +254,21 @@ def test_a_users_file_inside_an_owned_folder_survives_overwrite(tiny_pipe, tmp_p
     run_analysis("frequency", tiny_pipe, tmp_path / "a", **kw)
     run_analysis("frequency", tiny_pipe, tmp_path / "a", overwrite=True, **{**kw, "seed": 3})
     assert (tmp_path / "a" / "frequency" / "notes.txt").read_text() == "mine"
+
+
+def test_a_failed_overwrite_keeps_the_earlier_output_and_leaves_no_staging_folder(tiny_pipe, tmp_path, monkeypatch):
+    from shapefirst.generate import GenerationResult, generate
+    from shapefirst.guidance import GuidanceSchedule
+
+    res = generate(tiny_pipe, ["a red circle"], GuidanceSchedule(7.5), steps=2, seed=0)
+    out = res.save(tmp_path / "g", key={"seed": 0})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(self, stage, vae, extra):
+        (stage / "image_000.png").write_bytes(b"half")
+        raise RuntimeError("decode failed")
+
+    monkeypatch.setattr(GenerationResult, "_write", broken)
+    with pytest.raises(RuntimeError, match="decode failed"):
+        res.save(out, key={"seed": 1}, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

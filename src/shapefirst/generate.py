@@ -89,7 +89,8 @@ class GenerationResult:
 
         out = Path(out)
         created = not out.exists()
-        owner = OutputFolder(out, "generate", key, overwrite=overwrite, reuse=False).check(probe=False)
+        # dry: an earlier output (overwrite) is removed only once the new one is written in full
+        owner = OutputFolder(out, "generate", key, overwrite=overwrite, reuse=False).check(probe=False, dry=True)
         try:
             out.mkdir(parents=True, exist_ok=True)
             stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out))
@@ -98,17 +99,18 @@ class GenerationResult:
                                   "choose a writable --out folder") from e
         try:
             self._write(stage, vae, extra)
+            owner.remove_own()  # the earlier output's own files (none in a new or empty folder)
             owner.claim(p.name for p in stage.iterdir())
             files = sorted((p for p in stage.rglob("*") if p.is_file()), key=lambda p: p.name == "run.json")
             for p in files:
                 dest = out / p.relative_to(stage)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 p.replace(dest)
-        except (OSError, ShapefirstError) as e:
+        except BaseException as e:  # a failed decode or Ctrl-C too: no staging folder is left behind
             shutil.rmtree(stage, ignore_errors=True)
             if created:
                 shutil.rmtree(out, ignore_errors=True)
-            if isinstance(e, ShapefirstError):
+            if not isinstance(e, OSError):
                 raise
             raise ShapefirstError(f"writing to {out} failed ({e.strerror or e})", "free disk space or choose another --out") from e
         shutil.rmtree(stage, ignore_errors=True)
