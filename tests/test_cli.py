@@ -117,6 +117,19 @@ def test_non_world_model_without_prompts_is_refused(tiny_folder, tmp_path, capsy
     assert code == 2 and "--prompts FILE" in err
 
 
+@pytest.mark.parametrize("given,missing", [((), "--prompts"), (("--prompts",), "--clip"),
+                                           (("--prompts", "--clip"), "--pairs")])
+def test_report_checks_every_analysis_input_before_any_work(tiny_folder, tmp_path, capsys, given, missing):
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    (tmp_path / "pairs.txt").write_text("a red circle || a blue square\n")
+    (tmp_path / "clip").mkdir()  # never loaded: the missing input is reported first
+    files = {"--prompts": tmp_path / "p.txt", "--pairs": tmp_path / "pairs.txt", "--clip": tmp_path / "clip"}
+    argv = ["report", "--model", tiny_folder, "--out", tmp_path / "o"] + [x for g in given for x in (g, files[g])]
+    code, err = run(argv, capsys)
+    assert code == 2 and missing in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_malformed_pair_file(tiny_folder, tmp_path, capsys):
     pf = tmp_path / "pairs.txt"
     pf.write_text("a red circle || a blue square\nno separator here\n", encoding="utf-8")

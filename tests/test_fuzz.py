@@ -33,13 +33,13 @@ def _int_opts(family):
             "report": [],
             "sweep": ["--n", "--seed", "--batch", "--timing-batches"],
             "calibrate": ["--n", "--steps", "--batch", "--timing-batches"],
-            "train": ["--seed"]}[family]
+            "train": ["--seed", "--unet-steps"]}[family]
 
 
 def _float_opts(family):
     return {"generate": ["--guidance", "--guidance-stop", "--adaptive", "--guidance-start", "--adaptive-shape"],
             "analyze": ["--guidance"], "report": ["--guidance"], "sweep": ["--guidance"],
-            "calibrate": ["--guidance", "--tolerance"], "train": []}[family]
+            "calibrate": ["--guidance", "--tolerance"], "train": ["--unet-lr"]}[family]
 
 
 def _base(family, p):

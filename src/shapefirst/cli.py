@@ -191,6 +191,7 @@ def report(
     from .models import load_pipeline
     from .outputs import OutputFolder
     from .prompts import read_pairs, read_prompts
+    from .experiments.registry import Inputs, check_inputs
     from .report import BUDGETS, build_page, run_report
 
     if budget not in BUDGETS:
@@ -204,9 +205,7 @@ def report(
     prompt_list = read_prompts(prompts) if prompts else None
     pair_list = read_pairs(pairs) if pairs else None
     world = model == "embedded"
-    if not world and prompt_list is None:
-        raise ShapefirstError("this model is not the shapes world, so there are no built-in prompts",
-                              "pass --prompts FILE")
+    check_inputs(Inputs(prompts=prompt_list, pairs=pair_list, clip=clip, world=world))
     scorer = _scorer(clip, world)
     pipe = load_pipeline(model, device=dev, allow_pickle=allow_pickle)
     console = Console(stderr=True)

@@ -82,6 +82,12 @@ class Analysis:
                 raise ShapefirstError(f"{self.name} on a model other than the shapes world needs {need}", fixes[need])
 
 
+def check_inputs(inputs: Inputs) -> None:
+    """Before any model loads: what every analysis (the report runs them all) needs from the caller."""
+    for a in analyses().values():
+        a.check_inputs(inputs)
+
+
 def analyses() -> dict[str, Analysis]:
     """Every analysis of this package, in report order (discovered from the modules' ANALYSIS)."""
     import importlib

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import ShapefirstError
-from ..experiments.registry import analyses, figures_of
+from ..experiments.registry import Inputs, analyses, check_inputs, figures_of
 from ..results import Result, atomic_write_text
 
 BUDGETS = {
@@ -47,9 +47,7 @@ def run_report(pipe, out: str | Path, budget: str = "quick", world: bool = True,
     res_dir = out / "results"
     t0 = time.time()
     tick = progress or (lambda name: None)
-    if prompts is None and not world:
-        raise ShapefirstError("this model is not the shapes world, so there are no built-in prompts",
-                              "pass --prompts FILE")
+    check_inputs(Inputs(prompts=prompts, pairs=pairs, clip=clip, world=world))
     ps, targets = (prompts, None) if prompts else world_prompts(max(b["n"], b["sweep_n"]), 0)
     owner.claim(["results"])
     tick("generate")
