@@ -54,6 +54,7 @@ BAD = [
     (["--guidance", "nan"], "not a number"),
     (["--steps", "0"], "not a positive integer"),
     (["--after", "both"], "is not one of"),
+    (["--cache", "mean,deep3"], "'mean,deep3' is not understood"),  # one spec: a comma list is a sweep's
 ]
 
 

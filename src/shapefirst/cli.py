@@ -75,6 +75,7 @@ def generate(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle (.bin/.ckpt) weights: only for trusted files"),
 ):
     """Generate images with a guidance schedule; writes PNGs and run.json (and the trajectory with --trace)."""
+    from .cache import LateCache
     from .generate import check_prompts, count_calls, generate as run_generate
     from .models import SCHEDULERS, load_pipeline, pick_dtype
     from .outputs import OutputFolder
@@ -87,7 +88,7 @@ def generate(
     guidance = _guidance(guidance, model)
     schedule = _schedule(guidance, guidance_stop, guidance_stop_step, after, adaptive, adaptive_min_call,
                          guidance_start, guidance_start_step, _shape_tolerance(adaptive_shape, model))
-    late = _caches(cache)[0]
+    late = LateCache.parse(cache)  # one spec (a sweep takes a comma list: --caches)
     if scheduler not in SCHEDULERS:
         raise ShapefirstError(f"unknown scheduler {scheduler!r}", f"use one of: {', '.join(SCHEDULERS)}")
     dev = checks.device(device)
