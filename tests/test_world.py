@@ -146,6 +146,10 @@ def test_training_base_must_be_a_model_folder(tmp_path):
     r.base = str(tmp_path)
     with pytest.raises(ShapefirstError, match="not a shapes-world model folder"):
         train(tmp_path / "b", r)
+    r.base = str(model_path())  # the shipped model's UNet is wider than the tiny recipe's
+    with pytest.raises(ShapefirstError, match="UNet of widths"):
+        train(tmp_path / "b", r)
+    assert not (tmp_path / "b").exists()  # refused before the work folder is claimed
 
 
 SHIPPED = model_path()

@@ -439,6 +439,8 @@ def train(out: str | Path, recipe: Recipe | None = None, dest: str | Path | None
     r = recipe or Recipe()
     out = Path(out)
     dest = Path(dest) if dest else out / "model"
+    if r.base:
+        check_base(r)
     owner = OutputFolder(out, "train", asdict(r), overwrite=overwrite).check()
     check_dest(dest, out, overwrite)
     (out / "work").mkdir(parents=True, exist_ok=True)
@@ -459,26 +461,42 @@ def train(out: str | Path, recipe: Recipe | None = None, dest: str | Path | None
     return assemble(out, dest, r, timings)
 
 
+def check_base(r: Recipe) -> None:
+    """Before any work: r.base is a finished shapes-world model whose UNet has the recipe's sizes."""
+    base = Path(r.base)
+    if not (base / "unet" / "config.json").exists() or not (base / "clip" / "config.json").exists():
+        raise ShapefirstError(f"--base {base} is not a shapes-world model folder (no unet/ or clip/ in it)",
+                              "pass a folder `shapefirst train` wrote, or `embedded` for the shipped model")
+    widths = tuple(json.loads((base / "unet" / "config.json").read_text()).get("block_out_channels", ()))
+    if widths != tuple(r.unet_channels):
+        raise ShapefirstError(f"--base {base} has a UNet of widths {widths}, this recipe trains {tuple(r.unet_channels)}",
+                              "continue a model with the recipe it was made with (drop --tiny)")
+
+
 def take_base(out: Path, base: Path) -> None:
     """Continue from a finished model: its tokenizer, CLIP, text encoder and (refined) VAE become this
     run's finished stages, so only the latents and the UNet are made anew."""
     import shutil
 
-    if not (base / "unet" / "config.json").exists() or not (base / "clip" / "config.json").exists():
-        raise ShapefirstError(f"--base {base} is not a shapes-world model folder (no unet/ or clip/ in it)",
-                              "pass a folder `shapefirst train` wrote, or `embedded` for the shipped model")
     for src, dst in (("tokenizer", "tokenizer"), ("clip", "clip"), ("text_encoder", "text_encoder"), ("vae", "vae_refined")):
-        shutil.copytree(base / src, out / dst, dirs_exist_ok=True)
+        if not (out / dst).exists():  # copied aside, then renamed: an interrupted copy is redone
+            shutil.rmtree(out / f".{dst}.tmp", ignore_errors=True)
+            shutil.copytree(base / src, out / f".{dst}.tmp")
+            (out / f".{dst}.tmp").replace(out / dst)
 
 
 def _stages(out: Path, r: Recipe, prog, done) -> None:
     if r.base:
         take_base(out, Path(r.base))
-        tok = load_tokenizer(out / "tokenizer")
-        done("latents", encode_latents(out, r, prog))
-        if not (out / "unet" / "config.json").exists():
-            done("unet", train_unet(out, tok, r, prog))
-        return
+    else:
+        _early_stages(out, r, prog, done)
+    tok = load_tokenizer(out / "tokenizer")
+    done("latents", encode_latents(out, r, prog))
+    if not (out / "unet" / "config.json").exists():
+        done("unet", train_unet(out, tok, r, prog))
+
+
+def _early_stages(out: Path, r: Recipe, prog, done) -> None:
     write_tokenizer(out / "tokenizer")
     tok = load_tokenizer(out / "tokenizer")
     if not (out / "clip" / "config.json").exists():
@@ -491,6 +509,3 @@ def _stages(out: Path, r: Recipe, prog, done) -> None:
         done("vae", train_vae(out, r, prog))
     if not (out / "vae_refined" / "config.json").exists():
         done("vae_refine", train_vae(out, r, prog, refine=True))
-    done("latents", encode_latents(out, r, prog))
-    if not (out / "unet" / "config.json").exists():
-        done("unet", train_unet(out, tok, r, prog))
