@@ -51,7 +51,7 @@ BAD = [
     (["--guidance-stop-step", "99"], "beyond the 4 denoiser calls"),
     (["--scheduler", "heun2"], "unknown scheduler"),
     (["--guidance", "1.0", "--guidance-stop", "0.5"], "guidance scale 1.0 <= 1"),
-    (["--guidance", "nan"], "not a number"),
+    (["--guidance", "nan"], "not a finite number"),
     (["--steps", "0"], "not a positive integer"),
     (["--after", "both"], "is not one of"),
     (["--cache", "mean,deep3"], "'mean,deep3' is not understood"),  # one spec: a comma list is a sweep's

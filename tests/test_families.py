@@ -477,3 +477,20 @@ def test_pixart_sigma_shares_the_pixart_support(pixart):
     cut = gen(name, sigma, PROMPTS, GuidanceSchedule(scale=W, stop_step=0, after="cond"))
     assert np.array_equal(cut.images, plain(name, sigma, PROMPTS, w=1.0))
     assert len(denoiser_token_info(sigma, PROMPTS[0]).ids) == 300  # PixArt-sigma's max_sequence_length
+
+
+def test_pixart_kv_substitution_under_a_guidance_stop_leaves_the_unguided_rows_alone(pixart):
+    """PixArt has no do_classifier_free_guidance: the K/V intervention reads the rows from the guidance
+    hook's run state, so after an unconditional stop no (unconditional) row gets the conditional
+    context. Substituting each image's own (projected) context changes nothing then."""
+    from shapefirst.experiments.token_ablation import kv_substitution
+
+    _, pipe = pixart
+    kw = dict(prompt=PROMPTS, num_inference_steps=4, guidance_scale=4.5, output_type="latent", **EXTRA["pixart"])
+    with guidance_schedule(pipe, GuidanceSchedule(4.5, stop=0.5)):
+        ref = pipe(**kw, generator=gens(0, len(PROMPTS))).images
+        cond = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, clean_caption=False)[0]
+        with kv_substitution(pipe) as st, torch.no_grad():
+            st.set(pipe.transformer.caption_projection(cond), "both")
+            same = pipe(**kw, generator=gens(0, len(PROMPTS))).images
+    assert (same - ref).abs().max() <= 1e-4 * ref.abs().max()

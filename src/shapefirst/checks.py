@@ -49,8 +49,9 @@ def seed(value: int, count: int = 1) -> int:
 def guidance(value: float) -> float:
     if value is None:
         return value
-    if not math.isfinite(value) or value < 0:
-        raise ShapefirstError(f"guidance scale {value} is not a number >= 0", "pass e.g. --guidance 7.5")
+    from .guidance import GuidanceSchedule
+
+    GuidanceSchedule(value)  # the library's own rule: a finite number >= 0
     return float(value)
 
 

@@ -135,8 +135,6 @@ def analyze(
     from .prompts import read_pairs, read_prompts
 
     analysis = get(name)
-    if n < 1 or steps < 1 or batch < 1:
-        raise ShapefirstError("--n, --steps and --batch must be positive integers", "pass e.g. --n 16 --steps 50")
     checks.count(n, "--n", 1)
     checks.steps(steps, model)
     checks.batch_size(batch)

@@ -236,8 +236,8 @@ class GuidanceSchedule:
     start_step: int | None = None
 
     def __post_init__(self):
-        if self.scale is None or math.isnan(self.scale) or self.scale < 0:
-            raise ShapefirstError(f"guidance scale {self.scale} is not a number >= 0", "pass e.g. --guidance 7.5")
+        if not _real(self.scale) or not math.isfinite(self.scale) or self.scale < 0:
+            raise ShapefirstError(f"guidance scale {self.scale} is not a finite number >= 0", "pass e.g. --guidance 7.5")
         for what, frac, step, eg, first in (("stop", self.stop, self.stop_step, 0.5, "unguided"),
                                             ("start", self.start, self.start_step, 0.2, "guided")):
             if frac is not None and step is not None:

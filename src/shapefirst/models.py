@@ -77,9 +77,11 @@ def family_of_pipe(pipe) -> str:
 
 
 def pick_device(device: str | None = None) -> str:
-    if device and device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ShapefirstError(f"device {device!r} was asked for but CUDA is not available", "pass --device cpu")
+    """The device asked for (checked: shapefirst.checks.device), else the best this machine has."""
+    from .checks import device as checked
+
+    device = checked(device)
+    if device is not None:
         return device
     if torch.cuda.is_available():
         return "cuda"

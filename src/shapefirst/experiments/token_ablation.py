@@ -97,12 +97,13 @@ class KVState:
     def row_images(self, rows: int) -> torch.Tensor:
         """Per row of this attention call: the image whose conditional row it is, or -1."""
         n = self.alt.shape[0]
-        cfg = getattr(self.pipe, "do_classifier_free_guidance", None) if self.pipe is not None else None
-        st = run_state_of(self.pipe) if self.pipe is not None and cfg else None
-        if st is not None and st.layout is not None and st.batch == n and not st.layout.full:
-            run = st.layout.run  # the rows the guidance hook runs in this call (the shared RunState)
-            if len(run) == rows:
-                return torch.where(run >= n, run - n, torch.full_like(run, -1))
+        st = run_state_of(self.pipe) if self.pipe is not None else None
+        if st is not None and st.prepared:  # inside a call the guidance hook prepared: its decision and rows
+            cfg, lay = st.cfg_now, st.layout
+            if cfg and st.batch == n and not lay.full and len(lay.run) == rows:
+                return torch.where(lay.run >= n, lay.run - n, torch.full_like(lay.run, -1))  # host: no sync
+        else:  # PixArt has no such attribute (None): the row count decides
+            cfg = getattr(self.pipe, "do_classifier_free_guidance", None) if self.pipe is not None else None
         if rows == 2 * n and cfg is not False:
             return torch.cat([torch.full((n,), -1, dtype=torch.long), torch.arange(n)])
         if rows == n and not cfg:
