@@ -104,7 +104,7 @@ def test_analyze_frequency_on_a_local_folder(tiny_folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,msg", [
     (["analyze", "nonsense"], "unknown analysis"),
-    (["analyze", "stages", "--n", "0"], "must be positive"),
+    (["analyze", "stages", "--n", "0"], "--n 0 is outside [1, "),
     (["report", "--budget", "huge"], "unknown budget"),
 ])
 def test_bad_analyze_and_report_options(tmp_path, capsys, argv, msg):
