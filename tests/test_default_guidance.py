@@ -70,3 +70,13 @@ def test_report_defaults_to_it(scale, tmp_path, monkeypatch):
     assert index.exists()
     assert json.loads((tmp_path / "r" / "results" / "generate" / "run.json").read_text())["guidance"] == scale
     assert {r["schedule"]["scale"] for r in _rows(tmp_path / "r" / "results" / "sweep")} == {scale}
+
+
+def test_the_library_run_analysis_defaults_to_it_too(scale, tiny_pipe, tmp_path):
+    from shapefirst.experiments import run_analysis
+    from shapefirst.models import load_pipeline
+
+    res = run_analysis("frequency", load_pipeline("embedded"), tmp_path / "a", n=1, steps=2)
+    assert res.data["settings"]["schedule"]["scale"] == scale
+    mine = run_analysis("frequency", tiny_pipe, tmp_path / "b", n=1, steps=2, prompts=["a red circle"], world=False)
+    assert mine.data["settings"]["schedule"]["scale"] == 7.5

@@ -43,10 +43,11 @@ def draw(plot, res: Result, folder: Path) -> tuple[str | None, list[str]]:
 
 
 def run_analysis(name: str, pipe, out: str | Path, n: int = 8, steps: int = 50, seed: int = 0,
-                 guidance: float = 7.5, prompts: list[str] | None = None, pairs: list | None = None,
+                 guidance: float | None = None, prompts: list[str] | None = None, pairs: list | None = None,
                  clip=None, world: bool = True, batch: int = 8, reuse: bool = True, overwrite: bool = False) -> Result:
     """Run analysis `name` on `pipe` and save it under out/name. world: the pipe is the shapes world
-    (its judge scores images and built-in prompts/pairs are available).
+    (its judge scores images and built-in prompts/pairs are available). guidance None: the embedded
+    model's recommended scale for the shapes world, else diffusers' 7.5 (shapefirst.models.default_guidance).
 
     out/name is keyed (analysis_key): the same key reuses the saved result (figures redrawn); another
     key is refused unless overwrite=True, which replaces only this analysis's own files.
@@ -55,7 +56,11 @@ def run_analysis(name: str, pipe, out: str | Path, n: int = 8, steps: int = 50, 
 
     from ..outputs import OutputFolder
 
+    from ..models import default_guidance
+
     analysis = get(name)
+    analysis.check_inputs(Inputs(prompts=prompts, pairs=pairs, clip=clip, world=world))
+    guidance = default_guidance("embedded" if world else "") if guidance is None else guidance
     folder = Path(out) / name
     key = analysis_key(name, pipe, n, steps, seed, guidance, prompts, pairs, clip, world, batch)
     owner = OutputFolder(folder, "analyze", key, overwrite=overwrite or not reuse).check()
