@@ -12,6 +12,7 @@ from diffusers.hooks import HookRegistry
 from shapefirst.cache import HOOK_NAME as CACHE_HOOK, CrossAttentionReuse, LateCache, apply_late_cache
 from shapefirst.guidance import (GuidanceHook, GuidanceSchedule, apply_guidance_schedule, guidance_hook_of,
                                  remove_guidance_schedule, run_state_of)
+from shapefirst.errors import ShapefirstError
 from shapefirst.models import set_scheduler
 
 from conftest import gens
@@ -150,3 +151,18 @@ def test_encode_prompts_uses_the_public_keyword_interface(tiny_pipe):
     want_c, want_u = tiny_pipe.encode_prompt(prompt=PROMPTS, device=tiny_pipe.device, num_images_per_prompt=1,
                                              do_classifier_free_guidance=True)
     assert torch.equal(cond, want_c) and torch.equal(uncond, want_u)
+
+
+def test_generate_with_another_scheduler_gives_the_pipeline_its_own_back(tiny_pipe):
+    """generate(scheduler=...) is one run's choice: later runs (and the fingerprint of the pipeline, which
+    keys saved results) see the pipeline's own scheduler, also after a failed run."""
+    from shapefirst.generate import generate
+    from shapefirst.outputs import model_fingerprint
+
+    own, print_before = tiny_pipe.scheduler, model_fingerprint(tiny_pipe)
+    res = generate(tiny_pipe, ["a red circle"], GuidanceSchedule(7.5), steps=3, scheduler="dpm++")
+    assert res.settings["scheduler"] == "dpm++"
+    assert tiny_pipe.scheduler is own and model_fingerprint(tiny_pipe) == print_before
+    with pytest.raises(ShapefirstError):
+        generate(tiny_pipe, ["a red circle"], GuidanceSchedule(7.5, stop_step=99), steps=3, scheduler="euler")
+    assert tiny_pipe.scheduler is own

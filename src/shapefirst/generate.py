@@ -20,7 +20,7 @@ import torch
 from .cache import LateCache, late_cache
 from .errors import ShapefirstError
 from .guidance import GuidanceSchedule, guidance_schedule
-from .models import set_scheduler
+from .models import scheduler_for
 from .results import atomic_write_bytes, atomic_write_text, png_bytes, strict_dumps
 from .trace import Trajectory, TrajectoryRecorder
 
@@ -172,7 +172,16 @@ def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int
                                   f"pass at most {batch} images with --trace, or a larger --batch")
         return _in_batches(pipe, prompts_list, schedule, batch, images_per_prompt, negative_prompt, seed,
                            dict(steps=steps, scheduler=scheduler, progress=progress, cache=cache, **pipe_kwargs))
-    n_calls = _prepare(pipe, scheduler, steps, schedule, negative_prompt)
+    with scheduler_for(pipe, scheduler):  # `scheduler` is this run's: the pipeline keeps its own
+        return _one_call(pipe, prompts, prompts_list, schedule, steps, seed, images_per_prompt, negative_prompt,
+                         scheduler, trace, progress, cache, pipe_kwargs)
+
+
+def _one_call(pipe, prompts, prompts_list, schedule, steps, seed, images_per_prompt, negative_prompt, scheduler,
+              trace, progress, cache, pipe_kwargs) -> GenerationResult:
+    """One pipeline call of `generate` (its scheduler already set)."""
+    n_prompts, n = len(prompts_list), len(prompts_list) * images_per_prompt
+    n_calls = _prepare(pipe, steps, schedule, negative_prompt)
     if prompts is not None:
         warn_truncated(pipe, prompts_list)
         warn_empty(prompts_list, schedule, negative_prompt)
@@ -213,10 +222,9 @@ def _text_kwargs(prompts, negative_prompt, n_prompts: int) -> dict:
     return out
 
 
-def _prepare(pipe, scheduler, steps: int, schedule: GuidanceSchedule, negative_prompt) -> int:
-    """Set the scheduler, check steps and the schedule against the run's real calls; return the calls."""
+def _prepare(pipe, steps: int, schedule: GuidanceSchedule, negative_prompt) -> int:
+    """Check steps and the schedule against the run's real calls; return the calls."""
     global _warned_negative
-    set_scheduler(pipe, scheduler)
     trained = pipe.scheduler.config.get("num_train_timesteps")
     if isinstance(trained, int) and steps > trained:
         raise ShapefirstError(f"steps {steps} is more than the model's {trained} training timesteps",

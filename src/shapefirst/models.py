@@ -6,6 +6,8 @@ Supported families (FAMILIES): SD 1.x/2.x, SDXL, PixArt-alpha/sigma, SD3. Schedu
 for SD3."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import json
 import os
 from pathlib import Path
@@ -302,6 +304,16 @@ def schedulers_for(pipe) -> tuple[str, ...]:
     except ShapefirstError:
         return tuple(SCHEDULERS)
     return FAMILY_SCHEDULERS[fam]
+
+
+@contextmanager
+def scheduler_for(pipe, name: str | None):
+    """The pipeline with scheduler `name` inside the block (set_scheduler), its own scheduler back after."""
+    kept = pipe.scheduler
+    try:
+        yield set_scheduler(pipe, name)
+    finally:
+        pipe.scheduler = kept
 
 
 def set_scheduler(pipe, name: str | None):

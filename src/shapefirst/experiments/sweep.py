@@ -389,13 +389,10 @@ def _real_feats(clip, real_images, i, batch, memo) -> np.ndarray:
 
 def _calls(pipe, cfg: Config) -> int:
     from ..generate import count_calls
-    from ..models import set_scheduler
+    from ..models import scheduler_for
 
-    old = pipe.scheduler
-    set_scheduler(pipe, cfg.scheduler)
-    n = count_calls(pipe, cfg.steps)
-    pipe.scheduler = old
-    return n
+    with scheduler_for(pipe, cfg.scheduler):
+        return count_calls(pipe, cfg.steps)
 
 
 def saving(row: dict) -> tuple[float, str]:
