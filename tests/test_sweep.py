@@ -133,3 +133,13 @@ def test_paired_difference_between_rows(tmp_path):
     m, lo, hi = paired_difference(tmp_path, ra, rb)
     assert m == pytest.approx(0.5) and lo < 0.5 < hi
     assert paired_difference(tmp_path, ra, ra) == (0.0, 0.0, 0.0)
+
+
+def test_a_row_of_the_same_name_with_another_configuration_is_refused_by_what_differs(tiny_pipe, tmp_path):
+    from shapefirst.errors import ShapefirstError
+
+    one = [Config("mine", GuidanceSchedule(7.5, stop=0.5), "ddim", 2)]
+    run_sweep(tiny_pipe, PROMPTS[:2], tmp_path, configs=one, batch=2)
+    other = [Config("mine", GuidanceSchedule(7.5, stop=0.5, after="cond"), "ddim", 2)]
+    with pytest.raises(ShapefirstError, match=r"another configuration \(other schedule\)"):
+        run_sweep(tiny_pipe, PROMPTS[:2], tmp_path, configs=other, batch=2)

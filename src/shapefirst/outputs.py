@@ -49,7 +49,7 @@ def read_marker(folder: Path) -> dict | None:
     return m if isinstance(m, dict) and m.get("tool") == "shapefirst" else None
 
 
-def _differences(old: dict | None, new: dict | None) -> str:
+def differences(old: dict | None, new: dict | None) -> str:
     old, new = old or {}, new or {}
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return ", ".join(keys[:6]) or "settings"
@@ -114,7 +114,7 @@ class OutputFolder:
                         raise ShapefirstError(f"output folder {p} already holds the output of an earlier `{self.command}`",
                                               "pass --overwrite to replace it, or a fresh --out folder")
                     raise ShapefirstError(f"output folder {p} holds a result made with other settings "
-                                          f"({_differences(m.get('key'), _plain(self.key))})",
+                                          f"({differences(m.get('key'), _plain(self.key))})",
                                           "pass --overwrite to replace it, or a fresh --out folder")
                 if not dry:
                     self.remove_own(m)

@@ -117,14 +117,16 @@ def _config_of(cfg: Config) -> dict:
 def _reusable(out: Path, owner, configs: list[Config], overwrite: bool) -> dict:
     """The finished rows that may be reused: same folder key (checked by owner) and same configuration."""
     from ..errors import ShapefirstError
+    from ..outputs import differences
 
     done = {r["key"]: r for r in read_jsonl(out / "sweep.jsonl")} if owner.reused else {}
     for cfg in configs:
         old = done.get(cfg.key)
-        if old is not None and {k: old.get(k) for k in _config_of(cfg)} != _config_of(cfg):
+        new = _config_of(cfg)
+        if old is not None and {k: old.get(k) for k in new} != new:
             if not overwrite:
                 raise ShapefirstError(f"{out} holds row {cfg.key!r} made with another configuration "
-                                      f"(guidance {old.get('schedule', {}).get('scale')} vs {cfg.schedule.scale})",
+                                      f"(other {differences({k: old.get(k) for k in new}, new)})",
                                       "pass --overwrite to recompute the sweep, or a fresh --out folder")
             owner.remove_own()
             return {}
