@@ -75,16 +75,13 @@ def _film(pipe, prompts, steps: int, guidance: float, folder: Path, overwrite: b
     """The traced generation behind the film strips, reused when its key matches."""
     from ..generate import generate
     from ..guidance import GuidanceSchedule
-    from ..outputs import model_fingerprint, read_marker, text_digest, version
+    from ..outputs import OutputFolder, model_fingerprint, text_digest, version
 
     key = {"model": model_fingerprint(pipe), "prompts": text_digest(prompts), "steps": steps, "guidance": guidance,
            "version": version()}
-    m = read_marker(folder)
-    if m is not None and m.get("key") == json.loads(json.dumps(key)) and (folder / "run.json").exists():
+    if OutputFolder(folder, "generate", key, overwrite=overwrite).check(probe=False, dry=True).reused \
+            and (folder / "run.json").exists():
         return
-    if m is not None and not overwrite:
-        raise ShapefirstError(f"{folder} holds a generation made with other settings",
-                              "pass --overwrite to recompute it, or a fresh --out folder")
     r = generate(pipe, prompts, GuidanceSchedule(guidance), steps=steps, trace=True)
     r.save(folder, vae=pipe.vae, overwrite=overwrite, key=key)
 
