@@ -494,10 +494,6 @@ class RunState:
     def row_sample(self) -> torch.Tensor:
         return self.layout.row_sample
 
-    @property
-    def row_branch(self) -> torch.Tensor:
-        return self.layout.row_branch
-
     def needs_new_run(self, batch: int) -> bool:
         ts = getattr(self.pipe.scheduler, "timesteps", None)
         done = self.n_calls is not None and self.call >= self.n_calls
@@ -660,19 +656,9 @@ class GuidanceHook(ModelHook):
     schedule = property(lambda self: self.state.schedule)
     recorder = property(lambda self: self.state.recorder)
     call = property(lambda self: self.state.call)
-    batch = property(lambda self: self.state.batch)
     n_calls = property(lambda self: self.state.n_calls)
     evaluations = property(lambda self: self.state.evaluations)
     stop_calls = property(lambda self: self.state.stop_calls)
-    cfg_now = property(lambda self: self.state.cfg_now)
-    late = property(lambda self: self.state.late)
-    may_stop_next = property(lambda self: self.state.may_stop_next)
-    row_sample = property(lambda self: self.state.row_sample)
-    row_branch = property(lambda self: self.state.row_branch)
-
-    def guided_now(self) -> torch.Tensor:
-        """Bool per image: does the current call run guidance for it?"""
-        return self.state.guided_at(self.state.call)
 
     def evaluations_per_image(self) -> list[int]:
         return [int(v) for v in self.state.evaluations]

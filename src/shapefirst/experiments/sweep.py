@@ -61,8 +61,8 @@ def default_configs(scale: float = 7.5, stops=(0.25, 0.5, 0.75), schedulers=("dd
     from ..guidance import AdaptiveStop
 
     rules = [(f"stop={s}", dict(stop=s)) for s in stops]
-    rules += [(f"adaptive={t}", dict(adaptive=AdaptiveStop(t))) for t in adaptive]
-    rules += [(f"adaptive-shape={t}", dict(adaptive=AdaptiveStop(criterion="shape", tolerance=t))) for t in adaptive_shape]
+    stops_ = [AdaptiveStop(t) for t in adaptive] + [AdaptiveStop(criterion="shape", tolerance=t) for t in adaptive_shape]
+    rules += [(a.label, dict(adaptive=a)) for a in stops_]
     out = []
     for sch, st in itertools.product(schedulers, steps):
         out.append(Config("full", GuidanceSchedule(scale), sch, st))
