@@ -14,7 +14,7 @@ a rerun skips finished configurations. Then prints a markdown table (also writte
 <results>/guidance_curve.md), draws <results>/guidance_curve.png and applies the recommendation
 rule (RULE below), written to <results>/guidance_curve_recommended.json once every DDIM scale is done.
 
-    python benchmarks/guidance_curve.py [--n 500] [--scales 1.5,2,3,4,5,7.5] [--results DIR] [--table-only]
+    python benchmarks/guidance_curve.py [--n 500] [--scales 1.5,2,3,4,5,7.5] [--model embedded|FOLDER] [--results DIR] [--table-only]
 """
 from __future__ import annotations
 
@@ -257,6 +257,7 @@ def main():
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--results", default=str(HERE / "results"))
+    ap.add_argument("--model", default="embedded", help="embedded, or a shapes-world model folder (`shapefirst train`)")
     ap.add_argument("--table-only", action="store_true", help="only read the JSONL and write the table/figure/verdict")
     args = ap.parse_args()
     scales = [float(s) for s in args.scales.split(",")]
@@ -281,8 +282,9 @@ def main():
             from shapefirst.models import embedded_model_path, load_pipeline
             from shapefirst.world import render
 
-            pipe = load_pipeline("embedded")
-            clip = Clip.load(embedded_model_path() / "clip", embedded_model_path() / "tokenizer")
+            pipe = load_pipeline(args.model)
+            folder = embedded_model_path() if args.model == "embedded" else Path(args.model)
+            clip = Clip.load(folder / "clip", folder / "tokenizer")
             scenes = render.sample_scenes(args.n, args.seed, "test")
             captions = render.sample_captions(scenes, args.seed)
             targets = [sc.labels() for sc in scenes]
