@@ -415,11 +415,23 @@ def train(
                                        "encoder, VAE and CLIP are kept, its UNet trained further on fresh latents"),
     unet_steps: Optional[int] = typer.Option(None, help="UNet optimisation steps (default: the recipe's 1000)"),
     unet_lr: Optional[float] = typer.Option(None, help="peak UNet learning rate (default: the recipe's 4e-4)"),
+    arch: str = typer.Option("unet", "--arch", help="unet (SD 1.x) or dit (PixArt-alpha transformer + T5, world.train_dit)"),
 ):
     """Train the shapes-world model (tokenizer -> CLIP -> VAE -> UNet); resumes from checkpoints."""
     from .world.train import Recipe, train as run_train
 
     checks.seed(seed)
+    if arch not in ("unet", "dit"):
+        raise ShapefirstError(f"--arch {arch!r} is not a recipe", "pass --arch unet or --arch dit")
+    if arch == "dit":
+        if base or unet_steps is not None or unet_lr is not None:
+            raise ShapefirstError("--base, --unet-steps and --unet-lr belong to the UNet recipe, not --arch dit",
+                                  "drop them, or train with --arch unet")
+        from .world.train_dit import DitRecipe, train_dit
+
+        path = train_dit(out, DitRecipe.tiny(seed) if tiny else DitRecipe(seed=seed), dest, overwrite=overwrite)
+        typer.echo(f"model -> {path}", err=True)
+        return
     recipe = Recipe.tiny(seed) if tiny else Recipe(seed=seed)
     if unet_steps is not None:
         recipe.unet_steps = checks.positive(unet_steps, "--unet-steps", 1000)
