@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 from safetensors.torch import load_file
 
 from shapefirst.metrics import mean_ci, wilson

@@ -175,6 +175,75 @@ def _batch(seed: int, stage: int, step: int, n: int):
     return scenes, caps
 
 
+def training_captions() -> list[str]:
+    """Every caption a training combination can have, after the empty prompt (caption dropout) at 0:
+    caption 1 + combo * n_templates + template (latent_batch's indices)."""
+    combos = render.all_combinations()
+    return [""] + [render.Scene(*combos[c]).caption(t) for c in range(len(combos)) for t in range(len(render.TEMPLATES))]
+
+
+def min_snr_weights(sched, gamma: float = 5.0) -> torch.Tensor:
+    """Per training timestep: the min-SNR-gamma loss weight for epsilon prediction, min(SNR, gamma) / SNR."""
+    snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def latent_batch(data: dict, scale: float, n: int, caption_dropout: float, rng: np.random.Generator,
+                 g: torch.Generator):
+    """n training latents (sampled from the cached posteriors, scaled) and their caption indices
+    into training_captions(), a share caption_dropout of them the empty caption."""
+    side = render.RES // 4
+    idx = torch.from_numpy(rng.integers(0, data["mean"].shape[0], n))
+    z = (data["mean"][idx].float() + data["std"][idx].float() * torch.randn(n, 4, side, side, generator=g)) * scale
+    n_t = len(render.TEMPLATES)
+    cap = 1 + data["combo"][idx] * n_t + torch.from_numpy(rng.integers(0, n_t, n))
+    return z, torch.where(torch.from_numpy(rng.random(n) < caption_dropout), torch.zeros_like(cap), cap)
+
+
+def ema_updater(ema: torch.nn.Module, model: torch.nn.Module):
+    """extra_save for _loop: the EMA of the weights, decay min(0.999, (1 + step) / (10 + step))."""
+    def update(step):
+        d = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), model.parameters()):
+                pe.mul_(d).add_(p.detach(), alpha=1 - d)
+    return update
+
+
+def copy_folder(src: Path, dst: Path) -> None:
+    """Copy a folder (if dst is not there yet) aside, then rename: an interrupted copy is redone."""
+    import shutil
+
+    if dst.exists():
+        return
+    tmp = dst.parent / f".{dst.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    tmp.replace(dst)
+
+
+def write_model_folder(dest: Path, r, timings: dict, fill, extra: dict | None = None) -> Path:
+    """Write a finished model folder atomically: fill(tmp) writes the pipeline, then recipe.json and the
+    marker; the folder replaces `dest` (an earlier model of this command: check_dest) only when complete."""
+    import shutil
+    import tempfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        fill(tmp)
+        rec = {"recipe": asdict(r), "seconds_per_stage": timings, **(extra or {})}
+        (tmp / "recipe.json").write_text(json.dumps(rec, indent=2))
+        OutputFolder(tmp, "train-model", asdict(r)).claim(p.name for p in tmp.iterdir())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.replace(dest)
+    return dest
+
+
 # ----------------------------------------------------------------------------- stages
 
 def clip_config(tok, r: Recipe):
@@ -307,9 +376,7 @@ def train_unet(out: Path, tok, r: Recipe, prog) -> float:
     text = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
     scale = AutoencoderKL.load_config(out / "vae_refined")["scaling_factor"]
     data = load_file(str(out / "work" / "latents.safetensors"))
-    combos = render.all_combinations()
-    # all captions a training combination can have, plus the empty prompt (caption dropout)
-    caps = [""] + [render.Scene(*combos[c]).caption(t) for c in range(len(combos)) for t in range(len(render.TEMPLATES))]
+    caps = training_captions()
     with torch.no_grad():
         embs = []
         for i in range(0, len(caps), 256):
@@ -317,9 +384,7 @@ def train_unet(out: Path, tok, r: Recipe, prog) -> float:
             embs.append(text(ids).last_hidden_state)
         embs = torch.cat(embs)
     sched = DDPMScheduler.from_config(make_scheduler_config())
-    ac = sched.alphas_cumprod
-    snr = ac / (1 - ac)
-    weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weighting for epsilon prediction
+    weight = min_snr_weights(sched)
 
     torch.manual_seed(r.seed + 5)
     unet = make_unet(r, text.config.hidden_size)
@@ -329,15 +394,10 @@ def train_unet(out: Path, tok, r: Recipe, prog) -> float:
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=r.unet_lr, weight_decay=0.01)
-    n_t = len(render.TEMPLATES)
 
     def step_fn(step):
-        rng = _rng(r.seed, 6, step)
         g = _gen(r.seed, 6, step)
-        idx = torch.from_numpy(rng.integers(0, data["mean"].shape[0], r.unet_batch))
-        z = (data["mean"][idx].float() + data["std"][idx].float() * torch.randn(r.unet_batch, 4, render.RES // 4, render.RES // 4, generator=g)) * scale
-        cap = 1 + data["combo"][idx] * n_t + torch.from_numpy(rng.integers(0, n_t, r.unet_batch))
-        cap = torch.where(torch.from_numpy(rng.random(r.unet_batch) < r.caption_dropout), torch.zeros_like(cap), cap)
+        z, cap = latent_batch(data, scale, r.unet_batch, r.caption_dropout, _rng(r.seed, 6, step), g)
         t = torch.randint(0, 1000, (r.unet_batch,), generator=g)
         noise = torch.randn(z.shape, generator=g)
         zt = sched.add_noise(z, noise, t)
@@ -347,14 +407,8 @@ def train_unet(out: Path, tok, r: Recipe, prog) -> float:
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         return loss.item()
 
-    def ema_update(step):
-        d = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.mul_(d).add_(p.detach(), alpha=1 - d)
-
     dt = _loop("unet", r.unet_steps, out / "work" / "unet.safetensors", {"m": unet, "ema": ema}, opt, step_fn,
-               r.ckpt_every, prog, extra_save=ema_update)
+               r.ckpt_every, prog, extra_save=ema_updater(ema, unet))
     ema.save_pretrained(out / "unet")
     return dt
 
@@ -370,15 +424,14 @@ def finish_clip_folder(clip, tok, folder: Path) -> None:
                        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(folder)
 
 
-def recipe_record(r: Recipe, timings: dict) -> dict:
-    """recipe.json of a finished model: its recipe and stage times, and for a continued model the
-    record of the model it continued from (so the whole training history stays with the weights)."""
-    rec = {"recipe": asdict(r), "seconds_per_stage": timings}
-    if r.base:
-        base = json.loads((Path(r.base) / "recipe.json").read_text()) if (Path(r.base) / "recipe.json").exists() else {}
-        base.pop("recommended", None)  # measured on the base model, not on this one
-        rec["base"] = base
-    return rec
+def base_record(r: Recipe) -> dict:
+    """For a continued model, recipe.json's record of the model it continued from (so the whole training
+    history stays with the weights); {} otherwise."""
+    if not r.base:
+        return {}
+    base = json.loads((Path(r.base) / "recipe.json").read_text()) if (Path(r.base) / "recipe.json").exists() else {}
+    base.pop("recommended", None)  # measured on the base model, not on this one
+    return {"base": base}
 
 
 def assemble(out: Path, dest: Path, r: Recipe, timings: dict) -> Path:
@@ -396,23 +449,12 @@ def assemble(out: Path, dest: Path, r: Recipe, timings: dict) -> Path:
     if r.fp16:  # diffusers loads these back as float32 by default; transformers 5 would keep a float16
         pipe.unet.to(torch.float16)  # text encoder as float16 ("auto" dtype), so the text models stay float32
         pipe.vae.to(torch.float16)
-    import shutil
-    import tempfile
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
+    def fill(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         finish_clip_folder(clip, tok, tmp / "clip")
-        (tmp / "recipe.json").write_text(json.dumps(recipe_record(r, timings), indent=2))
-        OutputFolder(tmp, "train-model", asdict(r)).claim(p.name for p in tmp.iterdir())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():  # checked by check_dest: an earlier model of this command, replaced with overwrite
-        shutil.rmtree(dest)
-    tmp.replace(dest)
-    return dest
+
+    return write_model_folder(dest, r, timings, fill, base_record(r))
 
 
 def check_dest(dest: Path, out: Path, overwrite: bool) -> None:
@@ -434,17 +476,24 @@ def train(out: str | Path, recipe: Recipe | None = None, dest: str | Path | None
 
     max_steps: stop (checkpointed) after this many optimisation steps in this invocation, for
     time-boxed sessions; returns None then, and a rerun resumes where it stopped."""
-    global _budget
-    _budget = _Budget(max_steps)
     r = recipe or Recipe()
-    out = Path(out)
-    dest = Path(dest) if dest else out / "model"
     if r.base:
         check_base(r)
+    entries = ["work", "tokenizer", "clip", "text_encoder", "vae", "vae_refined", "latents", "unet", "model"]
+    return run_recipe(out, r, dest, max_steps, overwrite, entries, _stages, assemble)
+
+
+def run_recipe(out, r, dest, max_steps: int | None, overwrite: bool, entries: list[str], stages, assemble_fn):
+    """The frame of every recipe: own `out` (and check `dest`), run stages(out, r, prog, done) under the
+    step budget, then assemble_fn(out, dest, r, timings); None when the budget pauses the run."""
+    global _budget
+    _budget = _Budget(max_steps)
+    out = Path(out)
+    dest = Path(dest) if dest else out / "model"
     owner = OutputFolder(out, "train", asdict(r), overwrite=overwrite).check()
     check_dest(dest, out, overwrite)
     (out / "work").mkdir(parents=True, exist_ok=True)
-    owner.claim(["work", "tokenizer", "clip", "text_encoder", "vae", "vae_refined", "latents", "unet", "model"])
+    owner.claim(entries)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     times_path = out / "work" / "times.json"
     timings = json.loads(times_path.read_text()) if times_path.exists() else {}
@@ -455,10 +504,10 @@ def train(out: str | Path, recipe: Recipe | None = None, dest: str | Path | None
 
     try:
         with _progress() as prog:
-            _stages(out, r, prog, done)
+            stages(out, r, prog, done)
     except TrainingPaused:
         return None
-    return assemble(out, dest, r, timings)
+    return assemble_fn(out, dest, r, timings)
 
 
 def check_base(r: Recipe) -> None:
@@ -476,13 +525,8 @@ def check_base(r: Recipe) -> None:
 def take_base(out: Path, base: Path) -> None:
     """Continue from a finished model: its tokenizer, CLIP, text encoder and (refined) VAE become this
     run's finished stages, so only the latents and the UNet are made anew."""
-    import shutil
-
     for src, dst in (("tokenizer", "tokenizer"), ("clip", "clip"), ("text_encoder", "text_encoder"), ("vae", "vae_refined")):
-        if not (out / dst).exists():  # copied aside, then renamed: an interrupted copy is redone
-            shutil.rmtree(out / f".{dst}.tmp", ignore_errors=True)
-            shutil.copytree(base / src, out / f".{dst}.tmp")
-            (out / f".{dst}.tmp").replace(out / dst)
+        copy_folder(base / src, out / dst)
 
 
 def _stages(out: Path, r: Recipe, prog, done) -> None:

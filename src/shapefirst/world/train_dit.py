@@ -10,20 +10,18 @@ the text encoder was aligned to) and `recipe.json`.
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from ..outputs import OutputFolder
 from . import model_path, render
-from . import train as _train
-from .train import TrainingPaused, _batch, _gen, _loop, _progress, _rng, check_dest, encode_latents, make_scheduler_config
+from .train import (_batch, _gen, _loop, _rng, copy_folder, ema_updater, encode_latents, latent_batch,
+                    make_scheduler_config, min_snr_weights, run_recipe, training_captions, write_model_folder)
 
 # stage numbers of this recipe's randomness (train.py uses 1-7)
 T5_STAGE, DIT_INIT, DIT_STAGE = 11, 12, 13
@@ -113,16 +111,6 @@ def _tokenizer(out: Path):
     return AutoTokenizer.from_pretrained(str(out / "tokenizer"))
 
 
-def _copy_in(src: Path, dst: Path) -> None:
-    """Copy a folder aside, then rename: an interrupted copy is redone."""
-    if not (dst / "config.json").exists():
-        tmp = dst.parent / f".{dst.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        shutil.rmtree(dst, ignore_errors=True)
-        tmp.replace(dst)
-
-
 def _encode(text, tok, caps: list[str], max_tokens: int):
     enc = tok(caps, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt")
     return text(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state, enc.attention_mask
@@ -178,12 +166,6 @@ def train_t5(out: Path, tok, r: DitRecipe, prog) -> float:
     return dt
 
 
-def _captions() -> list[str]:
-    """All captions a training combination can have, after the empty prompt (caption dropout) at 0."""
-    combos = render.all_combinations()
-    return [""] + [render.Scene(*combos[c]).caption(t) for c in range(len(combos)) for t in range(len(render.TEMPLATES))]
-
-
 def train_transformer(out: Path, tok, r: DitRecipe, prog) -> float:
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import T5EncoderModel
@@ -191,14 +173,12 @@ def train_transformer(out: Path, tok, r: DitRecipe, prog) -> float:
     text = T5EncoderModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32).eval()
     scale = AutoencoderKL.load_config(out / "vae_refined")["scaling_factor"]
     data = load_file(str(out / "work" / "latents.safetensors"))
-    caps = _captions()
+    caps = training_captions()
     with torch.no_grad():  # the T5 encoder is frozen here: every caption's states and mask, once
         embs, masks = zip(*(_encode(text, tok, caps[i:i + 256], r.max_tokens) for i in range(0, len(caps), 256)))
         embs, masks = torch.cat(embs), torch.cat(masks)
     sched = DDPMScheduler.from_config(make_scheduler_config())
-    ac = sched.alphas_cumprod
-    snr = ac / (1 - ac)
-    weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weighting for epsilon prediction
+    weight = min_snr_weights(sched)
 
     torch.manual_seed(r.seed + DIT_INIT)
     dit = make_transformer(r, text.config.d_model)
@@ -209,18 +189,11 @@ def train_transformer(out: Path, tok, r: DitRecipe, prog) -> float:
     ema.load_state_dict(dit.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(dit.parameters(), lr=r.dit_lr, weight_decay=0.0)
-    n_t = len(render.TEMPLATES)
-    side = render.RES // 4
     cond = {"resolution": None, "aspect_ratio": None}
 
     def step_fn(step):
-        rng = _rng(r.seed, DIT_STAGE, step)
-        g = _gen(r.seed, DIT_STAGE, step)
-        b = r.dit_batch
-        idx = torch.from_numpy(rng.integers(0, data["mean"].shape[0], b))
-        z = (data["mean"][idx].float() + data["std"][idx].float() * torch.randn(b, 4, side, side, generator=g)) * scale
-        cap = 1 + data["combo"][idx] * n_t + torch.from_numpy(rng.integers(0, n_t, b))
-        cap = torch.where(torch.from_numpy(rng.random(b) < r.caption_dropout), torch.zeros_like(cap), cap)
+        g, b = _gen(r.seed, DIT_STAGE, step), r.dit_batch
+        z, cap = latent_batch(data, scale, b, r.caption_dropout, _rng(r.seed, DIT_STAGE, step), g)
         t = torch.randint(0, 1000, (b,), generator=g)
         noise = torch.randn(z.shape, generator=g)
         zt = sched.add_noise(z, noise, t)
@@ -231,14 +204,8 @@ def train_transformer(out: Path, tok, r: DitRecipe, prog) -> float:
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
         return loss.item()
 
-    def ema_update(step):
-        d = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), dit.parameters()):
-                pe.mul_(d).add_(p.detach(), alpha=1 - d)
-
     dt = _loop("transformer", r.dit_steps, out / "work" / "transformer.safetensors", {"m": dit, "ema": ema}, opt,
-               step_fn, r.ckpt_every, prog, extra_save=ema_update)
+               step_fn, r.ckpt_every, prog, extra_save=ema_updater(ema, dit))
     ema.save_pretrained(out / "transformer")
     return dt
 
@@ -260,22 +227,13 @@ def assemble(out: Path, dest: Path, r: DitRecipe, timings: dict) -> Path:
     if r.fp16:
         pipe.transformer.to(torch.float16)
         pipe.vae.to(torch.float16)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         shutil.copytree(model_path() / "clip", tmp / "clip")
-        rec = {"recipe": asdict(r), "architecture": "PixArtAlphaPipeline (PixArtTransformer2DModel + T5EncoderModel)",
-               "seconds_per_stage": timings}
-        (tmp / "recipe.json").write_text(json.dumps(rec, indent=2))
-        OutputFolder(tmp, "train-model", asdict(r)).claim(p.name for p in tmp.iterdir())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():  # checked by check_dest: an earlier model of this command, replaced with overwrite
-        shutil.rmtree(dest)
-    tmp.replace(dest)
-    return dest
+
+    return write_model_folder(dest, r, timings, fill,
+                              {"architecture": "PixArtAlphaPipeline (PixArtTransformer2DModel + T5EncoderModel)"})
 
 
 def train_dit(out: str | Path, recipe: DitRecipe | None = None, dest: str | Path | None = None,
@@ -283,31 +241,15 @@ def train_dit(out: str | Path, recipe: DitRecipe | None = None, dest: str | Path
     """Run (or resume) the DiT recipe in `out`; the finished model folder is `dest` (default out/model).
     Ownership of `out` and `dest` as train.train; max_steps: stop (checkpointed) after this many
     optimisation steps in this invocation and return None; a rerun resumes where it stopped."""
-    _train._budget = _train._Budget(max_steps)  # _loop reads train.py's module-level step budget
-    r = recipe or DitRecipe()
-    out = Path(out)
-    dest = Path(dest) if dest else out / "model"
-    owner = OutputFolder(out, "train", asdict(r), overwrite=overwrite).check()
-    check_dest(dest, out, overwrite)
-    (out / "work").mkdir(parents=True, exist_ok=True)
-    owner.claim(["work", "tokenizer", "text_encoder", "vae_refined", "transformer", "model"])
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    times_path = out / "work" / "times.json"
-    timings = json.loads(times_path.read_text()) if times_path.exists() else {}
+    entries = ["work", "tokenizer", "text_encoder", "vae_refined", "transformer", "model"]
+    return run_recipe(out, recipe or DitRecipe(), dest, max_steps, overwrite, entries, _stages, assemble)
 
-    def done(stage, seconds):
-        timings[stage] = timings.get(stage, 0.0) + seconds
-        times_path.write_text(json.dumps(timings, indent=2))
 
-    try:
-        with _progress() as prog:
-            tok = _tokenizer(out)
-            if not (out / "text_encoder" / "config.json").exists():
-                done("t5", train_t5(out, tok, r, prog))
-            _copy_in(model_path() / "vae", out / "vae_refined")  # the shipped VAE as it is
-            done("latents", encode_latents(out, r, prog))
-            if not (out / "transformer" / "config.json").exists():
-                done("transformer", train_transformer(out, tok, r, prog))
-    except TrainingPaused:
-        return None
-    return assemble(out, dest, r, timings)
+def _stages(out: Path, r: DitRecipe, prog, done) -> None:
+    tok = _tokenizer(out)
+    if not (out / "text_encoder" / "config.json").exists():
+        done("t5", train_t5(out, tok, r, prog))
+    copy_folder(model_path() / "vae", out / "vae_refined")  # the shipped VAE as it is
+    done("latents", encode_latents(out, r, prog))
+    if not (out / "transformer" / "config.json").exists():
+        done("transformer", train_transformer(out, tok, r, prog))
