@@ -260,7 +260,9 @@ def _guidance(value: Optional[float], model: str) -> float:
 
 @contextmanager
 def _warnings_to_stderr():
-    """Library warnings (UserWarning) as one `warning: ...` line each on stderr."""
+    """UserWarnings (shapefirst's own warnings are UserWarnings) as one `warning: ...` line each on stderr,
+    once each, at the end of the block; other categories (the libraries' Deprecation, Future and Runtime
+    warnings about their internals) are not shown: they would bury the lines a user can act on."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
