@@ -152,7 +152,8 @@ def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int
     """Generate with a guidance schedule; returns images, per-image denoiser evaluations and timing.
     `cache`: late-stage reuse after the stop (shapefirst.cache.LateCache).
     `batch`: at most this many images per pipeline call (more are run batch after batch, image i
-    still seeded with seed + i); None = all in one call.
+    still seeded with seed + i); None = all in one call. With prompt_embeds the caller's tensors are one
+    call (batch does not split them).
 
     Extra keyword arguments go to the pipeline (e.g. prompt_embeds=..., negative_prompt_embeds=...;
     pass prompts=None then, and the batch is taken from prompt_embeds)."""
