@@ -237,6 +237,9 @@ def load_pipeline(model: str = "embedded", device: str | None = None, dtype: str
             raise ShapefirstError("the embedded shapes-world model is not in this installation",
                                   "train it with `shapefirst train` or pass --model PATH")
         model = str(path)
+    elif model == "embedded-dit":  # issue #17: the recipe exists (shapefirst train --arch dit), the weights do not yet
+        raise ShapefirstError("the shapes world on a diffusion transformer (embedded-dit) is not shipped in this version",
+                              "train it with `shapefirst train --arch dit --dest DIR` and pass --model DIR")
     local = Path(model).expanduser()
     looks_local = local.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
     if looks_local:
