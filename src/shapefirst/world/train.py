@@ -175,6 +175,12 @@ def _batch(seed: int, stage: int, step: int, n: int):
     return scenes, caps
 
 
+def combo_ids(scenes) -> torch.Tensor:
+    """Per scene: the index of its attribute combination in render.all_combinations()."""
+    index = {c: i for i, c in enumerate(render.all_combinations())}
+    return torch.tensor([index[(s.shape, s.color, s.position, s.size, s.texture)] for s in scenes])
+
+
 def training_captions() -> list[str]:
     """Every caption a training combination can have, after the empty prompt (caption dropout) at 0:
     caption 1 + combo * n_templates + template (latent_batch's indices)."""
@@ -341,8 +347,7 @@ def encode_latents(out: Path, r: Recipe, prog) -> float:
     t0 = time.time()
     vae = AutoencoderKL.from_pretrained(out / "vae_refined").eval()
     scenes = render.sample_scenes(r.latents, r.seed + 4, "train")
-    combos = render.all_combinations()
-    combo_idx = torch.tensor([combos.index((s.shape, s.color, s.position, s.size, s.texture)) for s in scenes])
+    combo_idx = combo_ids(scenes)
     means, stds = [], []
     task = prog.add_task("latents", total=r.latents)
     with torch.no_grad():

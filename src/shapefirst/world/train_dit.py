@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import model_path, render
-from .train import (_batch, _gen, _loop, _rng, copy_folder, ema_updater, encode_latents, latent_batch,
+from .train import (_batch, _gen, _loop, _rng, combo_ids, copy_folder, ema_updater, encode_latents, latent_batch,
                     make_scheduler_config, min_snr_weights, run_recipe, training_captions, write_model_folder)
 
 # stage numbers of this recipe's randomness (train.py uses 1-7)
@@ -90,7 +90,8 @@ def fp16_megabytes(r: DitRecipe) -> dict:
     """float16 size (parameters x 2 bytes, in MB of 1e6 bytes) of a freshly built T5 encoder and transformer."""
     from ..tiny import tiny_t5_tokenizer
 
-    tok = tiny_t5_tokenizer(Path(tempfile.mkdtemp(prefix="shapefirst-t5tok-")), model_max_length=120)
+    with tempfile.TemporaryDirectory(prefix="shapefirst-t5tok-") as folder:  # nothing left behind
+        tok = tiny_t5_tokenizer(Path(folder), model_max_length=120)
     t5 = make_t5(tok, r)
     dit = make_transformer(r, t5.config.d_model)
     mb = {"text_encoder": sum(p.numel() for p in t5.parameters()) * 2 / 1e6,
@@ -127,11 +128,6 @@ class _Head(torch.nn.Module):
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
 
-def _combo_ids(scenes) -> torch.Tensor:
-    index = {c: i for i, c in enumerate(render.all_combinations())}
-    return torch.tensor([index[(s.shape, s.color, s.position, s.size, s.texture)] for s in scenes])
-
-
 def train_t5(out: Path, tok, r: DitRecipe, prog) -> float:
     """InfoNCE of mean-pooled (masked) T5 states, projected, against the frozen world CLIP's image
     embeddings of the rendered scenes. Scenes of the same labels in a batch are all positives."""
@@ -153,7 +149,7 @@ def train_t5(out: Path, tok, r: DitRecipe, prog) -> float:
         m = mask.unsqueeze(-1).to(h.dtype)
         txt = F.normalize(head.proj((h * m).sum(1) / m.sum(1)), dim=-1)
         logits = head.logit_scale.clamp(max=math.log(100.0)).exp() * txt @ img.T
-        ids = _combo_ids(scenes)
+        ids = combo_ids(scenes)
         same = (ids[:, None] == ids[None, :]).float()
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
