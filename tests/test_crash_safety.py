@@ -7,9 +7,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 from safetensors.torch import load_file
 
 
+@pytest.mark.heavy
 def test_sigkilled_sweep_resumes_and_leaves_no_corrupt_file(tiny_folder, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(["a red circle", "a blue square", "a green cross", "a yellow triangle"] * 2))

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TIMING = {"time_ratio_median", "time_ratios", "saved_latency"}
 
 
@@ -18,6 +20,7 @@ def rows(path: Path) -> dict:
     return out
 
 
+@pytest.mark.heavy
 def test_two_process_sweep_equals_single_process(tiny_folder, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\na green cross\na yellow triangle\n")

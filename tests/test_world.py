@@ -100,6 +100,7 @@ def test_bang_padding_variant(tmp_path):
     assert ids[4] == tok.eos_token_id and set(ids[5:]) == {tok.pad_token_id} and tok.pad_token_id != tok.eos_token_id
 
 
+@pytest.mark.heavy
 def test_training_smoke_and_resume(tmp_path):
     """A few steps of every stage on tiny sizes; an interrupted run resumes to the same weights."""
     from safetensors.torch import load_file

@@ -91,8 +91,7 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double().numpy(), y.double().numpy()
     mu1, mu2 = x.mean(0), y.mean(0)
     s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    covmean = covmean.real
+    covmean = np.asarray(linalg.sqrtm(s1 @ s2)).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 

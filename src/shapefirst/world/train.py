@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -136,8 +137,10 @@ def _loop(name: str, total: int, ckpt: Path, modules: dict, opt, step_fn, every:
     A paused run (step budget spent) checkpoints before stopping, so no finished step is lost."""
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, total // 20)))
     start = _load_ckpt(ckpt, modules, opt) if ckpt.exists() else 0
-    for _ in range(start):
-        sched.step()
+    with warnings.catch_warnings():  # fast-forwarding a resumed schedule: no optimizer step is due here
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        for _ in range(start):
+            sched.step()
     task = prog.add_task(name, total=total, completed=start)
     t0 = time.time()
     loss_ema = None
