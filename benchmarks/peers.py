@@ -39,15 +39,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shapefirst.models import default_guidance
-from shapefirst.world.prompts import world_prompts, world_renders
-from shapefirst.experiments.sweep import (Config, distribution_distances, paired_difference, passes, per_image,
-                                          run_sweep, saving)
-from shapefirst.results import read_jsonl
-from shapefirst.generate import GenerationResult
-from shapefirst.guidance import AdaptiveStop, GuidanceSchedule, denoiser_of, guidance_schedule, latent_input
 from shapefirst.cache import LateCache
-from shapefirst.models import load_pipeline, set_scheduler
+from shapefirst.experiments.sweep import (
+    Config,
+    distribution_distances,
+    paired_difference,
+    passes,
+    per_image,
+    run_sweep,
+    saving,
+)
+from shapefirst.generate import GenerationResult
+from shapefirst.guidance import (
+    AdaptiveStop,
+    GuidanceSchedule,
+    denoiser_of,
+    guidance_schedule,
+    latent_input,
+)
+from shapefirst.models import default_guidance, load_pipeline, set_scheduler
+from shapefirst.results import read_jsonl
+from shapefirst.world.prompts import world_prompts, world_renders
 
 
 def run_pipe(pipe, prompts, seed, steps, scheduler, scale=7.5, call=None, **kw) -> GenerationResult:
