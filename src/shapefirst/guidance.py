@@ -90,7 +90,13 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .errors import ShapefirstError
-from .pipeline import cfg_active, denoiser_of, latent_input  # noqa: F401 (public here too)
+from .pipeline import (  # noqa: F401 (public here too)
+    cfg_active,
+    denoiser_of,
+    latent_input,
+    timestep_input,
+    timestep_value,
+)
 
 HOOK_NAME = "shapefirst_guidance"
 AFTER_CHOICES = ("uncond", "cond")
@@ -342,13 +348,12 @@ def _replace_output(out: Any, new: torch.Tensor) -> Any:
 
 
 def _timestep(args, kwargs) -> float:
-    t = args[1] if len(args) > 1 else kwargs.get("timestep")
-    return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+    return timestep_value(timestep_input(args, kwargs))
 
 
 def _timestep_tensor(args, kwargs, device) -> torch.Tensor:
     """The call's timestep as a 0-dim tensor, left where it is (no host read; every row has the same one)."""
-    t = args[1] if len(args) > 1 else kwargs.get("timestep")
+    t = timestep_input(args, kwargs)
     if isinstance(t, torch.Tensor):
         return t.detach().reshape(-1)[0] if t.dim() else t.detach()
     return torch.tensor(float(t), device=device)

@@ -27,6 +27,16 @@ def _cond_uncond(pipe, out) -> tuple[torch.Tensor, torch.Tensor]:
     return (out[0], out[2]) if family_of_pipe(pipe) == "pixart" else (out[0], out[1])
 
 
+def timestep_input(args, kwargs):
+    """The denoiser's timestep argument: positional second (UNet, PixArt) or `timestep=` (SD3)."""
+    return args[1] if len(args) > 1 else kwargs.get("timestep")
+
+
+def timestep_value(t) -> float:
+    """A timestep argument on the host (every row has the same one; a device tensor is read once)."""
+    return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+
+
 def latent_input(args, kwargs):
     """The denoiser's latent input: positional first argument (UNet, PixArt) or `sample=` /
     `hidden_states=` (SD3 passes every argument by keyword)."""

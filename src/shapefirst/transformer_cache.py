@@ -44,7 +44,7 @@ from diffusers.hooks.hooks import (  # what CacheMixin.cache_context attaches
 
 from .errors import ShapefirstError
 from .guidance import run_state_of
-from .pipeline import denoiser_of
+from .pipeline import denoiser_of, latent_input, timestep_input, timestep_value
 
 KINDS = ("faster", "pab", "fbc", "taylorseer", "mag")
 # defaults from diffusers' documentation examples for image models, with PixArt's module names
@@ -60,6 +60,12 @@ DEFAULTS = {
                    "taylor_factors_dtype": torch.float32, "cache_identifiers": [r"transformer_blocks\.\d+\.attn\d?"]},
     "mag": {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2},
 }
+# kind -> (diffusers.hooks config class, its apply function)
+DIFFUSERS = {"faster": ("FasterCacheConfig", "apply_faster_cache"),
+             "pab": ("PyramidAttentionBroadcastConfig", "apply_pyramid_attention_broadcast"),
+             "fbc": ("FirstBlockCacheConfig", "apply_first_block_cache"),
+             "taylorseer": ("TaylorSeerCacheConfig", "apply_taylorseer_cache"),
+             "mag": ("MagCacheConfig", "apply_mag_cache")}
 NEEDS_TIMESTEP = ("faster", "pab")
 # (denoiser class, kind): why diffusers 0.42's cache fails on it (found on tiny pipelines, tests/test_transformer_cache.py)
 UNSUPPORTED = {
@@ -109,9 +115,7 @@ class TransformerCache:
             o["attention_weight_callback"] = lambda _module: w
         if self.kind in NEEDS_TIMESTEP:
             o["current_timestep_callback"] = timestep
-        cls = {"faster": hooks.FasterCacheConfig, "pab": hooks.PyramidAttentionBroadcastConfig,
-               "fbc": hooks.FirstBlockCacheConfig, "taylorseer": hooks.TaylorSeerCacheConfig,
-               "mag": hooks.MagCacheConfig}[self.kind]
+        cls = getattr(hooks, DIFFUSERS[self.kind][0])
         try:
             return cls(**o)
         except (TypeError, ValueError) as e:
@@ -121,10 +125,7 @@ class TransformerCache:
 def _apply(den, cache: TransformerCache, timestep) -> None:
     from diffusers import hooks
 
-    fn = {"faster": hooks.apply_faster_cache, "pab": hooks.apply_pyramid_attention_broadcast,
-          "fbc": hooks.apply_first_block_cache, "taylorseer": hooks.apply_taylorseer_cache,
-          "mag": hooks.apply_mag_cache}[cache.kind]
-    fn(den, cache.diffusers_config(timestep))
+    getattr(hooks, DIFFUSERS[cache.kind][1])(den, cache.diffusers_config(timestep))
 
 
 def _registries(den) -> list[tuple[torch.nn.Module, HookRegistry]]:
@@ -133,6 +134,10 @@ def _registries(den) -> list[tuple[torch.nn.Module, HookRegistry]]:
 
 def _hook_names(den) -> set[tuple[int, str]]:
     return {(id(m), name) for m, reg in _registries(den) for name in reg.hooks}
+
+
+def _hooks_since(den, before: set) -> list[tuple[torch.nn.Module, HookRegistry, str]]:
+    return [(m, reg, n) for m, reg in _registries(den) for n in list(reg.hooks) if (id(m), n) not in before]
 
 
 class _Calls:
@@ -151,8 +156,7 @@ class _Calls:
         self.managers = [v for _, h in added for v in vars(h).values() if isinstance(v, StateManager)]
 
     def record_timestep(self, module, args, kwargs) -> None:
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        self.timestep = t
+        self.timestep = timestep_input(args, kwargs)
 
     def refuse_a_stop(self) -> None:
         state = run_state_of(self.pipe)
@@ -162,12 +166,10 @@ class _Calls:
                                   f"run {self.cache.kind} alone, or use fbc, pab or taylorseer with the stop")
 
     def current_timestep(self) -> float:
-        t = self.timestep
-        return float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        return timestep_value(self.timestep)
 
     def open_call(self, module, args, kwargs) -> None:
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        rows = hidden.shape[0]
+        rows = latent_input(args, kwargs).shape[0]
         ts = getattr(self.pipe.scheduler, "timesteps", None)
         if self.cache.kind in ONE_BATCH:
             self.refuse_a_stop()
@@ -207,16 +209,15 @@ def transformer_cache(pipe, cache: TransformerCache):
     handles = []
     try:
         _apply(den, cache, calls.current_timestep)
-        calls.bind([(m, reg.hooks[n]) for m, reg in _registries(den) for n in reg.hooks if (id(m), n) not in before])
+        calls.bind([(m, reg.hooks[n]) for m, reg, n in _hooks_since(den, before)])
         handles = [den.register_forward_pre_hook(calls.record_timestep, with_kwargs=True),
                    first.register_forward_pre_hook(calls.open_call, with_kwargs=True)]
         yield calls
     finally:
         for h in handles:
             h.remove()
-        for m, reg in _registries(den):
-            for n in [n for n in reg.hooks if (id(m), n) not in before]:
-                reg.remove_hook(n, recurse=False)
+        for _, reg, n in _hooks_since(den, before):
+            reg.remove_hook(n, recurse=False)
 
 
 class _RatiosLog(logging.Handler):
