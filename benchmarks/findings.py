@@ -6,9 +6,11 @@
   Wilson 95% CIs), and the [EOS] switch curve on a subset;
 - attention: [SOS] attention mass; the call from which the semantic tokens' maps stay at
   relative F1 >= 0.9 of the final map;
-- frequency: the call at which the low / high band of x0-hat settles (latent space).
+- frequency: the call at which the low / high band of x0-hat settles (latent space);
+- token ablations: judged accuracy when the words, the [EOS] block or parts of it are zeroed or noised,
+  and when only the attention keys or values get another prompt's [EOS] block (ablation-n prompts).
 
-    python benchmarks/findings.py [--n 200] [--pairs 200] [--switch-pairs 48] [--steps 50] [--out findings]
+    python benchmarks/findings.py [--n 200] [--pairs 200] [--switch-pairs 48] [--ablation-n 24] [--steps 50] [--out findings]
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ def main():
     ap.add_argument("--pairs", type=int, default=200)
     ap.add_argument("--switch-pairs", type=int, default=48)
     ap.add_argument("--attention-n", type=int, default=48)
+    ap.add_argument("--ablation-n", type=int, default=24)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--out", default="findings")
@@ -95,6 +98,9 @@ def main():
             switch_stages[a] = run_stages(pipe, a_txt, [p["labels_b"] for p in sub], steps=args.steps,
                                           batch=len(sub), schedules={f"[EOS] of B from call {a}": GuidanceSchedule(w)})
     times["stages-under-switch"] = time.time() - s
+    s = time.time()
+    abl = run_analysis("token-ablation", pipe, out, n=args.ablation_n, steps=args.steps, batch=args.batch, guidance=w)
+    times["token-ablation"] = time.time() - s
     load1 = os.getloadavg()
 
     print(f"# findings on the embedded model: DDIM {args.steps} steps, guidance {w:g}; "
@@ -147,6 +153,14 @@ def main():
     print("|---:|" + "---:|" * len(attrs))
     for e in sw_data["per_call"]:
         print(f"| {e['from_call']} | " + " | ".join(f"{e['shares'][a]['b']['rate']:.0%}" for a in attrs) + " |")
+    print(f"\n## Token ablations (n={args.ablation_n} held-out prompts; judged accuracy, Wilson 95% CIs)")
+    print("| variant | all five right | shape | color | L1 to plain |")
+    print("|---|---:|---:|---:|---:|")
+    for v in abl.data["variants"]:
+        sc = abl.data["scores"][v]
+        j = sc.get("judged", {})
+        cells = [_share(j[a]) if a in j else "-" for a in ("all", "shape", "color")]
+        print(f"| {v} | " + " | ".join(cells) + f" | {sc['l1_to_plain']['mean']:.4f} |")
     print(f"\n(times: {', '.join(f'{k} {v:.0f} s' for k, v in times.items())})")
 
 
