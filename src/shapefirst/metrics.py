@@ -108,14 +108,15 @@ def kernel_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion k/n."""
+    """95% Wilson score interval for a proportion k/n, clipped to [0, 1] (at k=0 or k=n rounding would
+    otherwise give -0.0 or 1.0000000000000002)."""
     if n == 0:
         return (float("nan"), float("nan"))
     p = k / n
     den = 1 + z * z / n
     c = (p + z * z / (2 * n)) / den
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (c - h, c + h)
+    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def mean_ci(x, z: float = 1.96) -> tuple[float, float, float]:
