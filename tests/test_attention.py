@@ -201,3 +201,11 @@ def test_bad_arguments(tiny_pipe):
     with pytest.raises(ShapefirstError):
         with capture_attention(tiny_pipe, keep="all"):
             pass
+
+
+def test_convergence_title_follows_the_measured_call():
+    from shapefirst.experiments.attention import convergence_title
+
+    assert convergence_title(44, 50) == "Word maps converge late: relative F1 >= 0.9 from call 44 of 50"
+    assert convergence_title(10, 50).startswith("Word maps converge early")
+    assert "never" in convergence_title(None, 50)
