@@ -1,7 +1,6 @@
 """benchmarks/peers.py's Pareto plot: one curve per method, only configurations with both a quality
 row and a batch-8 timing, Wilson 95% intervals of the all-five share."""
 import importlib.util
-import math
 from pathlib import Path
 
 import pytest
@@ -38,13 +37,3 @@ def test_points_group_by_method_sort_by_saving_and_skip_untimed(peers, tmp_path)
     assert ours[0][2:4] == pytest.approx(wilson(890, 1000))
     assert peers.pareto_plot(q, t, tmp_path / "p.png").stat().st_size > 0
     assert peers.pareto_plot(q, {}, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
-
-
-def test_wilson_matches_its_closed_form_and_stays_in_the_unit_interval():
-    # k=0: the closed form's lower bound is 0 exactly (c == h), but float rounding gave -0.0 or below
-    lo, hi = wilson(0, 80)
-    assert lo == 0.0 and math.copysign(1.0, lo) == 1.0
-    assert hi == pytest.approx(1.96 ** 2 / (80 + 1.96 ** 2))  # Wilson upper bound at k=0: z^2 / (n + z^2)
-    lo, hi = wilson(24, 24)
-    assert hi == 1.0 and lo == pytest.approx(24 / (24 + 1.96 ** 2))
-    assert f"{wilson(0, 80)[0]:.1%}" == "0.0%"
