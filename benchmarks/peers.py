@@ -21,6 +21,7 @@ quality can run on a busy machine and timing alone:
     python benchmarks/peers.py quality --n 1000 --out /work/bench/peers   # no timing (deterministic)
     python benchmarks/peers.py timing --n 40 --out /work/bench/peers      # run ALONE: A/B adjacent timing
     python benchmarks/peers.py table --out /work/bench/peers              # merge, print, draw OUT/pareto.png
+    shapefirst report --page-only --out REPORT --peers /work/bench/peers  # the study as a report section
 Both phases resume (one JSON line per finished configuration). The quality phase judges every image
 with the shapes world's judge (paired difference to full guidance, same seed), Image-CLIPScore to
 the full-guidance image, CLIPScore, and KID / FD on CLIP features against the exact renders.
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from shapefirst.cache import LateCache
+from shapefirst.experiments.peers import pareto_plot
 from shapefirst.experiments.sweep import (
     Config,
     distribution_distances,
@@ -201,9 +203,10 @@ def configs(pipe, args) -> list[Config]:
                                GuidanceSchedule(w, adaptive=AdaptiveStop(t), after="cond"), sch, n))
         extra.append(Config(f"diffusers SDCFGCutoffCallback({f})", GuidanceSchedule(w), sch, n,
                             run=cutoff_callback(f, w)))
-    for t in args.shape:
-        main.append(Config(f"shapefirst shape-settled tol={t} uncond",
-                           GuidanceSchedule(w, adaptive=AdaptiveStop(criterion="shape", tolerance=t)), sch, n))
+    for t in args.shape:  # alone and with each late cache (a cache acts once every sample of the batch stopped)
+        shape = GuidanceSchedule(w, adaptive=AdaptiveStop(criterion="shape", tolerance=t))
+        main += [Config(f"shapefirst shape-settled tol={t} uncond" + (f" +{c.label}" if c else ""), shape, sch, n, cache=c)
+                 for c in [None] + caches]
     for i, d in enumerate(args.deepcache):
         main.append(Config(f"DeepCache interval={d} (DeepCache)", GuidanceSchedule(w), sch, n, run=deepcache(d, w)))
         if i < len(args.levels):
@@ -218,58 +221,6 @@ def configs(pipe, args) -> list[Config]:
     if args.only:
         c = [x for x in c if x.name == "full" or any(s in x.name for s in args.only)]
     return [x for x in c if not any(s in x.name for s in args.skip)]
-
-
-# method of a configuration name, for the Pareto plot: one curve per method (first match wins)
-METHODS = (("shapefirst stop_step", "shapefirst stop + DeepCache"), ("shapefirst shape-settled", "shapefirst shape-settled stop"),
-           ("shapefirst stop", "shapefirst stop (+ late caches)"), ("T-GATE", "T-GATE (tgate)"), ("Step AG", "Step AG"),
-           ("Adaptive Guidance", "Adaptive Guidance"), ("Guidance Interval", "Guidance Interval"),
-           ("DeepCache", "DeepCache"), ("diffusers SDCFGCutoffCallback", "SDCFGCutoffCallback"), ("full", "full guidance"))
-
-
-def method_of(name: str) -> str:
-    return next((label for prefix, label in METHODS if name.startswith(prefix)), name)
-
-
-def pareto_points(q: dict, t: dict) -> dict[str, list[tuple[float, float, float, float, str]]]:
-    """method -> [(saved latency, all-five accuracy, CI low, CI high, configuration)] sorted by saving;
-    configurations without a batch-8 timing are left out (the caption says how many)."""
-    from shapefirst.metrics import wilson
-
-    pts: dict[str, list] = {}
-    for name, r in q.items():
-        sv = t.get(name, {}).get("saved_latency")
-        if sv is None or "image by image" in name or "SDCFGCutoffCallback" in name:  # batch 1 rows: another axis
-            continue
-        a = r["accuracy"]["all"]  # a share of r["n"] judged images
-        lo, hi = wilson(round(a * r["n"]), r["n"])
-        pts.setdefault(method_of(name), []).append((sv, a, lo, hi, name))
-    return {m: sorted(v) for m, v in pts.items()}
-
-
-def pareto_plot(q: dict, t: dict, path: Path) -> Path | None:
-    """Saved latency (batch 8, against full guidance) vs all-five accuracy, one curve per method,
-    Wilson 95% CIs as error bars. None when no configuration has both a timing and a quality row."""
-    from matplotlib.figure import Figure
-
-    from shapefirst.results import save_figure
-
-    pts = pareto_points(q, t)
-    if not pts:
-        return None
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
-    for m, v in pts.items():
-        x, y, lo, hi = (np.array(c) for c in zip(*[p[:4] for p in v]))
-        ax.errorbar(100 * x, 100 * y, yerr=100 * np.stack([y - lo, hi - y]), marker="o", capsize=3, label=m)
-    n = next(iter(q.values()))["n"]
-    left = sum(1 for name in q if name not in {p[4] for v in pts.values() for p in v})
-    ax.set(xlabel="saved latency vs full guidance, batch 8 (%)", ylabel="all five attributes right (%)",
-           title=f"shapefirst and its peers (n={n} prompts; {left} configurations without a batch-8 timing left out)")
-    ax.title.set_fontsize(9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    return save_figure(fig, path)
 
 
 def machine() -> str:

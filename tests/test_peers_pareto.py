@@ -1,28 +1,54 @@
-"""benchmarks/peers.py's Pareto plot: one curve per method, only configurations with both a quality
-row and a batch-8 timing, Wilson 95% intervals of the all-five share."""
+"""The peers study's summary (shapefirst.experiments.peers): the Pareto plot has one curve per method and
+only configurations with both a quality row and a batch-8 timing; a study folder is read, refused when it
+is not one, kept under a report's results/peers and shown there as its own section."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 
+from shapefirst.cli import main
+from shapefirst.errors import ShapefirstError
+from shapefirst.experiments import peers
 from shapefirst.metrics import wilson
+from shapefirst.outputs import OutputFolder
+from shapefirst.report import build_page, keep_peers
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def peers():
-    spec = importlib.util.spec_from_file_location("peers", ROOT / "benchmarks" / "peers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+ATTRS = ("color", "shape", "position", "size", "texture", "all")
 
 
 def rows(acc: dict[str, float], n: int = 1000) -> dict:
     return {name: {"n": n, "accuracy": {"all": a}} for name, a in acc.items()}
 
 
-def test_points_group_by_method_sort_by_saving_and_skip_untimed(peers, tmp_path):
+def sweep_row(name, all_right, worst_lo=0.0, image_clip=98.0, evals=0.75, n=1000):
+    d = {a: [0.0, worst_lo if a == "shape" else 0.0, 0.01] for a in ATTRS}
+    return {"name": name, "key": name, "n": n, "accuracy": {a: all_right for a in ATTRS},
+            "accuracy_delta_vs_full": d, "evaluation_ratio": evals, "image_clip": [image_clip, 0, 0],
+            "image_clip_floor": [97.0, 0, 0]}
+
+
+def write_study(folder: Path, quality: list[dict], timing: list[dict] | None) -> Path:
+    for phase, rs in (("quality", quality), ("timing", timing)):
+        if rs is not None:
+            (folder / phase).mkdir(parents=True, exist_ok=True)
+            (folder / phase / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    return folder
+
+
+STUDY_Q = [sweep_row("full", 0.95, evals=1.0, image_clip=100.0),
+           sweep_row("shapefirst stop=0.5 uncond +mean+deep3", 0.945),
+           sweep_row("shapefirst stop=0.4 uncond +mean+deep3", 0.93, worst_lo=-0.02),  # fails the 1-point rule
+           sweep_row("T-GATE gate_step=25 (tgate)", 0.94),
+           sweep_row("diffusers SDCFGCutoffCallback(0.5)", 0.95)]
+STUDY_T = [{"name": "full", "saved_latency": 0.0}, {"name": "shapefirst stop=0.5 uncond +mean+deep3", "saved_latency": 0.36},
+           {"name": "shapefirst stop=0.4 uncond +mean+deep3", "saved_latency": 0.43},
+           {"name": "T-GATE gate_step=25 (tgate)", "saved_latency": 0.30},
+           {"name": "diffusers SDCFGCutoffCallback(0.5)", "saved_latency": 0.9}]  # batch 1: never "fastest"
+
+
+def test_points_group_by_method_sort_by_saving_and_skip_untimed(tmp_path):
     q = rows({"full": 0.9, "shapefirst stop=0.3 uncond +mean": 0.87, "shapefirst stop=0.5 uncond": 0.89,
               "shapefirst stop_step=25 uncond + DeepCache interval=3": 0.86, "T-GATE gate_step=25 (tgate)": 0.88,
               "Step AG 0.5 (stop=0.5 cond)": 0.885, "diffusers SDCFGCutoffCallback(0.5)": 0.88})
@@ -37,3 +63,59 @@ def test_points_group_by_method_sort_by_saving_and_skip_untimed(peers, tmp_path)
     assert ours[0][2:4] == pytest.approx(wilson(890, 1000))
     assert peers.pareto_plot(q, t, tmp_path / "p.png").stat().st_size > 0
     assert peers.pareto_plot(q, {}, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_the_benchmark_script_draws_with_the_same_function():
+    spec = importlib.util.spec_from_file_location("peers_bench", ROOT / "benchmarks" / "peers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.pareto_plot is peers.pareto_plot
+
+
+def test_fastest_within_tolerance_skips_failing_and_batch1_rows(tmp_path):
+    q, t = peers.read_study(write_study(tmp_path, STUDY_Q, STUDY_T))
+    assert peers.fastest_within_tolerance(q, t) == ("shapefirst stop=0.5 uncond +mean+deep3", 0.36)
+    assert peers.fastest_within_tolerance(q, {}) is None
+    table = peers.table_rows(q, t)
+    assert [r[0] for r in table[1:]] == [r["name"] for r in STUDY_Q]
+    lo, hi = wilson(945, 1000)
+    assert table[2][3] == f"94.5% [{lo:.1%}, {hi:.1%}]" and table[2][-1] == "yes"
+    assert table[3][-1].startswith("no: shape accuracy CI lower bound -0.020")
+    assert table[5][1] == "-"  # the callback's batch-1 timing is not a batch-8 saving
+
+
+@pytest.mark.parametrize("case", ["empty", "no full row", "missing fields"])
+def test_a_folder_that_is_not_a_study_is_refused_before_anything_is_written(tmp_path, case):
+    study = tmp_path / "study"
+    study.mkdir()
+    if case == "no full row":
+        write_study(study, STUDY_Q[1:], STUDY_T)
+    elif case == "missing fields":
+        write_study(study, [{"name": "full", "n": 3}], None)
+    dest = tmp_path / "rep" / "results" / "peers"
+    with pytest.raises(ShapefirstError, match="peers"):
+        peers.keep_study(study, dest)
+    assert not dest.exists()
+
+
+def test_keep_study_copies_rows_draws_and_drops_stale_files(tmp_path):
+    dest = tmp_path / "kept"
+    peers.keep_study(write_study(tmp_path / "a", STUDY_Q, STUDY_T), dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["pareto.png", "quality.jsonl", "timing.jsonl"]
+    assert peers.read_study(dest) == peers.read_study(tmp_path / "a")
+    peers.keep_study(write_study(tmp_path / "b", STUDY_Q, None), dest)  # untimed: no plot, no old timing
+    assert sorted(p.name for p in dest.iterdir()) == ["quality.jsonl"]
+
+
+def test_report_shows_the_kept_study_and_refuses_a_wrong_folder(tmp_path, capsys):
+    rep = tmp_path / "rep"
+    (rep / "results").mkdir(parents=True)
+    OutputFolder(rep, "report").claim(["results"])
+    keep_peers(write_study(tmp_path / "study", STUDY_Q, STUDY_T), rep)
+    text = build_page(rep).read_text()
+    assert 'id="peers"' in text and "shapefirst stop=0.5 uncond +mean+deep3 (36.0% saved)" in text
+    assert any(p.name == "peers-pareto.png" for p in rep.glob("page-*/*"))
+    code = main(["report", "--page-only", "--out", str(rep), "--peers", str(tmp_path / "nothing")])
+    err = capsys.readouterr().err
+    assert code != 0 and "holds no peers study" in err and "benchmarks/peers.py" in err
+    assert peers.read_study(rep / "results" / "peers")[0].keys() == {r["name"] for r in STUDY_Q}

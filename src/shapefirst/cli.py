@@ -183,6 +183,8 @@ def report(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
     page_only: bool = typer.Option(False, "--page-only", help="rebuild index.html from saved results, run nothing"),
+    peers: Optional[Path] = typer.Option(None, help="a `benchmarks/peers.py` study folder to show as its own "
+                                                     "section (kept under OUT/results/peers)"),
 ):
     """Run every analysis and a small sweep on one model, and write one offline HTML page."""
     from rich.console import Console
@@ -191,12 +193,15 @@ def report(
     from .outputs import OutputFolder
     from .prompts import read_pairs, read_prompts
     from .experiments.registry import Inputs, check_inputs
-    from .report import BUDGETS, build_page, run_report
+    from .report import BUDGETS, build_page, keep_peers, run_report
 
     if budget not in BUDGETS:
         raise ShapefirstError(f"unknown budget {budget!r}", f"use one of: {', '.join(BUDGETS)}")
     owner = OutputFolder(out, "report").check()
     if page_only:
+        if peers is not None:
+            with owner.claimed():
+                keep_peers(peers, out)
         typer.echo(f"report -> {build_page(out)}", err=True)
         return
     guidance = _guidance(guidance, model)
@@ -205,13 +210,17 @@ def report(
     pair_list = read_pairs(pairs) if pairs else None
     world = model == "embedded"
     check_inputs(Inputs(prompts=prompt_list, pairs=pair_list, clip=clip, world=world))
+    if peers is not None:
+        from .experiments.peers import read_study
+
+        read_study(peers)  # before the model loads
     scorer = _scorer(clip, world)
     pipe = load_pipeline(model, device=dev, allow_pickle=allow_pickle)
     console = Console(stderr=True)
     with _warnings_to_stderr(), owner.claimed(), console.status("report") as status:
         index = run_report(pipe, out, budget, world=world, clip=scorer, prompts=prompt_list, pairs=pair_list,
                            progress=lambda name: status.update(f"report: {name}"), model_name=model,
-                           guidance=guidance, overwrite=overwrite)
+                           guidance=guidance, overwrite=overwrite, peers=peers)
     typer.echo(f"report -> {index}", err=True)
 
 

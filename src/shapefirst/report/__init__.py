@@ -4,6 +4,7 @@ Layout of OUT:
     results/<analysis>/      result folders (reused on a rerun when their settings match)
     results/generate/        the traced generation (film strips)
     results/sweep/           sweep.jsonl, sweep.csv, pareto.png, cached reference images
+    results/peers/           with --peers STUDY: a copy of a benchmarks/peers.py study's rows + its Pareto plot
     page-<stamp>/            the figures of one build
     index.html               written last, atomically; it points at one page-<stamp>/ folder,
                              so a reader sees the old page or the new one, never a half-written one
@@ -28,8 +29,9 @@ BUDGETS = {
 
 def run_report(pipe, out: str | Path, budget: str = "quick", world: bool = True, clip=None, prompts=None,
                pairs=None, progress=None, model_name: str = "embedded", guidance: float | None = None,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, peers: str | Path | None = None) -> Path:
     """Compute what is missing under out/results, then build the page. Returns index.html's path.
+    peers: a `benchmarks/peers.py` study folder, kept under results/peers/ and shown as its own section.
     Every section is keyed by its settings and the model's weights: a saved section made with
     others is refused unless overwrite=True (then recomputed). guidance: None = the model's default."""
     from ..experiments import run_analysis
@@ -48,6 +50,10 @@ def run_report(pipe, out: str | Path, budget: str = "quick", world: bool = True,
     t0 = time.time()
     tick = progress or (lambda name: None)
     check_inputs(Inputs(prompts=prompts, pairs=pairs, clip=clip, world=world))
+    if peers is not None:
+        from ..experiments.peers import read_study
+
+        read_study(peers)  # a wrong folder fails before any model run
     ps, targets = (prompts, None) if prompts else world_prompts(max(b["n"], b["sweep_n"]), 0)
     owner.claim(["results"])
     tick("generate")
@@ -66,9 +72,40 @@ def run_report(pipe, out: str | Path, budget: str = "quick", world: bool = True,
               configs=default_configs(w, stops=b["stops"], steps=(b["steps"],)), batch=b["batch"], clip=clip,
               overwrite=overwrite)
     timings["sweep"] = time.time() - s
+    if peers is not None:
+        keep_peers(peers, out)
     meta = {"model": model_name, "budget": budget, "guidance": w, "settings": b, "seconds": time.time() - t0,
             "timings": timings}
     return build_page(out, meta)
+
+
+def keep_peers(study: str | Path, out: str | Path) -> Path:
+    """Keep a peers study's rows and Pareto plot under out/results/peers (the page reads them from there)."""
+    from ..experiments.peers import keep_study
+    from ..outputs import OutputFolder
+
+    out = Path(out)
+    OutputFolder(out, "report").claim(["results"])
+    return keep_study(study, out / "results" / "peers")
+
+
+def _peers_section(folder: Path) -> dict:
+    from ..experiments.peers import fastest_within_tolerance, read_study, table_rows
+
+    q, t = read_study(folder)
+    best = fastest_within_tolerance(q, t)
+    n, timed = q["full"]["n"], sum(1 for name in q if name in t)
+    verdict = (f"The fastest batch-8 configuration within the calibrate tolerance here is {best[0]} "
+               f"({best[1]:.1%} saved)." if best else
+               "No timed configuration other than full guidance stays within the calibrate tolerance here.")
+    return {"id": "peers", "title": "shapefirst against its peers: saved latency and all-five accuracy",
+            "caption": f"benchmarks/peers.py: {len(q)} configurations on the same {n} prompts and seeds, each image "
+                       f"judged; {timed} of them timed A/B adjacent against full guidance at batch 8 (median of "
+                       "ratios; only timed ones are on the plot). Error bars: Wilson 95% intervals. Within "
+                       "tolerance: every attribute's paired 95% CI above -1 point and Image-CLIP not below the "
+                       f"seed floor. {verdict}",
+            "figures": [folder / "pareto.png"] if (folder / "pareto.png").exists() else [],
+            "table": table_rows(q, t)}
 
 
 def _film(pipe, prompts, steps: int, guidance: float, folder: Path, overwrite: bool) -> None:
@@ -120,6 +157,8 @@ def _sections(res_dir: Path) -> list[dict]:
                                "seed. 'uncond' keeps the unconditional branch after the stop (the paper), 'cond' the "
                                "conditional one (diffusers' callback).",
                     "figures": [sw / "pareto.png"] if (sw / "pareto.png").exists() else [], "table": rows})
+    if (res_dir / "peers" / "quality.jsonl").exists():
+        out.append(_peers_section(res_dir / "peers"))
     return out
 
 

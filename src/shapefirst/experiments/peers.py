@@ -1,0 +1,138 @@
+"""The peers study's summary: one Pareto curve per method and a table, from a study folder.
+
+`benchmarks/peers.py` runs the study (shapefirst's stops and caches against T-GATE, DeepCache, Step AG,
+Adaptive Guidance, Guidance Interval, diffusers' callback) into STUDY/quality/sweep.jsonl (every image
+judged, no timing) and STUDY/timing/sweep.jsonl (A/B adjacent timing, run alone). This module reads
+those rows, draws the Pareto plot (saved latency at batch 8 against all-five accuracy) and, for
+`shapefirst report --peers STUDY`, keeps a copy of both files under the report's results/peers/, so the
+page redraws from them without the study folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ShapefirstError
+from ..results import read_jsonl
+
+# method of a configuration name, for the Pareto plot: one curve per method (first match wins)
+METHODS = (("shapefirst stop_step", "shapefirst stop + DeepCache"), ("shapefirst shape-settled", "shapefirst shape-settled stop"),
+           ("shapefirst stop", "shapefirst stop (+ late caches)"), ("T-GATE", "T-GATE (tgate)"), ("Step AG", "Step AG"),
+           ("Adaptive Guidance", "Adaptive Guidance"), ("Guidance Interval", "Guidance Interval"),
+           ("DeepCache", "DeepCache"), ("diffusers SDCFGCutoffCallback", "SDCFGCutoffCallback"), ("full", "full guidance"))
+QUALITY_FIELDS = ("name", "n", "accuracy", "accuracy_delta_vs_full", "evaluation_ratio", "image_clip")
+
+
+def method_of(name: str) -> str:
+    return next((label for prefix, label in METHODS if name.startswith(prefix)), name)
+
+
+def batch1_only(name: str) -> bool:
+    """Rows timed image by image (diffusers' callback crashes at batch > 1): not on the batch-8 axis."""
+    return "image by image" in name or "SDCFGCutoffCallback" in name
+
+
+def pareto_points(q: dict, t: dict) -> dict[str, list[tuple[float, float, float, float, str]]]:
+    """method -> [(saved latency, all-five accuracy, CI low, CI high, configuration)] sorted by saving;
+    configurations without a batch-8 timing are left out (the caption says how many)."""
+    from ..metrics import wilson
+
+    pts: dict[str, list] = {}
+    for name, r in q.items():
+        sv = t.get(name, {}).get("saved_latency")
+        if sv is None or batch1_only(name):
+            continue
+        a = r["accuracy"]["all"]  # a share of r["n"] judged images
+        lo, hi = wilson(round(a * r["n"]), r["n"])
+        pts.setdefault(method_of(name), []).append((sv, a, lo, hi, name))
+    return {m: sorted(v) for m, v in pts.items()}
+
+
+def pareto_plot(q: dict, t: dict, path: Path) -> Path | None:
+    """Saved latency (batch 8, against full guidance) vs all-five accuracy, one curve per method,
+    Wilson 95% CIs as error bars. None when no configuration has both a timing and a quality row."""
+    from matplotlib.figure import Figure
+
+    from ..results import save_figure
+
+    pts = pareto_points(q, t)
+    if not pts:
+        return None
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for m, v in pts.items():
+        x, y, lo, hi = (np.array(c) for c in zip(*[p[:4] for p in v]))
+        ax.errorbar(100 * x, 100 * y, yerr=100 * np.stack([y - lo, hi - y]), marker="o", capsize=3, label=m)
+    n = next(iter(q.values()))["n"]
+    left = sum(1 for name in q if name not in {p[4] for v in pts.values() for p in v})
+    ax.set(xlabel="saved latency vs full guidance, batch 8 (%)", ylabel="all five attributes right (%)",
+           title=f"shapefirst and its peers (n={n} prompts; {left} configurations without a batch-8 timing left out)")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return save_figure(fig, path)
+
+
+def read_study(folder: str | Path) -> tuple[dict, dict]:
+    """(quality rows, timing rows) by configuration name, from a study folder or a report's results/peers."""
+    folder = Path(folder)
+    q_path, t_path = ((folder / p / "sweep.jsonl") if (folder / p).is_dir() else (folder / f"{p}.jsonl")
+                      for p in ("quality", "timing"))
+    if not q_path.exists():
+        raise ShapefirstError(f"{folder} holds no peers study ({q_path.name} missing under quality/)",
+                              "pass the --out folder of `python benchmarks/peers.py quality`")
+    q = {r["name"]: r for r in read_jsonl(q_path)}
+    bad = [f for r in q.values() for f in QUALITY_FIELDS if f not in r]
+    if not q or "full" not in q or bad:
+        what = "no full-guidance row" if q and not bad else f"rows without {sorted(set(bad))}" if bad else "no rows"
+        raise ShapefirstError(f"{q_path} is not a finished peers quality run ({what})",
+                              "rerun `python benchmarks/peers.py quality` on that folder: it resumes")
+    return q, {r["name"]: r for r in read_jsonl(t_path)}
+
+
+def keep_study(study: str | Path, dest: Path) -> Path:
+    """Copy a study's two row files into dest (quality.jsonl, timing.jsonl, each written atomically; a
+    timing file the study lacks is removed) and draw dest/pareto.png (removed when nothing is timed)."""
+    from ..results import atomic_write_bytes
+
+    study = Path(study)
+    q, t = read_study(study)  # refuses a folder that is not a study before anything is written
+    dest.mkdir(parents=True, exist_ok=True)
+    for phase in ("quality", "timing"):
+        src, kept = study / phase / "sweep.jsonl", dest / f"{phase}.jsonl"
+        if src.exists():
+            atomic_write_bytes(kept, src.read_bytes())
+        else:
+            kept.unlink(missing_ok=True)
+    if pareto_plot(q, t, dest / "pareto.png") is None:
+        (dest / "pareto.png").unlink(missing_ok=True)
+    return dest
+
+
+def fastest_within_tolerance(q: dict, t: dict, tolerance: float = 0.01) -> tuple[str, float] | None:
+    """(name, saved latency) of the fastest timed batch-8 configuration that passes the calibrate rule."""
+    from .sweep import passes
+
+    ok = [(t[n]["saved_latency"], n) for n, r in q.items() if n != "full" and not batch1_only(n)
+          and t.get(n, {}).get("saved_latency") is not None and passes(r, tolerance)[0]]
+    return (max(ok)[1], max(ok)[0]) if ok else None
+
+
+def table_rows(q: dict, t: dict) -> list[list[str]]:
+    """The report's table: one row per configuration, Wilson 95% CI of the all-five share."""
+    from ..metrics import wilson
+    from .sweep import passes
+
+    rows = [["configuration", "saved latency (batch 8)", "denoiser evaluations", "all five right [95% CI]",
+             "Δ all five vs full [95% CI]", "Image-CLIP", "within tolerance"]]
+    for name, r in q.items():
+        sv = t.get(name, {}).get("saved_latency")
+        a, n = r["accuracy"]["all"], r["n"]
+        lo, hi = wilson(round(a * n), n)
+        d = r["accuracy_delta_vs_full"]["all"]
+        ok, why = passes(r)
+        rows.append([name, "-" if sv is None or batch1_only(name) else f"{sv:.1%}", f"x{r['evaluation_ratio']:.3f}",
+                     f"{a:.1%} [{lo:.1%}, {hi:.1%}]", f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]",
+                     f"{r['image_clip'][0]:.1f}", "yes" if ok else f"no: {why}"])
+    return rows
