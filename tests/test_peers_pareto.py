@@ -114,6 +114,7 @@ def test_report_shows_the_kept_study_and_refuses_a_wrong_folder(tmp_path, capsys
     keep_peers(write_study(tmp_path / "study", STUDY_Q, STUDY_T), rep)
     text = build_page(rep).read_text()
     assert 'id="peers"' in text and "shapefirst stop=0.5 uncond +mean+deep3 (36.0% saved)" in text
+    assert "4 of them timed" in text  # the callback's batch-1 timing is not counted
     assert any(p.name == "peers-pareto.png" for p in rep.glob("page-*/*"))
     code = main(["report", "--page-only", "--out", str(rep), "--peers", str(tmp_path / "nothing")])
     err = capsys.readouterr().err

@@ -80,7 +80,7 @@ def read_study(folder: str | Path) -> tuple[dict, dict]:
     q_path, t_path = ((folder / p / "sweep.jsonl") if (folder / p).is_dir() else (folder / f"{p}.jsonl")
                       for p in ("quality", "timing"))
     if not q_path.exists():
-        raise ShapefirstError(f"{folder} holds no peers study ({q_path.name} missing under quality/)",
+        raise ShapefirstError(f"{folder} holds no peers study (no quality/sweep.jsonl in it)",
                               "pass the --out folder of `python benchmarks/peers.py quality`")
     q = {r["name"]: r for r in read_jsonl(q_path)}
     bad = [f for r in q.values() for f in QUALITY_FIELDS if f not in r]

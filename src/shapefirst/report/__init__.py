@@ -90,11 +90,11 @@ def keep_peers(study: str | Path, out: str | Path) -> Path:
 
 
 def _peers_section(folder: Path) -> dict:
-    from ..experiments.peers import fastest_within_tolerance, read_study, table_rows
+    from ..experiments.peers import batch1_only, fastest_within_tolerance, read_study, table_rows
 
     q, t = read_study(folder)
     best = fastest_within_tolerance(q, t)
-    n, timed = q["full"]["n"], sum(1 for name in q if name in t)
+    n, timed = q["full"]["n"], sum(1 for name in q if name in t and not batch1_only(name))
     verdict = (f"The fastest batch-8 configuration within the calibrate tolerance here is {best[0]} "
                f"({best[1]:.1%} saved)." if best else
                "No timed configuration other than full guidance stays within the calibrate tolerance here.")
