@@ -175,8 +175,8 @@ def interval_steps(pipe, steps: int, scheduler: str, lo: float = 0.28, hi: float
 
 
 def configs(pipe, args) -> list[Config]:
-    """Per cost level f (fraction of guided calls): shapefirst's stop (paper: unconditional branch
-    after; from the second level on with the first late cache) and the peers at the same level;
+    """Per cost level f (fraction of guided calls): shapefirst's stop (the first of --after, default
+    the paper's unconditional branch; from the second level on with the first late cache) and the peers at the same level;
     Adaptive Guidance at the given thresholds (tune them to a level's average cost). Then the
     extras: the other cache/no-cache variants, Guidance Interval at its paper's interval, and
     diffusers' callback. Ordered by priority, since a sweep finishes configurations in order."""
@@ -185,16 +185,16 @@ def configs(pipe, args) -> list[Config]:
     caches = [LateCache.parse(spec) for spec in args.caches]
     main, extra = [Config("full", GuidanceSchedule(w), sch, n)], []
 
-    def ours(f, cache):
-        name = f"shapefirst stop={f} uncond" + (f" +{cache.label}" if cache else "")
-        return Config(name, GuidanceSchedule(w, stop=f), sch, n, cache=cache)
+    def ours(f, cache, after):
+        name = f"shapefirst stop={f} {after}" + (f" +{cache.label}" if cache else "")
+        return Config(name, GuidanceSchedule(w, stop=f, after=after), sch, n, cache=cache)
 
     for i, f in enumerate(args.levels):
         k = round(f * n)
         variants = [None] + caches
         first = variants[min(i, len(variants) - 1)]
-        main.append(ours(f, first))
-        extra += [ours(f, c) for c in variants if c != first]
+        main.append(ours(f, first, args.after[0]))
+        extra += [ours(f, c, a) for a in args.after for c in variants if (c, a) != (first, args.after[0])]
         main += [Config(f"T-GATE gate_step={k} (tgate)", GuidanceSchedule(w), sch, n, run=tgate(k, w)),
                  Config(f"Step AG {f} (stop={f} cond)", GuidanceSchedule(w, stop=f, after="cond"), sch, n)]
         if i < len(args.adaptive):
@@ -204,16 +204,18 @@ def configs(pipe, args) -> list[Config]:
         extra.append(Config(f"diffusers SDCFGCutoffCallback({f})", GuidanceSchedule(w), sch, n,
                             run=cutoff_callback(f, w)))
     for t in args.shape:  # alone and with each late cache (a cache acts once every sample of the batch stopped)
-        shape = GuidanceSchedule(w, adaptive=AdaptiveStop(criterion="shape", tolerance=t))
-        main += [Config(f"shapefirst shape-settled tol={t} uncond" + (f" +{c.label}" if c else ""), shape, sch, n, cache=c)
-                 for c in [None] + caches]
+        for a in args.after:
+            shape = GuidanceSchedule(w, adaptive=AdaptiveStop(criterion="shape", tolerance=t), after=a)
+            main += [Config(f"shapefirst shape-settled tol={t} {a}" + (f" +{c.label}" if c else ""), shape, sch, n,
+                            cache=c) for c in [None] + caches]
     for i, d in enumerate(args.deepcache):
         main.append(Config(f"DeepCache interval={d} (DeepCache)", GuidanceSchedule(w), sch, n, run=deepcache(d, w)))
         if i < len(args.levels):
             k = aligned_stop(args.levels[i], n, d)
-            both = GuidanceSchedule(w, stop_step=k)
-            main.append(Config(f"shapefirst stop_step={k} uncond + DeepCache interval={d}", both, sch, n,
-                               run=deepcache(d, w, both)))
+            for a in args.after:
+                both = GuidanceSchedule(w, stop_step=k, after=a)
+                main.append(Config(f"shapefirst stop_step={k} {a} + DeepCache interval={d}", both, sch, n,
+                                   run=deepcache(d, w, both)))
     extra.append(Config("full, image by image", GuidanceSchedule(w), sch, n, run=one_by_one(w)))
     main.append(Config(f"Guidance Interval sigma(0.28,5.42] calls [{gi0},{gi1}) (cond)",
                        GuidanceSchedule(w, start_step=gi0, stop_step=gi1, after="cond"), sch, n))
@@ -289,6 +291,8 @@ def main():
     ap.add_argument("--levels", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.3])
     ap.add_argument("--adaptive", type=lambda s: [float(x) for x in s.split(",") if x], default=[])
     ap.add_argument("--caches", type=lambda s: [x for x in s.split(",") if x], default=[])
+    ap.add_argument("--after", type=lambda s: [x for x in s.split(",") if x], default=["uncond"],
+                    help="branches shapefirst keeps after its stops (uncond: the paper's; cond), each with its rows")
     ap.add_argument("--shape", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
                     help="tolerances of shapefirst's shape-settled adaptive stop (unconditional branch after)")
     ap.add_argument("--deepcache", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
