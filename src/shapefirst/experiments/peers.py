@@ -111,12 +111,14 @@ def keep_study(study: str | Path, dest: Path) -> Path:
 
 
 def fastest_within_tolerance(q: dict, t: dict, tolerance: float = 0.01) -> tuple[str, float] | None:
-    """(name, saved latency) of the fastest timed batch-8 configuration that passes the calibrate rule."""
-    from .sweep import passes
+    """(name, saved latency) of the fastest timed batch-8 configuration that passes the calibrate rule
+    (sweep.calibrate on the quality rows that have a batch-8 timing, with that timing merged in)."""
+    from .sweep import calibrate
 
-    ok = [(t[n]["saved_latency"], n) for n, r in q.items() if n != "full" and not batch1_only(n)
-          and t.get(n, {}).get("saved_latency") is not None and passes(r, tolerance)[0]]
-    return (max(ok)[1], max(ok)[0]) if ok else None
+    timed = [{**r, "saved_latency": t[n]["saved_latency"]} for n, r in q.items()
+             if not batch1_only(n) and t.get(n, {}).get("saved_latency") is not None]
+    best, _ = calibrate(timed, tolerance)
+    return (best["name"], best["saved_latency"]) if best else None
 
 
 def table_rows(q: dict, t: dict) -> list[list[str]]:
