@@ -57,8 +57,9 @@ def test_points_group_by_method_sort_by_saving_and_skip_untimed(tmp_path):
          "shapefirst stop_step=25 uncond + DeepCache interval=3": {"saved_latency": 0.5},
          "diffusers SDCFGCutoffCallback(0.5)": {"saved_latency": 0.2}}  # a batch-1 row: not on this axis
     pts = peers.pareto_points(q, t)
-    assert set(pts) == {"full guidance", "shapefirst stop (+ late caches)", "T-GATE (tgate)", "shapefirst stop + DeepCache"}
-    ours = pts["shapefirst stop (+ late caches)"]
+    assert set(pts) == {"full guidance", "shapefirst stop (+ late caches), uncond after", "T-GATE (tgate)",
+                        "shapefirst stop + DeepCache, uncond after"}
+    ours = pts["shapefirst stop (+ late caches), uncond after"]
     assert [p[4] for p in ours] == ["shapefirst stop=0.5 uncond", "shapefirst stop=0.3 uncond +mean"]
     assert ours[0][2:4] == pytest.approx(wilson(890, 1000))
     assert peers.pareto_plot(q, t, tmp_path / "p.png").stat().st_size > 0
