@@ -175,11 +175,11 @@ def test_calibrate_ranks_stops_adaptive_and_caches_and_prints_a_runnable_snippet
     recommendation (if any) is the fastest passing one and its snippet runs."""
     out = tmp_path / "cal"
     code = main(["calibrate", "--n", "8", "--steps", "4", "--stops", "0.5", "--adaptive-shape", "0.05",
-                 "--modes", "uncond", "--timing-batches", "0", "--out", str(out)])  # cosine 0.9995, none,mean: defaults
+                 "--modes", "uncond", "--timing-batches", "0", "--out", str(out)])  # cosine 0.9995, none,mean,kept+deep3: defaults
     text = capsys.readouterr().out
     assert code == 0
     verdicts = [line for line in text.splitlines() if line.startswith(("PASS", "fail"))]
-    names = [f"{rule} uncond{c}" for rule in ("stop=0.5", "adaptive=0.9995", "adaptive-shape=0.05") for c in ("", " +mean")]
+    names = [f"{rule} uncond{c}" for rule in ("stop=0.5", "adaptive=0.9995", "adaptive-shape=0.05") for c in ("", " +mean", " +kept+deep3")]
     assert sorted(line[5:].split(" saved ")[0].strip() for line in verdicts) == sorted(f"ddim/4/{n}" for n in names)
     assert (out / "sweep.jsonl").exists() and (out / "pareto.png").exists()
     if "recommended:" in text:

@@ -375,7 +375,8 @@ def calibrate(
     adaptive: str = typer.Option("0.9995", help="candidate adaptive-stop cosine thresholds, e.g. 0.99,0.995 ('' = none)"),
     adaptive_shape: str = typer.Option("auto", help="candidate shape-settled adaptive-stop tolerances, e.g. 0.02,0.05; "
                                        "auto = the model's calibrated one ('' = none)"),
-    caches: str = typer.Option("none,mean", help="candidate late-stage caches: none, mean, kept, deep3, mean+deep3"),
+    caches: str = typer.Option("none,mean,kept+deep3", help="candidate late-stage caches: none, mean, kept, deep3, "
+                               "mean+deep3, kept+deep3 (the default adds the peers study's best at w=3)"),
     modes: str = typer.Option("uncond,cond", help="branches kept after the stop"),
     timing_batches: int = typer.Option(3, help="batches timed against full guidance; 0 = rank by saved evaluations"),
     scheduler: str = typer.Option("ddim", help="scheduler"),
