@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -282,9 +283,25 @@ def table(out: Path, tolerance: float) -> str:
     return "\n".join(lines)
 
 
+def ship(out: Path, guidance: float) -> Path:
+    """Copy a finished study into the package (the report's default peers section for the embedded model),
+    with study.json: the model's fingerprint, the scale and the timing machine."""
+    from shapefirst.experiments.peers import SHIPPED_STUDY, read_study
+    from shapefirst.outputs import model_fingerprint
+
+    read_study(out)
+    SHIPPED_STUDY.mkdir(parents=True, exist_ok=True)
+    for phase in ("quality", "timing"):
+        shutil.copyfile(out / phase / "sweep.jsonl", SHIPPED_STUDY / f"{phase}.jsonl")
+    machine_ = json.loads((out / "timing" / "machine.json").read_text())["machine"]
+    info = {"model": model_fingerprint(load_pipeline("embedded")), "guidance": guidance, "machine": machine_}
+    (SHIPPED_STUDY / "study.json").write_text(json.dumps(info, indent=1) + "\n")
+    return SHIPPED_STUDY
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("phase", choices=["quality", "timing", "table"])
+    ap.add_argument("phase", choices=["quality", "timing", "table", "ship"])
     ap.add_argument("--out", type=Path, default=Path("peers-out"))
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=8)
@@ -316,6 +333,9 @@ def main():
         q, t = ({r["name"]: r for r in read_jsonl(args.out / ph / "sweep.jsonl")} for ph in ("quality", "timing"))
         png = pareto_plot(q, t, args.out / "pareto.png")
         print(f"\nPareto plot: {png}" if png else "\nPareto plot: no configuration has both quality and timing yet")
+        return
+    if args.phase == "ship":
+        print(f"shipped: {ship(args.out, args.guidance)}")
         return
     from shapefirst.metrics import Clip
     from shapefirst.models import embedded_model_path

@@ -121,3 +121,23 @@ def test_report_shows_the_kept_study_and_refuses_a_wrong_folder(tmp_path, capsys
     err = capsys.readouterr().err
     assert code != 0 and "holds no peers study" in err and "benchmarks/peers.py" in err
     assert peers.read_study(rep / "results" / "peers")[0].keys() == {r["name"] for r in STUDY_Q}
+
+
+def test_the_shipped_study_belongs_to_the_shipped_model_and_is_the_reports_default(tmp_path, tiny_pipe):
+    from shapefirst.models import default_guidance, load_pipeline
+    from shapefirst.outputs import model_fingerprint
+
+    w, pipe = default_guidance("embedded"), load_pipeline("embedded")
+    assert peers.default_study(pipe, w) == peers.SHIPPED_STUDY
+    assert peers.default_study(pipe, w + 1) is None and peers.default_study(tiny_pipe, w) is None
+    info = peers.study_info(peers.SHIPPED_STUDY)
+    assert info["model"] == model_fingerprint(pipe) and info["guidance"] == w
+    q, t = peers.read_study(peers.SHIPPED_STUDY)
+    assert q["full"]["n"] >= 1000 and t  # the bar: n >= 1000, and timed rows for the plot
+    rep = tmp_path / "rep"
+    (rep / "results").mkdir(parents=True)
+    OutputFolder(rep, "report").claim(["results"])
+    keep_peers(peers.SHIPPED_STUDY, rep)  # a flat (shipped or kept) folder copies like a study folder
+    assert sorted(p.name for p in (rep / "results" / "peers").iterdir()) == [
+        "pareto.png", "quality.jsonl", "study.json", "timing.jsonl"]
+    assert f"Measured by `python benchmarks/peers.py` on {info['machine']}" in build_page(rep).read_text()

@@ -184,7 +184,8 @@ def report(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
     page_only: bool = typer.Option(False, "--page-only", help="rebuild index.html from saved results, run nothing"),
     peers: Optional[Path] = typer.Option(None, help="a `benchmarks/peers.py` study folder to show as its own "
-                                                     "section (kept under OUT/results/peers)"),
+                                                     "section (kept under OUT/results/peers); default: the study "
+                                                     "shipped for the embedded model at its recommended scale"),
 ):
     """Run every analysis and a small sweep on one model, and write one offline HTML page."""
     from rich.console import Console

@@ -81,11 +81,37 @@ def pareto_plot(q: dict, t: dict, path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+SHIPPED_STUDY = Path(__file__).resolve().parents[1] / "data" / "peers_w3"  # the shipped model's study at w=3
+
+
+def default_study(pipe, guidance: float) -> Path | None:
+    """The study the report shows when none is given: the shipped one (rows measured by benchmarks/peers.py
+    on the embedded model at its recommended scale), only for that model (same weights) at that scale."""
+    from ..outputs import model_fingerprint
+
+    info = study_info(SHIPPED_STUDY)
+    if not info or guidance != info["guidance"] or model_fingerprint(pipe) != info["model"]:
+        return None
+    return SHIPPED_STUDY
+
+
+def study_info(folder: str | Path) -> dict:
+    """A study's study.json (model fingerprint, scale, timing machine), {} when it has none."""
+    import json
+
+    f = Path(folder) / "study.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def _rows_file(folder: Path, phase: str) -> Path:
+    """STUDY/phase/sweep.jsonl in a benchmarks/peers.py folder, phase.jsonl in a kept or shipped copy."""
+    return (folder / phase / "sweep.jsonl") if (folder / phase).is_dir() else (folder / f"{phase}.jsonl")
+
+
 def read_study(folder: str | Path) -> tuple[dict, dict]:
     """(quality rows, timing rows) by configuration name, from a study folder or a report's results/peers."""
     folder = Path(folder)
-    q_path, t_path = ((folder / p / "sweep.jsonl") if (folder / p).is_dir() else (folder / f"{p}.jsonl")
-                      for p in ("quality", "timing"))
+    q_path, t_path = (_rows_file(folder, p) for p in ("quality", "timing"))
     if not q_path.exists():
         raise ShapefirstError(f"{folder} holds no peers study (no quality/sweep.jsonl in it)",
                               "pass the --out folder of `python benchmarks/peers.py quality`")
@@ -99,15 +125,16 @@ def read_study(folder: str | Path) -> tuple[dict, dict]:
 
 
 def keep_study(study: str | Path, dest: Path) -> Path:
-    """Copy a study's two row files into dest (quality.jsonl, timing.jsonl, each written atomically; a
-    timing file the study lacks is removed) and draw dest/pareto.png (removed when nothing is timed)."""
+    """Copy a study's two row files and its study.json into dest (quality.jsonl, timing.jsonl, each written
+    atomically; a timing file or study.json the study lacks is removed) and draw dest/pareto.png (removed
+    when nothing is timed)."""
     from ..results import atomic_write_bytes
 
     study = Path(study)
     q, t = read_study(study)  # refuses a folder that is not a study before anything is written
     dest.mkdir(parents=True, exist_ok=True)
-    for phase in ("quality", "timing"):
-        src, kept = study / phase / "sweep.jsonl", dest / f"{phase}.jsonl"
+    for src, kept in [(_rows_file(study, p), dest / f"{p}.jsonl") for p in ("quality", "timing")] + [
+            (study / "study.json", dest / "study.json")]:
         if src.exists():
             atomic_write_bytes(kept, src.read_bytes())
         else:

@@ -31,7 +31,8 @@ def run_report(pipe, out: str | Path, budget: str = "quick", world: bool = True,
                pairs=None, progress=None, model_name: str = "embedded", guidance: float | None = None,
                overwrite: bool = False, peers: str | Path | None = None) -> Path:
     """Compute what is missing under out/results, then build the page. Returns index.html's path.
-    peers: a `benchmarks/peers.py` study folder, kept under results/peers/ and shown as its own section.
+    peers: a `benchmarks/peers.py` study folder, kept under results/peers/ and shown as its own section;
+    None = the study shipped for the embedded model, when pipe is that model at its recommended scale.
     Every section is keyed by its settings and the model's weights: a saved section made with
     others is refused unless overwrite=True (then recomputed). guidance: None = the model's default."""
     from ..experiments import run_analysis
@@ -50,6 +51,10 @@ def run_report(pipe, out: str | Path, budget: str = "quick", world: bool = True,
     t0 = time.time()
     tick = progress or (lambda name: None)
     check_inputs(Inputs(prompts=prompts, pairs=pairs, clip=clip, world=world))
+    if peers is None:  # the embedded model at its recommended scale: the study shipped with the package
+        from ..experiments.peers import default_study
+
+        peers = default_study(pipe, w)
     if peers is not None:
         from ..experiments.peers import read_study
 
@@ -90,9 +95,12 @@ def keep_peers(study: str | Path, out: str | Path) -> Path:
 
 
 def _peers_section(folder: Path) -> dict:
-    from ..experiments.peers import batch1_only, fastest_within_tolerance, read_study, table_rows
+    from ..experiments.peers import batch1_only, fastest_within_tolerance, read_study, study_info, table_rows
 
     q, t = read_study(folder)
+    info = study_info(folder)
+    where = (f" Measured by `python benchmarks/peers.py` on {info['machine']} (model {info['model']}, guidance "
+             f"{info['guidance']:g}); shipped with shapefirst, not recomputed by this report." if info else "")
     best = fastest_within_tolerance(q, t)
     n, timed = q["full"]["n"], sum(1 for name in q if name in t and not batch1_only(name))
     verdict = (f"The fastest batch-8 configuration within the calibrate tolerance here is {best[0]} "
@@ -103,7 +111,7 @@ def _peers_section(folder: Path) -> dict:
                        f"judged; {timed} of them timed A/B adjacent against full guidance at batch 8 (median of "
                        "ratios; only timed ones are on the plot). Error bars: Wilson 95% intervals. Within "
                        "tolerance: every attribute's paired 95% CI above -1 point and Image-CLIP not below the "
-                       f"seed floor. {verdict}",
+                       f"seed floor. {verdict}{where}",
             "figures": [folder / "pareto.png"] if (folder / "pareto.png").exists() else [],
             "table": table_rows(q, t)}
 
