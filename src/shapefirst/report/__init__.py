@@ -95,7 +95,13 @@ def keep_peers(study: str | Path, out: str | Path) -> Path:
 
 
 def _peers_section(folder: Path) -> dict:
-    from ..experiments.peers import batch1_only, fastest_within_tolerance, read_study, study_info, table_rows
+    from ..experiments.peers import (
+        batch1_only,
+        fastest_within_tolerance,
+        read_study,
+        study_info,
+        table_rows,
+    )
 
     q, t = read_study(folder)
     info = study_info(folder)
@@ -175,7 +181,6 @@ def build_page(out: str | Path, meta: dict | None = None) -> Path:
     import jinja2
 
     from ..generate import machine_info
-
     from ..outputs import OutputFolder
 
     out = Path(out)
