@@ -20,9 +20,14 @@ Needs `pip install tgate==1.0.0` (it pulls DeepCache 0.1.1; both run with diffus
 quality can run on a busy machine and timing alone:
     python benchmarks/peers.py quality --n 1000 --out /work/bench/peers   # no timing (deterministic)
     python benchmarks/peers.py timing --n 40 --out /work/bench/peers      # run ALONE: A/B adjacent timing
-    python benchmarks/peers.py table --out /work/bench/peers              # merge, print, draw OUT/pareto.png
+    python benchmarks/peers.py timing --n 8 --batch 1 --out /work/bench/peers   # batch 1, alone
+    python benchmarks/peers.py merge --out /work/bench/peers --dest benchmarks/results/peers_w3
+    python benchmarks/peers.py table --out benchmarks/results/peers_w3    # print, draw pareto.png
+    python benchmarks/peers.py ship --out benchmarks/results/peers_w3     # the report's default section
     shapefirst report --page-only --out REPORT --peers /work/bench/peers  # the study as a report section
-Both phases resume (one JSON line per finished configuration). The quality phase judges every image
+All phases resume (one JSON line per finished configuration). `merge` keeps a run's rows (by name, a rerun
+replacing the kept row) and its per-image judgments (judged.safetensors) in the repository's study, so the
+paired differences survive the run folder; `table` works on either. The quality phase judges every image
 with the shapes world's judge (paired difference to full guidance, same seed), Image-CLIPScore to
 the full-guidance image, CLIPScore, and KID / FD on CLIP features against the exact renders.
 """
@@ -42,11 +47,10 @@ import numpy as np
 import torch
 
 from shapefirst.cache import LateCache
-from shapefirst.experiments.peers import pareto_plot
+from shapefirst.experiments.peers import batch1_only, merge_study, paired, pareto_plot, read_study, rows_file
 from shapefirst.experiments.sweep import (
     Config,
     distribution_distances,
-    paired_difference,
     passes,
     per_image,
     run_sweep,
@@ -231,69 +235,87 @@ def machine() -> str:
 
 
 def table(out: Path, tolerance: float) -> str:
-    q = {r["name"]: r for r in read_jsonl(out / "quality" / "sweep.jsonl")}
-    t = {r["name"]: r for r in read_jsonl(out / "timing" / "sweep.jsonl")}
-    t1 = {r["name"]: r for r in read_jsonl(out / "timing_b1" / "sweep.jsonl")} if (out / "timing_b1").exists() else {}
+    """The study's table and head-to-head pairs, from a run folder or a kept study (benchmarks/results/...):
+    KID from the per-image CLIP features where the run's files are there (one method for all rows), else as
+    stored in the row; paired differences from the per-image judgments (judged.safetensors in a kept study)."""
+    q, t = read_study(out)
+    t1 = {r["name"]: r for r in read_jsonl(rows_file(out, "timing_b1"))}
     lines = ["| configuration | saved latency (batch 8) | batch 1 | evaluations | all five right | Δ all vs full [95% CI] "
              "| worst attribute Δ lower bound | Image-CLIP | KID×1000 [≈95% CI] | within tolerance |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     real = None
     for name, r in q.items():
-        if real is None:  # distances recomputed from the stored per-image CLIP features (one method for all rows)
-            from shapefirst.metrics import Clip
-            from shapefirst.models import embedded_model_path
+        if (out / "quality" / r["per_image_file"]).is_file():
+            if real is None:
+                from shapefirst.metrics import Clip
+                from shapefirst.models import embedded_model_path
 
-            real = Clip.load(embedded_model_path() / "clip").image_features(world_renders(r["n"], 0)).numpy()
-        r.update(distribution_distances(per_image(out / "quality", r)["feat"], real))
-        tr = t.get(name)
-        sv = f"{tr['saved_latency']:.1%}" if tr and tr.get("saved_latency") is not None else "-"
-        base = t.get("full, image by image")
-        if "SDCFGCutoffCallback" in name and tr and base:  # batch 1 only: against full guidance at batch 1
-            sv = f"{1 - tr['time_ratio_median'] / base['time_ratio_median']:.1%} (batch 1)"
-        sv1 = t1.get(name, {}).get("saved_latency")
-        sv1 = "-" if sv1 is None else f"{sv1:.1%}"
+                real = Clip.load(embedded_model_path() / "clip").image_features(world_renders(r["n"], 0)).numpy()
+            r.update(distribution_distances(per_image(out / "quality", r)["feat"], real))
+        sv, sv1 = (x.get(name, {}).get("saved_latency") for x in (t, t1))
         d = r["accuracy_delta_vs_full"]
         worst = min((v[1], a) for a, v in d.items() if a not in ("all", "one_object"))
         ok, why = passes(r, tolerance)
         kid = r.get("kid_x1000")
-        lines.append(f"| {name} | {sv} | {sv1} | ×{r['evaluation_ratio']:.3f} | {r['accuracy']['all']:.1%} | "
+        lines.append(f"| {name} | {'-' if sv is None or batch1_only(name) else f'{sv:.1%}'} | "
+                     f"{'-' if sv1 is None else f'{sv1:.1%}'} | ×{r['evaluation_ratio']:.3f} | {r['accuracy']['all']:.1%} | "
                      f"{d['all'][0]:+.3f} [{d['all'][1]:+.3f}, {d['all'][2]:+.3f}] | {worst[0]:+.3f} ({worst[1]}) | "
                      f"{r['image_clip'][0]:.1f} | {kid[0]:.2f} [{kid[1]:.2f}, {kid[2]:.2f}] | "
                      f"{'yes' if ok else 'no: ' + why} |")
-    lines += ["", "Head to head (paired over the same prompts and seeds: accuracy of shapefirst minus the peer's):", "",
+    lines += ["", "Head to head (paired over the same prompts and seeds: accuracy of shapefirst minus the peer's; "
+              "saved latency at batch 8, or at batch 1 for a peer that only runs image by image):", "",
               "| shapefirst | peer | Δ all five right [95% CI] | Δ shape [95% CI] | saved latency: shapefirst / peer |",
               "|---|---|---|---|---|"]
-    ours = [r for n_, r in q.items() if n_.startswith("shapefirst")]
-    others = [r for n_, r in q.items() if not n_.startswith("shapefirst") and n_ != "full"]
-    for a in ours:
-        for b in others:
-            sa, sb = (t.get(x["name"], {}).get("saved_latency") for x in (a, b))
-            near = abs(a["evaluation_ratio"] - b["evaluation_ratio"]) <= 0.08 or (
-                sa is not None and sb is not None and abs(sa - sb) <= 0.08)
-            if not near and not ("DeepCache" in a["name"] and "DeepCache" in b["name"]):
-                continue  # at (about) equal cost only: evaluations or saved latency; the stop on DeepCache vs DeepCache
-            da, ds = (paired_difference(out / "quality", a, b, at) for at in ("all", "shape"))
-            lat = f"{sa:.1%} / {sb:.1%}" if sa is not None and sb is not None else "-"
-            lines.append(f"| {a['name']} | {b['name']} | {da[0]:+.3f} [{da[1]:+.3f}, {da[2]:+.3f}] | "
-                         f"{ds[0]:+.3f} [{ds[1]:+.3f}, {ds[2]:+.3f}] | {lat} |")
-    r0 = next(iter(q.values()))
+    lines += [head_to_head(out, a, b, t, t1) for a in q.values() for b in q.values() if near(a, b, t)]
+    r0 = q["full"]
     lines.append(f"\nn = {r0['n']} prompts (quality), Image-CLIP floor {r0['image_clip_floor'][0]:.1f} "
                  f"(n={r0.get('image_clip_floor_n')}), ceiling {r0['image_clip_ceiling'][0]:.1f}; timing: "
-                 f"{next(iter(t.values()))['n'] if t else 0} prompts, batch 8, A/B adjacent per batch, median of ratios.")
+                 f"{next(iter(t.values()))['n'] if t else 0} prompts at batch 8 and "
+                 f"{next(iter(t1.values()))['n'] if t1 else 0} at batch 1, A/B adjacent per batch, median of ratios.")
     return "\n".join(lines)
+
+
+def near(a: dict, b: dict, t: dict) -> bool:
+    """shapefirst row a against peer row b at (about) equal cost: evaluations or batch-8 saved latency
+    within 8 points; the stop on DeepCache against DeepCache at every interval."""
+    if not a["name"].startswith("shapefirst") or b["name"].startswith("shapefirst") or b["name"] == "full":
+        return False
+    sa, sb = (t.get(x["name"], {}).get("saved_latency") for x in (a, b))
+    return (abs(a["evaluation_ratio"] - b["evaluation_ratio"]) <= 0.08
+            or (sa is not None and sb is not None and abs(sa - sb) <= 0.08)
+            or ("DeepCache" in a["name"] and "DeepCache" in b["name"]))
+
+
+def head_to_head(out: Path, a: dict, b: dict, t: dict, t1: dict) -> str:
+    da, ds = (paired(out, a, b, at) for at in ("all", "shape"))
+    ci = (lambda d: "-" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
+    tt = t1 if batch1_only(b["name"]) else t
+    sa, sb = (tt.get(x["name"], {}).get("saved_latency") for x in (a, b))
+    lat = f"{sa:.1%} / {sb:.1%}" + (" (batch 1)" if tt is t1 else "") if sa is not None and sb is not None else "-"
+    return f"| {a['name']} | {b['name']} | {ci(da)} | {ci(ds)} | {lat} |"
+
+
+def keep_machines(run: Path, dest: Path) -> None:
+    """dest/machine.json: the machine line of each phase the run has (the timing phases must name theirs)."""
+    f = dest / "machine.json"
+    kept = json.loads(f.read_text()) if f.exists() else {}
+    for phase in ("quality", "timing", "timing_b1"):
+        if (run / phase / "machine.json").exists():
+            kept[phase] = json.loads((run / phase / "machine.json").read_text())["machine"]
+    f.write_text(json.dumps(kept, indent=1) + "\n")
 
 
 def ship(out: Path, guidance: float) -> Path:
     """Copy a finished study into the package (the report's default peers section for the embedded model),
     with study.json: the model's fingerprint, the scale and the timing machine."""
-    from shapefirst.experiments.peers import SHIPPED_STUDY, read_study
+    from shapefirst.experiments.peers import SHIPPED_STUDY
     from shapefirst.outputs import model_fingerprint
 
     read_study(out)
     SHIPPED_STUDY.mkdir(parents=True, exist_ok=True)
     for phase in ("quality", "timing"):
-        shutil.copyfile(out / phase / "sweep.jsonl", SHIPPED_STUDY / f"{phase}.jsonl")
-    machine_ = json.loads((out / "timing" / "machine.json").read_text())["machine"]
+        shutil.copyfile(rows_file(out, phase), SHIPPED_STUDY / f"{phase}.jsonl")
+    machine_ = json.loads((out / "machine.json").read_text())["timing"]
     info = {"model": model_fingerprint(load_pipeline("embedded")), "guidance": guidance, "machine": machine_}
     (SHIPPED_STUDY / "study.json").write_text(json.dumps(info, indent=1) + "\n")
     return SHIPPED_STUDY
@@ -301,8 +323,10 @@ def ship(out: Path, guidance: float) -> Path:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("phase", choices=["quality", "timing", "table", "ship"])
+    ap.add_argument("phase", choices=["quality", "timing", "merge", "table", "ship"])
     ap.add_argument("--out", type=Path, default=Path("peers-out"))
+    ap.add_argument("--dest", type=Path, default=Path("benchmarks/results/peers_w3"),
+                    help="merge: the kept study (in the repository) that a run's rows and judgments go into")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50)
@@ -328,9 +352,15 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.phase == "merge":
+        for name, check in merge_study(args.out, args.dest).items():
+            print(f"rerun of {name!r}: {check}")
+        keep_machines(args.out, args.dest)
+        print(f"merged {args.out} into {args.dest}")
+        return
     if args.phase == "table":
         print(table(args.out, args.tolerance))
-        q, t = ({r["name"]: r for r in read_jsonl(args.out / ph / "sweep.jsonl")} for ph in ("quality", "timing"))
+        q, t = read_study(args.out)
         png = pareto_plot(q, t, args.out / "pareto.png")
         print(f"\nPareto plot: {png}" if png else "\nPareto plot: no configuration has both quality and timing yet")
         return

@@ -3,14 +3,16 @@ only configurations with both a quality row and a batch-8 timing; a study folder
 is not one, kept under a report's results/peers and shown there as its own section."""
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from shapefirst.cli import main
 from shapefirst.errors import ShapefirstError
 from shapefirst.experiments import peers
-from shapefirst.metrics import wilson
+from shapefirst.metrics import mean_ci, wilson
 from shapefirst.outputs import OutputFolder
 from shapefirst.report import build_page, keep_peers
 
@@ -141,3 +143,69 @@ def test_the_shipped_study_belongs_to_the_shipped_model_and_is_the_reports_defau
     assert sorted(p.name for p in (rep / "results" / "peers").iterdir()) == [
         "pareto.png", "quality.jsonl", "study.json", "timing.jsonl"]
     assert f"Measured by `python benchmarks/peers.py` on {info['machine']}" in build_page(rep).read_text()
+
+
+def run_folder(folder: Path, judged: dict[str, list[int]], timing: list[dict] | None = None) -> Path:
+    """A benchmarks/peers.py run: quality rows with per-image files (acc/A per image), as run_sweep writes them."""
+    from shapefirst.experiments.sweep import _save_per_image
+
+    rows = []
+    for name, acc in judged.items():
+        r = sweep_row(name, float(np.mean(acc)), n=len(acc))
+        r["per_image_file"] = f"per_image/{name.replace(' ', '_')}.safetensors"
+        _save_per_image(folder / "quality" / r["per_image_file"],
+                        {f"acc/{a}": np.array(acc, dtype=float) for a in ("all", "shape")})
+        rows.append(r)
+    return write_study(folder, rows, timing)
+
+
+def test_merge_keeps_rows_and_judgments_so_paired_differences_survive_the_run(tmp_path):
+    full, ours, peer = [1, 1, 0, 1, 1, 0], [1, 1, 1, 1, 1, 0], [1, 0, 0, 1, 0, 0]
+    run = run_folder(tmp_path / "run", {"full": full, "shapefirst stop=0.4 cond": ours, "T-GATE gate_step=20 (tgate)": peer},
+                     [{"name": "full", "saved_latency": 0.01}])
+    q, _ = peers.read_study(run)
+    a, b = q["shapefirst stop=0.4 cond"], q["T-GATE gate_step=20 (tgate)"]
+    expected = peers.paired(run, a, b)
+    diff = np.array(ours, dtype=float) - np.array(peer, dtype=float)
+    assert expected == pytest.approx(mean_ci(diff))
+    dest = tmp_path / "kept"
+    write_study(dest, [sweep_row("DeepCache interval=3 (DeepCache)", 0.9)], None)  # an older row, no judgments
+    (dest / "quality" / "sweep.jsonl").rename(dest / "quality.jsonl")
+    (dest / "quality").rmdir()
+    assert peers.merge_study(run, dest) == {}
+    shutil.rmtree(run)
+    q2, t2 = peers.read_study(dest)
+    assert list(q2) == ["DeepCache interval=3 (DeepCache)", "full", "shapefirst stop=0.4 cond", "T-GATE gate_step=20 (tgate)"]
+    assert t2 == {"full": {"name": "full", "saved_latency": 0.01}}
+    assert peers.paired(dest, q2["shapefirst stop=0.4 cond"], q2["T-GATE gate_step=20 (tgate)"]) == pytest.approx(expected)
+    assert peers.paired(dest, q2["shapefirst stop=0.4 cond"], q2["DeepCache interval=3 (DeepCache)"]) is None
+    # a rerun: the same accuracies reproduce, another one is reported; the rerun's row replaces the kept one
+    rerun = run_folder(tmp_path / "rerun", {"full": full, "shapefirst stop=0.4 cond": full})
+    checks = peers.merge_study(rerun, dest)
+    assert checks["full"] == "same" and checks["shapefirst stop=0.4 cond"].startswith("accuracy")
+    q3, _ = peers.read_study(dest)
+    assert q3["shapefirst stop=0.4 cond"]["accuracy"]["all"] == pytest.approx(4 / 6)
+    assert peers.judged(dest, q3["T-GATE gate_step=20 (tgate)"])["all"].tolist() == peer  # kept from the first run
+
+
+def test_the_benchmark_table_pairs_a_kept_study_from_its_judgments(tmp_path):
+    spec = importlib.util.spec_from_file_location("peers_bench", ROOT / "benchmarks" / "peers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ours, peer = [1, 1, 1, 1, 0, 1], [1, 0, 0, 1, 0, 1]
+    run = run_folder(tmp_path / "run", {"full": [1] * 6, "shapefirst stop=0.4 cond": ours,
+                                        "diffusers SDCFGCutoffCallback(0.4)": peer})
+    for phase, rows_ in (("quality", peers.read_study(run)[0].values()), ("timing_b1", [])):
+        (run / phase).mkdir(exist_ok=True)
+        extra = {"kid_x1000": [0.1, 0.0, 0.2], "image_clip_ceiling": [100.0, 0, 0]}
+        (run / phase / "sweep.jsonl").write_text("".join(json.dumps({**r, **extra}) + "\n" for r in rows_))
+    (run / "timing_b1" / "sweep.jsonl").write_text("".join(json.dumps({"name": n, "n": 6, "saved_latency": s}) + "\n" for n, s in
+                                                           (("shapefirst stop=0.4 cond", 0.3), ("diffusers SDCFGCutoffCallback(0.4)", 0.25))))
+    dest = tmp_path / "kept"
+    peers.merge_study(run, dest)
+    shutil.rmtree(run)
+    text = mod.table(dest, 0.01)
+    d = mean_ci(np.array(ours, float) - np.array(peer, float))
+    assert (f"| shapefirst stop=0.4 cond | diffusers SDCFGCutoffCallback(0.4) | {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] | "
+            in text) and "30.0% / 25.0% (batch 1) |" in text
+    assert "| diffusers SDCFGCutoffCallback(0.4) | - | 25.0% |" in text  # no batch-8 saving for a batch-1-only peer

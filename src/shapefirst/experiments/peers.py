@@ -103,15 +103,17 @@ def study_info(folder: str | Path) -> dict:
     return json.loads(f.read_text()) if f.exists() else {}
 
 
-def _rows_file(folder: Path, phase: str) -> Path:
-    """STUDY/phase/sweep.jsonl in a benchmarks/peers.py folder, phase.jsonl in a kept or shipped copy."""
+def rows_file(folder: str | Path, phase: str) -> Path:
+    """STUDY/phase/sweep.jsonl in a benchmarks/peers.py folder, phase.jsonl in a kept or shipped copy
+    (phase: quality, timing, or timing_b1 for the batch-1 timing)."""
+    folder = Path(folder)
     return (folder / phase / "sweep.jsonl") if (folder / phase).is_dir() else (folder / f"{phase}.jsonl")
 
 
 def read_study(folder: str | Path) -> tuple[dict, dict]:
     """(quality rows, timing rows) by configuration name, from a study folder or a report's results/peers."""
     folder = Path(folder)
-    q_path, t_path = (_rows_file(folder, p) for p in ("quality", "timing"))
+    q_path, t_path = (rows_file(folder, p) for p in ("quality", "timing"))
     if not q_path.exists():
         raise ShapefirstError(f"{folder} holds no peers study (no quality/sweep.jsonl in it)",
                               "pass the --out folder of `python benchmarks/peers.py quality`")
@@ -133,7 +135,7 @@ def keep_study(study: str | Path, dest: Path) -> Path:
     study = Path(study)
     q, t = read_study(study)  # refuses a folder that is not a study before anything is written
     dest.mkdir(parents=True, exist_ok=True)
-    for src, kept in [(_rows_file(study, p), dest / f"{p}.jsonl") for p in ("quality", "timing")] + [
+    for src, kept in [(rows_file(study, p), dest / f"{p}.jsonl") for p in ("quality", "timing")] + [
             (study / "study.json", dest / "study.json")]:
         if src.exists():
             atomic_write_bytes(kept, src.read_bytes())
@@ -172,3 +174,69 @@ def table_rows(q: dict, t: dict) -> list[list[str]]:
                      f"{a:.1%} [{lo:.1%}, {hi:.1%}]", f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]",
                      f"{r['image_clip'][0]:.1f}", "yes" if ok else f"no: {why}"])
     return rows
+
+
+JUDGED = "judged.safetensors"  # per-image judged accuracy of every row: what a kept study keeps of the per-image files
+PHASES = ("quality", "timing", "timing_b1")
+
+
+def judged(folder: str | Path, row: dict) -> dict[str, np.ndarray] | None:
+    """A study row's per-image judged accuracy (attribute -> 1.0 or 0.0 per image, in prompt order): from
+    the run's per-image file, else from the folder's judged.safetensors, else None. The per-image files
+    (CLIP features, 2 MB a row) stay with the run; judged.safetensors (7 kB a row) is kept with the results,
+    so paired differences can be recomputed after the run folder is gone."""
+    from safetensors.numpy import load_file
+
+    from .sweep import per_image
+
+    folder = Path(folder)
+    if (folder / "quality" / row.get("per_image_file", "-")).is_file():
+        p = per_image(folder / "quality", row)
+        return {k[4:]: p[k].astype(float) for k in p if k.startswith("acc/")}
+    if not (folder / JUDGED).is_file():
+        return None
+    prefix = f"{row['name']}|"
+    got = {k[len(prefix):]: v.astype(float) for k, v in load_file(str(folder / JUDGED)).items() if k.startswith(prefix)}
+    return got or None
+
+
+def paired(folder: str | Path, a: dict, b: dict, attribute: str = "all") -> tuple[float, float, float] | None:
+    """Mean and 95% CI of (accuracy of row a - row b) over the same prompts and seeds; None without the
+    per-image judgments of both."""
+    from ..metrics import mean_ci
+
+    ja, jb = judged(folder, a), judged(folder, b)
+    if ja is None or jb is None or len(ja[attribute]) != len(jb[attribute]):
+        return None
+    return mean_ci(ja[attribute] - jb[attribute])
+
+
+def merge_study(run: str | Path, dest: str | Path) -> dict[str, str]:
+    """Merge a benchmarks/peers.py run folder into a kept study (dest/quality.jsonl, timing.jsonl,
+    timing_b1.jsonl, judged.safetensors): rows by configuration name, the run's replacing dest's, and the
+    run's per-image judgments. Returns, for each quality row in both, whether the rerun reproduced the
+    kept accuracies ("same" or what differs): the quality phase is deterministic."""
+    from safetensors.numpy import load_file, save
+
+    from ..results import atomic_write_bytes, atomic_write_text, read_jsonl, strict_dumps
+
+    run, dest = Path(run), Path(dest)
+    q_new, _ = read_study(run)  # refuses a folder that is not a study before anything is written
+    dest.mkdir(parents=True, exist_ok=True)
+    checks = {}
+    for phase in PHASES:
+        new = {r["name"]: r for r in read_jsonl(rows_file(run, phase))}
+        if not new:
+            continue
+        old = {r["name"]: r for r in read_jsonl(rows_file(dest, phase))}
+        if phase == "quality":
+            checks = {n: "same" if old[n]["accuracy"] == r["accuracy"] else
+                      f"accuracy {old[n]['accuracy']} -> {r['accuracy']}" for n, r in new.items() if n in old}
+        atomic_write_text(dest / f"{phase}.jsonl", "".join(strict_dumps(r, sort_keys=True) + "\n" for r in {**old, **new}.values()))
+    kept = load_file(str(dest / JUDGED)) if (dest / JUDGED).is_file() else {}
+    for name, r in q_new.items():
+        j = judged(run, r)
+        if j is not None:
+            kept.update({f"{name}|{a}": v.astype(np.uint8) for a, v in j.items()})
+    atomic_write_bytes(dest / JUDGED, save(dict(sorted(kept.items()))))
+    return checks
