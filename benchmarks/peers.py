@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from shapefirst.cache import LateCache
-from shapefirst.experiments.peers import batch1_only, merge_study, paired, pareto_plot, read_study, rows_file
+from shapefirst.experiments.peers import PHASES, batch1_only, merge_study, paired, pareto_plot, read_study, rows_file
 from shapefirst.experiments.sweep import (
     Config,
     distribution_distances,
@@ -272,6 +272,9 @@ def table(out: Path, tolerance: float) -> str:
                  f"(n={r0.get('image_clip_floor_n')}), ceiling {r0['image_clip_ceiling'][0]:.1f}; timing: "
                  f"{next(iter(t.values()))['n'] if t else 0} prompts at batch 8 and "
                  f"{next(iter(t1.values()))['n'] if t1 else 0} at batch 1, A/B adjacent per batch, median of ratios.")
+    if any("| - | - |" in line for line in lines):
+        lines.append("A '-' in the head-to-head: the per-image judgments of one side are not in this study "
+                     "(kept rows of a run whose folder is gone); rerun its quality phase and merge to pair it.")
     return "\n".join(lines)
 
 
@@ -313,8 +316,9 @@ def ship(out: Path, guidance: float) -> Path:
 
     read_study(out)
     SHIPPED_STUDY.mkdir(parents=True, exist_ok=True)
-    for phase in ("quality", "timing"):
-        shutil.copyfile(rows_file(out, phase), SHIPPED_STUDY / f"{phase}.jsonl")
+    for phase in PHASES:
+        if rows_file(out, phase).exists():
+            shutil.copyfile(rows_file(out, phase), SHIPPED_STUDY / f"{phase}.jsonl")
     machine_ = json.loads((out / "machine.json").read_text())["timing"]
     info = {"model": model_fingerprint(load_pipeline("embedded")), "guidance": guidance, "machine": machine_}
     (SHIPPED_STUDY / "study.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -339,7 +343,7 @@ def main():
     ap.add_argument("--after", type=lambda s: [x for x in s.split(",") if x], default=["uncond"],
                     help="branches shapefirst keeps after its stops (uncond: the paper's; cond), each with its rows")
     ap.add_argument("--shape", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
-                    help="tolerances of shapefirst's shape-settled adaptive stop (unconditional branch after)")
+                    help="tolerances of shapefirst's shape-settled adaptive stop (each branch of --after kept after it)")
     ap.add_argument("--deepcache", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                     help="cache intervals of the DeepCache package; the i-th also with shapefirst's stop at level i")
     ap.add_argument("--only", type=lambda s: [x for x in s.split(";") if x], default=[],

@@ -82,9 +82,12 @@ def test_fastest_within_tolerance_skips_failing_and_batch1_rows(tmp_path):
     table = peers.table_rows(q, t)
     assert [r[0] for r in table[1:]] == [r["name"] for r in STUDY_Q]
     lo, hi = wilson(945, 1000)
-    assert table[2][3] == f"94.5% [{lo:.1%}, {hi:.1%}]" and table[2][-1] == "yes"
+    assert table[2][4] == f"94.5% [{lo:.1%}, {hi:.1%}]" and table[2][-1] == "yes"
     assert table[3][-1].startswith("no: shape accuracy CI lower bound -0.020")
-    assert table[5][1] == "-"  # the callback's batch-1 timing is not a batch-8 saving
+    assert table[5][1] == "-" and table[5][2] == "-"  # the callback's batch-1 timing is not a batch-8 saving
+    t1 = {"diffusers SDCFGCutoffCallback(0.5)": {"saved_latency": 0.2}, "full": {"saved_latency": -0.01}}
+    table = peers.table_rows(q, t, t1)
+    assert table[5][1:3] == ["-", "20.0%"] and table[1][2] == "-1.0%" and table[2][2] == "-"
 
 
 @pytest.mark.parametrize("case", ["empty", "no full row", "missing fields"])
@@ -103,9 +106,12 @@ def test_a_folder_that_is_not_a_study_is_refused_before_anything_is_written(tmp_
 
 def test_keep_study_copies_rows_draws_and_drops_stale_files(tmp_path):
     dest = tmp_path / "kept"
-    peers.keep_study(write_study(tmp_path / "a", STUDY_Q, STUDY_T), dest)
-    assert sorted(p.name for p in dest.iterdir()) == ["pareto.png", "quality.jsonl", "timing.jsonl"]
-    assert peers.read_study(dest) == peers.read_study(tmp_path / "a")
+    study = write_study(tmp_path / "a", STUDY_Q, STUDY_T)
+    (study / "timing_b1").mkdir()
+    (study / "timing_b1" / "sweep.jsonl").write_text(json.dumps({"name": "full", "saved_latency": 0.01}) + "\n")
+    peers.keep_study(study, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["pareto.png", "quality.jsonl", "timing.jsonl", "timing_b1.jsonl"]
+    assert peers.read_study(dest) == peers.read_study(study) and peers.read_batch1(dest) == peers.read_batch1(study)
     peers.keep_study(write_study(tmp_path / "b", STUDY_Q, None), dest)  # untimed: no plot, no old timing
     assert sorted(p.name for p in dest.iterdir()) == ["quality.jsonl"]
 
@@ -141,8 +147,11 @@ def test_the_shipped_study_belongs_to_the_shipped_model_and_is_the_reports_defau
     OutputFolder(rep, "report").claim(["results"])
     keep_peers(peers.SHIPPED_STUDY, rep)  # a flat (shipped or kept) folder copies like a study folder
     assert sorted(p.name for p in (rep / "results" / "peers").iterdir()) == [
-        "pareto.png", "quality.jsonl", "study.json", "timing.jsonl"]
-    assert f"Measured by `python benchmarks/peers.py` on {info['machine']}" in build_page(rep).read_text()
+        "pareto.png", "quality.jsonl", "study.json", "timing.jsonl", "timing_b1.jsonl"]
+    page = build_page(rep).read_text()
+    assert f"Measured by `python benchmarks/peers.py` on {info['machine']}" in page
+    b1 = peers.read_batch1(peers.SHIPPED_STUDY)["diffusers SDCFGCutoffCallback(0.4)"]["saved_latency"]
+    assert f"{b1:.1%}" in page  # the callback's batch-1 saving: the table's batch-1 column
 
 
 def run_folder(folder: Path, judged: dict[str, list[int]], timing: list[dict] | None = None) -> Path:

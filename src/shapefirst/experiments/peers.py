@@ -22,6 +22,7 @@ METHODS = (("shapefirst stop_step", "shapefirst stop + DeepCache"), ("shapefirst
            ("Adaptive Guidance", "Adaptive Guidance"), ("Guidance Interval", "Guidance Interval"),
            ("DeepCache", "DeepCache"), ("diffusers SDCFGCutoffCallback", "SDCFGCutoffCallback"), ("full", "full guidance"))
 QUALITY_FIELDS = ("name", "n", "accuracy", "accuracy_delta_vs_full", "evaluation_ratio", "image_clip")
+PHASES = ("quality", "timing", "timing_b1")  # a study's row files: judged images, batch-8 and batch-1 timing
 
 
 def method_of(name: str) -> str:
@@ -39,7 +40,7 @@ def batch1_only(name: str) -> bool:
 
 def pareto_points(q: dict, t: dict) -> dict[str, list[tuple[float, float, float, float, str]]]:
     """method -> [(saved latency, all-five accuracy, CI low, CI high, configuration)] sorted by saving;
-    configurations without a batch-8 timing are left out (the caption says how many)."""
+    configurations without a batch-8 timing are left out (the title names them, or says how many)."""
     from ..metrics import wilson
 
     pts: dict[str, list] = {}
@@ -66,7 +67,8 @@ def pareto_plot(q: dict, t: dict, path: Path) -> Path | None:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     n = next(iter(q.values()))["n"]
-    left = sum(1 for name in q if name not in {p[4] for v in pts.values() for p in v})
+    left = [name for name in q if name not in {p[4] for v in pts.values() for p in v}]
+    left = ", ".join(left) if len(left) <= 2 else f"{len(left)} configurations"
     for sv, a, lo, hi, _ in pts.pop("full guidance", []):  # its saving is 0 by definition; timed against itself = noise
         ax.axhspan(100 * lo, 100 * hi, color="0.85", alpha=0.5)
         ax.axhline(100 * a, color="0.4", ls="--", lw=1, label=f"full guidance (95% CI band; timed against itself {sv:+.1%})")
@@ -74,7 +76,7 @@ def pareto_plot(q: dict, t: dict, path: Path) -> Path | None:
         x, y, lo, hi = (np.array(c) for c in zip(*[p[:4] for p in v]))
         ax.errorbar(100 * x, 100 * y, yerr=100 * np.stack([y - lo, hi - y]), marker="o", capsize=3, label=m)
     ax.set(xlabel="saved latency vs full guidance, batch 8 (%)", ylabel="all five attributes right (%)",
-           title=f"shapefirst and its peers (n={n} prompts; {left} configurations without a batch-8 timing left out)")
+           title=f"shapefirst and its peers (n={n} prompts)" + (f"; no batch-8 timing: {left}" if left else ""))
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -126,16 +128,21 @@ def read_study(folder: str | Path) -> tuple[dict, dict]:
     return q, {r["name"]: r for r in read_jsonl(t_path)}
 
 
+def read_batch1(folder: str | Path) -> dict:
+    """A study's batch-1 timing rows by configuration name ({} when it has none)."""
+    return {r["name"]: r for r in read_jsonl(rows_file(folder, "timing_b1"))}
+
+
 def keep_study(study: str | Path, dest: Path) -> Path:
-    """Copy a study's two row files and its study.json into dest (quality.jsonl, timing.jsonl, each written
-    atomically; a timing file or study.json the study lacks is removed) and draw dest/pareto.png (removed
-    when nothing is timed)."""
+    """Copy a study's row files and its study.json into dest (quality.jsonl, timing.jsonl, timing_b1.jsonl,
+    each written atomically; a timing file or study.json the study lacks is removed) and draw dest/pareto.png
+    (removed when nothing is timed)."""
     from ..results import atomic_write_bytes
 
     study = Path(study)
     q, t = read_study(study)  # refuses a folder that is not a study before anything is written
     dest.mkdir(parents=True, exist_ok=True)
-    for src, kept in [(rows_file(study, p), dest / f"{p}.jsonl") for p in ("quality", "timing")] + [
+    for src, kept in [(rows_file(study, p), dest / f"{p}.jsonl") for p in PHASES] + [
             (study / "study.json", dest / "study.json")]:
         if src.exists():
             atomic_write_bytes(kept, src.read_bytes())
@@ -157,27 +164,29 @@ def fastest_within_tolerance(q: dict, t: dict, tolerance: float = 0.01) -> tuple
     return (best["name"], best["saved_latency"]) if best else None
 
 
-def table_rows(q: dict, t: dict) -> list[list[str]]:
-    """The report's table: one row per configuration, Wilson 95% CI of the all-five share."""
+def table_rows(q: dict, t: dict, t1: dict | None = None) -> list[list[str]]:
+    """The report's table: one row per configuration, Wilson 95% CI of the all-five share; the batch-1
+    saved latency (t1) beside the batch-8 one."""
     from ..metrics import wilson
     from .sweep import passes
 
-    rows = [["configuration", "saved latency (batch 8)", "denoiser evaluations", "all five right [95% CI]",
-             "Δ all five vs full [95% CI]", "Image-CLIP", "within tolerance"]]
+    t1 = t1 or {}
+    rows = [["configuration", "saved latency (batch 8)", "saved latency (batch 1)", "denoiser evaluations",
+             "all five right [95% CI]", "Δ all five vs full [95% CI]", "Image-CLIP", "within tolerance"]]
     for name, r in q.items():
-        sv = t.get(name, {}).get("saved_latency")
+        sv, sv1 = (x.get(name, {}).get("saved_latency") for x in (t, t1))
         a, n = r["accuracy"]["all"], r["n"]
         lo, hi = wilson(round(a * n), n)
         d = r["accuracy_delta_vs_full"]["all"]
         ok, why = passes(r)
-        rows.append([name, "-" if sv is None or batch1_only(name) else f"{sv:.1%}", f"x{r['evaluation_ratio']:.3f}",
+        rows.append([name, "-" if sv is None or batch1_only(name) else f"{sv:.1%}", "-" if sv1 is None else f"{sv1:.1%}",
+                     f"x{r['evaluation_ratio']:.3f}",
                      f"{a:.1%} [{lo:.1%}, {hi:.1%}]", f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]",
                      f"{r['image_clip'][0]:.1f}", "yes" if ok else f"no: {why}"])
     return rows
 
 
 JUDGED = "judged.safetensors"  # per-image judged accuracy of every row: what a kept study keeps of the per-image files
-PHASES = ("quality", "timing", "timing_b1")
 
 
 def judged(folder: str | Path, row: dict) -> dict[str, np.ndarray] | None:

@@ -98,6 +98,7 @@ def _peers_section(folder: Path) -> dict:
     from ..experiments.peers import (
         batch1_only,
         fastest_within_tolerance,
+        read_batch1,
         read_study,
         study_info,
         table_rows,
@@ -115,11 +116,12 @@ def _peers_section(folder: Path) -> dict:
     return {"id": "peers", "title": "shapefirst against its peers: saved latency and all-five accuracy",
             "caption": f"benchmarks/peers.py: {len(q)} configurations on the same {n} prompts and seeds, each image "
                        f"judged; {timed} of them timed A/B adjacent against full guidance at batch 8 (median of "
-                       "ratios; only timed ones are on the plot). Error bars: Wilson 95% intervals. Within "
+                       "ratios; only those are on the plot), and at batch 1 where the table says. Error bars: "
+                       "Wilson 95% intervals. Within "
                        "tolerance: every attribute's paired 95% CI above -1 point and Image-CLIP not below the "
                        f"seed floor. {verdict}{where}",
             "figures": [folder / "pareto.png"] if (folder / "pareto.png").exists() else [],
-            "table": table_rows(q, t)}
+            "table": table_rows(q, t, read_batch1(folder))}
 
 
 def _film(pipe, prompts, steps: int, guidance: float, folder: Path, overwrite: bool) -> None:
