@@ -16,6 +16,11 @@ diffusers 0.42 ships modular pipelines for SDXL and SD3 but none for SD 1.x. Its
 gives its latents on a tiny SDXL pipeline (tests/test_modular_guider.py), so the "Step AG" rows
 below are also that guider's.
 
+On a transformer model (`--model FOLDER`, e.g. the shapes world trained with `shapefirst train --arch dit`) the
+UNet-only peers (tgate, DeepCache, SD's callback) are left out and `--tcaches faster,pab,fbc,taylorseer,mag` adds
+diffusers' transformer caches as diffusers 0.42 ships them (shapefirst.transformer_cache), each alone and, where it
+composes, under shapefirst's stop at every level.
+
 Needs `pip install tgate==1.0.0` (it pulls DeepCache 0.1.1; both run with diffusers 0.42). Two phases, so that
 quality can run on a busy machine and timing alone:
     python benchmarks/peers.py quality --n 1000 --out /work/bench/peers   # no timing (deterministic)
@@ -65,6 +70,7 @@ from shapefirst.guidance import (
     latent_input,
 )
 from shapefirst.models import default_guidance, load_pipeline, set_scheduler
+from shapefirst.pipeline import call_defaults
 from shapefirst.results import read_jsonl
 from shapefirst.world.prompts import world_prompts, world_renders
 
@@ -83,7 +89,7 @@ def run_pipe(pipe, prompts, seed, steps, scheduler, scale=7.5, call=None, **kw) 
     try:
         t0 = time.perf_counter()
         images = (call or pipe)(prompt=list(prompts), num_inference_steps=steps, guidance_scale=scale,
-                                generator=gens, output_type="np", **kw).images
+                                generator=gens, output_type="np", **kw, **call_defaults(pipe, kw)).images
         wall = time.perf_counter() - t0
     finally:
         h.remove()
@@ -163,6 +169,32 @@ def deepcache(interval: int, scale: float = 7.5, schedule: GuidanceSchedule | No
     return run
 
 
+def tcache(kind: str, scale: float, schedule: GuidanceSchedule | None = None, **options):
+    """One of diffusers' transformer caches (shapefirst.transformer_cache: applied with diffusers' own apply_*
+    function), alone or under shapefirst's guidance stop. MagCache first measures its mag_ratios with
+    diffusers' calibration on one full-guidance call of the same step count (untimed, once per run)."""
+    from shapefirst.transformer_cache import TransformerCache, calibrate_mag_ratios, transformer_cache
+
+    ratios: dict[int, list[float]] = {}
+
+    def run(pipe, prompts, seed, steps, scheduler):
+        from contextlib import nullcontext
+
+        opts = dict(options)
+        if kind == "mag":
+            if steps not in ratios:
+                ratios[steps] = calibrate_mag_ratios(
+                    pipe, lambda: run_pipe(pipe, prompts[:1], seed, steps, scheduler, scale), steps)
+            opts["mag_ratios"] = ratios[steps]
+        with guidance_schedule(pipe, schedule) if schedule else nullcontext() as hook:
+            with transformer_cache(pipe, TransformerCache(kind, **opts)):
+                r = run_pipe(pipe, prompts, seed, steps, scheduler, scale)
+        if hook is not None:
+            r.evaluations_per_image = [int(e) for e in hook.evaluations]
+        return r
+    return run
+
+
 def aligned_stop(f: float, steps: int, interval: int) -> int:
     """The first unguided call nearest f * steps that DeepCache refreshes (a multiple of its interval)."""
     return max(interval, interval * int(math.floor(f * steps / interval + 0.5)))
@@ -186,6 +218,7 @@ def configs(pipe, args) -> list[Config]:
     extras: the other cache/no-cache variants, Guidance Interval at its paper's interval, and
     diffusers' callback. Ordered by priority, since a sweep finishes configurations in order."""
     w, n, sch = args.guidance, args.steps, args.scheduler
+    unet = getattr(pipe, "unet", None) is not None  # tgate, DeepCache and diffusers' SD callback need a UNet
     gi0, gi1 = interval_steps(pipe, n, sch)
     caches = [LateCache.parse(spec) for spec in args.caches]
     main, extra = [Config("full", GuidanceSchedule(w), sch, n)], []
@@ -200,33 +233,52 @@ def configs(pipe, args) -> list[Config]:
         first = variants[min(i, len(variants) - 1)]
         main.append(ours(f, first, args.after[0]))
         extra += [ours(f, c, a) for a in args.after for c in variants if (c, a) != (first, args.after[0])]
-        main += [Config(f"T-GATE gate_step={k} (tgate)", GuidanceSchedule(w), sch, n, run=tgate(k, w)),
-                 Config(f"Step AG {f} (stop={f} cond)", GuidanceSchedule(w, stop=f, after="cond"), sch, n)]
+        main += [Config(f"T-GATE gate_step={k} (tgate)", GuidanceSchedule(w), sch, n, run=tgate(k, w))] if unet else []
+        main.append(Config(f"Step AG {f} (stop={f} cond)", GuidanceSchedule(w, stop=f, after="cond"), sch, n))
         if i < len(args.adaptive):
             t = args.adaptive[i]
             main.append(Config(f"Adaptive Guidance cos>={t} (cond)",
                                GuidanceSchedule(w, adaptive=AdaptiveStop(t), after="cond"), sch, n))
-        extra.append(Config(f"diffusers SDCFGCutoffCallback({f})", GuidanceSchedule(w), sch, n,
-                            run=cutoff_callback(f, w)))
+        extra += [Config(f"diffusers SDCFGCutoffCallback({f})", GuidanceSchedule(w), sch, n,
+                         run=cutoff_callback(f, w))] if unet else []
     for t in args.shape:  # alone and with each late cache (a cache acts once every sample of the batch stopped)
         for a in args.after:
             shape = GuidanceSchedule(w, adaptive=AdaptiveStop(criterion="shape", tolerance=t), after=a)
             main += [Config(f"shapefirst shape-settled tol={t} {a}" + (f" +{c.label}" if c else ""), shape, sch, n,
                             cache=c) for c in [None] + caches]
-    for d in args.deepcache:  # DeepCache alone, and with the stop at every level (aligned to its refreshes)
+    main += tcache_configs(args) if args.tcaches else []
+    for d in args.deepcache if unet else []:  # DeepCache alone, and with the stop at every level (aligned to its refreshes)
         main.append(Config(f"DeepCache interval={d} (DeepCache)", GuidanceSchedule(w), sch, n, run=deepcache(d, w)))
         for k in dict.fromkeys(aligned_stop(f, n, d) for f in args.levels):
             for a in args.after:
                 both = GuidanceSchedule(w, stop_step=k, after=a)
                 main.append(Config(f"shapefirst stop_step={k} {a} + DeepCache interval={d}", both, sch, n,
                                    run=deepcache(d, w, both)))
-    extra.append(Config("full, image by image", GuidanceSchedule(w), sch, n, run=one_by_one(w)))
+    extra += [Config("full, image by image", GuidanceSchedule(w), sch, n, run=one_by_one(w))] if unet else []
     main.append(Config(f"Guidance Interval sigma(0.28,5.42] calls [{gi0},{gi1}) (cond)",
                        GuidanceSchedule(w, start_step=gi0, stop_step=gi1, after="cond"), sch, n))
     c = main + extra
     if args.only:
         c = [x for x in c if x.name == "full" or any(s in x.name for s in args.only)]
     return [x for x in c if not any(s in x.name for s in args.skip)]
+
+
+def tcache_configs(args) -> list[Config]:
+    """diffusers' transformer caches (--tcaches) with their documented defaults: each alone, and the ones
+    that compose with a stop (not FasterCache, which skips the unconditional branch itself, nor MagCache,
+    whose step-indexed rule a stop would misalign: transformer_cache.ONE_BATCH) under shapefirst's stop at
+    every level, each branch of --after."""
+    from shapefirst.transformer_cache import NAMES, ONE_BATCH
+
+    w, n, sch = args.guidance, args.steps, args.scheduler
+    out = []
+    for kind in args.tcaches:
+        out.append(Config(f"{NAMES[kind]} (diffusers)", GuidanceSchedule(w), sch, n, run=tcache(kind, w)))
+        for f in args.levels if kind not in ONE_BATCH else []:
+            for a in args.after:
+                stop = GuidanceSchedule(w, stop=f, after=a)
+                out.append(Config(f"{NAMES[kind]} + shapefirst stop={f} {a}", stop, sch, n, run=tcache(kind, w, stop)))
+    return out
 
 
 def machine() -> str:
@@ -325,6 +377,24 @@ def ship(out: Path, guidance: float) -> Path:
     return SHIPPED_STUDY
 
 
+def world_clip(model: str) -> Path:
+    """The world CLIP a shapes-world model folder carries (`clip/`), else the embedded model's."""
+    from shapefirst.models import embedded_model_path
+
+    own = Path(model) / "clip"
+    return own if model != "embedded" and (own / "config.json").exists() else embedded_model_path() / "clip"
+
+
+def kinds(spec: str) -> list[str]:
+    from shapefirst.transformer_cache import KINDS
+
+    got = [x for x in spec.split(",") if x]
+    bad = [x for x in got if x not in KINDS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown transformer cache {bad}: use some of {','.join(KINDS)}")
+    return got
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("phase", choices=["quality", "timing", "merge", "table", "ship"])
@@ -335,8 +405,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--scheduler", default="ddim")
-    ap.add_argument("--guidance", type=float, default=default_guidance("embedded"),
-                    help="default: the embedded model's recommended scale")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="default: the model's recommended scale (recipe.json), else 7.5")
     ap.add_argument("--levels", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.3])
     ap.add_argument("--adaptive", type=lambda s: [float(x) for x in s.split(",") if x], default=[])
     ap.add_argument("--caches", type=lambda s: [x for x in s.split(",") if x], default=[])
@@ -346,6 +416,11 @@ def main():
                     help="tolerances of shapefirst's shape-settled adaptive stop (each branch of --after kept after it)")
     ap.add_argument("--deepcache", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                     help="cache intervals of the DeepCache package; the i-th also with shapefirst's stop at level i")
+    ap.add_argument("--tcaches", type=kinds, default=[],
+                    help="diffusers' transformer caches (faster,pab,fbc,taylorseer,mag; PixArt/SD3 models): each "
+                         "alone and, where it composes, under shapefirst's stop at every level")
+    ap.add_argument("--model", default="embedded",
+                    help="embedded, or a shapes-world model folder (`shapefirst train`, also --arch dit)")
     ap.add_argument("--only", type=lambda s: [x for x in s.split(";") if x], default=[],
                     help="keep configurations whose name contains one of these (';'-separated)")
     ap.add_argument("--skip", type=lambda s: [x for x in s.split(";") if x], default=[],
@@ -354,6 +429,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tolerance", type=float, default=0.01)
     args = ap.parse_args()
+    args.guidance = default_guidance(args.model) if args.guidance is None else args.guidance
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.phase == "merge":
@@ -369,18 +445,18 @@ def main():
         print(f"\nPareto plot: {png}" if png else "\nPareto plot: no configuration has both quality and timing yet")
         return
     if args.phase == "ship":
+        if args.model != "embedded":
+            raise SystemExit("ship: only the embedded model's study ships with the package; keep others with merge")
         print(f"shipped: {ship(args.out, args.guidance)}")
         return
     from shapefirst.metrics import Clip
-    from shapefirst.models import embedded_model_path
-
-    pipe = load_pipeline("embedded")
+    pipe = load_pipeline(args.model)
     prompts, targets = world_prompts(args.n, 0)
     timing = args.phase == "timing"
     out = args.out / (args.phase if not timing or args.batch == 8 else f"timing_b{args.batch}")  # batch 8: the plot's axis
     print(f"# {args.phase}: {machine()}", flush=True)
     rows = run_sweep(pipe, prompts, out, targets=targets, configs=configs(pipe, args), batch=args.batch,
-                     timing_batches=10**9 if timing else 0, clip=Clip.load(embedded_model_path() / "clip"),
+                     timing_batches=10**9 if timing else 0, clip=Clip.load(world_clip(args.model)),
                      real_images=None if timing else world_renders(args.n, 0), floor_prompts=args.floor,
                      progress=lambda k: print(f"done {k}  ({machine()})", flush=True))
     for r in rows:

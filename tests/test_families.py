@@ -494,3 +494,23 @@ def test_pixart_kv_substitution_under_a_guidance_stop_leaves_the_unguided_rows_a
             st.set(pipe.transformer.caption_projection(cond), "both")
             same = pipe(**kw, generator=gens(0, len(PROMPTS))).images
     assert (same - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("sample_size", [8, 32])
+def test_generate_supplies_pixarts_call_defaults_only_where_needed(tmp_path, sample_size):
+    """A PixArt transformer of an untrained size (the shapes world's is 16) fails inside diffusers'
+    resolution binning unless use_resolution_binning=False: generate passes it (and clean_caption=False)
+    for such sizes only, and a caller's own value wins."""
+    from shapefirst.pipeline import call_defaults
+
+    pipe = tiny_pixart_pipeline(folder=tmp_path, sample_size=sample_size)
+    want = {"clean_caption": False} | ({} if sample_size == 32 else {"use_resolution_binning": False})
+    assert call_defaults(pipe) == want and call_defaults(pipe, {"clean_caption": True}) == {
+        k: v for k, v in want.items() if k != "clean_caption"}
+    assert call_defaults(tiny_sdxl_pipeline(folder=tmp_path / "xl")) == {}
+    if sample_size == 8:
+        with pytest.raises(ValueError, match="Invalid sample size"):
+            pipe(PROMPTS[:1], num_inference_steps=2, clean_caption=False, output_type="np")
+    got = generate(pipe, PROMPTS[:1], GuidanceSchedule(W), steps=2, seed=0).images
+    ref = pipe(PROMPTS[:1], num_inference_steps=2, guidance_scale=W, generator=gens(0, 1), output_type="np", **want).images
+    assert np.array_equal(got, ref)

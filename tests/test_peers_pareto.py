@@ -69,9 +69,7 @@ def test_points_group_by_method_sort_by_saving_and_skip_untimed(tmp_path):
 
 
 def test_the_benchmark_script_draws_with_the_same_function():
-    spec = importlib.util.spec_from_file_location("peers_bench", ROOT / "benchmarks" / "peers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module()
     assert mod.pareto_plot is peers.pareto_plot
 
 
@@ -198,9 +196,7 @@ def test_merge_keeps_rows_and_judgments_so_paired_differences_survive_the_run(tm
 
 
 def test_the_benchmark_table_pairs_a_kept_study_from_its_judgments(tmp_path):
-    spec = importlib.util.spec_from_file_location("peers_bench", ROOT / "benchmarks" / "peers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module()
     ours, peer = [1, 1, 1, 1, 0, 1], [1, 0, 0, 1, 0, 1]
     run = run_folder(tmp_path / "run", {"full": [1] * 6, "shapefirst stop=0.4 cond": ours,
                                         "diffusers SDCFGCutoffCallback(0.4)": peer})
@@ -218,3 +214,37 @@ def test_the_benchmark_table_pairs_a_kept_study_from_its_judgments(tmp_path):
     assert (f"| shapefirst stop=0.4 cond | diffusers SDCFGCutoffCallback(0.4) | {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] | "
             in text) and "30.0% / 25.0% (batch 1) |" in text
     assert "| diffusers SDCFGCutoffCallback(0.4) | - | 25.0% |" in text  # no batch-8 saving for a batch-1-only peer
+
+
+def bench_module():
+    spec = importlib.util.spec_from_file_location("peers_bench", ROOT / "benchmarks" / "peers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_benchmark_runs_diffusers_transformer_caches_on_pixart_alone_and_under_the_stop(tmp_path):
+    """--tcaches on a transformer pipeline: UNet-only peers (tgate, DeepCache, SD's callback) are left out, each
+    cache runs alone and (where it composes) under the stop, with the stop's evaluations; MagCache calibrates its
+    ratios once (diffusers' calibration) and reuses them."""
+    import argparse
+
+    from shapefirst.tiny import tiny_pixart_pipeline
+
+    mod = bench_module()
+    pipe = tiny_pixart_pipeline(folder=tmp_path)
+    args = argparse.Namespace(guidance=4.5, steps=6, scheduler="ddim", levels=[0.5], after=["cond"], caches=[],
+                              adaptive=[], shape=[], deepcache=[3], tcaches=mod.kinds("faster,fbc,mag"), only=[], skip=[])
+    cfgs = {c.name: c for c in mod.configs(pipe, args)}
+    assert not [n for n in cfgs if "T-GATE" in n or "DeepCache" in n or "Callback" in n or "image by image" in n]
+    combos = [n for n in cfgs if "+ shapefirst" in n]
+    assert combos == ["First Block Cache + shapefirst stop=0.5 cond"]  # FasterCache and MagCache do not compose
+    assert {"FasterCache (diffusers)", "First Block Cache (diffusers)", "MagCache (diffusers)"} <= cfgs.keys()
+    prompts = ["a red circle", "a blue square"]
+    r = cfgs[combos[0]].run(pipe, prompts, 0, 6, "ddim")
+    assert r.images.shape[0] == 2 and r.evaluations_per_image == [2 * 3 + 3] * 2
+    mag = cfgs["MagCache (diffusers)"].run
+    a, b = mag(pipe, prompts, 0, 6, "ddim"), mag(pipe, prompts, 0, 6, "ddim")
+    assert np.array_equal(a.images, b.images) and a.evaluations_per_image == [12, 12]
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown transformer cache"):
+        mod.kinds("fbc,deepcache")

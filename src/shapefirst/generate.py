@@ -21,6 +21,7 @@ from .cache import LateCache, late_cache
 from .errors import ShapefirstError
 from .guidance import GuidanceSchedule, guidance_schedule
 from .models import scheduler_for
+from .pipeline import call_defaults
 from .results import atomic_write_bytes, atomic_write_text, png_bytes, strict_dumps
 from .trace import Trajectory, TrajectoryRecorder
 
@@ -189,7 +190,7 @@ def _one_call(pipe, prompts, prompts_list, schedule, steps, seed, images_per_pro
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
     recorder = TrajectoryRecorder() if trace else None
     kwargs = dict(num_inference_steps=steps, guidance_scale=schedule.scale, num_images_per_prompt=images_per_prompt,
-                  generator=gens, output_type="np", **pipe_kwargs,
+                  generator=gens, output_type="np", **pipe_kwargs, **call_defaults(pipe, pipe_kwargs),
                   **_text_kwargs(prompts_list if prompts is not None else None, negative_prompt, n_prompts))
     bar = _Progress(n_calls) if progress else None
     if bar is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import ShapefirstError
+from .models import family_of_pipe
 
 
 def encode_prompts(pipe, prompts: list[str], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,9 +23,25 @@ def encode_prompts(pipe, prompts: list[str], batch: int = 64) -> tuple[torch.Ten
 def _cond_uncond(pipe, out) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds, negative_prompt_embeds) from a family's encode_prompt output: SD, SDXL and SD3
     return them first; PixArt returns (embeds, mask, negative embeds, negative mask)."""
-    from .models import family_of_pipe
-
     return (out[0], out[2]) if family_of_pipe(pipe) == "pixart" else (out[0], out[1])
+
+
+PIXART_BINS = {"PixArtAlphaPipeline": (32, 64, 128), "PixArtSigmaPipeline": (32, 64, 128, 256)}
+
+
+def call_defaults(pipe, given: dict | None = None) -> dict:
+    """Call arguments a family's pipeline needs from shapefirst (a caller's own `given` ones win): PixArt
+    rewrites captions with bs4/ftfy unless clean_caption=False (not installed here; diffusers would warn
+    at every call), and its resolution binning accepts only its trained sample sizes (a shapes-world
+    transformer's 16 is none of them: use_resolution_binning=False)."""
+    given = given or {}
+    if family_of_pipe(pipe) != "pixart":
+        return {}
+    out = {"clean_caption": False}
+    bins = PIXART_BINS.get(type(pipe).__name__, (32, 64, 128))
+    if denoiser_of(pipe).config.sample_size not in bins:
+        out["use_resolution_binning"] = False
+    return {k: v for k, v in out.items() if k not in given}
 
 
 def timestep_input(args, kwargs):

@@ -47,6 +47,8 @@ from .guidance import run_state_of
 from .pipeline import denoiser_of, latent_input, timestep_input, timestep_value
 
 KINDS = ("faster", "pab", "fbc", "taylorseer", "mag")
+NAMES = {"faster": "FasterCache", "pab": "Pyramid Attention Broadcast", "fbc": "First Block Cache",
+         "taylorseer": "TaylorSeer", "mag": "MagCache"}
 # defaults from diffusers' documentation examples for image models, with PixArt's module names
 DEFAULTS = {
     "faster": {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (-1, 681),

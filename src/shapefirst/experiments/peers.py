@@ -15,9 +15,13 @@ import numpy as np
 
 from ..errors import ShapefirstError
 from ..results import read_jsonl
+from ..transformer_cache import NAMES as TCACHE_NAMES
 
 # method of a configuration name, for the Pareto plot: one curve per method (first match wins)
-METHODS = (("shapefirst stop_step", "shapefirst stop + DeepCache"), ("shapefirst shape-settled", "shapefirst shape-settled stop"),
+# diffusers' transformer caches: "NAME + shapefirst stop=..." (the stop under the cache) and "NAME ..." (alone)
+_TCACHES = tuple(TCACHE_NAMES.values())
+METHODS = tuple((f"{c} + shapefirst", f"shapefirst stop + {c}") for c in _TCACHES) + tuple((c, c) for c in _TCACHES) + (
+          ("shapefirst stop_step", "shapefirst stop + DeepCache"), ("shapefirst shape-settled", "shapefirst shape-settled stop"),
            ("shapefirst stop", "shapefirst stop (+ late caches)"), ("T-GATE", "T-GATE (tgate)"), ("Step AG", "Step AG"),
            ("Adaptive Guidance", "Adaptive Guidance"), ("Guidance Interval", "Guidance Interval"),
            ("DeepCache", "DeepCache"), ("diffusers SDCFGCutoffCallback", "SDCFGCutoffCallback"), ("full", "full guidance"))
