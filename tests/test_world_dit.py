@@ -1,4 +1,5 @@
 """The shapes world's second recipe: a PixArt-alpha diffusion transformer (shapefirst.world.train_dit)."""
+import json
 import os
 import subprocess
 import sys
@@ -69,3 +70,20 @@ def test_cli_trains_the_dit_recipe_and_refuses_a_base(tmp_path, capsys):
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error:") and "--base" in err, err
     assert not (tmp_path / "other").exists()
+
+
+def test_a_trained_world_folder_is_the_shapes_world_for_the_cli(tiny_model, tmp_path, capsys):
+    """A folder `shapefirst train --arch dit` wrote is a shapes-world model: world prompts, the judge and its own
+    world CLIP apply (generate and sweep on it run without PixArt's resolution-binning error); it has no
+    recommended scale yet, so the default is diffusers' 7.5. Any other folder is not the world."""
+    from shapefirst.models import default_guidance, world_folder
+
+    assert world_folder(str(tiny_model)) == tiny_model and world_folder(str(tmp_path)) is None
+    assert default_guidance(str(tiny_model)) == 7.5
+    out = tmp_path / "sweep"
+    code = main(["sweep", "--model", str(tiny_model), "--n", "2", "--steps", "2", "--stops", "0.5", "--batch", "2", "--schedulers", "ddim",
+                 "--timing-batches", "0", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    assert {r["n"] for r in rows} == {2} and all("accuracy" in r for r in rows)  # judged as the world

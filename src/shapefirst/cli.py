@@ -143,10 +143,10 @@ def analyze(
     dev = checks.device(device)
     prompt_list = read_prompts(prompts) if prompts else None
     pair_list = read_pairs(pairs) if pairs else None
-    world = model == "embedded"
+    world = _is_world(model)
     analysis.check_inputs(Inputs(prompts=prompt_list, pairs=pair_list, clip=clip, world=world))
     parent = OutputFolder(out, "analyze").check()
-    scorer = _scorer(clip, world)
+    scorer = _scorer(clip, model)
     pipe = load_pipeline(model, device=dev, allow_pickle=allow_pickle)
     with _warnings_to_stderr(), parent.claimed([name]):
         res = run_analysis(name, pipe, out, n=n, steps=steps, seed=seed, guidance=guidance, prompts=prompt_list,
@@ -209,13 +209,13 @@ def report(
     dev = checks.device(device)
     prompt_list = read_prompts(prompts) if prompts else None
     pair_list = read_pairs(pairs) if pairs else None
-    world = model == "embedded"
+    world = _is_world(model)
     check_inputs(Inputs(prompts=prompt_list, pairs=pair_list, clip=clip, world=world))
     if peers is not None:
         from .experiments.peers import read_study
 
         read_study(peers)  # before the model loads
-    scorer = _scorer(clip, world)
+    scorer = _scorer(clip, model)
     pipe = load_pipeline(model, device=dev, allow_pickle=allow_pickle)
     console = Console(stderr=True)
     with _warnings_to_stderr(), owner.claimed(), console.status("report") as status:
@@ -225,14 +225,23 @@ def report(
     typer.echo(f"report -> {index}", err=True)
 
 
-def _scorer(clip: Optional[Path], world: bool):
-    """The user's CLIP folder, else the shapes world's own CLIP for the embedded model, else None."""
+def _scorer(clip: Optional[Path], model: str):
+    """The user's CLIP folder, else the world CLIP of a shapes-world model, else None."""
     from .metrics import Clip
-    from .models import embedded_model_path
 
     if clip:
         return Clip.load(clip)
-    return Clip.load(embedded_model_path() / "clip") if world else None
+    from .models import world_folder
+
+    world = world_folder(model)
+    return Clip.load(world / "clip") if world is not None else None
+
+
+def _is_world(model: str) -> bool:
+    """A shapes-world model (the embedded one or a trained folder): world prompts, judge and CLIP apply."""
+    from .models import world_folder
+
+    return world_folder(model) is not None
 
 
 def _sweep_inputs(model, prompts, n, seed, clip, device, allow_pickle):
@@ -241,7 +250,7 @@ def _sweep_inputs(model, prompts, n, seed, clip, device, allow_pickle):
     from .prompts import read_prompts
     from .world.prompts import world_prompts, world_renders
 
-    world = model == "embedded"
+    world = _is_world(model)
     if prompts in (None, "world"):
         if not world:
             raise ShapefirstError("this model is not the shapes world, so there are no built-in prompts",
@@ -250,7 +259,7 @@ def _sweep_inputs(model, prompts, n, seed, clip, device, allow_pickle):
         real = world_renders(n, seed)
     else:
         ps, targets, real = read_prompts(prompts)[:n], None, None
-    scorer = _scorer(clip, world)
+    scorer = _scorer(clip, model)
     return load_pipeline(model, device=device, allow_pickle=allow_pickle), ps, targets, scorer, real
 
 

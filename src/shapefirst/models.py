@@ -36,6 +36,31 @@ def embedded_model_path() -> Path:
     return model_path()
 
 
+def _embedded_dit() -> Path:
+    """The shipped transformer world's folder; a one-line error while it is not shipped (issue #17)."""
+    from .world import dit_model_path
+
+    path = dit_model_path()
+    if not (path / "model_index.json").exists():
+        raise ShapefirstError("the shapes world on a diffusion transformer (embedded-dit) is not shipped in this version",
+                              "train it with `shapefirst train --arch dit --dest DIR` and pass --model DIR")
+    return path
+
+
+def world_folder(model: str) -> Path | None:
+    """The folder of a shapes-world model: the shipped one ("embedded"), or one `shapefirst train` wrote
+    (UNet or --arch dit: its recipe.json beside the world CLIP in clip/); None for any other model. A
+    shapes-world model gets the world's prompts, judge, CLIP and recommended settings."""
+    if model == "embedded":
+        return embedded_model_path()
+    if model == "embedded-dit":
+        return _embedded_dit()
+    folder = Path(model).expanduser()
+    if (folder / "recipe.json").is_file() and (folder / "clip" / "config.json").is_file():
+        return folder
+    return None
+
+
 def family_of(class_name: str) -> str:
     for fam, names in FAMILIES.items():
         if class_name in names:
@@ -237,9 +262,8 @@ def load_pipeline(model: str = "embedded", device: str | None = None, dtype: str
             raise ShapefirstError("the embedded shapes-world model is not in this installation",
                                   "train it with `shapefirst train` or pass --model PATH")
         model = str(path)
-    elif model == "embedded-dit":  # issue #17: the recipe exists (shapefirst train --arch dit), the weights do not yet
-        raise ShapefirstError("the shapes world on a diffusion transformer (embedded-dit) is not shipped in this version",
-                              "train it with `shapefirst train --arch dit --dest DIR` and pass --model DIR")
+    elif model == "embedded-dit":
+        model = str(_embedded_dit())
     local = Path(model).expanduser()
     looks_local = local.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
     if looks_local:
@@ -346,12 +370,13 @@ DIFFUSERS_GUIDANCE = 7.5  # diffusers' Stable Diffusion default, for a user's ow
 
 
 def recommended(model: str = "embedded") -> dict:
-    """The embedded model's recommended settings (recipe.json's "recommended": guidance scale and the
-    rule that chose it); {} for any other model."""
-    if model != "embedded":
+    """A shapes-world model's recommended settings (recipe.json's "recommended": guidance scale and the
+    rule that chose it); {} for any other model, or a world model that has none yet."""
+    folder = world_folder(model)
+    if folder is None:
         return {}
     try:
-        return dict(json.loads((embedded_model_path() / "recipe.json").read_text()).get("recommended") or {})
+        return dict(json.loads((folder / "recipe.json").read_text()).get("recommended") or {})
     except (OSError, ValueError):
         return {}
 
