@@ -97,7 +97,7 @@ def main():
     args = ap.parse_args()
     folder = embedded_model_path() if args.model == "embedded" else Path(args.model)
     pipe = load_pipeline(args.model)
-    clip = Clip.load(folder / "clip", folder / "tokenizer")
+    clip = Clip.load(folder / "clip")  # its own tokenizer: a DiT world's tokenizer/ is T5
     scenes = render.sample_scenes(args.n, args.seed, "test")
     captions = render.sample_captions(scenes, args.seed)
     targets = [s.labels() for s in scenes]

@@ -284,7 +284,7 @@ def main():
 
             pipe = load_pipeline(args.model)
             folder = embedded_model_path() if args.model == "embedded" else Path(args.model)
-            clip = Clip.load(folder / "clip", folder / "tokenizer")
+            clip = Clip.load(folder / "clip")  # its own tokenizer: a DiT world's tokenizer/ is T5
             scenes = render.sample_scenes(args.n, args.seed, "test")
             captions = render.sample_captions(scenes, args.seed)
             targets = [sc.labels() for sc in scenes]
