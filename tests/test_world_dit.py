@@ -62,9 +62,16 @@ def test_default_recipe_fits_the_float16_budget():
 
 def test_cli_trains_the_dit_recipe_and_refuses_a_base(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--arch", "dit", "--tiny", "--out", str(out)]) == 0
+    assert main(["train", "--arch", "dit", "--tiny", "--dit-steps", "3", "--dit-lr", "1e-4", "--out", str(out)]) == 0
     capsys.readouterr()
     assert '"PixArtAlphaPipeline"' in (out / "model" / "model_index.json").read_text()
+    recipe = json.loads((out / "model" / "recipe.json").read_text())["recipe"]
+    assert recipe["dit_steps"] == 3 and recipe["dit_lr"] == 1e-4
+    for bad in (["--dit-steps", "5"], ["--dit-lr", "1e-4"]):  # the UNet recipe refuses the transformer's options
+        assert main(["train", *bad, "--out", str(tmp_path / "unet")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--arch dit" in err, err
+    assert not (tmp_path / "unet").exists()
     code = main(["train", "--arch", "dit", "--base", "embedded", "--out", str(tmp_path / "other")])
     err = capsys.readouterr().err.strip()
     assert code == 2

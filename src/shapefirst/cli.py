@@ -438,6 +438,8 @@ def train(
     unet_steps: Optional[int] = typer.Option(None, help="UNet optimisation steps (default: the recipe's 1000)"),
     unet_lr: Optional[float] = typer.Option(None, help="peak UNet learning rate (default: the recipe's 4e-4)"),
     arch: str = typer.Option("unet", "--arch", help="unet (SD 1.x) or dit (PixArt-alpha transformer + T5, world.train_dit)"),
+    dit_steps: Optional[int] = typer.Option(None, help="--arch dit: transformer optimisation steps (default: the recipe's 1000)"),
+    dit_lr: Optional[float] = typer.Option(None, help="--arch dit: peak transformer learning rate (default: the recipe's 3e-4)"),
 ):
     """Train the shapes-world model (tokenizer -> CLIP -> VAE -> UNet); resumes from checkpoints."""
     from .world.train import Recipe, train as run_train
@@ -451,9 +453,17 @@ def train(
                                   "drop them, or train with --arch unet")
         from .world.train_dit import DitRecipe, train_dit
 
-        path = train_dit(out, DitRecipe.tiny(seed) if tiny else DitRecipe(seed=seed), dest, overwrite=overwrite)
+        recipe = DitRecipe.tiny(seed) if tiny else DitRecipe(seed=seed)
+        if dit_steps is not None:
+            recipe.dit_steps = checks.positive(dit_steps, "--dit-steps", 1000)
+        if dit_lr is not None:
+            recipe.dit_lr = checks.learning_rate(dit_lr, "--dit-lr")
+        path = train_dit(out, recipe, dest, overwrite=overwrite)
         typer.echo(f"model -> {path}", err=True)
         return
+    if dit_steps is not None or dit_lr is not None:
+        raise ShapefirstError("--dit-steps and --dit-lr belong to the transformer recipe (--arch dit)",
+                              "pass --arch dit, or use --unet-steps / --unet-lr")
     recipe = Recipe.tiny(seed) if tiny else Recipe(seed=seed)
     if unet_steps is not None:
         recipe.unet_steps = checks.positive(unet_steps, "--unet-steps", 1000)
