@@ -17,7 +17,6 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ import torch
 from shapefirst.generate import generate
 from shapefirst.guidance import GuidanceSchedule
 from shapefirst.metrics import Clip, judged_accuracy, mean_ci, wilson
-from shapefirst.models import default_guidance, embedded_model_path, load_pipeline
+from shapefirst.models import default_guidance, load_pipeline, world_clip
 from shapefirst.world import render
 from shapefirst.world.judge import judge
 
@@ -95,9 +94,8 @@ def main():
     ap.add_argument("--speed-runs", type=int, default=5)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    folder = embedded_model_path() if args.model == "embedded" else Path(args.model)
     pipe = load_pipeline(args.model)
-    clip = Clip.load(folder / "clip")  # its own tokenizer: a DiT world's tokenizer/ is T5
+    clip = Clip.load(world_clip(args.model))
     scenes = render.sample_scenes(args.n, args.seed, "test")
     captions = render.sample_captions(scenes, args.seed)
     targets = [s.labels() for s in scenes]

@@ -279,12 +279,11 @@ def main():
             from shapefirst.generate import generate
             from shapefirst.guidance import GuidanceSchedule
             from shapefirst.metrics import Clip
-            from shapefirst.models import embedded_model_path, load_pipeline
+            from shapefirst.models import load_pipeline, world_clip
             from shapefirst.world import render
 
             pipe = load_pipeline(args.model)
-            folder = embedded_model_path() if args.model == "embedded" else Path(args.model)
-            clip = Clip.load(folder / "clip")  # its own tokenizer: a DiT world's tokenizer/ is T5
+            clip = Clip.load(world_clip(args.model))
             scenes = render.sample_scenes(args.n, args.seed, "test")
             captions = render.sample_captions(scenes, args.seed)
             targets = [sc.labels() for sc in scenes]

@@ -69,7 +69,7 @@ from shapefirst.guidance import (
     guidance_schedule,
     latent_input,
 )
-from shapefirst.models import default_guidance, load_pipeline, set_scheduler
+from shapefirst.models import default_guidance, load_pipeline, set_scheduler, world_clip
 from shapefirst.pipeline import call_defaults
 from shapefirst.results import read_jsonl
 from shapefirst.world.prompts import world_prompts, world_renders
@@ -375,14 +375,6 @@ def ship(out: Path, guidance: float) -> Path:
     info = {"model": model_fingerprint(load_pipeline("embedded")), "guidance": guidance, "machine": machine_}
     (SHIPPED_STUDY / "study.json").write_text(json.dumps(info, indent=1) + "\n")
     return SHIPPED_STUDY
-
-
-def world_clip(model: str) -> Path:
-    """The world CLIP a shapes-world model folder carries (`clip/`), else the embedded model's."""
-    from shapefirst.models import embedded_model_path
-
-    own = Path(model) / "clip"
-    return own if model != "embedded" and (own / "config.json").exists() else embedded_model_path() / "clip"
 
 
 def kinds(spec: str) -> list[str]:

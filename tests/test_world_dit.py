@@ -83,9 +83,11 @@ def test_a_trained_world_folder_is_the_shapes_world_for_the_cli(tiny_model, tmp_
     """A folder `shapefirst train --arch dit` wrote is a shapes-world model: world prompts, the judge and its own
     world CLIP apply (generate and sweep on it run without PixArt's resolution-binning error); it has no
     recommended scale yet, so the default is diffusers' 7.5. Any other folder is not the world."""
-    from shapefirst.models import default_guidance, world_folder
+    from shapefirst.models import default_guidance, embedded_model_path, world_clip, world_folder
 
     assert world_folder(str(tiny_model)) == tiny_model and world_folder(str(tmp_path)) is None
+    assert world_clip(str(tiny_model)) == tiny_model / "clip" and world_clip(str(tmp_path)) is None
+    assert world_clip("embedded") == embedded_model_path() / "clip"
     assert default_guidance(str(tiny_model)) == 7.5
     out = tmp_path / "sweep"
     code = main(["sweep", "--model", str(tiny_model), "--n", "2", "--steps", "2", "--stops", "0.5", "--batch", "2", "--schedulers", "ddim",

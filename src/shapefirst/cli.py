@@ -231,10 +231,10 @@ def _scorer(clip: Optional[Path], model: str):
 
     if clip:
         return Clip.load(clip)
-    from .models import world_folder
+    from .models import world_clip
 
-    world = world_folder(model)
-    return Clip.load(world / "clip") if world is not None else None
+    folder = world_clip(model)
+    return Clip.load(folder) if folder is not None else None
 
 
 def _is_world(model: str) -> bool:

@@ -61,6 +61,16 @@ def world_folder(model: str) -> Path | None:
     return None
 
 
+def world_clip(model: str) -> Path | None:
+    """The world CLIP folder of a shapes-world model (its own clip/, else the embedded model's: the same CLIP,
+    so a shipped transformer world need not carry a copy); None for any other model. It carries its own
+    tokenizer (a transformer world's tokenizer/ is T5)."""
+    folder = world_folder(model)
+    if folder is None:
+        return None
+    return folder / "clip" if (folder / "clip" / "config.json").is_file() else embedded_model_path() / "clip"
+
+
 def family_of(class_name: str) -> str:
     for fam, names in FAMILIES.items():
         if class_name in names:
