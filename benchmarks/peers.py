@@ -46,6 +46,7 @@ import os
 import platform
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -150,20 +151,29 @@ def deepcache(interval: int, scale: float = 7.5, schedule: GuidanceSchedule | No
     hooked forward, so its cached block outputs have the batch the hook passes on. The stop changes
     that batch (2B rows to B), so it must fall on a call DeepCache refreshes (aligned_stop); an
     adaptive per-sample stop changes it at any call and does not compose with the package."""
-    def run(pipe, prompts, seed, steps, scheduler):
-        from contextlib import nullcontext
-
+    @contextmanager
+    def deep(pipe, *_):
         from DeepCache import DeepCacheSDHelper
 
-        with guidance_schedule(pipe, schedule) if schedule else nullcontext() as hook:
-            helper = DeepCacheSDHelper(pipe=pipe)
-            helper.set_params(cache_interval=interval, cache_branch_id=branch)
-            helper.enable()
-            try:
-                r = run_pipe(pipe, prompts, seed, steps, scheduler, scale)
-            finally:
-                helper.disable()
-        if hook is not None:  # the pre-hook in run_pipe sees the rows before the guidance hook drops any
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=interval, cache_branch_id=branch)
+        helper.enable()
+        try:
+            yield
+        finally:
+            helper.disable()
+    return under_schedule(deep, scale, schedule)
+
+
+def under_schedule(cache, scale: float, schedule: GuidanceSchedule | None):
+    """A sweep run of run_pipe inside `cache(pipe, prompts, seed, steps, scheduler)` (a peer's context manager,
+    given the run's arguments), under shapefirst's guidance hook when `schedule` is given; the evaluations
+    then come from the hook (the counting pre-hook in run_pipe sees the rows before the hook drops any)."""
+    def run(pipe, prompts, seed, steps, scheduler):
+        with guidance_schedule(pipe, schedule) if schedule else nullcontext() as hook, \
+                cache(pipe, prompts, seed, steps, scheduler):
+            r = run_pipe(pipe, prompts, seed, steps, scheduler, scale)
+        if hook is not None:
             r.evaluations_per_image = [int(e) for e in hook.evaluations]
         return r
     return run
@@ -177,22 +187,15 @@ def tcache(kind: str, scale: float, schedule: GuidanceSchedule | None = None, **
 
     ratios: dict[int, list[float]] = {}
 
-    def run(pipe, prompts, seed, steps, scheduler):
-        from contextlib import nullcontext
-
+    def cache(pipe, prompts, seed, steps, scheduler):
         opts = dict(options)
         if kind == "mag":
-            if steps not in ratios:
+            if steps not in ratios:  # one full-guidance call, outside the timed one
                 ratios[steps] = calibrate_mag_ratios(
                     pipe, lambda: run_pipe(pipe, prompts[:1], seed, steps, scheduler, scale), steps)
             opts["mag_ratios"] = ratios[steps]
-        with guidance_schedule(pipe, schedule) if schedule else nullcontext() as hook:
-            with transformer_cache(pipe, TransformerCache(kind, **opts)):
-                r = run_pipe(pipe, prompts, seed, steps, scheduler, scale)
-        if hook is not None:
-            r.evaluations_per_image = [int(e) for e in hook.evaluations]
-        return r
-    return run
+        return transformer_cache(pipe, TransformerCache(kind, **opts))
+    return under_schedule(cache, scale, schedule)
 
 
 def aligned_stop(f: float, steps: int, interval: int) -> int:
