@@ -17,6 +17,9 @@ if ! command -v apt-get >/dev/null 2>&1; then
   exit 1
 fi
 echo "installing Debian's chromium and chromium-driver (for the report's browser test)" >&2
+# finish any dpkg run that was cut off earlier (a machine stopped mid-install): apt-get refuses
+# to work until it is done ("dpkg was interrupted"); a no-op when nothing is pending
+DEBIAN_FRONTEND=noninteractive $sudo dpkg --configure -a >/dev/null
 $sudo apt-get update -qq >/dev/null
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
 command -v chromium >/dev/null && command -v chromedriver >/dev/null
