@@ -12,6 +12,7 @@ from shapefirst.errors import ShapefirstError
 from shapefirst.generate import count_calls, generate
 from shapefirst.guidance import GuidanceSchedule, cfg_active, guidance_schedule
 from shapefirst.models import FAMILIES, family_of, family_of_pipe, set_scheduler
+from shapefirst.pipeline import attention_context
 from shapefirst.tiny import tiny_pixart_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline, tiny_t5_tokenizer
 from shapefirst.trace import TrajectoryRecorder, predicted_x0
 from shapefirst.tokens import (analyze_prompt, classify_ids, denoiser_token_info,
@@ -491,7 +492,7 @@ def test_pixart_kv_substitution_under_a_guidance_stop_leaves_the_unguided_rows_a
         ref = pipe(**kw, generator=gens(0, len(PROMPTS))).images
         cond = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, clean_caption=False)[0]
         with kv_substitution(pipe) as st, torch.no_grad():
-            st.set(pipe.transformer.caption_projection(cond), "both")
+            st.set(attention_context(pipe, cond), "both")
             same = pipe(**kw, generator=gens(0, len(PROMPTS))).images
     assert (same - ref).abs().max() <= 1e-4 * ref.abs().max()
 
@@ -514,3 +515,49 @@ def test_generate_supplies_pixarts_call_defaults_only_where_needed(tmp_path, sam
     got = generate(pipe, PROMPTS[:1], GuidanceSchedule(W), steps=2, seed=0).images
     ref = pipe(PROMPTS[:1], num_inference_steps=2, guidance_scale=W, generator=gens(0, 1), output_type="np", **want).images
     assert np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize("fam_name", ["sdxl", "pixart"])
+def test_generate_embeds_of_a_prompts_own_embeddings_equals_generating_from_its_text(fam_name, tmp_path_factory):
+    """The embedding interventions (eos-swap, token ablation) start from encode_prompts + generate_embeds: with
+    the prompt's own embeddings that must be the pipeline's own image. PixArt masks its padding out of the
+    cross-attention, so generate_embeds needs the prompts' token infos for the mask (pipeline.embeds_call)."""
+    from shapefirst.generate import generate_embeds
+    from shapefirst.pipeline import encode_prompts
+
+    _, pipe = _pipe(fam_name, tmp_path_factory)
+    cond, uncond = encode_prompts(pipe, PROMPTS)
+    infos = [analyze_prompt(pipe.tokenizer, p, max_length=cond.shape[1]) for p in PROMPTS]
+    ref = generate(pipe, PROMPTS, GuidanceSchedule(4.5), steps=3, seed=0).images
+    got = generate_embeds(pipe, cond, uncond, 3, 0, GuidanceSchedule(4.5), infos=infos)
+    assert np.abs(got - ref).max() <= 1e-5
+    if fam_name == "pixart":
+        with pytest.raises(ShapefirstError, match="token infos"):
+            generate_embeds(pipe, cond, uncond, 3, 0, GuidanceSchedule(4.5))
+        unmasked = generate_embeds(pipe, cond, uncond, 3, 0, GuidanceSchedule(4.5),
+                                   infos=[analyze_prompt(pipe.tokenizer, "x " * 200)] * len(PROMPTS))
+        assert np.abs(unmasked - ref).max() > 1e-3  # the mask matters: attending to padding changes the image
+
+
+SD3_REFUSES = {"frequency": "flow matching", "eos-swap": "CLIP and T5", "token-ablation": "CLIP and T5"}
+
+
+def test_every_analysis_runs_on_every_family_or_says_why_not(fam, tmp_path_factory):
+    """The five analyses on each family's tiny pipeline (SD 1.x: the rest of the suite). SD3 refuses three with a
+    one-line reason: its flow-matching forward process, and its two concatenated token sequences."""
+    from shapefirst.experiments import ANALYSES, run_analysis
+    from shapefirst.metrics import Clip
+    from shapefirst.tiny import tiny_clip_folder
+
+    name, pipe = fam
+    clip = Clip.load(tiny_clip_folder(tmp_path_factory.mktemp("clip")))
+    kw = dict(n=2, steps=3, prompts=["a red circle", "a blue square"], pairs=[("a red circle", "a blue square")] * 2,
+              world=False, batch=2, clip=clip)
+    for analysis in ANALYSES:
+        out = tmp_path_factory.mktemp(analysis)
+        if name == "sd3" and analysis in SD3_REFUSES:
+            with pytest.raises(ShapefirstError, match=SD3_REFUSES[analysis]):
+                run_analysis(analysis, pipe, out, **kw)
+            continue
+        res = run_analysis(analysis, pipe, out, **kw)
+        assert res.kind.replace("_", "-") == analysis

@@ -96,3 +96,23 @@ def test_a_trained_world_folder_is_the_shapes_world_for_the_cli(tiny_model, tmp_
     assert code == 0, err
     rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
     assert {r["n"] for r in rows} == {2} and all("accuracy" in r for r in rows)  # judged as the world
+
+
+def test_the_report_runs_on_a_trained_dit_world(tiny_model, tmp_path, monkeypatch):
+    """`shapefirst report --model FOLDER` on a DiT world: every analysis and the sweep run on the PixArt
+    transformer, judged as the world, and the attention section's token classes follow the T5 tokenizer
+    (no [SOS]; "</s>" is the eos class, "<pad>" the pad class and masked out: zero mass)."""
+    from shapefirst.report import BUDGETS
+    from shapefirst.results import Result
+
+    monkeypatch.setitem(BUDGETS, "quick", {**BUDGETS["quick"], "n": 2, "steps": 3, "film": 1, "sweep_n": 2,
+                                           "batch": 2, "stops": (0.5,)})
+    out = tmp_path / "rep"
+    assert main(["report", "--model", str(tiny_model), "--out", str(out)]) == 0
+    assert (out / "index.html").exists()
+    mass = Result.load(out / "results" / "attention").data["summary"]["mean_mass_per_class"]
+    assert mass["sos"] == 0 and mass["pad"] == 0 and mass["eos_pad"] == 0
+    assert mass["semantic"] > 0 and mass["eos"] > 0 and abs(mass["semantic"] + mass["eos"] - 1) < 1e-5
+    for section in ("stages", "frequency", "eos-swap", "token-ablation", "sweep"):
+        assert any((out / "results" / section).iterdir()), section
+    assert "Which tokens the image attends to" in (out / "index.html").read_text()

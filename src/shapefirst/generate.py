@@ -21,7 +21,7 @@ from .cache import LateCache, late_cache
 from .errors import ShapefirstError
 from .guidance import GuidanceSchedule, guidance_schedule
 from .models import scheduler_for
-from .pipeline import call_defaults
+from .pipeline import call_defaults, embeds_call
 from .results import atomic_write_bytes, atomic_write_text, png_bytes, strict_dumps
 from .trace import Trajectory, TrajectoryRecorder
 
@@ -277,10 +277,10 @@ def _in_batches(pipe, prompts: list[str], schedule, batch: int, images_per_promp
 
 
 def generate_embeds(pipe, cond: torch.Tensor, uncond: torch.Tensor, steps: int, seed: int,
-                    schedule: GuidanceSchedule | None = None) -> np.ndarray:
-    """Images [N, H, W, 3] in [0, 1] for conditional / unconditional embeddings; image i uses seed + i."""
-    return generate(pipe, None, schedule, steps=steps, seed=seed, prompt_embeds=cond,
-                    negative_prompt_embeds=uncond).images
+                    schedule: GuidanceSchedule | None = None, infos: list | None = None) -> np.ndarray:
+    """Images [N, H, W, 3] in [0, 1] for conditional / unconditional embeddings; image i uses seed + i.
+    `infos`: the token infos of the prompts `cond` was made from (PixArt's attention masks need them)."""
+    return generate(pipe, None, schedule, steps=steps, seed=seed, **embeds_call(pipe, cond, uncond, infos)).images
 
 
 def batches(n: int, batch: int):

@@ -19,7 +19,7 @@ from ..guidance import GuidanceSchedule
 from ..results import Result, save_figure, spaced
 from ..settling import settled_from
 from .registry import Analysis, Inputs, Settings, Summary
-from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, TOKEN_CLASSES, analyze_prompt
+from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, TOKEN_CLASSES, denoiser_token_info
 
 
 def run_attention(pipe, prompts: list[str], steps: int = 50, seed: int = 0, schedule: GuidanceSchedule | None = None,
@@ -31,7 +31,7 @@ def run_attention(pipe, prompts: list[str], steps: int = 50, seed: int = 0, sche
     n_calls = count_calls(pipe, steps)
     if map_calls is None:
         map_calls = list(range(n_calls)) if len(prompts) <= 16 else spaced(n_calls, 11)
-    infos = [analyze_prompt(pipe.tokenizer, p) for p in prompts]
+    infos = [denoiser_token_info(pipe, p) for p in prompts]
     class_mass = {c: [] for c in TOKEN_CLASSES}
     conv_sem, conv_eos = [], []
     heat = {}

@@ -40,7 +40,7 @@ from ..errors import ShapefirstError
 from ..generate import batches, count_calls, generate_embeds
 from ..guidance import GuidanceSchedule, denoiser_of
 from ..metrics import ci_dict, default_judge, judged_labels, share, to_uint8
-from ..pipeline import encode_prompts
+from ..pipeline import check_token_edits, encode_prompts
 from ..results import Result, image_grid, save_figure, yerr
 from ..tokens import analyze_prompt, swapped
 from .registry import Analysis, Inputs, Settings, Summary, share_text
@@ -139,9 +139,9 @@ def generate_swaps(pipe, pairs, steps: int = 50, seed: int = 0, schedule: Guidan
     out = {c: [] for c in CONDITIONS}
     for s, e in batches(len(pairs), batch):
         ca, cb, u, ia, ib = _chunk_embeds(pipe, pairs, s, e)
-        conds = {"a": ca, "b": cb, "swap": swapped(ca, ia, cb, ib), "reverse": swapped(cb, ib, ca, ia)}
-        for c in CONDITIONS:
-            out[c].append(generate_embeds(pipe, conds[c], u, steps, seed + s, schedule))
+        conds = {"a": (ca, ia), "b": (cb, ib), "swap": (swapped(ca, ia, cb, ib), ia), "reverse": (swapped(cb, ib, ca, ia), ib)}
+        for c in CONDITIONS:  # a swapped embedding keeps the positions (and PixArt mask) of the prompt it edits
+            out[c].append(generate_embeds(pipe, conds[c][0], u, steps, seed + s, schedule, infos=conds[c][1]))
     return {c: np.concatenate(v) for c, v in out.items()}
 
 
@@ -153,7 +153,7 @@ def generate_switch(pipe, pairs, from_call: int, steps: int = 50, seed: int = 0,
     for s, e in batches(len(pairs), batch):
         ca, cb, u, ia, ib = _chunk_embeds(pipe, pairs, s, e)
         with eos_switch(pipe, swapped(ca, ia, cb, ib), from_call):
-            out.append(generate_embeds(pipe, ca, u, steps, seed + s, schedule))
+            out.append(generate_embeds(pipe, ca, u, steps, seed + s, schedule, infos=ia))
     return np.concatenate(out)
 
 
@@ -195,6 +195,7 @@ def run_eos_swap(pipe, pairs, steps: int = 50, seed: int = 0, schedule: Guidance
     calls a of the switch sweep (default DEFAULT_SWITCH_CALLS clipped to the number of calls;
     pass [] to skip it). judge_fn: image -> labels (default: the world's judge when pairs carry
     labels). clip: a metrics.Clip for CLIP scores. keep_images: pairs whose images are stored."""
+    check_token_edits(pipe, "eos-swap")
     pairs = normalize_pairs(pairs)
     labelled = all(p["labels_a"] and p["labels_b"] for p in pairs)
     if judge_fn is None and labelled:

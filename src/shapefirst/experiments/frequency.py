@@ -29,6 +29,7 @@ from ..frequency import (DEFAULT_RADIUS, DEFAULT_TOL, band_energy_fraction, forw
                          radial_power_spectrum, settling_call, split_bands, trajectory_bands)
 from ..generate import check_prompts, generate
 from ..guidance import GuidanceSchedule
+from ..pipeline import denoiser_of
 from ..results import Result, save_figure
 from ..settling import settled_from
 from .registry import Analysis, Inputs, Settings, Summary
@@ -42,8 +43,8 @@ BANDS = ("low", "high")
 
 
 def image_size(pipe) -> tuple[int, int]:
-    """(H, W) of the pipeline's default output: unet sample_size * VAE scale factor."""
-    ss = pipe.unet.config.sample_size
+    """(H, W) of the pipeline's default output: the denoiser's sample_size * VAE scale factor."""
+    ss = denoiser_of(pipe).config.sample_size
     h, w = (ss, ss) if isinstance(ss, int) else tuple(ss)
     f = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return int(h * f), int(w * f)
@@ -131,8 +132,9 @@ def run_frequency(pipe, n_images: int = 16, seed: int = 0, radius: float = DEFAU
         raise ShapefirstError(f"stride {stride} is not a positive integer", "pass e.g. 10")
     ac = getattr(pipe.scheduler, "alphas_cumprod", None)
     if ac is None:
-        raise ShapefirstError(f"{type(pipe.scheduler).__name__} has no alphas_cumprod",
-                              "use a DDPM-type scheduler (e.g. the pipeline's default)")
+        raise ShapefirstError(f"{type(pipe.scheduler).__name__} has no alphas_cumprod: the frequency analysis's forward "
+                              "process is the DDPM one (x_t = sqrt(ab) x0 + sqrt(1-ab) eps), not flow matching (SD3)",
+                              "use a DDPM-type scheduler (SD 1.x/2.x, SDXL, PixArt); on SD3 run stages and attention")
     ac = ac.detach().cpu().double()
     size = image_size(pipe)
     schedule = schedule or GuidanceSchedule(7.5)

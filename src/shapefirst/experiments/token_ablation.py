@@ -53,7 +53,7 @@ from ..results import Result, yerr
 from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, keep_first_eos, replace_class, analyze_prompt
 from ..generate import batches, generate_embeds
 from ..metrics import ci_dict, default_judge, judged_labels, share, to_uint8
-from ..pipeline import encode_prompts
+from ..pipeline import attention_context, check_token_edits, encode_prompts
 from ..results import image_grid, save_figure
 from ..tokens import swapped
 from .registry import Analysis, Inputs, Settings, Summary, share_text
@@ -266,6 +266,7 @@ def run_token_ablation(pipe, prompts, targets=None, steps: int = 50, seed: int =
     image -> labels, default the world's judge). clip: metrics.Clip (score vs the prompt).
     attention_kl: KL of attention maps vs uniform at kl_calls (default first, middle, last call).
     keep_images: prompts whose images are stored (arrays["images"]: [variants, k, H, W, 3] uint8)."""
+    check_token_edits(pipe, "token-ablation")
     prompts = check_prompts(prompts)
     if targets is not None:
         targets = [dict(t) for t in targets]
@@ -344,16 +345,17 @@ class _Generator:
             if self.kl_calls is not None:
                 with _capture_attention(self.pipe, keep="mean", calls=self.kl_calls, n_images=e - s) as cap:
                     out.append(generate_embeds(self.pipe, emb[s:e], self.uncond[s:e], self.steps, self.seed + s,
-                                               self.schedule))
+                                               self.schedule, infos=self.infos[s:e]))
                 kls.append((e - s, _kl_summary(cap, self.kl_calls, self.infos[s:e])))
             else:
-                out.append(generate_embeds(self.pipe, emb[s:e], self.uncond[s:e], self.steps, self.seed + s, self.schedule))
+                out.append(generate_embeds(self.pipe, emb[s:e], self.uncond[s:e], self.steps, self.seed + s, self.schedule,
+                                           infos=self.infos[s:e]))
         return np.concatenate(out), kls
 
     def kv_variants(self) -> dict:
         """[EOS] of prompt (i+1) mod N in the cross-attention keys and/or values only."""
         perm = [(i + 1) % self.n for i in range(self.n)]
-        alt = swapped(self.cond, self.infos, self.cond[perm], [self.infos[j] for j in perm])
+        alt = attention_context(self.pipe, swapped(self.cond, self.infos, self.cond[perm], [self.infos[j] for j in perm]))
         images = {}
         for name, mode in KV_VARIANTS.items():
             out = []
@@ -361,7 +363,7 @@ class _Generator:
                 with kv_substitution(self.pipe) as st:
                     st.set(alt[s:e], mode)
                     out.append(generate_embeds(self.pipe, self.cond[s:e], self.uncond[s:e], self.steps, self.seed + s,
-                                               self.schedule))
+                                               self.schedule, infos=self.infos[s:e]))
             images[name] = np.concatenate(out)
         return images
 
