@@ -116,3 +116,32 @@ def test_the_report_runs_on_a_trained_dit_world(tiny_model, tmp_path, monkeypatc
     for section in ("stages", "frequency", "eos-swap", "token-ablation", "sweep"):
         assert any((out / "results" / section).iterdir()), section
     assert "Which tokens the image attends to" in (out / "index.html").read_text()
+
+
+def test_the_shipped_copy_is_the_world_as_embedded_dit(tiny_model, tmp_path, monkeypatch):
+    """world.train_dit.ship writes the package's copy: no clip/ (the embedded world CLIP serves it), T5 stored in
+    float16 and loaded back in float32, the recommended scale in recipe.json; `--model embedded-dit` then is
+    the shapes world, and its images match the trained folder's within float16 rounding of the T5."""
+    import numpy as np
+    from safetensors import safe_open
+
+    import shapefirst.world as world
+    from shapefirst import GuidanceSchedule, generate, load_pipeline
+    from shapefirst.models import default_guidance, embedded_model_path, world_clip, world_folder
+    from shapefirst.world.train_dit import ship
+
+    dest = ship(tiny_model, tmp_path / "model_dit", {"guidance_scale": 2.5})
+    assert not (dest / "clip").exists() and not (dest / ".shapefirst.json").exists()
+    with safe_open(str(dest / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    monkeypatch.setattr(world, "dit_model_path", lambda: dest)
+    assert world_folder("embedded-dit") == dest and default_guidance("embedded-dit") == 2.5
+    assert world_clip("embedded-dit") == embedded_model_path() / "clip"
+    shipped, trained = load_pipeline("embedded-dit"), load_pipeline(str(tiny_model))
+    assert shipped.text_encoder.dtype == torch.float32
+    kw = dict(steps=3, seed=0, height=64, width=64)
+    a = generate(shipped, ["a large red striped circle on the left"], GuidanceSchedule(2.5), **kw).images
+    b = generate(trained, ["a large red striped circle on the left"], GuidanceSchedule(2.5), **kw).images
+    assert np.abs(a - b).max() < 0.02
+    with pytest.raises(Exception, match="not a model folder"):
+        ship(tmp_path, tmp_path / "x", {})

@@ -10,6 +10,7 @@ the text encoder was aligned to) and `recipe.json`.
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..errors import ShapefirstError
 from . import model_path, render
 from .train import (_batch, _gen, _loop, _rng, combo_ids, copy_folder, ema_updater, encode_latents, latent_batch,
                     make_scheduler_config, min_snr_weights, run_recipe, training_captions, write_model_folder)
@@ -249,3 +251,34 @@ def _stages(out: Path, r: DitRecipe, prog, done) -> None:
     done("latents", encode_latents(out, r, prog))
     if not (out / "transformer" / "config.json").exists():
         done("transformer", train_transformer(out, tok, r, prog))
+
+
+# ----------------------------------------------------------------------------- the shipped copy
+
+def ship(model: str | Path, dest: str | Path, recommended: dict) -> Path:
+    """The package's copy of a trained DiT world (world/model_dit, `--model embedded-dit`), written atomically:
+    the model folder without clip/ (it is the embedded UNet world's CLIP, which models.world_clip falls back
+    to) and without the output marker, its T5 weights in float16 (to fit the package budget; the pipeline
+    loads them back in float32), and recipe.json gaining `recommended` (guidance_scale and its evidence)."""
+    from transformers import T5EncoderModel
+
+    model, dest = Path(model), Path(dest)
+    if not (model / "recipe.json").is_file() or not (model / "transformer" / "config.json").is_file():
+        raise ShapefirstError(f"{model} is not a model folder of `shapefirst train --arch dit`",
+                              "pass the model/ folder that training wrote")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        shutil.copytree(model, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("clip", ".shapefirst.json"))
+        t5 = T5EncoderModel.from_pretrained(model / "text_encoder", torch_dtype=torch.float32)
+        shutil.rmtree(tmp / "text_encoder")
+        t5.to(torch.float16).save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        rec = json.loads((model / "recipe.json").read_text())
+        (tmp / "recipe.json").write_text(json.dumps({**rec, "recommended": recommended}, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.replace(dest)
+    return dest
