@@ -234,6 +234,17 @@ def copy_folder(src: Path, dst: Path) -> None:
 def write_model_folder(dest: Path, r, timings: dict, fill, extra: dict | None = None) -> Path:
     """Write a finished model folder atomically: fill(tmp) writes the pipeline, then recipe.json and the
     marker; the folder replaces `dest` (an earlier model of this command: check_dest) only when complete."""
+    def write(tmp: Path) -> None:
+        fill(tmp)
+        rec = {"recipe": asdict(r), "seconds_per_stage": timings, **(extra or {})}
+        (tmp / "recipe.json").write_text(json.dumps(rec, indent=2))
+        OutputFolder(tmp, "train-model", asdict(r)).claim(p.name for p in tmp.iterdir())
+    return atomic_folder(dest, write)
+
+
+def atomic_folder(dest: Path, fill) -> Path:
+    """fill(tmp) writes a new folder beside `dest`, which it replaces only when complete (a failed fill
+    leaves `dest` as it was and removes tmp)."""
     import shutil
     import tempfile
 
@@ -241,9 +252,6 @@ def write_model_folder(dest: Path, r, timings: dict, fill, extra: dict | None = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         fill(tmp)
-        rec = {"recipe": asdict(r), "seconds_per_stage": timings, **(extra or {})}
-        (tmp / "recipe.json").write_text(json.dumps(rec, indent=2))
-        OutputFolder(tmp, "train-model", asdict(r)).claim(p.name for p in tmp.iterdir())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

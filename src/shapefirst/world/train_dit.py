@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from ..errors import ShapefirstError
 from . import model_path, render
 from .train import (_batch, _gen, _loop, _rng, combo_ids, copy_folder, ema_updater, encode_latents, latent_batch,
-                    make_scheduler_config, min_snr_weights, run_recipe, training_captions, write_model_folder)
+                    atomic_folder, make_scheduler_config, min_snr_weights, run_recipe, training_captions, write_model_folder)
 
 # stage numbers of this recipe's randomness (train.py uses 1-7)
 T5_STAGE, DIT_INIT, DIT_STAGE = 11, 12, 13
@@ -266,19 +266,12 @@ def ship(model: str | Path, dest: str | Path, recommended: dict) -> Path:
     if not (model / "recipe.json").is_file() or not (model / "transformer" / "config.json").is_file():
         raise ShapefirstError(f"{model} is not a model folder of `shapefirst train --arch dit`",
                               "pass the model/ folder that training wrote")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         shutil.copytree(model, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("clip", ".shapefirst.json"))
         t5 = T5EncoderModel.from_pretrained(model / "text_encoder", torch_dtype=torch.float32)
         shutil.rmtree(tmp / "text_encoder")
         t5.to(torch.float16).save_pretrained(tmp / "text_encoder", safe_serialization=True)
         rec = json.loads((model / "recipe.json").read_text())
         (tmp / "recipe.json").write_text(json.dumps({**rec, "recommended": recommended}, indent=2))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.replace(dest)
-    return dest
+    return atomic_folder(dest, fill)
