@@ -201,7 +201,7 @@ def figure(done: dict[str, dict], scales: list[float], path: Path, n: int):
     save_figure(fig, path)
 
 
-def report(out: Path, scales: list[float], n: int, seed: int) -> None:
+def report(out: Path, scales: list[float], n: int, seed: int, model: str = "embedded") -> None:
     done = latest(read_jsonl(out / "guidance_curve.jsonl"), n, seed)
     if not done:
         print(f"no finished configuration with n={n}, seed={seed} in {out / 'guidance_curve.jsonl'}")
@@ -210,7 +210,7 @@ def report(out: Path, scales: list[float], n: int, seed: int) -> None:
     m = recs[0]["machine"]
     wall = sum(r["wall_seconds"] for r in recs)
     missing = [key_of(s, x) for s in SAMPLERS for x in ordered_scales(scales) if key_of(s, x) not in done]
-    lines = [f"# Guidance curve of the embedded model (n={n} held-out prompts, seed {seed}, image i seeded seed+i; "
+    lines = [f"# Guidance curve of {'the embedded model' if model == 'embedded' else model} (n={n} held-out prompts, seed {seed}, image i seeded seed+i; "
              "full classifier-free guidance)", "",
              f"Machine: {m['processor']} x{m['cpu_count']}, torch {m['torch']} ({m['platform']}); "
              f"{len(recs)} configurations, {wall / 60:.1f} min of wall time in all; load average (1 min) per "
@@ -298,7 +298,7 @@ def main():
                       f"{r['clip_score']['ratio'][0]:.3f}, KID x1000 {r['kid_x1000'][0]:.2f}; "
                       f"{r['wall_seconds']:.0f} s, load {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f}",
                       flush=True)
-    report(out, scales, args.n, args.seed)
+    report(out, scales, args.n, args.seed, args.model)
 
 
 if __name__ == "__main__":

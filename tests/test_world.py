@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shapefirst.errors import ShapefirstError
-from shapefirst.world import model_path, render
+from shapefirst.world import dit_model_path, model_path, render
 from shapefirst.world.judge import degrade, judge
 from shapefirst.world.vocab import load_tokenizer, write_tokenizer
 
@@ -202,3 +202,28 @@ def test_judge_after_a_round_trip_through_the_shipped_vae():
     acc, count = _accuracy(scenes, list(rec))
     assert count >= 0.97
     assert all(v >= 0.97 for v in acc.values()), acc
+
+
+def test_shipped_transformer_world_loads_with_plain_diffusers_and_follows_shape_and_color():
+    """`--model embedded-dit`: a plain PixArtAlphaPipeline folder (no shapefirst import); at its recommended
+    scale it draws the prompted shape and colour (shape is what the first, shorter training got wrong)."""
+    code = textwrap.dedent(f"""
+        import sys, json, torch
+        from diffusers import PixArtAlphaPipeline
+        pipe = PixArtAlphaPipeline.from_pretrained({str(dit_model_path())!r}, torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        assert "shapefirst" not in sys.modules
+        prompts = ["a large red plain square in the center", "a large blue plain circle in the center",
+                   "a large green plain triangle in the center", "a large yellow plain cross in the center"]
+        g = [torch.Generator("cpu").manual_seed(i) for i in range(4)]
+        ims = pipe(prompts, num_inference_steps=20, guidance_scale=3.0, generator=g, output_type="np",
+                   height=64, width=64, use_resolution_binning=False, clean_caption=False).images
+        print(json.dumps(ims.tolist()))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    ims = np.array(json.loads(r.stdout.strip().splitlines()[-1]), dtype=np.float32)
+    got = [(judge(im).labels.get("shape"), judge(im).labels.get("color")) for im in ims]
+    assert got == [("square", "red"), ("circle", "blue"), ("triangle", "green"), ("cross", "yellow")]
