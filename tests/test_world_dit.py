@@ -96,6 +96,14 @@ def test_a_trained_world_folder_is_the_shapes_world_for_the_cli(tiny_model, tmp_
     assert code == 0, err
     rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
     assert {r["n"] for r in rows} == {2} and all("accuracy" in r for r in rows)  # judged as the world
+    cal = tmp_path / "cal"
+    code = main(["calibrate", "--model", str(tiny_model), "--n", "2", "--steps", "2", "--stops", "0.5", "--batch", "2",
+                 "--caches", "none,kept", "--timing-batches", "1", "--out", str(cal)])
+    said = capsys.readouterr()
+    assert code == 0, said.err
+    assert "stop=0.5" in said.out and "kept" in said.out  # each configuration judged against the tolerance
+    rows = [json.loads(line) for line in (cal / "sweep.jsonl").read_text().splitlines()]
+    assert any("kept" in r["key"] for r in rows) and all("accuracy" in r for r in rows)  # judged as the world
 
 
 def test_the_report_runs_on_a_trained_dit_world(tiny_model, tmp_path, monkeypatch):
