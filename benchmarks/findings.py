@@ -103,7 +103,7 @@ def main():
     times["token-ablation"] = time.time() - s
     load1 = os.getloadavg()
 
-    print(f"# findings on the embedded model: DDIM {args.steps} steps, guidance {w:g}; "
+    print(f"# findings on {args.model}: DDIM {args.steps} steps, guidance {w:g}; "
           f"{platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}; "
           f"load {load0[0]:.2f} -> {load1[0]:.2f}; {time.time() - t0:.0f} s")
     print(f"\n## When each attribute settles (n={args.n} held-out prompts; call index of {args.steps} calls)")
