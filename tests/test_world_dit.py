@@ -153,3 +153,13 @@ def test_the_shipped_copy_is_the_world_as_embedded_dit(tiny_model, tmp_path, mon
     assert np.abs(a - b).max() < 0.02
     with pytest.raises(Exception, match="not a model folder"):
         ship(tmp_path, tmp_path / "x", {})
+
+
+def test_attention_finding_says_when_the_tokenizer_has_no_sos():
+    """T5 has no [SOS]: its class mass is exactly 0 (no position), so the finding says so instead of a number."""
+    from shapefirst.experiments.attention import findings
+
+    t5 = findings({"summary": {"mean_mass_per_class": {"sos": 0.0, "semantic": 0.7, "eos": 0.3, "pad": 0.0}}})
+    clip = findings({"summary": {"mean_mass_per_class": {"sos": 0.006, "semantic": 0.1, "eos_pad": 0.84}}})
+    assert "no [SOS]" in t5[0] and "word tokens" in t5[0]
+    assert "[SOS] gets 0.006" in clip[0] and "[EOS] padding" in clip[0]

@@ -151,7 +151,8 @@ def findings(data: dict) -> list[str]:
     if top == "sos":
         return [f"[SOS] is the attention sink here ({mass[top]:.2f} of the cross-attention mass), as the paper reports."]
     sos = mass.get("sos")
-    tail = f"; [SOS] gets {sos:.3f}" if sos is not None else ""
+    # softmax mass is > 0 on any position that exists: exactly 0 means no [SOS] position (T5)
+    tail = "" if sos is None else "; this tokenizer has no [SOS]" if sos == 0 else f"; [SOS] gets {sos:.3f}"
     return [f"The {name} tokens are the attention sink here ({mass[top]:.2f} of the cross-attention mass{tail}); "
             "the paper reports [SOS]."]
 

@@ -424,7 +424,7 @@ def summary(result: Result) -> Summary:
             rows.append([attr, share_text(d["a"]), share_text(d["b"])])
     found = findings(result.data)
     return Summary(title(result.data),
-                   "Prompt A's [SOS] and word embeddings with prompt B's [EOS] block. " + " ".join(found)
+                   "Prompt A's word embeddings ([SOS] too, where the tokenizer has one) with prompt B's [EOS] block. " + " ".join(found)
                    + " Switching the [EOS] block only from call a on shows when it stops mattering. "
                    + result.data["rule"], rows, found, ("eos_swap_*.png",))
 
