@@ -35,7 +35,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .errors import ShapefirstError
-from .guidance import denoiser_of, run_state_of
+from .guidance_hook import session_of, uninstall_if_unused
 
 HOOK_NAME = "shapefirst_cache"
 CROSS_MODES = ("mean", "kept")
@@ -98,95 +98,84 @@ class LateCache:
 
 
 class CrossAttentionReuse(ModelHook):
-    """On one cross-attention module: record per sample at calls after which a sample may stop,
-    replay in the late phase. Reads the pipeline's RunState; its cache is cleared by `reset_state`
-    (at every new run)."""
+    """On one cross-attention module: within a run whose late cache reuses cross-attention, record per sample
+    at the calls after which a sample may stop, replay in the late phase. What it keeps is the run's own
+    (`RunState.kept[slot]`): a new run starts with nothing, two runs at once never share."""
 
-    _is_stateful = True
-
-    def __init__(self, state, mode: str):
+    def __init__(self, session):
         super().__init__()
-        self.state, self.mode = state, mode
-        self.cache = None  # [batch, tokens, channels]
+        self.session, self.slot = session, session.new_slot()
 
     def reset_state(self, module):
-        self.cache = None
         return module
 
     def new_forward(self, module, *args, **kwargs):
-        st = self.state
-        hs = args[0] if args else kwargs["hidden_states"]
-        if not st.prepared:  # a denoiser call the guidance hook did not see (it raises a clear error after it)
+        st = self.session.current() if self.session is not None else None
+        mode = _mode(st, "cross_attention")
+        if mode is None:  # no run, or its late cache does not reuse cross-attention: the plain forward
             return self.fn_ref.original_forward(*args, **kwargs)
-        if st.late and self.cache is not None and self.cache.shape[0] == st.batch:
-            return self.cache.index_select(0, st.row_sample.to(self.cache.device)).to(hs.dtype)
+        hs = args[0] if args else kwargs["hidden_states"]
+        kept = st.kept[self.slot]
+        if st.late and kept is not None and kept.shape[0] == st.batch:
+            return kept.index_select(0, st.row_sample.to(kept.device)).to(hs.dtype)
         out = self.fn_ref.original_forward(*args, **kwargs)
         if st.may_stop_next and not st.late:
-            self._record(out, st)
+            st.kept[self.slot] = _record(out, st, kept, mode)
         return out
 
-    def _record(self, out: torch.Tensor, st) -> None:
-        lay = st.layout
-        if self.cache is None or self.cache.shape[0] != st.batch or self.cache.shape[1:] != out.shape[1:]:
-            self.cache = out.new_zeros((st.batch,) + tuple(out.shape[1:]))
-        if self.mode == "kept":  # the row of the branch that runs after the stop
-            self.cache.index_copy_(0, lay.kept_sample, out.index_select(0, lay.kept_pos))
-            return
-        shape = (-1,) + (1,) * (out.dim() - 1)
-        total = out.new_zeros(self.cache.shape).index_add_(0, lay.row_sample, out)
-        count = lay.sample_count.to(out.dtype).view(shape)
-        self.cache = torch.where(count > 0, total / count.clamp(min=1), self.cache)
+
+def _mode(st, field: str):
+    """The run's late-cache setting `field` (None without a run or a late cache)."""
+    cache = st.binding.cache if st is not None else None
+    return getattr(cache, field) if cache is not None else None
+
+
+def _record(out: torch.Tensor, st, kept: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """The cross-attention output kept per sample: the row of the branch that runs after the stop ("kept"), or
+    the mean of the sample's rows that ran ("mean", T-GATE)."""
+    lay = st.layout
+    if kept is None or kept.shape[0] != st.batch or kept.shape[1:] != out.shape[1:]:
+        kept = out.new_zeros((st.batch,) + tuple(out.shape[1:]))
+    if mode == "kept":
+        return kept.index_copy(0, lay.kept_sample, out.index_select(0, lay.kept_pos))
+    shape = (-1,) + (1,) * (out.dim() - 1)
+    total = out.new_zeros(kept.shape).index_add_(0, lay.row_sample, out)
+    count = lay.sample_count.to(out.dtype).view(shape)
+    return torch.where(count > 0, total / count.clamp(min=1), kept)
 
 
 class DeepSkip(ModelHook):
-    """On one deep UNet block: record its output at full late calls, replay it at shallow ones."""
+    """On one deep UNet block: within a run whose late cache is DeepCache-style, record its output at full late
+    calls and replay it at shallow ones (the phase: _DeepState; the output: the run's `kept[slot]`)."""
 
-    _is_stateful = True
-
-    def __init__(self, state):
+    def __init__(self, session):
         super().__init__()
-        self.state = state
-        self.out = None
+        self.session, self.slot = session, session.new_slot()
 
     def reset_state(self, module):
-        self.out = None
         return module
 
     def new_forward(self, module, *args, **kwargs):
-        prepared = self.state.run_state.prepared  # else: a call the guidance hook did not see
-        if prepared and self.state.shallow and self.out is not None:
-            return self.out
+        st = self.session.current() if self.session is not None else None
+        if st is not None and st.deep_shallow:  # a shallow call follows a full (recording) late call of the run
+            return st.kept[self.slot]
         out = self.fn_ref.original_forward(*args, **kwargs)
-        if prepared and self.state.recording:
-            self.out = out
+        if st is not None and st.deep_recording:
+            st.kept[self.slot] = out
         return out
 
 
-class _DeepState(ModelHook):
-    """Decides whether a late call is full (recording) or shallow (replaying): a listener of the RunState
-    (`on_call`, when the guidance hook prepares the call, outside a compiled UNet, which then reads only
-    the two booleans), and a stateful hook on the UNet's conv_in (its forward unchanged) so that every
-    new run resets it."""
-
-    _is_stateful = True
-
-    def __init__(self, run_state, interval: int):
-        super().__init__()
-        self.run_state, self.interval = run_state, interval
-        self.shallow = self.recording = False
-        self.first_late = None
-
-    def reset_state(self, module):
-        self.shallow = self.recording = False
-        self.first_late = None
-        return module
+class _DeepState:
+    """Decides whether a late call is full (recording) or shallow (replaying): a listener of the session
+    (`on_call`, when the guidance hook prepares a call, outside a compiled UNet, which then reads only the
+    run's two booleans `deep_shallow` and `deep_recording`)."""
 
     def on_call(self, st) -> None:
-        if st.late and self.first_late is None:
-            self.first_late = st.call
-        phase = (st.call - self.first_late) % self.interval if st.late else None
-        self.recording = phase == 0
-        self.shallow = phase is not None and phase != 0
+        interval = _mode(st, "deep_interval") or 0
+        if st.late and st.first_late is None:
+            st.first_late = st.call
+        phase = (st.call - st.first_late) % interval if st.late and interval >= 2 else None
+        st.deep_shallow, st.deep_recording = phase is not None and phase != 0, phase == 0
 
 
 def _cross_attention_modules(den) -> list:
@@ -211,46 +200,89 @@ def _deep_blocks(den, depth: int) -> list:
     return list(den.down_blocks[depth:]) + [den.mid_block] + list(den.up_blocks[: n - depth])
 
 
-def apply_late_cache(pipe, cache: LateCache) -> None:
-    """Attach the cache hooks (after `apply_guidance_schedule`: they read its RunState, and follow a
-    schedule that replaces it; `remove_guidance_schedule` removes them too); replaces earlier ones."""
-    den = denoiser_of(pipe)
-    state = run_state_of(pipe)
-    if state is None:
+def _session_and_binding(pipe):
+    session = session_of(pipe)
+    binding = session.binding_of(pipe) if session is not None else None
+    if binding is None:
         raise ShapefirstError("a late-stage cache needs a guidance schedule on the pipeline (it acts after the stop)",
                               "apply_guidance_schedule(pipe, ...) first, or pass cache= to shapefirst.generate")
-    remove_late_cache(pipe)
-    targets = []
-    if cache.cross_attention is not None:
-        targets += [(m, CrossAttentionReuse(state, cache.cross_attention)) for m in _cross_attention_modules(den)]
+    return session, binding
+
+
+def _hooks(session, cls) -> list:
+    regs = [HookRegistry.check_if_exists_or_initialize(m) for m, n in session.added if n == HOOK_NAME]
+    return [r.get_hook(HOOK_NAME) for r in regs if isinstance(r.get_hook(HOOK_NAME), cls)]
+
+
+def _install(session, cache: LateCache) -> None:
+    """Add the hooks `cache` needs on the session's denoiser (once per session; they act per run)."""
+    den = session.denoiser
+    if cache.cross_attention is not None and not _hooks(session, CrossAttentionReuse):
+        for m in _cross_attention_modules(den):
+            session.add_hook(m, CrossAttentionReuse(session), HOOK_NAME)
     if cache.deep_interval >= 2:
         blocks = _deep_blocks(den, cache.deep_depth)
-        deep = _DeepState(state, cache.deep_interval)
-        targets += [(b, DeepSkip(deep)) for b in blocks]
-        targets.append((den.conv_in, deep))
-        state.listeners.append(deep)
-    for mod, hook in targets:
-        HookRegistry.check_if_exists_or_initialize(mod).register_hook(hook, HOOK_NAME)
+        have = _hooks(session, DeepSkip)
+        if have and len(have) != len(blocks):
+            raise ShapefirstError(f"another pipeline sharing this denoiser has a DeepCache-style late cache at another "
+                                  f"depth than deep_depth {cache.deep_depth}", "use the same deep_depth for both")
+        if not have:
+            session.listeners.append(_DeepState())
+            for b in blocks:
+                session.add_hook(b, DeepSkip(session), HOOK_NAME)
     HookRegistry.check_if_exists_or_initialize(den).invalidate_child_registries_cache()
 
 
+def _prune(session) -> None:
+    """Remove the cache hooks that no binding on the session needs any more."""
+    caches = [b.cache for b in session.live_bindings() if b.cache is not None]
+    keep_cross = any(c.cross_attention is not None for c in caches)
+    keep_deep = any(c.deep_interval >= 2 for c in caches)
+    if keep_cross and keep_deep:
+        return
+    drop = [] if keep_cross else _hooks(session, CrossAttentionReuse)
+    drop += [] if keep_deep else _hooks(session, DeepSkip)
+    if not keep_deep:
+        session.listeners[:] = [x for x in session.listeners if not isinstance(x, _DeepState)]
+    for module, name in list(session.added):
+        reg = HookRegistry.check_if_exists_or_initialize(module)
+        if name == HOOK_NAME and reg.get_hook(name) in drop:
+            reg.remove_hook(name, recurse=False)
+            session.added.remove((module, name))
+    HookRegistry.check_if_exists_or_initialize(session.denoiser).invalidate_child_registries_cache()
+
+
+def apply_late_cache(pipe, cache: LateCache) -> None:
+    """Give the pipeline's guidance schedule a late cache (replacing one it had; apply the schedule first).
+    It acts on that pipeline's runs only and follows a schedule that replaces it; `remove_guidance_schedule`
+    removes it too."""
+    session, binding = _session_and_binding(pipe)
+    _install(session, cache)
+    session.set_top(pipe, binding.with_(cache=cache))
+    _prune(session)
+
+
 def remove_late_cache(pipe) -> None:
-    state = run_state_of(pipe)
-    if state is not None:
-        state.listeners[:] = [x for x in state.listeners if not isinstance(x, _DeepState)]
-    reg = HookRegistry.check_if_exists_or_initialize(denoiser_of(pipe))
-    reg.remove_hook(HOOK_NAME, recurse=True)
-    reg.invalidate_child_registries_cache()
+    session = session_of(pipe)
+    binding = session.binding_of(pipe) if session is not None else None
+    if binding is not None and binding.cache is not None:
+        session.set_top(pipe, binding.with_(cache=None))
+        _prune(session)
 
 
 @contextmanager
 def late_cache(pipe, cache: LateCache | None):
-    """`with guidance_schedule(pipe, s), late_cache(pipe, LateCache(cross_attention="mean")): pipe(...)`"""
+    """`with guidance_schedule(pipe, s), late_cache(pipe, LateCache(cross_attention="mean")): pipe(...)`;
+    leaving restores what the pipeline had before."""
     if cache is None or not cache.active:
         yield
         return
-    apply_late_cache(pipe, cache)
+    session, binding = _session_and_binding(pipe)
+    _install(session, cache)
+    depth = session.push(pipe, binding.with_(cache=cache))
     try:
         yield
     finally:
-        remove_late_cache(pipe)
+        session.truncate(pipe, depth)
+        _prune(session)
+        uninstall_if_unused(session)

@@ -6,6 +6,7 @@ import torch
 
 from .errors import ShapefirstError
 from .models import family_of_pipe
+from .pipeline_call import cfg_of_call, running_call
 
 
 def encode_prompts(pipe, prompts: list[str], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +129,9 @@ def latent_input(args, kwargs):
 def cfg_active(pipe, sample: torch.Tensor) -> bool:
     """Does this denoiser call run classifier-free guidance (rows = [uncond..., cond...])?
     See the module docstring for the rule per family (PixArt's rule reads the latents: one host sync)."""
+    call = running_call()
+    if call is not None and call.pipe is pipe:
+        return cfg_of_call(call, sample)
     rows = sample.shape[0]
     if rows % 2:
         return False

@@ -43,7 +43,7 @@ from diffusers.hooks.hooks import (  # what CacheMixin.cache_context attaches
 )
 
 from .errors import ShapefirstError
-from .guidance import run_state_of
+from .guidance_hook import session_of
 from .pipeline import denoiser_of, latent_input, timestep_input, timestep_value
 
 KINDS = ("faster", "pab", "fbc", "taylorseer", "mag")
@@ -161,8 +161,9 @@ class _Calls:
         self.timestep = timestep_input(args, kwargs)
 
     def refuse_a_stop(self) -> None:
-        state = run_state_of(self.pipe)
-        if state is not None and state.schedule.stops:
+        session = session_of(self.pipe)
+        binding = session.binding_of(self.pipe) if session is not None else None
+        if binding is not None and binding.schedule.stops:
             raise ShapefirstError(f"the {self.cache.kind} cache does not compose with a guidance schedule that "
                                   f"stops: {ONE_BATCH[self.cache.kind]}",
                                   f"run {self.cache.kind} alone, or use fbc, pab or taylorseer with the stop")
