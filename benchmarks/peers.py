@@ -346,7 +346,8 @@ def near(a: dict, b: dict, t: dict) -> bool:
 
 def head_to_head(out: Path, a: dict, b: dict, t: dict, t1: dict) -> str:
     da, ds = (paired(out, a, b, at) for at in ("all", "shape"))
-    ci = (lambda d: "-" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
+    def ci(d):
+        return "-" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
     tt = t1 if batch1_only(b["name"]) else t
     sa, sb = (tt.get(x["name"], {}).get("saved_latency") for x in (a, b))
     lat = f"{sa:.1%} / {sb:.1%}" + (" (batch 1)" if tt is t1 else "") if sa is not None and sb is not None else "-"

@@ -135,7 +135,7 @@ def test_guidance_interval_counts_and_edges(tiny_pipe):
     c = generate(tiny_pipe, PROMPTS, GuidanceSchedule(7.5, start_step=2, after="cond"), steps=STEPS)
     assert c.evaluations_per_image == [2 + 2 * 6] * 2
     assert not np.array_equal(c.images, plain(tiny_pipe))
-    with pytest.raises(ShapefirstError, match="not before"):  # refused when made (#31)
+    with pytest.raises(ShapefirstError, match="after the stop"):  # refused when made (#31)
         generate(tiny_pipe, PROMPTS, GuidanceSchedule(7.5, start_step=6, stop_step=2), steps=STEPS)
     with pytest.raises(ShapefirstError, match="start"):
         GuidanceSchedule(7.5, start=0.6, stop=0.5)

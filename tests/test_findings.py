@@ -4,7 +4,7 @@ from shapefirst.experiments import attention as attention_analysis
 from shapefirst.experiments import eos_swap as eos_analysis
 from shapefirst.experiments import frequency as frequency_analysis
 from shapefirst.experiments import stages as stages_analysis
-from shapefirst.report import _sections
+from shapefirst.report.page import _sections
 from shapefirst.results import Result
 
 
@@ -67,8 +67,8 @@ def test_report_captions_are_computed_from_the_saved_results(tmp_path):
 
 
 def test_every_analysis_module_declares_itself_to_the_registry():
-    from shapefirst.experiments import ANALYSES
-    from shapefirst.experiments.registry import Analysis, analyses
+    from shapefirst.experiments import ANALYSES, analyses
+    from shapefirst.experiments.registry import Analysis
 
     assert ANALYSES == ("stages", "frequency", "attention", "eos-swap", "token-ablation")
     for a in analyses().values():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers.hooks import HookRegistry
 
-from shapefirst.cache import HOOK_NAME as CACHE_HOOK, CrossAttentionReuse, LateCache, apply_late_cache
+from shapefirst.cache import HOOK_NAME as CACHE_HOOK, LateCache, apply_late_cache
 from shapefirst.guidance import (GuidanceSchedule, apply_guidance_schedule, guidance_hook_of,
                                  remove_guidance_schedule, run_state_of)
 from shapefirst.errors import ShapefirstError

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shapefirst import report as rep
+from shapefirst.report import page as rep
 from shapefirst.report import BUDGETS, build_page, run_report
 
 TINY = dict(n=3, pairs=3, steps=4, film=2, sweep_n=4, batch=4, stops=(0.5,))

@@ -41,6 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ShapefirstError
+from .families import family_of_pipe
+from .guidance_hook import run_state_of
+from .pipeline import cfg_active, denoiser_of, latent_input
+from .rows import label_rows
 from .results import atomic_write_bytes, atomic_write_text, strict_dumps
 from .tokens import TOKEN_CLASSES, TokenInfo
 
@@ -185,8 +189,6 @@ class AttentionCapture:
     # -- recording -----------------------------------------------------------------------
     def _pre_hook(self, module, args, kwargs):
         """Forward pre-hook of the denoiser: one more call; remember the latent size."""
-        from .guidance import cfg_active, latent_input
-
         sample = latent_input(args, kwargs)
         if isinstance(sample, torch.Tensor) and sample.ndim == 4:
             self._latent_hw = tuple(sample.shape[-2:])
@@ -199,21 +201,19 @@ class AttentionCapture:
                          if self.pipe is not None and isinstance(sample, torch.Tensor) else None)
 
     def _labels(self, rows: int) -> tuple[int, list[str]]:
-        """Images of this call and "branch:image" of every row (see the module docstring)."""
-        from .guidance import run_state_of
-
+        """Images of this call and "branch:image" of every row (rows.label_rows; see the module docstring)."""
         st = run_state_of(self.denoiser) if self.denoiser is not None else None
         st = st if st is not None and st.layout is not None else None  # the shared RunState, if any
         flag = self._cfg[-1] if self._cfg else None
-        if st is not None and flag:  # the pipeline passed 2N rows; the hook ran only the needed ones
-            n, run = st.batch, st.layout.run
-        elif not (rows % 2 == 0 and rows > 1 if flag is None else flag):
+        scheduled = st is not None and bool(flag)  # the pipeline passed 2N rows; the hook ran only the needed ones
+        if not scheduled and not (rows % 2 == 0 and rows > 1 if flag is None else flag):
             return rows, [f"cond:{r}" for r in range(rows)]
-        else:
-            n, run = self.n_images or rows // 2, torch.arange(rows)
-        if len(run) != rows or len(run) > 2 * n or (st is None and rows != 2 * n):
+        n = st.batch if scheduled else (self.n_images or rows // 2)
+        try:
+            image, branch = label_rows(rows, n, True, st.layout if scheduled else None)
+        except ShapefirstError:
             return n, ["?"] * rows
-        return n, [f"uncond:{r}" if r < n else f"cond:{r - n}" for r in run.tolist()]
+        return n, [f"{'cond' if b else 'uncond'}:{i}" for i, b in zip(image.tolist(), branch.tolist())]
 
     def _hw(self, pixels: int) -> tuple[int, int]:
         """Spatial size of a layer with `pixels` positions: the latent halved (rounding up) until it fits."""
@@ -448,9 +448,6 @@ def capture_attention(pipe, keep: str = "mean", layers=None, calls=None, rows: s
     inside this block) whose maps are kept (default all; the mass is kept for every call). rows:
     the CFG branch stored per image. n_images: the batch size when it cannot be inferred.
     The original processors (the same objects) are back on exit, also after an exception."""
-    from .guidance import denoiser_of
-    from .models import family_of_pipe
-
     if not isinstance(pipe, torch.nn.Module):
         family_of_pipe(pipe)  # a clear "not supported" error for other pipelines
     unet = denoiser_of(pipe) if not isinstance(pipe, torch.nn.Module) else pipe

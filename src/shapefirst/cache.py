@@ -206,6 +206,9 @@ def _session_and_binding(pipe):
     if binding is None:
         raise ShapefirstError("a late-stage cache needs a guidance schedule on the pipeline (it acts after the stop)",
                               "apply_guidance_schedule(pipe, ...) first, or pass cache= to shapefirst.generate")
+    if binding.family is not None and binding.family.cfg == "separate":
+        raise ShapefirstError(f"late-stage caches reuse rows of a batched [uncond, cond] call, and {type(pipe).__name__} "
+                              "calls its denoiser once per branch", "drop the late cache for this pipeline")
     return session, binding
 
 

@@ -33,11 +33,13 @@ from contextlib import contextmanager
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from .controlnet_rows import apply_controlnet_rows
 from .errors import ShapefirstError
-from .models import family_of_pipe, listed_family
+from .families import family, listed_family
 from .pipeline import denoiser_of, latent_input, timestep_input, timestep_value
 from .rows import main_output, replace_output, rows_of
 from .schedules import GuidanceSchedule
+from .separate import SeparateCalls
 from .session import Binding, Session
 
 HOOK_NAME = "shapefirst_guidance"
@@ -94,6 +96,8 @@ class GuidanceHook(ModelHook):
         st = self._state_for(sample)
         if st is None:  # no pipeline call with a schedule above this call: untouched
             return forward(*args, **kwargs)
+        if st.binding.family is not None and st.binding.family.cfg == "separate":
+            return SeparateCalls(self.fn_ref.original_forward)(st, sample, args, kwargs)
         if kwargs.get("skip_layers") is not None:
             raise ShapefirstError("SD3 skip-layer guidance (skip_guidance_layers) is not supported with a guidance "
                                   "schedule or trajectory", "call the pipeline without skip_guidance_layers")
@@ -205,24 +209,35 @@ def _check_schedule(schedule) -> None:
                               if isinstance(schedule, (int, float)) else "pass shapefirst.GuidanceSchedule(...)")
 
 
-def install(pipe) -> Session:
-    """The session on `pipe`'s denoiser, created with its hooks (the guidance hook, the offload watch, the
-    ControlNet rows on `pipe.controlnet`) if there is none; refuses what guidance schedules cannot serve."""
-    from .controlnet_rows import apply_controlnet_rows
+def denoisers_of(pipe) -> list:
+    """Every denoiser module of the pipeline, in the order they run (families.Family.denoisers: Wan 2.2 has two)."""
+    names = family(pipe).denoisers
+    found = [getattr(pipe, n, None) for n in names]
+    found = [m for m in found if isinstance(m, torch.nn.Module)]
+    return found or [denoiser_of(pipe)]
 
-    family_of_pipe(pipe)  # a clear "not supported" error for other pipelines
-    den = denoiser_of(pipe)
-    reg = HookRegistry.check_if_exists_or_initialize(den)
-    hook = reg.get_hook(HOOK_NAME)
-    if hook is None or hook.session is None:
-        if hook is not None:  # a deep copy's dead hook
+
+def install(pipe) -> Session:
+    """The session on `pipe`'s denoiser(s), created with its hooks (the guidance hook and the offload watch on
+    every denoiser, the ControlNet rows on `pipe.controlnet`) if there is none."""
+    dens = denoisers_of(pipe)
+    hook = HookRegistry.check_if_exists_or_initialize(dens[0]).get_hook(HOOK_NAME)
+    session = hook.session if hook is not None and hook.session is not None else Session(dens)
+    for den in dens:
+        reg = HookRegistry.check_if_exists_or_initialize(den)
+        have = reg.get_hook(HOOK_NAME)
+        if have is not None and have.session is session:
+            continue
+        if have is not None:  # a deep copy's dead hook, or another session's on a second expert
             reg.remove_hook(HOOK_NAME, recurse=False)
-        hook = GuidanceHook(Session(den))
+        hook = GuidanceHook(session)
         reg.register_hook(hook, HOOK_NAME)
         hook.watch = den.register_forward_hook(hook._watch, with_kwargs=True)
-        _SESSIONS.add(hook.session)
-    apply_controlnet_rows(pipe, hook.session)
-    return hook.session
+        if den not in session.denoisers:
+            session.denoisers.append(den)
+    _SESSIONS.add(session)
+    apply_controlnet_rows(pipe, session)
+    return session
 
 
 def _binding(pipe, schedule: GuidanceSchedule, recorder, session: Session) -> Binding:
@@ -233,7 +248,7 @@ def _binding(pipe, schedule: GuidanceSchedule, recorder, session: Session) -> Bi
                               "time_cond_proj_dim) and runs no classifier-free guidance, so there is nothing to remove",
                               "drop the guidance stop")
     old = session.binding_of(pipe)
-    return Binding(schedule, recorder, old.cache if old is not None else None, listed_family(pipe) is None)
+    return Binding(schedule, recorder, old.cache if old is not None else None, listed_family(pipe) is None, family(pipe))
 
 
 def apply_guidance_schedule(pipe, schedule: GuidanceSchedule, recorder=None) -> ScheduleHandle:
@@ -265,14 +280,15 @@ def uninstall_if_unused(session: Session) -> None:
     if not session.empty():
         return
     session.remove_added()
-    reg = HookRegistry.check_if_exists_or_initialize(session.denoiser)
-    hook = reg.get_hook(HOOK_NAME)
-    if hook is not None and hook.session is session:
-        hook.active = False
-        if hook.watch is not None:
-            hook.watch.remove()
-            hook.watch = None
-        reg.remove_hook(HOOK_NAME, recurse=False)
+    for den in session.denoisers:
+        reg = HookRegistry.check_if_exists_or_initialize(den)
+        hook = reg.get_hook(HOOK_NAME)
+        if hook is not None and hook.session is session:
+            hook.active = False
+            if hook.watch is not None:
+                hook.watch.remove()
+                hook.watch = None
+            reg.remove_hook(HOOK_NAME, recurse=False)
     _SESSIONS.discard(session)
 
 

@@ -1,9 +1,8 @@
 """Load a text-to-image pipeline: "embedded" (the shipped shapes world), a local diffusers folder,
 or a hub id; detect its family; refuse what shapefirst does not support, with a one-line fix.
 
-Supported families (FAMILIES): SD 1.x/2.x, SDXL, PixArt-alpha/sigma, SD3. Schedulers per family
-(FAMILY_SCHEDULERS): all of SCHEDULERS for the DDPM-type families, only "euler" (flow matching)
-for SD3."""
+The families are declared in shapefirst.families (SD 1.x/2.x, SDXL, PixArt-alpha/sigma, SD3). Schedulers per
+family (FAMILY_SCHEDULERS): all of SCHEDULERS for the DDPM-type families, only "euler" (flow matching) for SD3."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -15,32 +14,32 @@ from pathlib import Path
 import torch
 
 from .errors import ShapefirstError
+from .schedules import DEFAULT_SHAPE_TOLERANCE
+from .families import (  # noqa: F401 (public here too)
+    DECLARED,
+    FAMILIES,
+    SUPPORTED,
+    family_by_structure,
+    family_of,
+    family_of_pipe,
+    listed_family,
+)
+from .checks import device as checked
+from . import world
 
-# family name -> diffusers pipeline class names
-# (the classes tested with shapefirst; other pipelines are detected from what they do: family_by_structure)
-FAMILIES = {
-    "sd": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-           "StableDiffusionControlNetPipeline"),  # SD 1.x and 2.x
-    "sdxl": ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLControlNetPipeline"),
-    "pixart": ("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
-    "sd3": ("StableDiffusion3Pipeline",),
-}
-SUPPORTED = ", ".join(c for cs in FAMILIES.values() for c in cs)
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 def embedded_model_path() -> Path:
     """The folder of the shipped shapes-world model (a plain diffusers StableDiffusionPipeline)."""
-    from .world import model_path
 
-    return model_path()
+    return world.model_path()
 
 
 def _embedded_dit() -> Path:
     """The shipped transformer world's folder; a one-line error while it is not shipped (issue #17)."""
-    from .world import dit_model_path
 
-    path = dit_model_path()
+    path = world.dit_model_path()
     if not (path / "model_index.json").exists():
         raise ShapefirstError("the shapes world on a diffusion transformer (embedded-dit) is not shipped in this version",
                               "train it with `shapefirst train --arch dit --dest DIR` and pass --model DIR")
@@ -71,51 +70,8 @@ def world_clip(model: str) -> Path | None:
     return folder / "clip" if (folder / "clip" / "config.json").is_file() else embedded_model_path() / "clip"
 
 
-def family_of(class_name: str) -> str:
-    for fam, names in FAMILIES.items():
-        if class_name in names:
-            return fam
-    raise ShapefirstError(f"pipeline family {class_name!r} is not supported",
-                          f"use one of: {SUPPORTED}")
-
-
-def listed_family(pipe) -> str | None:
-    """The family of the pipeline's class, or of the first FAMILIES class it derives from (a user's
-    subclass of StableDiffusionXLPipeline is "sdxl"); None for other classes."""
-    for cls in type(pipe).__mro__:
-        for fam, names in FAMILIES.items():
-            if cls.__name__ in names:
-                return fam
-    return None
-
-
-def family_by_structure(pipe) -> str | None:
-    """The family from what the pipeline and its denoiser are, for classes not in FAMILIES: diffusers'
-    public CFG interface (`encode_prompt` and a `do_classifier_free_guidance` property) and a denoiser
-    of a known type: UNet2DConditionModel without class labels ("sd" with no added conditioning, "sdxl"
-    with text_time), SD3Transformer2DModel ("sd3"). None otherwise. Such a pipeline's CFG batch is
-    verified while it runs (shapefirst.guidance.RunState: [uncond, cond] halves, calls per run)."""
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
-
-    if not callable(getattr(pipe, "encode_prompt", None)) or \
-            not isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
-        return None
-    den = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    if isinstance(den, UNet2DConditionModel) and den.config.class_embed_type is None:
-        return {None: "sd", "text_time": "sdxl"}.get(den.config.addition_embed_type)
-    return "sd3" if isinstance(den, SD3Transformer2DModel) else None
-
-
-def family_of_pipe(pipe) -> str:
-    """The family of a pipeline object: listed_family, else family_by_structure. Not-supported error
-    (naming what is supported) otherwise."""
-    fam = listed_family(pipe) or family_by_structure(pipe)
-    return fam if fam is not None else family_of(type(pipe).__name__)
-
-
 def pick_device(device: str | None = None) -> str:
     """The device asked for (checked: shapefirst.checks.device), else the best this machine has."""
-    from .checks import device as checked
 
     device = checked(device)
     if device is not None:
@@ -319,15 +275,10 @@ SCHEDULERS = {
 }
 
 
-# Per family: the short names that make sense, and family-specific classes for a name. SD3 is a
-# flow-matching (rectified flow) model: the VP/DDPM schedulers above would integrate the wrong ODE,
-# so only "euler" (FlowMatchEulerDiscreteScheduler) is offered there.
-FAMILY_SCHEDULERS = {
-    "sd": tuple(SCHEDULERS),
-    "sdxl": tuple(SCHEDULERS),
-    "pixart": tuple(SCHEDULERS),
-    "sd3": ("euler",),
-}
+# Per family: the short names that make sense (families.Family.schedulers), and family-specific classes for a
+# name. SD3 is a flow-matching (rectified flow) model: the VP/DDPM schedulers above would integrate the wrong
+# ODE, so only "euler" (FlowMatchEulerDiscreteScheduler) is offered there.
+FAMILY_SCHEDULERS = {f.name: f.schedulers for f in DECLARED}
 FAMILY_SCHEDULER_CLASSES = {
     "sd3": {"euler": ("FlowMatchEulerDiscreteScheduler", {})},
 }
@@ -368,8 +319,9 @@ def set_scheduler(pipe, name: str | None):
     except ShapefirstError:
         fam = None
     if fam is not None and name not in FAMILY_SCHEDULERS[fam]:
+        names = FAMILY_SCHEDULERS[fam]
         raise ShapefirstError(f"scheduler {name} is not available for the {fam} family",
-                              f"use: {', '.join(FAMILY_SCHEDULERS[fam])}")
+                              f"use: {', '.join(names)}" if names else "drop the scheduler: this family runs its own")
     cls_name, extra = FAMILY_SCHEDULER_CLASSES.get(fam, {}).get(name, SCHEDULERS[name])
     cls = getattr(diffusers, cls_name)
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
@@ -400,7 +352,5 @@ def default_guidance(model: str) -> float:
 def default_shape_tolerance(model: str) -> float:
     """The shape-settled adaptive stop's tolerance for `--adaptive-shape auto`: the embedded model's calibrated
     one (recipe.json's recommended "adaptive_shape_tolerance", beside its guidance scale), else
-    guidance.DEFAULT_SHAPE_TOLERANCE."""
-    from .guidance import DEFAULT_SHAPE_TOLERANCE
-
+    schedules.DEFAULT_SHAPE_TOLERANCE."""
     return float(recommended(model).get("adaptive_shape_tolerance", DEFAULT_SHAPE_TOLERANCE))

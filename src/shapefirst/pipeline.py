@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from .errors import ShapefirstError
-from .models import family_of_pipe
+from .families import family_of_pipe
 from .pipeline_call import cfg_of_call, running_call
+from .tokens import PAD, analyze_prompt
 
 
 def encode_prompts(pipe, prompts: list[str], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +53,6 @@ def embeds_call(pipe, cond: torch.Tensor, uncond: torch.Tensor, infos: list | No
     if fam in ("sdxl", "sd3"):
         enc = _encode(pipe, [i.prompt for i in infos])
         return {**out, "pooled_prompt_embeds": enc[2], "negative_pooled_prompt_embeds": enc[3]}
-    from .tokens import PAD, analyze_prompt
 
     def mask(inf) -> list[int]:
         return [int(c != PAD) for c in inf.classes]

@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import ShapefirstError
 from .outputs import check_regular_file
+from .world.render import ATTRIBUTES, TEMPLATES, VALUES, Scene, sample_scenes
 
 PAIR_SEPARATOR = "||"
 
@@ -104,7 +105,6 @@ def world_pairs(n: int, seed: int = 0, kinds=DEFAULT_PAIR_KINDS, template: int |
     five position phrases all have three words), their token counts are equal.
 
     Returns dicts {"a", "b", "labels_a", "labels_b", "kind", "template"}."""
-    from .world.render import ATTRIBUTES, TEMPLATES, VALUES, Scene, sample_scenes
 
     if int(n) != n or n < 1:
         raise ShapefirstError(f"number of pairs {n} is not a positive integer", "pass e.g. n=40")

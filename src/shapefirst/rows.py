@@ -81,7 +81,8 @@ class RowLayout:
 def _layout(run: torch.Tensor, src: torch.Tensor, n: int, kept_branch: int, guided: torch.Tensor, device) -> RowLayout:
     sample, branch = run % n, run // n
     kept_pos = torch.nonzero(branch == kept_branch).flatten()
-    to = lambda t: t.to(device)
+    def to(t):
+        return t.to(device)
     return RowLayout(run, to(run), to(src), to(sample), to(branch), to(kept_pos), to(sample[kept_pos]),
                      to(torch.bincount(sample, minlength=n)), to(guided), bool(guided.all()))
 
@@ -103,24 +104,32 @@ def cfg_layout(guided: tuple[bool, ...], after: str, device) -> RowLayout:
 def plain_layout(rows: int, device) -> RowLayout:
     """A call without CFG: every row is the conditional row of its own image."""
     ar, one = torch.arange(rows), torch.ones(rows, dtype=torch.long)
-    to = lambda t: t.to(device)
+    def to(t):
+        return t.to(device)
     return RowLayout(ar, to(ar), to(ar), to(ar), to(one), to(ar), to(ar), to(one), to(one.bool()), True)
 
 
 
-def row_images(rows: int, n: int, cfg: bool | None, layout: RowLayout | None = None) -> torch.Tensor:
-    """Per row of a denoiser (or attention) call with `rows` rows for `n` images: the image whose
-    conditional row it is, -1 for an unconditional row (host LongTensor; no device read). With the run's
-    `layout` (a guidance schedule prepared the call) its rows decide; else the CFG flag: a CFG call is
-    [uncond 0..n-1, cond 0..n-1], a plain call has one conditional row per image (cfg None: 2n rows
-    mean CFG). A row count that fits none of these is a ShapefirstError."""
+def label_rows(rows: int, n: int, cfg: bool | None, layout: RowLayout | None = None,
+               what: str = "images") -> tuple[torch.Tensor, torch.Tensor]:
+    """The one rule for which image and branch each row of a denoiser (or attention) call with `rows` rows
+    for `n` images belongs to: (image, branch) host LongTensors, branch 0 = unconditional, 1 = conditional
+    (no device read). With the run's `layout` (a guidance schedule prepared the call, for these n images)
+    its rows decide; else the CFG flag: a CFG call is [uncond 0..n-1, cond 0..n-1], a plain call has one
+    conditional row per image (cfg None: 2n rows mean CFG). Any other row count is a ShapefirstError."""
     if layout is not None and len(layout.run) == rows:
-        if cfg:
-            run = layout.run
-            return torch.where(run >= n, run - n, torch.full_like(run, -1))
-        return torch.arange(rows)
+        run = layout.run if cfg else torch.arange(rows) + n
+        return run % n, run // n
     if rows == 2 * n and cfg is not False:
-        return torch.cat([torch.full((n,), -1, dtype=torch.long), torch.arange(n)])
+        return torch.arange(2 * n) % n, torch.arange(2 * n) // n
     if rows == n and not cfg:
-        return torch.arange(n)
-    raise ShapefirstError(f"a call got {rows} rows for {n} images", "set one value per image of the batch being generated")
+        return torch.arange(n), torch.ones(n, dtype=torch.long)
+    raise ShapefirstError(f"a call got {rows} rows for {n} {what}",
+                          f"give exactly one of the {what} per image of the batch being generated")
+
+
+def row_images(rows: int, n: int, cfg: bool | None, layout: RowLayout | None = None,
+               what: str = "images") -> torch.Tensor:
+    """Per row: the image whose conditional row it is, -1 for an unconditional row (see label_rows)."""
+    image, branch = label_rows(rows, n, cfg, layout, what)
+    return torch.where(branch == 1, image, torch.full_like(image, -1))

@@ -21,6 +21,7 @@ attention capture and the K/V intervention:
                         hook (Session.new_slot): a new run starts with none, and two runs at once (threads,
                         pipelines sharing the denoiser) never see each other's
   first_late, deep_shallow, deep_recording  the DeepCache phase of the run (shapefirst.cache)
+  step_seen, step_first, step_branch, step_out  a "separate" family's current step (shapefirst.separate)
 Bookkeeping lives on the host and never reads a device value, except the adaptive criterion's
 decision (one read per call, after `AdaptiveStop.decides_from`) and, for a pipeline detected by
 structure, a check of its CFG batch once per run.
@@ -37,6 +38,7 @@ from .pipeline_call import PipelineCall, calls_of_run, guidance_weight_of_call
 from .rows import cfg_layout, plain_layout
 from .schedules import AdaptiveStop
 from .trace import predicted_x0
+from .families import SUPPORTED
 
 
 class RunState:
@@ -57,6 +59,7 @@ class RunState:
         self.late = self.may_stop_next = False
         self.kept: list = [None] * session.slots
         self.first_late, self.deep_shallow, self.deep_recording = None, False, False
+        self.step_seen, self.step_first, self.step_branch, self.step_out = set(), None, None, None  # separate.py
 
     @property
     def done(self) -> bool:
@@ -73,9 +76,10 @@ class RunState:
     def verify_cfg_batch(self, sample: torch.Tensor) -> None:
         """For a pipeline detected by its structure (models.family_by_structure), once per run: a CFG call
         must be [uncond, cond] of the same latents (two bitwise-equal halves: one host read per run)."""
-        from .models import SUPPORTED
 
         rows = sample.shape[0]
+        if not getattr(self.pipe, "do_classifier_free_guidance", False):
+            return
         if rows % 2 or not torch.equal(sample[:rows // 2], sample[rows // 2:]):
             raise ShapefirstError(f"{type(self.pipe).__name__} runs classifier-free guidance with a denoiser batch of "
                                   f"{rows} rows that is not [uncond, cond] of the same latents, which guidance schedules "
@@ -106,7 +110,7 @@ class RunState:
             return
         rows = sample.shape[0]
         self.cfg_now = cfg
-        if self.call == 0 and self.verify and cfg:
+        if self.call == 0 and self.verify:
             self.verify_cfg_batch(sample)
         if cfg:
             self.guided = self.guided_at(self.call)

@@ -214,8 +214,8 @@ class GuidanceSchedule:
         if empty:
             what_start = f"start_step={self.start_step}" if self.start_step is not None else f"start={self.start}"
             what_stop = f"stop_step={self.stop_step}" if self.stop_step is not None else f"stop={self.stop}"
-            raise ShapefirstError(f"guidance {what_start} is not before {what_stop}, so no call would be guided",
-                                  "pass a start before the stop (the guided calls are [start, stop))")
+            raise ShapefirstError(f"guidance {what_start} is after the stop ({what_stop}) or at it, so no call would be "
+                                  "guided", "pass a start before the stop (the guided calls are [start, stop))")
 
     @property
     def stops(self) -> bool:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from diffusers.hooks import HookRegistry
 
 from .errors import ShapefirstError
+from .families import Family
 from .pipeline_call import cfg_of_call, running_call
 from .run_state import RunState
 from .schedules import GuidanceSchedule
@@ -30,12 +31,14 @@ from .schedules import GuidanceSchedule
 @dataclass(frozen=True, eq=False)
 class Binding:
     """What one pipeline has applied on the denoiser: its schedule, trajectory recorder and late cache
-    (shapefirst.cache.LateCache or None); `verify`: its CFG batch is checked (detected by structure)."""
+    (shapefirst.cache.LateCache or None); `verify`: its CFG batch is checked (detected by structure);
+    `family`: its declaration (shapefirst.families)."""
 
     schedule: GuidanceSchedule
     recorder: object = None
     cache: object = None
     verify: bool = False
+    family: Family | None = None
 
     def with_(self, **changes) -> "Binding":
         return replace(self, **changes)
@@ -54,8 +57,9 @@ class PipeEntry:
 class Session:
     """See the module docstring."""
 
-    def __init__(self, denoiser):
-        self.denoiser = denoiser
+    def __init__(self, denoisers: list):
+        self.denoisers = list(denoisers)  # every denoiser of the pipeline (Wan 2.2: transformer, transformer_2)
+        self.denoiser = self.denoisers[0]
         self.entries: dict[int, PipeEntry] = {}  # id(pipe) -> its entry (the pipe held weakly)
         self.runs: dict[int, RunState] = {}  # id(frame of the pipeline call) -> its RunState
         self.listeners: list = []  # objects with on_call(state), run when a call is prepared
@@ -165,8 +169,9 @@ class Session:
         ours = st is not None and st.frame is call.frame and st.binding is binding
         if ours and st.prepared:
             return st  # prepared already (by the ControlNet, before the denoiser)
-        cfg = cfg_of_call(call, sample)
-        batch = sample.shape[0] // 2 if cfg else sample.shape[0]
+        separate = binding.family is not None and binding.family.cfg == "separate"
+        cfg = bool(getattr(call.pipe, "do_classifier_free_guidance", False)) if separate else cfg_of_call(call, sample)
+        batch = sample.shape[0] // 2 if cfg and not separate else sample.shape[0]
         if not create:
             return st if ours and cfg and st.batch == batch and not st.done else None
         if not ours or st.batch != batch or st.done:
@@ -181,7 +186,8 @@ class Session:
     def begin_run(self, call, binding: Binding, batch: int) -> RunState:
         """A new run: every stateful hook of the denoiser is reset (diffusers' own caches too), runs of the same
         pipeline on this thread that were cut short are forgotten."""
-        HookRegistry.check_if_exists_or_initialize(self.denoiser).reset_stateful_hooks(recurse=True)
+        for den in self.denoisers:
+            HookRegistry.check_if_exists_or_initialize(den).reset_stateful_hooks(recurse=True)
         e = self.entry(call.pipe, create=True)
         e.runs += 1
         st = RunState(self, call, binding, batch, e.runs)

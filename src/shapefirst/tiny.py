@@ -27,6 +27,11 @@ from pathlib import Path
 
 import torch
 
+from .world.vocab import t5_vocab, world_t5_tokenizer  # noqa: F401 (t5_vocab: public here too)
+from .world.vocab import load_tokenizer, write_tokenizer
+
+tiny_t5_tokenizer = world_t5_tokenizer  # the world's T5 tokenizer is the tiny pipelines' too
+
 
 def tiny_sd_pipeline(seed: int = 0, pad_token: str = "<|endoftext|>", prediction_type: str = "epsilon",
                      folder: str | Path | None = None, sample_size: int = 8, time_cond_proj_dim: int | None = None):
@@ -34,7 +39,6 @@ def tiny_sd_pipeline(seed: int = 0, pad_token: str = "<|endoftext|>", prediction
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .world.vocab import load_tokenizer, write_tokenizer
 
     folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="shapefirst-tok-"))
     tok = load_tokenizer(write_tokenizer(folder / "tokenizer", pad_token=pad_token))
@@ -62,7 +66,6 @@ def tiny_clip_folder(folder: str | Path, seed: int = 0, image_size: int = 32) ->
     """A tiny random CLIPModel + the world tokenizer saved to `folder` (a stand-in for a user's CLIP)."""
     from transformers import CLIPConfig, CLIPModel
 
-    from .world.vocab import load_tokenizer, write_tokenizer
 
     folder = Path(folder)
     tok = load_tokenizer(write_tokenizer(folder))
@@ -103,62 +106,6 @@ def _tiny_vae(latent_channels: int, sample_size: int, **kw):
                          latent_channels=latent_channels, norm_num_groups=32, sample_size=sample_size * 2, **kw)
 
 
-def t5_vocab() -> list[tuple[str, float]]:
-    """A SentencePiece-style unigram vocabulary for the shapes world, built deterministically.
-
-    T5's layout: <pad>=0, </s>=1, <unk>=2, then pieces with log-probability scores: "▁" + every
-    world word (one piece per word), then "▁"-initial and inner single characters (ASCII letters,
-    digits, punctuation), so any ASCII text tokenizes; other characters become <unk>."""
-    import string
-
-    from .world.vocab import world_word_counts
-
-    chars = list(string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation)
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
-    vocab += [("▁" + w, -5.0 - 0.001 * i) for i, w in enumerate(sorted(world_word_counts()))]
-    vocab += [("▁" + c, -9.0) for c in chars] + [(c, -10.0) for c in chars]
-    return vocab
-
-
-def tiny_t5_tokenizer(folder: str | Path | None = None, model_max_length: int = 120):
-    """A T5 tokenizer (Unigram, Metaspace, "</s>" appended, "<pad>" padding, no BOS) over t5_vocab(),
-    saved to `folder` (tokenizer.json) and loaded back from it. Nothing is downloaded.
-
-    Built from the vocabulary list directly (transformers 5: T5Tokenizer(vocab=[(piece, score)])),
-    not from a spiece.model file: no sentencepiece needed, and no keyword that a tokenizer class
-    might silently ignore (T5Tokenizer(vocab_file=...) without `vocab` gives a 4-piece vocabulary)."""
-    from transformers import T5Tokenizer
-
-    folder = _folder(folder, "shapefirst-t5tok-")
-    vocab = t5_vocab()
-    try:
-        tok = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
-    except TypeError:  # transformers 4.x: a fast tokenizer from a `tokenizers` object
-        tok = _t5_fast_tokenizer(vocab, model_max_length)
-    if len(tok) != len(vocab) or tok.pad_token_id != 0 or tok.eos_token_id != 1:
-        raise RuntimeError(f"the tiny T5 tokenizer came out wrong: {len(tok)} pieces, pad {tok.pad_token_id}, "
-                           f"eos {tok.eos_token_id}")
-    tok.save_pretrained(str(folder))
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder))
-
-
-def _t5_fast_tokenizer(vocab, model_max_length: int):
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import Unigram
-    from transformers import T5TokenizerFast
-
-    tk = Tokenizer(Unigram(vocab, unk_id=2))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
-    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tk.post_processor = processors.TemplateProcessing(single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"],
-                                                      special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                           extra_ids=0, model_max_length=model_max_length)
-
-
 def _tiny_t5(tok, d_model: int = 32, layers: int = 2):
     from transformers import T5Config, T5EncoderModel
 
@@ -175,7 +122,6 @@ def tiny_sdxl_pipeline(seed: int = 0, folder: str | Path | None = None, sample_s
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from .world.vocab import load_tokenizer, write_tokenizer
 
     folder = _folder(folder, "shapefirst-sdxl-")
     tok = load_tokenizer(write_tokenizer(folder / "tokenizer"))
@@ -272,7 +218,6 @@ def tiny_sd3_pipeline(seed: int = 0, folder: str | Path | None = None, sample_si
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
-    from .world.vocab import load_tokenizer, write_tokenizer
 
     folder = _folder(folder, "shapefirst-sd3-")
     tok = load_tokenizer(write_tokenizer(folder / "tokenizer"))
@@ -404,3 +349,33 @@ def tiny_ip_adapter(pipe, seed: int = 0, image_embed_dim: int = 16, num_tokens: 
     unet.encoder_hid_proj = MultiIPAdapterImageProjection([ImageProjection(
         cross_attention_dim=cross, image_embed_dim=image_embed_dim, num_image_text_embeds=num_tokens)])
     unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
+
+
+def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False):
+    """WanPipeline (Wan 2.1 text-to-video; with `two_experts` Wan 2.2's layout: `transformer` for the high-noise
+    steps, `transformer_2` below boundary_ratio 0.5): tiny WanTransformer3DModels, a tiny UMT5EncoderModel with
+    the world's T5 tokenizer, a tiny AutoencoderKLWan (16 latent channels, 4x temporal and 8x spatial
+    compression), UniPC on flow sigmas as Wan ships it. Call with height=width=16, num_frames=5 (2 latent
+    frames), max_sequence_length=16."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tok = world_t5_tokenizer(model_max_length=32)
+    text = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                       relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                       decoder_start_token_id=0)).eval()
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+
+    def transformer():
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                     in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                                     num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                     rope_max_seq_len=32).eval()
+
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    extra = {"transformer_2": transformer(), "boundary_ratio": 0.5} if two_experts else {}
+    pipe = WanPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer(), scheduler=sched, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

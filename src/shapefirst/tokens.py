@@ -30,6 +30,7 @@ from typing import Iterable
 import torch
 
 from .errors import ShapefirstError
+from .families import family_of_pipe
 
 SOS = "sos"
 SEMANTIC = "semantic"
@@ -285,7 +286,6 @@ def _t5_max_length(pipe, max_sequence_length: int | None) -> int:
 
 
 def _t5_text(pipe, prompt: str) -> str:
-    from .models import family_of_pipe
 
     return prompt.lower().strip() if family_of_pipe(pipe) == "pixart" else prompt
 
@@ -327,7 +327,6 @@ def concat_token_infos(infos: list[TokenInfo]) -> TokenInfo:
 def denoiser_token_info(pipe, prompt: str, max_sequence_length: int | None = None) -> TokenInfo:
     """Token classes of the text positions the denoiser attends to (its encoder_hidden_states),
     position by position, for SD, SDXL, PixArt and SD3 (see the module docstring)."""
-    from .models import family_of_pipe
 
     fam = family_of_pipe(pipe)
     if fam in ("sd", "sdxl"):

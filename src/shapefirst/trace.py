@@ -87,7 +87,12 @@ def alpha_bar_at(scheduler, t):
 
 
 def is_flow_matching(scheduler) -> bool:
-    return getattr(scheduler, "alphas_cumprod", None) is None and "shift" in getattr(scheduler, "config", {})
+    """A flow-matching scheduler (x_t = (1 - s) x0 + s eps, the model predicts eps - x0): FlowMatch* schedulers, and
+    DPM/UniPC solvers run on flow sigmas (Wan's UniPCMultistepScheduler with prediction_type "flow_prediction")."""
+    cfg = getattr(scheduler, "config", {})
+    if cfg.get("prediction_type") == "flow_prediction" or cfg.get("use_flow_sigmas"):
+        return True
+    return getattr(scheduler, "alphas_cumprod", None) is None and "shift" in cfg
 
 
 def flow_sigma(scheduler, t):

@@ -37,11 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers.hooks import HookRegistry
-from diffusers.hooks.hooks import (  # what CacheMixin.cache_context attaches
-    CacheContext,
-    StateManager,
-)
 
+from .diffusers_shim import open_context, state_managers
 from .errors import ShapefirstError
 from .guidance_hook import session_of
 from .pipeline import denoiser_of, latent_input, timestep_input, timestep_value
@@ -148,14 +145,14 @@ class _Calls:
     def __init__(self, pipe, cache: TransformerCache):
         self.pipe, self.cache = pipe, cache
         self.added: list = []  # [(module, hook)] the cache's hooks
-        self.managers: list[StateManager] = []
+        self.managers: list = []
         self.timestep = None
         self.run_timesteps, self.rows = None, None
         self.calls = 0
 
     def bind(self, added: list) -> None:
         self.added = added
-        self.managers = [v for _, h in added for v in vars(h).values() if isinstance(v, StateManager)]
+        self.managers = state_managers(h for _, h in added)
 
     def record_timestep(self, module, args, kwargs) -> None:
         self.timestep = timestep_input(args, kwargs)
@@ -181,9 +178,7 @@ class _Calls:
             for m, h in self.added:
                 h.reset_state(m)
             self.run_timesteps, self.rows = ts, rows
-        context = CacheContext("cond_uncond")  # one batched [uncond, cond] call, as diffusers names it
-        for sm in self.managers:
-            sm.set_context(context)
+        open_context(self.managers)  # one batched [uncond, cond] call, as diffusers names it
         self.calls += 1
 
 

@@ -11,18 +11,41 @@ from pathlib import Path
 
 from ..results import Result
 
-from .registry import Inputs, Settings, analyses, get
+from ..errors import ShapefirstError
+from . import attention, eos_swap, frequency, stages, token_ablation
+from .registry import Analysis, Inputs, Settings
+from ..models import default_guidance
+from ..outputs import OutputFolder
+from ..outputs import model_fingerprint, module_fingerprint, text_digest, version
+
+__all__ = ["ANALYSES", "Analysis", "Inputs", "Settings", "analyses", "check_inputs", "get", "run_analysis"]
+_MODULES = (stages, frequency, attention, eos_swap, token_ablation)
 
 
-def __getattr__(name: str):
-    if name == "ANALYSES":  # the analysis names, discovered from the modules (report order)
-        return tuple(analyses())
-    raise AttributeError(name)
+def analyses() -> dict[str, Analysis]:
+    """Every analysis of this package (each module's ANALYSIS), in report order."""
+    found = sorted((m.ANALYSIS for m in _MODULES), key=lambda a: (a.order, a.name))
+    return {a.name: a for a in found}
+
+
+ANALYSES = tuple(analyses())  # the analysis names, in report order
+
+
+def get(name: str) -> Analysis:
+    table = analyses()
+    if name not in table:
+        raise ShapefirstError(f"unknown analysis {name!r}", f"use one of: {', '.join(table)}")
+    return table[name]
+
+
+def check_inputs(inputs: Inputs) -> None:
+    """Before any model loads: what every analysis (the report runs them all) needs from the caller."""
+    for a in analyses().values():
+        a.check_inputs(inputs)
 
 
 def analysis_key(name: str, pipe, n, steps, seed, guidance, prompts, pairs, clip, world, batch) -> dict:
     """Everything that changes an analysis's result: a saved result is reused only when all match."""
-    from ..outputs import model_fingerprint, module_fingerprint, text_digest, version
 
     return {"analysis": name, "model": model_fingerprint(pipe), "n": n, "steps": steps, "seed": seed,
             "guidance": guidance, "batch": batch, "world": world, "prompts": text_digest(prompts),
@@ -54,9 +77,6 @@ def run_analysis(name: str, pipe, out: str | Path, n: int = 8, steps: int = 50, 
     A figure that cannot be drawn gives a warning, never a lost result."""
     import warnings
 
-    from ..outputs import OutputFolder
-
-    from ..models import default_guidance
 
     analysis = get(name)
     analysis.check_inputs(Inputs(prompts=prompts, pairs=pairs, clip=clip, world=world))

@@ -20,13 +20,13 @@ from ..results import Result, save_figure, spaced
 from ..settling import settled_from
 from .registry import Analysis, Inputs, Settings, Summary
 from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, TOKEN_CLASSES, denoiser_token_info
+from ..generate import count_calls
 
 
 def run_attention(pipe, prompts: list[str], steps: int = 50, seed: int = 0, schedule: GuidanceSchedule | None = None,
                   batch: int = 8, map_calls: list[int] | None = None, heatmap_prompts: int = 4) -> Result:
     """Class mass per call, word heat maps (first `heatmap_prompts` prompts) and convergence curves."""
     schedule = schedule or GuidanceSchedule()
-    from ..generate import count_calls
 
     n_calls = count_calls(pipe, steps)
     if map_calls is None:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import ShapefirstError
+from ..rows import row_images
 from ..generate import batches, count_calls, generate_embeds
 from ..guidance import GuidanceSchedule, denoiser_of
 from ..metrics import ci_dict, default_judge, judged_labels, share, to_uint8
@@ -44,6 +45,7 @@ from ..pipeline import check_token_edits, encode_prompts
 from ..results import Result, image_grid, save_figure, yerr
 from ..tokens import analyze_prompt, swapped
 from .registry import Analysis, Inputs, Settings, Summary, share_text
+from ..prompts import world_pairs
 
 DEFAULT_SWITCH_CALLS = (0, 1, 2, 3, 5, 8, 12, 20, 30, 50)
 CONDITIONS = ("a", "b", "swap", "reverse")
@@ -95,15 +97,9 @@ class EosSwitch:
         ehs = args[2] if positional and len(args) > 2 else kwargs.get("encoder_hidden_states")
         if ehs is None:
             raise ShapefirstError("the denoiser was called without encoder_hidden_states", "use a text-conditioned UNet")
-        n, rows = self.cond.shape[0], ehs.shape[0]
-        new = ehs.clone()
-        if rows == 2 * n:
-            new[n:] = self.cond.to(device=ehs.device, dtype=ehs.dtype)
-        elif rows == n:
-            new[:] = self.cond.to(device=ehs.device, dtype=ehs.dtype)
-        else:
-            raise ShapefirstError(f"the denoiser got {rows} rows for {n} images",
-                                  "generate exactly the images the switch embeddings were made for")
+        idx = row_images(ehs.shape[0], self.cond.shape[0], None, what="switch embeddings")
+        new, sel = ehs.clone(), idx >= 0
+        new[sel.to(ehs.device)] = self.cond.to(device=ehs.device, dtype=ehs.dtype)[idx[sel].to(ehs.device)]
         self.switched += 1
         if positional:
             args = args[:2] + (new,) + tuple(args[3:])
@@ -405,7 +401,6 @@ def title(data: dict) -> str:
 
 
 def _run(pipe, settings: Settings, inputs: Inputs) -> Result:
-    from ..prompts import world_pairs
 
     pairs = inputs.pairs
     if pairs is None:

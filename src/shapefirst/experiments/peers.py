@@ -16,6 +16,15 @@ import numpy as np
 from ..errors import ShapefirstError
 from ..results import read_jsonl
 from ..transformer_cache import NAMES as TCACHE_NAMES
+from ..metrics import mean_ci
+from ..metrics import wilson
+from ..outputs import model_fingerprint
+from ..results import atomic_write_bytes
+from ..results import atomic_write_bytes, atomic_write_text, read_jsonl, strict_dumps
+from ..results import save_figure
+from .sweep import calibrate
+from .sweep import passes
+from .sweep import per_image
 
 # method of a configuration name, for the Pareto plot: one curve per method (first match wins)
 # diffusers' transformer caches: "NAME + shapefirst stop=..." (the stop under the cache) and "NAME ..." (alone)
@@ -45,7 +54,6 @@ def batch1_only(name: str) -> bool:
 def pareto_points(q: dict, t: dict) -> dict[str, list[tuple[float, float, float, float, str]]]:
     """method -> [(saved latency, all-five accuracy, CI low, CI high, configuration)] sorted by saving;
     configurations without a batch-8 timing are left out (the title names them, or says how many)."""
-    from ..metrics import wilson
 
     pts: dict[str, list] = {}
     for name, r in q.items():
@@ -63,7 +71,6 @@ def pareto_plot(q: dict, t: dict, path: Path) -> Path | None:
     Wilson 95% CIs as error bars. None when no configuration has both a timing and a quality row."""
     from matplotlib.figure import Figure
 
-    from ..results import save_figure
 
     pts = pareto_points(q, t)
     if not pts:
@@ -93,7 +100,6 @@ SHIPPED_STUDY = Path(__file__).resolve().parents[1] / "data" / "peers_w3"  # the
 def default_study(pipe, guidance: float) -> Path | None:
     """The study the report shows when none is given: the shipped one (rows measured by benchmarks/peers.py
     on the embedded model at its recommended scale), only for that model (same weights) at that scale."""
-    from ..outputs import model_fingerprint
 
     info = study_info(SHIPPED_STUDY)
     if not info or guidance != info["guidance"] or model_fingerprint(pipe) != info["model"]:
@@ -141,7 +147,6 @@ def keep_study(study: str | Path, dest: Path) -> Path:
     """Copy a study's row files and its study.json into dest (quality.jsonl, timing.jsonl, timing_b1.jsonl,
     each written atomically; a timing file or study.json the study lacks is removed) and draw dest/pareto.png
     (removed when nothing is timed)."""
-    from ..results import atomic_write_bytes
 
     study = Path(study)
     q, t = read_study(study)  # refuses a folder that is not a study before anything is written
@@ -160,7 +165,6 @@ def keep_study(study: str | Path, dest: Path) -> Path:
 def fastest_within_tolerance(q: dict, t: dict, tolerance: float = 0.01) -> tuple[str, float] | None:
     """(name, saved latency) of the fastest timed batch-8 configuration that passes the calibrate rule
     (sweep.calibrate on the quality rows that have a batch-8 timing, with that timing merged in)."""
-    from .sweep import calibrate
 
     timed = [{**r, "saved_latency": t[n]["saved_latency"]} for n, r in q.items()
              if not batch1_only(n) and t.get(n, {}).get("saved_latency") is not None]
@@ -171,8 +175,6 @@ def fastest_within_tolerance(q: dict, t: dict, tolerance: float = 0.01) -> tuple
 def table_rows(q: dict, t: dict, t1: dict | None = None) -> list[list[str]]:
     """The report's table: one row per configuration, Wilson 95% CI of the all-five share; the batch-1
     saved latency (t1) beside the batch-8 one."""
-    from ..metrics import wilson
-    from .sweep import passes
 
     t1 = t1 or {}
     rows = [["configuration", "saved latency (batch 8)", "saved latency (batch 1)", "denoiser evaluations",
@@ -200,7 +202,6 @@ def judged(folder: str | Path, row: dict) -> dict[str, np.ndarray] | None:
     so paired differences can be recomputed after the run folder is gone."""
     from safetensors.numpy import load_file
 
-    from .sweep import per_image
 
     folder = Path(folder)
     if (folder / "quality" / row.get("per_image_file", "-")).is_file():
@@ -216,7 +217,6 @@ def judged(folder: str | Path, row: dict) -> dict[str, np.ndarray] | None:
 def paired(folder: str | Path, a: dict, b: dict, attribute: str = "all") -> tuple[float, float, float] | None:
     """Mean and 95% CI of (accuracy of row a - row b) over the same prompts and seeds; None without the
     per-image judgments of both."""
-    from ..metrics import mean_ci
 
     ja, jb = judged(folder, a), judged(folder, b)
     if ja is None or jb is None or len(ja[attribute]) != len(jb[attribute]):
@@ -231,7 +231,6 @@ def merge_study(run: str | Path, dest: str | Path) -> dict[str, str]:
     kept accuracies ("same" or what differs): the quality phase is deterministic."""
     from safetensors.numpy import load_file, save
 
-    from ..results import atomic_write_bytes, atomic_write_text, read_jsonl, strict_dumps
 
     run, dest = Path(run), Path(dest)
     q_new, _ = read_study(run)  # refuses a folder that is not a study before anything is written

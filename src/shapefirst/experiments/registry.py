@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ShapefirstError
+from ..world.prompts import world_prompts
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,6 @@ class Inputs:
 
     def prompts_and_targets(self, n: int, seed: int):
         """(prompts, judge targets or None): the caller's first n prompts, else n held-out world captions."""
-        from ..world.prompts import world_prompts
 
         if self.prompts:
             return (self.prompts[:n] if n else self.prompts), None
@@ -80,35 +80,6 @@ class Analysis:
         for need in self.needs:
             if getattr(inputs, need) is None:
                 raise ShapefirstError(f"{self.name} on a model other than the shapes world needs {need}", fixes[need])
-
-
-def check_inputs(inputs: Inputs) -> None:
-    """Before any model loads: what every analysis (the report runs them all) needs from the caller."""
-    for a in analyses().values():
-        a.check_inputs(inputs)
-
-
-def analyses() -> dict[str, Analysis]:
-    """Every analysis of this package, in report order (discovered from the modules' ANALYSIS)."""
-    import importlib
-    import pkgutil
-
-    from .. import experiments
-
-    found = []
-    for info in pkgutil.iter_modules(experiments.__path__):
-        mod = importlib.import_module(f"{experiments.__name__}.{info.name}")
-        a = getattr(mod, "ANALYSIS", None)
-        if isinstance(a, Analysis):
-            found.append(a)
-    return {a.name: a for a in sorted(found, key=lambda a: (a.order, a.name))}
-
-
-def get(name: str) -> Analysis:
-    table = analyses()
-    if name not in table:
-        raise ShapefirstError(f"unknown analysis {name!r}", f"use one of: {', '.join(table)}")
-    return table[name]
 
 
 def figures_of(summary: Summary, folder: Path) -> list[Path]:

@@ -40,6 +40,7 @@ from ..settling import settled_from
 from .registry import Analysis, Inputs, Settings, Summary
 from ..world.prompts import world_prompts, world_renders  # noqa: F401 (re-exported for old imports)
 from ..world.render import ATTRIBUTES, VALUES
+from ..world.judge import judge as world_judge
 
 CLIP_SETTLE = 0.9
 """CLIP mode: an image has settled once the cosine similarity of its x0-hat's CLIP embedding with
@@ -170,7 +171,7 @@ def run_stages(pipe, prompts, targets: list[dict] | None = None, steps: int = 50
     prompts, targets, mode = _check_inputs(prompts, targets, batch, mode, judge_fn, clip)
     use_judge, use_clip = mode in ("judge", "both"), mode in ("clip", "both")
     if use_judge and judge_fn is None:
-        from ..world.judge import judge as judge_fn
+        judge_fn = world_judge
     run = _Run(pipe, prompts, steps, seed, batch, list(attributes) if use_judge else [], judge_fn if use_judge else None,
                clip if use_clip else None, progress)
     schedules = _check_schedules(schedules)
@@ -310,7 +311,6 @@ class _Run:
 # -- plots ------------------------------------------------------------------------------------
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-
 
 
 def plot_stages(result: Result, folder: str | Path) -> list[Path]:

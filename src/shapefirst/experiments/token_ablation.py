@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ..errors import ShapefirstError
+from ..rows import row_images
 from ..generate import check_prompts, count_calls
 from ..guidance import GuidanceSchedule, denoiser_of, run_state_of
 from ..metrics import l1
@@ -95,21 +96,14 @@ class KVState:
         self.alt, self.mode = None, None
 
     def row_images(self, rows: int) -> torch.Tensor:
-        """Per row of this attention call: the image whose conditional row it is, or -1."""
-        n = self.alt.shape[0]
+        """Per row of this attention call: the image whose conditional row it is, or -1 (rows.row_images: inside
+        a call a guidance schedule prepared, its layout decides; else the pipeline's CFG flag)."""
         st = run_state_of(self.pipe) if self.pipe is not None else None
         if st is not None and st.prepared:  # inside a call the guidance hook prepared: its decision and rows
-            cfg, lay = st.cfg_now, st.layout
-            if cfg and st.batch == n and not lay.full and len(lay.run) == rows:
-                return torch.where(lay.run >= n, lay.run - n, torch.full_like(lay.run, -1))  # host: no sync
-        else:  # PixArt has no such attribute (None): the row count decides
-            cfg = getattr(self.pipe, "do_classifier_free_guidance", None) if self.pipe is not None else None
-        if rows == 2 * n and cfg is not False:
-            return torch.cat([torch.full((n,), -1, dtype=torch.long), torch.arange(n)])
-        if rows == n and not cfg:
-            return torch.arange(n)
-        raise ShapefirstError(f"a cross-attention call got {rows} rows for {n} substitution embeddings",
-                              "set one alternative per image of the batch being generated")
+            lay = st.layout if st.batch == self.alt.shape[0] else None
+            return row_images(rows, self.alt.shape[0], st.cfg_now, lay, what="substitution embeddings")
+        cfg = getattr(self.pipe, "do_classifier_free_guidance", None) if self.pipe is not None else None
+        return row_images(rows, self.alt.shape[0], cfg, what="substitution embeddings")
 
 
 def _swap_input(replacement: torch.Tensor, fired: list):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import tempfile
 from pathlib import Path
 
 from .render import TEMPLATES, VALUES, WHERE
@@ -107,3 +108,58 @@ def load_tokenizer(folder: str | Path):
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def t5_vocab() -> list[tuple[str, float]]:
+    """A SentencePiece-style unigram vocabulary for the shapes world, built deterministically.
+
+    T5's layout: <pad>=0, </s>=1, <unk>=2, then pieces with log-probability scores: "▁" + every
+    world word (one piece per word), then "▁"-initial and inner single characters (ASCII letters,
+    digits, punctuation), so any ASCII text tokenizes; other characters become <unk>."""
+    import string
+
+    chars = list(string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [("▁" + w, -5.0 - 0.001 * i) for i, w in enumerate(sorted(world_word_counts()))]
+    vocab += [("▁" + c, -9.0) for c in chars] + [(c, -10.0) for c in chars]
+    return vocab
+
+
+def world_t5_tokenizer(folder: str | Path | None = None, model_max_length: int = 120):
+    """A T5 tokenizer (Unigram, Metaspace, "</s>" appended, "<pad>" padding, no BOS) over t5_vocab(),
+    saved to `folder` (tokenizer.json) and loaded back from it. Nothing is downloaded.
+
+    Built from the vocabulary list directly (transformers 5: T5Tokenizer(vocab=[(piece, score)])),
+    not from a spiece.model file: no sentencepiece needed, and no keyword that a tokenizer class
+    might silently ignore (T5Tokenizer(vocab_file=...) without `vocab` gives a 4-piece vocabulary)."""
+    from transformers import T5Tokenizer
+
+    folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="shapefirst-t5tok-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = t5_vocab()
+    try:
+        tok = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+    except TypeError:  # transformers 4.x: a fast tokenizer from a `tokenizers` object
+        tok = _t5_fast_tokenizer(vocab, model_max_length)
+    if len(tok) != len(vocab) or tok.pad_token_id != 0 or tok.eos_token_id != 1:
+        raise RuntimeError(f"the tiny T5 tokenizer came out wrong: {len(tok)} pieces, pad {tok.pad_token_id}, "
+                           f"eos {tok.eos_token_id}")
+    tok.save_pretrained(str(folder))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _t5_fast_tokenizer(vocab, model_max_length: int):
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    tk = Tokenizer(Unigram(vocab, unk_id=2))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tk.post_processor = processors.TemplateProcessing(single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"],
+                                                      special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=model_max_length)

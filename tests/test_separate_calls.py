@@ -1,0 +1,144 @@
+"""Guidance as separate denoiser calls (#32 item 1) on tiny in-code Wan 2.1 and Wan 2.2 pipelines: no stop is
+bit-identical to the plain pipeline; a stop equals diffusers' own pipeline with the kept branch's embeddings put
+in place of the other branch's from that step on through its public step-end callback (then both branches are
+the same computation, so u + w (c - u) is that branch exactly); 2 prompts x 2 videos equal their solo runs;
+evaluations equal an independent count of the rows the transformers compute; Wan 2.2 with guidance_scale_2=1
+skips the low-noise expert's unconditional pass."""
+import numpy as np
+import pytest
+import torch
+
+from shapefirst.errors import ShapefirstError
+from shapefirst.guidance import AdaptiveStop, GuidanceSchedule, guidance_schedule
+from shapefirst.cache import LateCache, apply_late_cache
+from shapefirst.tiny import tiny_wan_pipeline
+
+PROMPTS = ["a red circle moving left", "a large blue striped square moving up"]
+STEPS, W = 6, 5.0
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return tiny_wan_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def wan22():
+    return tiny_wan_pipeline(seed=1, two_experts=True)
+
+
+def run(pipe, prompts=PROMPTS, seed=0, callback=None, **kw):
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * kw.get("num_videos_per_prompt", 1))]
+    extra = {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["prompt_embeds",
+                                                                                   "negative_prompt_embeds"]}
+    return pipe(prompts, negative_prompt="", height=16, width=16, num_frames=5, num_inference_steps=STEPS,
+                guidance_scale=kw.pop("guidance_scale", W), max_sequence_length=16, output_type="np", generator=gens,
+                **(extra if callback else {}), **kw).frames
+
+
+def keep_from(step: int, branch: str):
+    """diffusers' public step-end callback: from `step` on, the other branch gets the kept branch's embeddings."""
+    def cb(pipe, i, t, kw):
+        if i + 1 < step:
+            return {}
+        if branch == "cond":
+            return {"negative_prompt_embeds": kw["prompt_embeds"]}
+        return {"prompt_embeds": kw["negative_prompt_embeds"]}
+    return cb
+
+
+class RowCount:
+    """An independent count: rows each transformer really computes (torch forward pre-hooks on its patch
+    embedding, which every forward runs on exactly the rows it computes; not shapefirst's hooks)."""
+
+    def __init__(self, pipe):
+        self.rows = {}
+        self.handles = [m.patch_embedding.register_forward_pre_hook(self.hook(name))
+                        for name in ("transformer", "transformer_2") if (m := getattr(pipe, name, None)) is not None]
+
+    def hook(self, name):
+        def count(module, args):
+            self.rows[name] = self.rows.get(name, 0) + args[0].shape[0]
+        return count
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def test_no_stop_is_bit_identical(wan):
+    plain = run(wan)
+    with guidance_schedule(wan, GuidanceSchedule(W)) as hook:
+        got = run(wan)
+    assert np.array_equal(got, plain) and hook.evaluations_per_image() == [2 * STEPS] * 2
+
+
+@pytest.mark.parametrize("after", ["cond", "uncond"])
+@pytest.mark.parametrize("stop", [0, 2, 4])
+def test_a_stop_equals_diffusers_with_the_kept_branch_in_both(wan, after, stop):
+    ref = run(wan, callback=keep_from(stop, after)) if stop else None
+    if stop == 0:  # no guidance at all: the pipeline without CFG, on the kept branch's prompt (uncond: the negative "")
+        ref = run(wan, PROMPTS if after == "cond" else ["", ""], guidance_scale=1.0)
+    count = RowCount(wan)
+    try:
+        with guidance_schedule(wan, GuidanceSchedule(W, stop_step=stop, after=after)) as hook:
+            got = run(wan)
+    finally:
+        count.close()
+    assert np.array_equal(got, ref)
+    want = 2 * stop + (STEPS - stop)
+    assert hook.evaluations_per_image() == [want] * 2 and count.rows["transformer"] == 2 * want
+    assert not np.array_equal(got, run(wan))
+
+
+def test_two_prompts_two_videos_equal_their_solo_runs(wan):
+    sched = GuidanceSchedule(W, stop_step=3, after="cond")
+    with guidance_schedule(wan, sched) as hook:
+        both = run(wan, PROMPTS, num_videos_per_prompt=2)
+        assert hook.evaluations_per_image() == [2 * 3 + 3] * 4
+        solo = [run(wan, [p], seed=s, num_videos_per_prompt=2) for p, s in ((PROMPTS[0], 0), (PROMPTS[1], 2))]
+        assert hook.evaluations_per_image() == [2 * 3 + 3] * 2
+    assert np.abs(both - np.concatenate(solo)).max() <= 1e-5
+
+
+def test_per_sample_adaptive_stops_count_rows(wan):
+    count = RowCount(wan)
+    try:
+        with guidance_schedule(wan, GuidanceSchedule(W, adaptive=AdaptiveStop(0.5, min_call=1), after="cond")) as hook:
+            run(wan)
+    finally:
+        count.close()
+    evals, stops = hook.evaluations_per_image(), hook.stop_calls.tolist()
+    assert all(s >= 2 for s in stops)  # decided at call 1, unguided from call 2
+    assert evals == [2 * s + (STEPS - s) if s >= 0 else 2 * STEPS for s in stops]
+    assert count.rows["transformer"] == sum(evals)
+
+
+def test_wan22_follows_both_experts_and_skips_the_unguided_low_noise_pass(wan22):
+    """guidance_scale_2=1: diffusers still runs the low-noise expert's unconditional pass and computes
+    u + 1 (c - u); under any shapefirst schedule that pass is not computed (the result is c)."""
+    theirs, count_theirs = None, RowCount(wan22)
+    try:
+        theirs = run(wan22, guidance_scale_2=1.0)
+    finally:
+        count_theirs.close()
+    count = RowCount(wan22)
+    try:
+        with guidance_schedule(wan22, GuidanceSchedule(W)) as hook:
+            ours = run(wan22, guidance_scale_2=1.0)
+    finally:
+        count.close()
+    low = count_theirs.rows["transformer_2"] // 4  # steps on the low-noise expert (2 images x 2 branches)
+    assert low > 0 and count.rows["transformer_2"] == 2 * low and count.rows["transformer"] == count_theirs.rows["transformer"]
+    assert hook.evaluations_per_image() == [2 * (STEPS - low) + low] * 2
+    gap = float(np.abs(ours - theirs).max())
+    assert gap <= 1e-5, gap  # the rounding of u + 1 (c - u) against c
+    with guidance_schedule(wan22, GuidanceSchedule(W, stop_step=2, after="cond")) as hook:
+        run(wan22)
+    assert hook.evaluations_per_image() == [2 * 2 + STEPS - 2] * 2
+
+
+def test_late_caches_are_refused_on_separate_calls(wan):
+    with guidance_schedule(wan, GuidanceSchedule(W, stop_step=2)):
+        with pytest.raises(ShapefirstError, match="once per branch"):
+            apply_late_cache(wan, LateCache("mean"))
