@@ -6,7 +6,7 @@ with seed + i, the same prompts and seeds at every scale and sampler (paired com
 Per configuration: judged accuracy per attribute and all five (Wilson 95% CIs), world CLIPScore
 ratio generated / real render of the same scene (normal 95% CI), KID x1000 on world-CLIP image
 features against the exact renders of the same scenes (subset interval, see
-shapefirst.experiments.sweep.distribution_distances).
+shapefirst.sweep.distribution_distances).
 
 Checkpointed: each finished configuration appends one line to <results>/guidance_curve.jsonl and
 saves its per-image judged correctness to <results>/guidance_curve/<sampler>_<scale>.safetensors;
@@ -59,7 +59,7 @@ def ordered_scales(scales: list[float]) -> list[float]:
 def run_config(pipe, clip, captions, targets, real_feats, cs_real, sampler, scale, args, out):
     from safetensors.torch import save as save_bytes
 
-    from shapefirst.experiments.sweep import distribution_distances
+    from shapefirst.sweep import distribution_distances
     from shapefirst.generate import generate
     from shapefirst.guidance import GuidanceSchedule
     from shapefirst.metrics import judged_accuracy, mean_ci
@@ -275,7 +275,7 @@ def main():
         if todo:
             import safetensors.torch  # noqa: F401  (all imports up front: a long run is immune to later edits)
 
-            import shapefirst.experiments.sweep  # noqa: F401
+            import shapefirst.sweep  # noqa: F401
             from shapefirst.generate import generate
             from shapefirst.guidance import GuidanceSchedule
             from shapefirst.metrics import Clip

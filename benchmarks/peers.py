@@ -53,8 +53,8 @@ import numpy as np
 import torch
 
 from shapefirst.cache import LateCache
-from shapefirst.experiments.peers import PHASES, batch1_only, merge_study, paired, pareto_plot, read_study, rows_file
-from shapefirst.experiments.sweep import (
+from shapefirst.peers import PHASES, batch1_only, merge_study, paired, pareto_plot, read_study, rows_file
+from shapefirst.sweep import (
     Config,
     distribution_distances,
     passes,
@@ -367,7 +367,7 @@ def keep_machines(run: Path, dest: Path) -> None:
 def ship(out: Path, guidance: float) -> Path:
     """Copy a finished study into the package (the report's default peers section for the embedded model),
     with study.json: the model's fingerprint, the scale and the timing machine."""
-    from shapefirst.experiments.peers import SHIPPED_STUDY
+    from shapefirst.peers import SHIPPED_STUDY
     from shapefirst.outputs import model_fingerprint
 
     read_study(out)

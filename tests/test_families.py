@@ -430,7 +430,7 @@ def test_unsupported_pipelines_get_a_clear_error():
     names = [c for cs in FAMILIES.values() for c in cs]
     assert {"StableDiffusionPipeline", "StableDiffusionXLPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline",
             "StableDiffusion3Pipeline"} <= set(names)
-    for attempt in (lambda: family_of_pipe(pipe), lambda: family_of("FluxPipeline"),
+    for attempt in (lambda: family_of_pipe(pipe), lambda: family_of("AudioLDM2Pipeline"),
                     lambda: guidance_schedule(pipe, GuidanceSchedule()).__enter__(),
                     lambda: capture_attention(pipe).__enter__(),
                     lambda: generate(pipe, ["a red circle"], steps=2)):

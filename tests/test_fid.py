@@ -151,7 +151,7 @@ def test_prefixed_and_counterless_state_dict_accepted(saved, tmp_path):
 def test_sweep_reports_fid_per_configuration(tiny_pipe, tmp_path, model):
     """The sweep's FID (real features kept, generated ones reset per configuration) equals a direct FID
     of the same generated images."""
-    from shapefirst.experiments.sweep import Config, run_sweep
+    from shapefirst.sweep import Config, run_sweep
     from shapefirst.generate import generate
     from shapefirst.guidance import GuidanceSchedule
 

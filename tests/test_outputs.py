@@ -138,7 +138,7 @@ def test_analyze_checks_the_output_before_loading_or_computing(tiny_folder, caps
 
 # -- sweep ---------------------------------------------------------------------------------------
 def _sweep(pipe, out, **kw):
-    from shapefirst.experiments.sweep import default_configs, run_sweep
+    from shapefirst.sweep import default_configs, run_sweep
 
     args = dict(configs=default_configs(kw.pop("scale", 3.0), stops=(0.5,), steps=(2,), modes=("uncond",)),
                 batch=kw.pop("batch", 2), timing_batches=0)
@@ -202,7 +202,7 @@ def test_nan_becomes_null_with_a_reason():
 
 
 def test_fd_with_too_few_images_is_null_with_its_reason():
-    from shapefirst.experiments.sweep import distribution_distances
+    from shapefirst.sweep import distribution_distances
 
     rng = np.random.default_rng(0)
     d = distribution_distances(rng.normal(size=(8, 16)).astype(np.float32), rng.normal(size=(8, 16)).astype(np.float32))

@@ -1,4 +1,4 @@
-"""The peers study's summary (shapefirst.experiments.peers): the Pareto plot has one curve per method and
+"""The peers study's summary (shapefirst.peers): the Pareto plot has one curve per method and
 only configurations with both a quality row and a batch-8 timing; a study folder is read, refused when it
 is not one, kept under a report's results/peers and shown there as its own section."""
 import importlib.util
@@ -11,7 +11,7 @@ import pytest
 
 from shapefirst.cli import main
 from shapefirst.errors import ShapefirstError
-from shapefirst.experiments import peers
+from shapefirst import peers
 from shapefirst.metrics import mean_ci, wilson
 from shapefirst.outputs import OutputFolder
 from shapefirst.report import build_page, keep_peers
@@ -154,7 +154,7 @@ def test_the_shipped_study_belongs_to_the_shipped_model_and_is_the_reports_defau
 
 def run_folder(folder: Path, judged: dict[str, list[int]], timing: list[dict] | None = None) -> Path:
     """A benchmarks/peers.py run: quality rows with per-image files (acc/A per image), as run_sweep writes them."""
-    from shapefirst.experiments.sweep import _save_per_image
+    from shapefirst.sweep import _save_per_image
 
     rows = []
     for name, acc in judged.items():

@@ -142,3 +142,63 @@ def test_late_caches_are_refused_on_separate_calls(wan):
     with guidance_schedule(wan, GuidanceSchedule(W, stop_step=2)):
         with pytest.raises(ShapefirstError, match="once per branch"):
             apply_late_cache(wan, LateCache("mean"))
+
+
+# -- Flux with true CFG (true_cfg_scale and a negative prompt): pooled vectors and text ids differ by branch --
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    from shapefirst.tiny import tiny_flux_pipeline
+
+    return tiny_flux_pipeline(folder=tmp_path_factory.mktemp("flux"))
+
+
+def run_flux(pipe, prompts=PROMPTS, seed=0, **kw):
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return pipe(prompts, negative_prompt=["a green triangle"] * len(prompts), true_cfg_scale=W, height=16, width=16,
+                num_inference_steps=STEPS, max_sequence_length=16, output_type="np", generator=gens, **kw).images
+
+
+class CondFromStep:
+    """A reference without shapefirst: a plain torch forward hook on Flux's transformer that, from step `k` on,
+    returns the step's conditional prediction for its negative call too (Flux calls cond, then uncond)."""
+
+    def __init__(self, pipe, k: int):
+        self.k, self.calls, self.cond = k, 0, None
+        self.handle = pipe.transformer.register_forward_hook(self.hook)
+
+    def hook(self, module, args, out):
+        step, second = divmod(self.calls, 2)
+        self.calls += 1
+        if not second:
+            self.cond = out[0]
+            return None
+        return (self.cond.clone(),) + tuple(out[1:]) if step >= self.k else None
+
+
+@pytest.mark.parametrize("stop", [0, 3])
+def test_flux_true_cfg_stop_equals_a_plain_reference(flux, stop):
+    plain = run_flux(flux)
+    with guidance_schedule(flux, GuidanceSchedule(W)) as hook:
+        assert np.array_equal(run_flux(flux), plain) and hook.evaluations_per_image() == [2 * STEPS] * 2
+    ref_hook = CondFromStep(flux, stop)
+    try:
+        ref = run_flux(flux)
+    finally:
+        ref_hook.handle.remove()
+    with guidance_schedule(flux, GuidanceSchedule(W, stop_step=stop, after="cond")) as hook:
+        got = run_flux(flux)
+        assert hook.evaluations_per_image() == [2 * stop + STEPS - stop] * 2
+        solo = [run_flux(flux, [p], seed=i) for i, p in enumerate(PROMPTS)]
+    assert np.array_equal(got, ref) and not np.array_equal(got, plain)
+    assert np.abs(got - np.concatenate(solo)).max() <= 1e-5
+
+
+def test_flux_uncond_after_the_stop_uses_the_negative_branch_arguments(flux):
+    """after="uncond": the first (cond) call of an unguided step computes the negative branch, with its pooled
+    vector and text ids: the same images as the negative prompt alone without CFG (true_cfg_scale 1)."""
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    neg_only = flux(["a green triangle"] * 2, height=16, width=16, num_inference_steps=STEPS, max_sequence_length=16,
+                    output_type="np", generator=gens).images
+    with guidance_schedule(flux, GuidanceSchedule(W, stop_step=0, after="uncond")) as hook:
+        got = run_flux(flux)
+    assert np.array_equal(got, neg_only) and hook.evaluations_per_image() == [STEPS] * 2

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from shapefirst.experiments.sweep import Config, calibrate, passes, run_sweep
+from shapefirst.sweep import Config, calibrate, passes, run_sweep
 from shapefirst.generate import generate
 from shapefirst.guidance import GuidanceSchedule
 from shapefirst.metrics import l1, psnr
@@ -31,7 +31,7 @@ def test_sweep_rows_equal_direct_runs_and_resume(tiny_pipe, tmp_path, monkeypatc
     lines = read_jsonl(tmp_path / "sweep.jsonl")
     summary = (tmp_path / "sweep.csv").read_text()
 
-    import shapefirst.experiments.sweep as sw
+    import shapefirst.sweep as sw
 
     def boom(*a, **k):
         raise AssertionError("a finished configuration was recomputed")
@@ -98,7 +98,7 @@ def test_peer_runs_cache_configs_distances_and_bounds(tiny_pipe, tmp_path):
     for r in lines.values():
         assert r["image_clip_floor"] and r["image_clip_ceiling"][0] == pytest.approx(100.0, abs=1e-3)
     assert rows[-1]["key"] == "ddim/4/cached"
-    from shapefirst.experiments.sweep import paired_difference, per_image
+    from shapefirst.sweep import per_image
 
     raw = per_image(tmp_path / "s", lines["peer"])
     assert np.isclose(raw["l1"].mean(), lines["peer"]["l1"][0]) and raw["feat"].shape[0] == len(PROMPTS)
@@ -106,7 +106,7 @@ def test_peer_runs_cache_configs_distances_and_bounds(tiny_pipe, tmp_path):
 
 def test_default_configs_and_snippets_run(tiny_pipe):
     from shapefirst.cache import LateCache
-    from shapefirst.experiments.sweep import default_configs, snippet
+    from shapefirst.sweep import default_configs, snippet
 
     cfgs = default_configs(7.5, stops=(0.5,), steps=(4,), modes=("uncond",), adaptive=(0.9,),
                            caches=(None, LateCache("mean", 2)))
@@ -123,7 +123,7 @@ def test_default_configs_and_snippets_run(tiny_pipe):
 
 
 def test_paired_difference_between_rows(tmp_path):
-    from shapefirst.experiments.sweep import _save_per_image, paired_difference
+    from shapefirst.sweep import _save_per_image, paired_difference
 
     a = {"acc/all": np.array([1, 1, 0, 1.0]), "l1": np.zeros(4)}
     b = {"acc/all": np.array([1, 0, 0, 0.0]), "l1": np.zeros(4)}

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from shapefirst.errors import ShapefirstError
+from shapefirst.interventions import keep_first_eos, replace_class
 from shapefirst.tokens import (EOS, EOS_PAD, PAD, SEMANTIC, SOS, TOKEN_CLASSES, TokenInfo, analyze_prompt,
-                               class_positions, classify_ids, keep_first_eos, replace_class, swap_eos)
+                               class_positions, classify_ids, swap_eos)
 from shapefirst.world.vocab import load_tokenizer, write_tokenizer
 
 

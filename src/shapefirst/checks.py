@@ -9,7 +9,11 @@ import json
 import math
 from pathlib import Path
 
+from .devices import device  # noqa: F401 (the CLI's checks.device)
 from .errors import ShapefirstError
+from .guidance import GuidanceSchedule
+from .models import default_shape_tolerance
+from .models import embedded_model_path
 
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit seeds; seed + i must stay below this
 MAX_BATCH = 64  # images per pipeline call the CLI allows (memory: the default is 8)
@@ -31,6 +35,18 @@ def count(value: int, option: str, low: int = 0) -> int:
     return int(value)
 
 
+def out_path(value, option: str = "--out") -> Path:
+    """An output folder path as typed: an empty or blank one is refused (Path("") is the current folder)."""
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str):
+        raise ShapefirstError(f"{option} {value!r} is not a path", f"pass a folder path, e.g. {option} results")
+    if not value.strip():
+        raise ShapefirstError(f"{option} {value!r} is an empty path",
+                              f"pass a folder path, e.g. {option} results ({option} . for the current folder)")
+    return Path(value)
+
+
 def batch_size(value: int, option: str = "--batch") -> int:
     positive(value, option)
     if value > MAX_BATCH:
@@ -49,7 +65,6 @@ def seed(value: int, count: int = 1) -> int:
 def guidance(value: float) -> float:
     if value is None:
         return value
-    from .guidance import GuidanceSchedule
 
     GuidanceSchedule(value)  # the library's own rule: a finite number >= 0
     return float(value)
@@ -63,7 +78,6 @@ def learning_rate(value: float, option: str) -> float:
 
 def train_timesteps(model: str) -> int | None:
     """num_train_timesteps of a local model folder's scheduler (None when it cannot be read)."""
-    from .models import embedded_model_path
 
     folder = embedded_model_path() if model == "embedded" else Path(model).expanduser()
     cfg = folder / "scheduler" / "scheduler_config.json"
@@ -78,10 +92,20 @@ def steps(values, model: str, option: str = "--steps") -> list[int]:
     limit = train_timesteps(model)
     for s in values:
         positive(s, option, 50)
-        if limit is not None and s > limit:
-            raise ShapefirstError(f"{option} {s} is more than the model's {limit} training timesteps",
-                                  f"pass {option} between 1 and {limit}")
+        within_training(s, limit, option)
     return values
+
+
+def within_training(steps: int, limit: int | None, option: str = "--steps") -> int:
+    """Fewer steps than the model's training timesteps: at exactly that many, DDIM, PNDM, DPM++ and UniPC
+    (steps_offset 1) ask for timestep `limit`, one past the last, and fail inside diffusers."""
+    if limit is not None and steps > limit:
+        raise ShapefirstError(f"{option} {steps} is more than the model's {limit} training timesteps",
+                              f"pass {option} between 1 and {limit - 1}")
+    if limit is not None and steps == limit:
+        raise ShapefirstError(f"{option} {steps} equals the model's {limit} training timesteps: the schedulers would "
+                              f"step past the last one", f"pass {option} between 1 and {limit - 1}")
+    return steps
 
 
 def unique(values: list, option: str) -> list:
@@ -129,7 +153,6 @@ def shape_tolerances(text: str | None, model: str, option: str = "--adaptive-sha
     default: models.default_shape_tolerance); '' or None -> []."""
     if text is None or not str(text).strip():
         return []
-    from .models import default_shape_tolerance
 
     vals = []
     for part in (x.strip() for x in str(text).split(",")):
@@ -156,32 +179,6 @@ def names(text: str, option: str, allowed) -> list[str]:
         if v not in allowed:
             raise ShapefirstError(f"{option} value {v!r} is not known", f"use some of: {', '.join(allowed)}")
     return vals
-
-
-def device(value: str | None) -> str | None:
-    """cpu, cuda, cuda:N or mps, and only what this machine has (None: the best available)."""
-    import re
-
-    import torch
-
-    if value in (None, "", "auto"):
-        return None
-    if value == "cpu":
-        return value
-    if re.fullmatch(r"cuda(:\d+)?", value):
-        if not torch.cuda.is_available():
-            raise ShapefirstError(f"device {value!r} was asked for but CUDA is not available", "pass --device cpu")
-        idx = int(value.split(":")[1]) if ":" in value else 0
-        if idx >= torch.cuda.device_count():
-            raise ShapefirstError(f"device {value!r} does not exist ({torch.cuda.device_count()} CUDA devices)",
-                                  "pass --device cuda:0")
-        return value
-    if value == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ShapefirstError("device 'mps' was asked for but Apple's MPS is not available", "pass --device cpu")
-        return value
-    raise ShapefirstError(f"unknown device {value!r}", "pass cpu, cuda, cuda:N or mps")
 
 
 def noop_warnings(schedule, cache, n_calls: int | None = None) -> list[str]:

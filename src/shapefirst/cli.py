@@ -67,7 +67,7 @@ def generate(
     seed: int = typer.Option(0, help="image i uses torch.Generator('cpu').manual_seed(seed + i)"),
     images_per_prompt: int = typer.Option(1, help="images per prompt"),
     batch: int = typer.Option(8, help="images per pipeline call (more images run batch after batch)"),
-    out: Path = typer.Option(Path("shapefirst-out"), help="output folder"),
+    out: str = typer.Option("shapefirst-out", help="output folder"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier generate output in --out (only its files)"),
     trace: bool = typer.Option(False, "--trace", help="record every denoiser call (x_t, predictions, x0-hat)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps (default: best available)"),
@@ -75,6 +75,7 @@ def generate(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle (.bin/.ckpt) weights: only for trusted files"),
 ):
     """Generate images with a guidance schedule; writes PNGs and run.json (and the trajectory with --trace)."""
+    out = checks.out_path(out)
     from .cache import LateCache
     from .generate import check_prompts, count_calls, generate as run_generate
     from .models import SCHEDULERS, load_pipeline, pick_dtype
@@ -115,7 +116,7 @@ def generate(
 def analyze(
     name: str = typer.Argument(..., help="stages, frequency, attention, eos-swap or token-ablation"),
     model: str = typer.Option("embedded", help=MODEL_HELP),
-    out: Path = typer.Option(Path("shapefirst-analysis"), help="output folder (the result goes to OUT/NAME)"),
+    out: str = typer.Option("shapefirst-analysis", help="output folder (the result goes to OUT/NAME)"),
     n: int = typer.Option(8, help="number of prompts (or pairs): 8 is a first look on a laptop CPU, 64+ for numbers"),
     steps: int = typer.Option(50, help="denoising steps"),
     guidance: Optional[float] = typer.Option(None, help=GUIDANCE_HELP),
@@ -129,6 +130,7 @@ def analyze(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
 ):
     """Run one of the paper's analyses; writes results.json, arrays.safetensors and figures."""
+    out = checks.out_path(out)
     from .experiments import Inputs, get, run_analysis
     from .models import load_pipeline
     from .outputs import OutputFolder
@@ -173,7 +175,7 @@ def _print_summary(sm) -> None:
 @app.command()
 def report(
     model: str = typer.Option("embedded", help=MODEL_HELP),
-    out: Path = typer.Option(Path("shapefirst-report"), help="output folder (index.html + results/)"),
+    out: str = typer.Option("shapefirst-report", help="output folder (index.html + results/)"),
     budget: str = typer.Option("quick", help="quick (minutes on a laptop CPU) or full"),
     guidance: Optional[float] = typer.Option(None, help=GUIDANCE_HELP),
     prompts: Optional[Path] = typer.Option(None, help="prompt file (needed for models other than the shapes world)"),
@@ -188,12 +190,14 @@ def report(
                                                      "shipped for the embedded model at its recommended scale"),
 ):
     """Run every analysis and a small sweep on one model, and write one offline HTML page."""
+    out = checks.out_path(out)
     from rich.console import Console
 
     from .models import load_pipeline
     from .outputs import OutputFolder
     from .prompts import read_pairs, read_prompts
-    from .experiments.registry import Inputs, check_inputs
+    from .experiments import check_inputs
+    from .experiments.registry import Inputs
     from .report import BUDGETS, build_page, keep_peers, run_report
 
     if budget not in BUDGETS:
@@ -212,7 +216,7 @@ def report(
     world = _is_world(model)
     check_inputs(Inputs(prompts=prompt_list, pairs=pair_list, clip=clip, world=world))
     if peers is not None:
-        from .experiments.peers import read_study
+        from .peers import read_study
 
         read_study(peers)  # before the model loads
     scorer = _scorer(clip, model)
@@ -297,7 +301,7 @@ def _warnings_to_stderr():
 
 def _sweep_configs(guidance, stops, schedulers, steps, adaptive, caches, model, modes=("uncond", "cond"),
                    adaptive_shape: str = ""):
-    from .experiments.sweep import default_configs
+    from .sweep import default_configs
     from .models import SCHEDULERS
 
     return default_configs(guidance, checks.fractions(stops, "--stops") if stops.strip() else [],
@@ -311,7 +315,7 @@ def _sweep_configs(guidance, stops, schedulers, steps, adaptive, caches, model, 
 def sweep(
     model: str = typer.Option("embedded", help=MODEL_HELP),
     prompts: str = typer.Option("world", help="'world' (the shapes world's held-out captions) or a prompt file"),
-    out: Path = typer.Option(Path("shapefirst-sweep"), help="output folder (sweep.jsonl resumes)"),
+    out: str = typer.Option("shapefirst-sweep", help="output folder (sweep.jsonl resumes)"),
     n: int = typer.Option(64, help="number of prompts"),
     stops: str = typer.Option("0.1,0.25,0.5,0.75,0.9", help="guidance stops (fractions of the calls)"),
     schedulers: str = typer.Option("ddim,dpm++", help="schedulers to sweep"),
@@ -334,7 +338,8 @@ def sweep(
     """Sweep guidance stops x modes x schedulers (x adaptive thresholds and tolerances x late caches): saved latency and
     quality against full guidance. One JSON line per configuration in OUT/sweep.jsonl (a rerun with the
     same settings resumes), OUT/sweep.csv and OUT/pareto.png."""
-    from .experiments.sweep import run_sweep, saving
+    out = checks.out_path(out)
+    from .sweep import run_sweep, saving
     from .outputs import OutputFolder
 
     n, batch = checks.positive(n, "--n", 64), checks.batch_size(batch)
@@ -353,7 +358,7 @@ def sweep(
         rows = run_sweep(pipe, ps, out, targets=targets, seed=seed, batch=batch, clip=scorer, configs=configs,
                          timing_batches=timing_batches, real_images=renders, fid=fid, overwrite=overwrite,
                          progress=lambda key: typer.echo(f"done {key}", err=True))
-    from .experiments.sweep import is_main_process
+    from .sweep import is_main_process
 
     if not is_main_process():
         return
@@ -362,7 +367,8 @@ def sweep(
         typer.echo(f"{r['key']:<36} saved {sv:6.1%} {what:<11}  evaluations x{r['evaluation_ratio']:.2f}  "
                    f"PSNR {r['psnr'][0]:5.1f}" + (f"  all-right {r['accuracy']['all']:.1%}" if "accuracy" in r else "")
                    + (f"  KID x1000 {r['kid_x1000'][0]:.2f}" if "kid_x1000" in r else "")
-                   + (f"  FID {r['fid']:.2f} (n={r['fid_n'][0]} vs {r['fid_n'][1]})" if "fid" in r else ""))
+                   + (f"  FID {r['fid']:.2f} (n={r['fid_n'][0]} vs {r['fid_n'][1]})" if "fid" in r else "")
+                   + (f"  skipped: {', '.join(r['skipped'])}" if r.get("skipped") else ""))
 
 
 def _fid(real: Path, inception: Path, allow_pickle: bool):
@@ -378,7 +384,7 @@ def _fid(real: Path, inception: Path, allow_pickle: bool):
 def calibrate(
     model: str = typer.Option("embedded", help=MODEL_HELP),
     prompts: str = typer.Option("world", help="'world' or a prompt file"),
-    out: Path = typer.Option(Path("shapefirst-calibrate"), help="output folder (reuses a finished sweep)"),
+    out: str = typer.Option("shapefirst-calibrate", help="output folder (reuses a finished sweep)"),
     n: int = typer.Option(64, help="number of prompts"),
     tolerance: float = typer.Option(0.01, help="largest accepted accuracy loss (95% paired CI lower bound)"),
     stops: str = typer.Option("0.2,0.3,0.4,0.5,0.6,0.7", help="candidate stops"),
@@ -399,7 +405,8 @@ def calibrate(
 ):
     """Find the fastest setting (stop, adaptive threshold or shape tolerance, late cache) that keeps quality within the
     tolerance; print it with its measured saving and a snippet."""
-    from .experiments.sweep import calibrate as pick, run_sweep, saving, snippet
+    out = checks.out_path(out)
+    from .sweep import calibrate as pick, run_sweep, saving, snippet
     from .outputs import OutputFolder
 
     if not 0 < tolerance < 1:
@@ -428,10 +435,10 @@ def calibrate(
 
 @app.command()
 def train(
-    out: Path = typer.Option(Path("shapes-world-train"), help="work folder (checkpoints; rerun to resume)"),
+    out: str = typer.Option("shapes-world-train", help="work folder (checkpoints; rerun to resume)"),
     seed: int = typer.Option(0, help="seed of the whole recipe"),
     tiny: bool = typer.Option(False, "--tiny", help="a few steps of every stage on tiny sizes (smoke test)"),
-    dest: Optional[Path] = typer.Option(None, help="where the finished model folder goes (default OUT/model)"),
+    dest: Optional[str] = typer.Option(None, help="where the finished model folder goes (default OUT/model)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a model folder an earlier `train` wrote at --dest"),
     base: Optional[str] = typer.Option(None, help="continue from a finished model folder (or `embedded`): its text "
                                        "encoder, VAE and CLIP are kept, its UNet trained further on fresh latents"),
@@ -442,6 +449,10 @@ def train(
     dit_lr: Optional[float] = typer.Option(None, help="--arch dit: peak transformer learning rate (default: the recipe's 3e-4)"),
 ):
     """Train the shapes-world model (tokenizer -> CLIP -> VAE -> UNet); resumes from checkpoints."""
+    out = checks.out_path(out)
+    dest = None if dest is None else checks.out_path(dest, "--dest")
+    if base is not None and not base.strip():
+        raise ShapefirstError(f"--base {base!r} is empty", "pass a model folder `shapefirst train` wrote, or embedded")
     from .world.train import Recipe, train as run_train
 
     checks.seed(seed)

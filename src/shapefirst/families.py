@@ -10,7 +10,10 @@ Each Family states what the rest of shapefirst needs to know about a kind of dif
                   names of the pipeline call's locals that hold its conditional and unconditional value; the
                   first one identifies a call's branch (by identity: the very tensor the pipeline passes)
   scale_local     "separate" only: the local of the pipeline's `__call__` holding the guidance scale of the
-                  current step, where a step can have its own (Wan 2.2's low-noise expert: guidance_scale_2)
+                  current step, where a step can have its own (Wan 2.2's low-noise expert: guidance_scale_2),
+                  or where the pipeline's `guidance_scale` is something else (Flux: true_cfg_scale)
+  cfg_local       "separate" only: the local of the pipeline's `__call__` that says whether it runs CFG, for a
+                  pipeline without a `do_classifier_free_guidance` property (Flux: do_true_cfg)
   prediction      how x0-hat follows from a prediction: "scheduler" (epsilon / v / sample from the
                   scheduler's prediction_type, alphas_cumprod) or "flow" (x0 = x_t - sigma * v)
   attention       where the text enters: "cross" (separate cross-attention, attn2) or "joint" (one attention
@@ -42,6 +45,7 @@ class Family:
     schedulers: tuple[str, ...] = DDPM_SCHEDULERS
     branches: tuple[tuple[str, str, str], ...] = ()
     scale_local: str | None = None
+    cfg_local: str | None = None
 
 
 DECLARED = (
@@ -56,6 +60,12 @@ DECLARED = (
            tokenizer="t5", schedulers=(),
            branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),),
            scale_local="current_guidance_scale"),
+    Family("flux", ("FluxPipeline",), denoisers=("transformer",), cfg="separate", prediction="flow", attention="joint",
+           tokenizer="t5", schedulers=(),
+           branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),
+                     ("pooled_projections", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+                     ("txt_ids", "text_ids", "negative_text_ids")),
+           scale_local="true_cfg_scale", cfg_local="do_true_cfg"),
 )
 BY_NAME = {f.name: f for f in DECLARED}
 FAMILIES = {f.name: f.pipelines for f in DECLARED}  # family name -> pipeline class names

@@ -6,6 +6,7 @@ generate(pipe, [prompt_p], seed=seed + i) gives image i again (up to batch-makeu
 """
 from __future__ import annotations
 
+import numbers
 import platform
 import shutil
 import tempfile
@@ -24,6 +25,11 @@ from .models import scheduler_for
 from .pipeline import call_defaults, embeds_call
 from .results import atomic_write_bytes, atomic_write_text, png_bytes, strict_dumps
 from .trace import Trajectory, TrajectoryRecorder
+from .checks import out_path
+from .checks import seed as check_seed
+from .checks import within_training
+from .outputs import OutputFolder
+from .tokens import analyze_prompt
 
 _warned_negative = False
 
@@ -38,6 +44,9 @@ def count_calls(pipe, steps: int) -> int:
 def check_prompts(prompts) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
+    if prompts is not None and not isinstance(prompts, (list, tuple)):
+        raise ShapefirstError(f"prompts {_short(prompts)} ({type(prompts).__name__}) are not text",
+                              'pass a prompt or a list of prompts, e.g. ["a red circle"]')
     prompts = list(prompts or [])
     if not prompts:
         raise ShapefirstError("no prompt was given", 'pass at least one prompt, e.g. "a red circle"')
@@ -52,7 +61,6 @@ def check_prompts(prompts) -> list[str]:
 
 def warn_truncated(pipe, prompts: list[str]) -> None:
     """One warning per prompt that the pipeline's first tokenizer truncates, showing the dropped words."""
-    from .tokens import analyze_prompt
 
     tok = getattr(pipe, "tokenizer", None)
     if tok is None:
@@ -86,9 +94,8 @@ class GenerationResult:
         files go, nothing else; see shapefirst.outputs). Everything is written into a staging folder
         first (where a full disk or any other failure strikes), then renamed into place, run.json
         last: a folder with run.json is complete, and a failed save leaves nothing new."""
-        from .outputs import OutputFolder
 
-        out = Path(out)
+        out = out_path(out, "out")
         created = not out.exists()
         # dry: an earlier output (overwrite) is removed only once the new one is written in full
         owner = OutputFolder(out, "generate", key, overwrite=overwrite, reuse=False).check(probe=False, dry=True)
@@ -158,15 +165,14 @@ def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int
 
     Extra keyword arguments go to the pipeline (e.g. prompt_embeds=..., negative_prompt_embeds=...;
     pass prompts=None then, and the batch is taken from prompt_embeds)."""
-    schedule = schedule or GuidanceSchedule()
+    _check_pipe(pipe)
+    schedule = GuidanceSchedule() if schedule is None else schedule
     embeds = "prompt_embeds" in pipe_kwargs and prompts is None
     prompts_list = ([f"<embeds {i}>" for i in range(pipe_kwargs["prompt_embeds"].shape[0])] if embeds
                     else check_prompts(prompts))
     n_prompts = len(prompts_list)
-    if int(steps) != steps or steps < 1:
-        raise ShapefirstError(f"steps {steps} is not a positive integer", "pass e.g. --steps 50")
-    if int(images_per_prompt) != images_per_prompt or images_per_prompt < 1:
-        raise ShapefirstError(f"images per prompt {images_per_prompt} is not a positive integer", "pass 1 or more")
+    _check_arguments(schedule, steps, seed, images_per_prompt, batch, cache, scheduler, trace, progress)
+    _check_negative(negative_prompt, n_prompts)
     n = n_prompts * images_per_prompt
     if batch is not None and n > batch and "prompt_embeds" not in pipe_kwargs:
         if trace:
@@ -177,6 +183,59 @@ def generate(pipe, prompts, schedule: GuidanceSchedule | None = None, steps: int
     with scheduler_for(pipe, scheduler):  # `scheduler` is this run's: the pipeline keeps its own
         return _one_call(pipe, prompts, prompts_list, schedule, steps, seed, images_per_prompt, negative_prompt,
                          scheduler, trace, progress, cache, pipe_kwargs)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _integer(value, name: str, low: int, example: int) -> int:
+    """An int (not a bool, a float or a string) >= low, else one ShapefirstError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ShapefirstError(f"{name}={_short(value)} ({type(value).__name__}) is not an integer >= {low}",
+                              f"pass e.g. {name}={example}")
+    return int(value)
+
+
+def _check_pipe(pipe) -> None:
+    if not callable(pipe) or not hasattr(pipe, "scheduler"):
+        raise ShapefirstError(f"pipe {_short(pipe)} is not a diffusers pipeline",
+                              'pass one, e.g. shapefirst.load_pipeline("embedded")')
+
+
+def _check_arguments(schedule, steps, seed, images_per_prompt, batch, cache, scheduler, trace, progress) -> None:
+    """generate()'s arguments, each checked at the call: a wrong type or value is one ShapefirstError
+    naming it and the fix, never a TypeError from inside the pipeline."""
+
+    if not isinstance(schedule, GuidanceSchedule):
+        fix = f"GuidanceSchedule({schedule!r})" if isinstance(schedule, numbers.Real) else "GuidanceSchedule(7.5)"
+        raise ShapefirstError(f"schedule={_short(schedule)} is not a GuidanceSchedule",
+                              f"pass schedule={fix} (from shapefirst import GuidanceSchedule)")
+    _integer(steps, "steps", 1, 50)
+    n = _integer(images_per_prompt, "images_per_prompt", 1, 1)
+    if batch is not None:
+        _integer(batch, "batch", 1, 8)
+    check_seed(_integer(seed, "seed", 0, 0), n)
+    if cache is not None and not isinstance(cache, LateCache):
+        raise ShapefirstError(f"cache={_short(cache)} is not a LateCache",
+                              'pass e.g. cache=LateCache.parse("mean") (from shapefirst import LateCache), or None')
+    if scheduler is not None and not isinstance(scheduler, str):
+        raise ShapefirstError(f"scheduler={_short(scheduler)} is not a scheduler name", 'pass e.g. scheduler="ddim"')
+    for name, flag in (("trace", trace), ("progress", progress)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise ShapefirstError(f"{name}={_short(flag)} is not True or False", f"pass {name}=True or {name}=False")
+
+
+def _check_negative(negative_prompt, n_prompts: int) -> None:
+    """None, one text for every prompt, or a list of texts, one per prompt."""
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        return
+    fix = f'pass one text (e.g. negative_prompt="blurry") or a list of {n_prompts} texts, one per prompt'
+    if not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(q, str) for q in negative_prompt):
+        raise ShapefirstError(f"negative_prompt={_short(negative_prompt)} is not text", fix)
+    if len(negative_prompt) != n_prompts:
+        raise ShapefirstError(f"negative_prompt holds {len(negative_prompt)} texts for {n_prompts} prompts", fix)
 
 
 def _one_call(pipe, prompts, prompts_list, schedule, steps, seed, images_per_prompt, negative_prompt, scheduler,
@@ -227,10 +286,9 @@ def _text_kwargs(prompts, negative_prompt, n_prompts: int) -> dict:
 def _prepare(pipe, steps: int, schedule: GuidanceSchedule, negative_prompt) -> int:
     """Check steps and the schedule against the run's real calls; return the calls."""
     global _warned_negative
+
     trained = pipe.scheduler.config.get("num_train_timesteps")
-    if isinstance(trained, int) and steps > trained:
-        raise ShapefirstError(f"steps {steps} is more than the model's {trained} training timesteps",
-                              f"pass steps between 1 and {trained}")
+    within_training(steps, trained if isinstance(trained, int) else None, "steps")
     n_calls = count_calls(pipe, steps)
     # validates start/stop steps against the real number of calls
     if schedule.first_guided_call(n_calls) > schedule.first_unguided_call(n_calls):

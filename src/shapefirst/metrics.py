@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import ShapefirstError
+from .world.judge import judge
 
 
 @dataclass
@@ -88,6 +89,7 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to two feature sets [N, D] (FID's formula)."""
     from scipy import linalg
 
+    _two_per_side(x, y, "the Frechet distance")
     x, y = x.double().numpy(), y.double().numpy()
     mu1, mu2 = x.mean(0), y.mean(0)
     s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
@@ -95,8 +97,16 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
+def _two_per_side(x, y, what: str) -> None:
+    """Both feature sets hold at least 2 rows (a covariance, an unbiased MMD), else one ShapefirstError."""
+    if len(x) < 2 or len(y) < 2:
+        raise ShapefirstError(f"{what} needs at least 2 feature vectors per side (got {len(x)} and {len(y)})",
+                              "pass more images; report n with every distance")
+
+
 def kernel_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """KID: unbiased MMD^2 with the cubic polynomial kernel k(a,b) = (a.b/d + 1)^3."""
+    _two_per_side(x, y, "KID")
     x, y = x.double(), y.double()
     d = x.shape[1]
     kxx = (x @ x.T / d + 1) ** 3
@@ -129,7 +139,6 @@ def mean_ci(x, z: float = 1.96) -> tuple[float, float, float]:
 
 def judged_accuracy(images: np.ndarray, targets: list[dict]) -> dict:
     """Per-attribute hits (0/1 arrays) of the world's judge against target labels, plus count == 1."""
-    from .world.judge import judge
 
     verdicts = [judge(im) for im in images]
     out = {a: np.array([v.labels.get(a) == t[a] for v, t in zip(verdicts, targets)], dtype=np.int8)
@@ -145,7 +154,6 @@ def to_uint8(images: np.ndarray) -> torch.Tensor:
 
 
 def default_judge():
-    from .world.judge import judge
 
     return judge
 

@@ -24,7 +24,7 @@ from .families import (  # noqa: F401 (public here too)
     family_of_pipe,
     listed_family,
 )
-from .checks import device as checked
+from .devices import device as checked
 from . import world
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -71,7 +71,7 @@ def world_clip(model: str) -> Path | None:
 
 
 def pick_device(device: str | None = None) -> str:
-    """The device asked for (checked: shapefirst.checks.device), else the best this machine has."""
+    """The device asked for (checked: shapefirst.devices.device), else the best this machine has."""
 
     device = checked(device)
     if device is not None:

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ShapefirstError
+from .checks import out_path
+from .results import atomic_write_text
 
 MARKER = ".shapefirst.json"
 
@@ -91,7 +93,9 @@ class OutputFolder:
         """key=None: any key of this command is accepted (a check before the key is known, or a
         folder that only holds keyed sub-folders). reuse=False: the command never resumes
         (generate), so any earlier output of its own is replaced only with overwrite."""
-        self.path, self.command, self.key, self.overwrite, self.reuse = Path(path), command, key, overwrite, reuse
+
+        self.path, self.command, self.key = out_path(path, "out"), command, key
+        self.overwrite, self.reuse = overwrite, reuse
         self.reused = False
 
     def check(self, probe: bool = True, dry: bool = False) -> "OutputFolder":
@@ -140,7 +144,6 @@ class OutputFolder:
 
     def claim(self, entries=()) -> None:
         """Write (or extend) the marker: this command owns the folder and the named entries."""
-        from .results import atomic_write_text
 
         old = read_marker(self.path) or {}
         names = sorted(set(old.get("entries", [])) | {str(e) for e in entries})
@@ -153,7 +156,6 @@ class OutputFolder:
         names = set(names)
         m = read_marker(self.path)
         if m is not None and names:
-            from .results import atomic_write_text
 
             m["entries"] = [e for e in m.get("entries", []) if e not in names]
             atomic_write_text(self.path / MARKER, json.dumps(m, indent=1, sort_keys=True))

@@ -54,6 +54,14 @@ class PipeEntry:
     last: RunState | None = None
 
 
+def separate_cfg(family: Family, call) -> bool:
+    """Does a "separate" family's pipeline call run CFG: its declared local (Flux: do_true_cfg), else its
+    `do_classifier_free_guidance` property."""
+    if family.cfg_local:
+        return bool(call.local(family.cfg_local, False))
+    return bool(getattr(call.pipe, "do_classifier_free_guidance", False))
+
+
 class Session:
     """See the module docstring."""
 
@@ -170,7 +178,7 @@ class Session:
         if ours and st.prepared:
             return st  # prepared already (by the ControlNet, before the denoiser)
         separate = binding.family is not None and binding.family.cfg == "separate"
-        cfg = bool(getattr(call.pipe, "do_classifier_free_guidance", False)) if separate else cfg_of_call(call, sample)
+        cfg = separate_cfg(binding.family, call) if separate else cfg_of_call(call, sample)
         batch = sample.shape[0] // 2 if cfg and not separate else sample.shape[0]
         if not create:
             return st if ours and cfg and st.batch == batch and not st.done else None

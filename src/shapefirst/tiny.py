@@ -218,7 +218,6 @@ def tiny_sd3_pipeline(seed: int = 0, folder: str | Path | None = None, sample_si
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
-
     folder = _folder(folder, "shapefirst-sd3-")
     tok = load_tokenizer(write_tokenizer(folder / "tokenizer"))
     tok2 = load_tokenizer(write_tokenizer(folder / "tokenizer_2", pad_token="!"))
@@ -377,5 +376,29 @@ def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False):
     sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     extra = {"transformer_2": transformer(), "boundary_ratio": 0.5} if two_experts else {}
     pipe = WanPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer(), scheduler=sched, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0, folder: str | Path | None = None):
+    """FluxPipeline (call it with true_cfg_scale > 1 and a negative prompt for true guidance: one transformer
+    call per branch): a tiny FluxTransformer2DModel (4 latent channels packed 2x2), a tiny CLIPTextModel (world
+    tokenizer) for the pooled vector, a tiny T5 (world T5 tokenizer), a tiny AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler. Call with height=width=16, max_sequence_length=16."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    folder = _folder(folder, "shapefirst-flux-")
+    tok = load_tokenizer(write_tokenizer(folder / "tokenizer"))
+    tok2 = tiny_t5_tokenizer(folder / "tokenizer_2", model_max_length=32)
+    torch.manual_seed(seed)
+    text = _clip_text(tok, CLIPTextModel)
+    text2 = _tiny_t5(tok2, d_model=32)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, out_channels=16, num_layers=1,
+                                         num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                         joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+    vae = _tiny_vae(4, 8, shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text, tokenizer=tok,
+                        text_encoder_2=text2, tokenizer_2=tok2, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe

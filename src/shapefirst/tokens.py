@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import torch
 
@@ -183,13 +182,13 @@ def analyze_prompt(tokenizer, prompt: str, max_length: int | None = None) -> Tok
                      n_semantic=n_semantic, eos_index=eos_index)
 
 
-def _check(emb: torch.Tensor, info: TokenInfo, name: str = "emb") -> None:
+def check_embedding(emb: torch.Tensor, info: TokenInfo, name: str = "emb") -> None:
     if emb.dim() != 3 or emb.shape[1] != len(info.ids):
         raise ShapefirstError(f"{name} has shape {tuple(emb.shape)}, expected [B, {len(info.ids)}, D]",
                               "pass prompt embeddings of the tokenized prompt (same max_length)")
 
 
-def _eos(info: TokenInfo, name: str) -> int:
+def require_eos(info: TokenInfo, name: str) -> int:
     if info.eos_index is None:
         raise ShapefirstError(f"prompt {name} has no [EOS] token (truncated without one)",
                               "use a shorter prompt or a tokenizer that appends EOS")
@@ -206,9 +205,9 @@ def swap_eos(emb_a: torch.Tensor, info_a: TokenInfo, emb_b: torch.Tensor, info_b
     With "!"-padding the block after the EOS holds padding embeddings; it moves all the same.
     mode="first": only position eos_a is replaced, by B's first EOS (position eos_b).
     emb_b may have batch 1 (broadcast over A's batch)."""
-    _check(emb_a, info_a, "emb_a")
-    _check(emb_b, info_b, "emb_b")
-    ea, eb = _eos(info_a, "A"), _eos(info_b, "B")
+    check_embedding(emb_a, info_a, "emb_a")
+    check_embedding(emb_b, info_b, "emb_b")
+    ea, eb = require_eos(info_a, "A"), require_eos(info_b, "B")
     length = emb_a.shape[1]
     out = emb_a.clone()
     src = emb_b.to(device=emb_a.device, dtype=emb_a.dtype)
@@ -222,55 +221,6 @@ def swap_eos(emb_a: torch.Tensor, info_a: TokenInfo, emb_b: torch.Tensor, info_b
     return out
 
 
-def keep_first_eos(emb: torch.Tensor, info: TokenInfo, n: int, fill: str = "zero",
-                   pad_of: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep the first n positions of the [EOS] block (eos, then eos_pad/pad), replace the rest.
-
-    Positions eos..eos+n-1 are kept, positions eos+n..L-1 are replaced (n=0 replaces the whole
-    block, the first EOS included). fill="zero": by zeros. fill="pad_of": by the same positions
-    of the tensor `pad_of` ([B or 1, L, D], e.g. the embedding of an empty prompt)."""
-    _check(emb, info)
-    if n < 0:
-        raise ShapefirstError(f"n={n} is negative", "pass n >= 0")
-    start = min(_eos(info, "") + n, emb.shape[1])
-    out = emb.clone()
-    if fill == "zero":
-        out[:, start:] = 0
-    elif fill == "pad_of":
-        if pad_of is None or pad_of.dim() != 3 or pad_of.shape[1:] != emb.shape[1:]:
-            raise ShapefirstError("fill='pad_of' needs pad_of of shape [B or 1, L, D] like emb",
-                                  "pass pad_of=<reference prompt embedding>")
-        out[:, start:] = pad_of.to(device=emb.device, dtype=emb.dtype)[:, start:]
-    else:
-        raise ShapefirstError(f"unknown fill {fill!r}", "use 'zero' or 'pad_of'")
-    return out
-
-
-def replace_class(emb: torch.Tensor, info: TokenInfo, cls_set: str | Iterable[str], how: str = "zero",
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace the positions of the given classes by zeros (how="zero") or by Gaussian noise
-    rescaled to each original vector's L2 norm (how="noise", per row and position)."""
-    _check(emb, info)
-    classes = {cls_set} if isinstance(cls_set, str) else set(cls_set)
-    pos = sorted(p for c in classes for p in info.positions(c))
-    out = emb.clone()
-    if not pos:
-        return out
-    idx = torch.tensor(pos, device=emb.device)
-    if how == "zero":
-        out[:, idx] = 0
-    elif how == "noise":
-        orig = emb[:, idx].float()
-        gen_device = generator.device if generator is not None else emb.device
-        noise = torch.randn(orig.shape, generator=generator, device=gen_device).to(emb.device)
-        noise = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12) * orig.norm(dim=-1, keepdim=True)
-        out[:, idx] = noise.to(emb.dtype)
-    else:
-        raise ShapefirstError(f"unknown how {how!r}", "use 'zero' or 'noise'")
-    return out
-
-
-# -- families -------------------------------------------------------------------------------------
 def _call_default(pipe, name: str):
     import inspect
 

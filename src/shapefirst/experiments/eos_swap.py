@@ -30,16 +30,15 @@ caption B, and the paired difference B - A with a 95% interval.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import ShapefirstError
-from ..rows import row_images
+from ..interventions import EosSwitch, eos_switch  # noqa: F401 (EosSwitch: public here too)
 from ..generate import batches, count_calls, generate_embeds
-from ..guidance import GuidanceSchedule, denoiser_of
+from ..guidance import GuidanceSchedule
 from ..metrics import ci_dict, default_judge, judged_labels, share, to_uint8
 from ..pipeline import check_token_edits, encode_prompts
 from ..results import Result, image_grid, save_figure, yerr
@@ -76,47 +75,6 @@ def normalize_pairs(pairs) -> list[dict]:
     if not out:
         raise ShapefirstError("no prompt pairs were given", "pass at least one (A, B) pair")
     return out
-
-
-class EosSwitch:
-    """Forward pre-hook of the denoiser: from call `from_call` on, the conditional rows of
-    `encoder_hidden_states` become `cond` ([N, L, D]). Rows: 2N = CFG [uncond, cond] (the second
-    half is replaced); N = no CFG (every row). `call` counts the denoiser calls seen."""
-
-    def __init__(self, cond: torch.Tensor, from_call: int):
-        if from_call < 0:
-            raise ShapefirstError(f"switch call {from_call} is negative", "pass a call index >= 0")
-        self.cond, self.from_call, self.call, self.switched = cond, int(from_call), 0, 0
-
-    def __call__(self, module, args, kwargs):
-        call = self.call
-        self.call += 1
-        if call < self.from_call:
-            return None
-        positional = "encoder_hidden_states" not in kwargs
-        ehs = args[2] if positional and len(args) > 2 else kwargs.get("encoder_hidden_states")
-        if ehs is None:
-            raise ShapefirstError("the denoiser was called without encoder_hidden_states", "use a text-conditioned UNet")
-        idx = row_images(ehs.shape[0], self.cond.shape[0], None, what="switch embeddings")
-        new, sel = ehs.clone(), idx >= 0
-        new[sel.to(ehs.device)] = self.cond.to(device=ehs.device, dtype=ehs.dtype)[idx[sel].to(ehs.device)]
-        self.switched += 1
-        if positional:
-            args = args[:2] + (new,) + tuple(args[3:])
-        else:
-            kwargs = {**kwargs, "encoder_hidden_states": new}
-        return args, kwargs
-
-
-@contextmanager
-def eos_switch(pipe, cond: torch.Tensor, from_call: int):
-    """`with eos_switch(pipe, swapped_cond, a): generate(...)`: conditional rows become `cond` from call a on."""
-    hook = EosSwitch(cond, from_call)
-    handle = denoiser_of(pipe).register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield hook
-    finally:
-        handle.remove()
 
 
 def _chunk_embeds(pipe, pairs: list[dict], s: int, e: int):

@@ -39,19 +39,18 @@ encoder states, not from the substituted keys).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import ShapefirstError
-from ..rows import row_images
 from ..generate import check_prompts, count_calls
-from ..guidance import GuidanceSchedule, denoiser_of, run_state_of
+from ..guidance import GuidanceSchedule
 from ..metrics import l1
 from ..results import Result, yerr
-from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, keep_first_eos, replace_class, analyze_prompt
+from ..interventions import KV_MODES, KVState, KVSubstituteProcessor, keep_first_eos, kv_substitution, replace_class  # noqa: F401 (KV names: public here too)
+from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, analyze_prompt
 from ..generate import batches, generate_embeds
 from ..metrics import ci_dict, default_judge, judged_labels, share, to_uint8
 from ..pipeline import attention_context, check_token_edits, encode_prompts
@@ -65,128 +64,10 @@ except ImportError:  # pragma: no cover - depends on the checkout
     _capture_attention = None
 
 DEFAULT_N_EOS = (0, 1, 2, 4, 8, 16, "all")
-KV_MODES = ("keys", "values", "both")
 EOS_BLOCK = (EOS, EOS_PAD, PAD)
 KL_GROUPS = {"sos": (SOS,), "semantic": (SEMANTIC,), "eos_block": EOS_BLOCK}
 FIXED_VARIANTS = ("semantic_zero", "semantic_noise", "eos_zero", "eos_noise", "sos_only", "eos_only")
 KV_VARIANTS = {"eos_sub_keys": "keys", "eos_sub_values": "values", "eos_sub_both": "both"}
-
-
-# -- K/V substitution ---------------------------------------------------------------------------
-class KVState:
-    """What the KV processors read: `alt` [N, L, D] (conditional rows' alternative context) and
-    `mode` ("keys", "values" or "both"); alt None = processors pass through to the originals."""
-
-    def __init__(self, pipe=None):
-        self.pipe = pipe
-        self.alt: torch.Tensor | None = None
-        self.mode: str | None = None
-        self.substituted = 0  # layer calls that used the alternative
-
-    def set(self, alt: torch.Tensor, mode: str) -> "KVState":
-        if mode not in KV_MODES:
-            raise ShapefirstError(f"K/V substitution mode {mode!r} is not one of {KV_MODES}",
-                                  "pass 'keys', 'values' or 'both'")
-        if alt.dim() != 3:
-            raise ShapefirstError(f"the alternative context has shape {tuple(alt.shape)}", "pass [N, L, D] embeddings")
-        self.alt, self.mode = alt, mode
-        return self
-
-    def clear(self) -> None:
-        self.alt, self.mode = None, None
-
-    def row_images(self, rows: int) -> torch.Tensor:
-        """Per row of this attention call: the image whose conditional row it is, or -1 (rows.row_images: inside
-        a call a guidance schedule prepared, its layout decides; else the pipeline's CFG flag)."""
-        st = run_state_of(self.pipe) if self.pipe is not None else None
-        if st is not None and st.prepared:  # inside a call the guidance hook prepared: its decision and rows
-            lay = st.layout if st.batch == self.alt.shape[0] else None
-            return row_images(rows, self.alt.shape[0], st.cfg_now, lay, what="substitution embeddings")
-        cfg = getattr(self.pipe, "do_classifier_free_guidance", None) if self.pipe is not None else None
-        return row_images(rows, self.alt.shape[0], cfg, what="substitution embeddings")
-
-
-def _swap_input(replacement: torch.Tensor, fired: list):
-    """Forward pre-hook for a key or value projection: its input becomes `replacement`."""
-    def hook(module, args):
-        fired.append(module)
-        return (replacement,) + tuple(args[1:])
-    return hook
-
-
-class KVSubstituteProcessor:
-    """Cross-attention processor: keys and/or values of the conditional rows from `state.alt`.
-
-    It calls the ORIGINAL processor; while that runs, forward pre-hooks on `attn.to_k` / `attn.to_v`
-    give the key / value projection the substituted context (normalised by the layer's
-    `norm_encoder_hidden_states` where `norm_cross` is set, as the processor does for its own)."""
-
-    def __init__(self, original, state: KVState):
-        self.original, self.state = original, state
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):  # AttnProcessor's parameter names: Attention.forward filters by them
-        st = self.state
-        extra = {"temb": temb} if temb is not None else {}
-
-        def original():
-            return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                 attention_mask=attention_mask, **extra, **kwargs)
-
-        if st.alt is None or encoder_hidden_states is None:
-            return original()
-        if getattr(attn, "fused_projections", False):
-            raise ShapefirstError("K/V substitution needs separate key and value projections, but this attention "
-                                  "layer's projections are fused", "call unfuse_qkv_projections() on the pipeline first")
-        ctx = encoder_hidden_states
-        idx = st.row_images(ctx.shape[0])
-        alt = ctx.clone()
-        sel = idx >= 0
-        alt[sel.to(ctx.device)] = st.alt.to(device=ctx.device, dtype=ctx.dtype)[idx[sel].to(ctx.device)]
-        if attn.norm_cross:
-            alt = attn.norm_encoder_hidden_states(alt)
-        targets = [m for m, on in ((attn.to_k, st.mode in ("keys", "both")), (attn.to_v, st.mode in ("values", "both")))
-                   if on]
-        fired: list = []
-        handles = [m.register_forward_pre_hook(_swap_input(alt, fired)) for m in targets]
-        try:
-            out = original()
-        finally:
-            for h in handles:
-                h.remove()
-        if len(fired) < len(targets):
-            raise ShapefirstError(f"the attention processor {type(self.original).__name__} did not call the key/value "
-                                  "projections (to_k / to_v), so nothing could be substituted",
-                                  "use diffusers' default attention processor (pipe.unet.set_default_attn_processor())")
-        st.substituted += 1
-        return out
-
-
-def cross_attention_processor_names(unet) -> list[str]:
-    return [name for name in unet.attn_processors if name.endswith("attn2.processor")]
-
-
-@contextmanager
-def kv_substitution(pipe, state: KVState | None = None):
-    """`with kv_substitution(pipe) as st: st.set(alt, "keys"); generate(...)`; originals back on exit."""
-    unet = pipe if isinstance(pipe, torch.nn.Module) else denoiser_of(pipe)
-    if not hasattr(unet, "attn_processors") or not hasattr(unet, "set_attn_processor"):
-        raise ShapefirstError(f"{type(unet).__name__} has no attention processors", "pass a UNet-based pipeline")
-    names = cross_attention_processor_names(unet)
-    if not names:
-        raise ShapefirstError("the denoiser has no cross-attention layers named '...attn2'",
-                              "use a Stable-Diffusion-style UNet")
-    state = state or KVState(None if isinstance(pipe, torch.nn.Module) else pipe)
-    original = dict(unet.attn_processors)
-    try:
-        new = dict(original)
-        for name in names:
-            new[name] = KVSubstituteProcessor(original[name], state)
-        unet.set_attn_processor(new)
-        yield state
-    finally:
-        state.clear()
-        unet.set_attn_processor(dict(original))
 
 
 # -- variants -----------------------------------------------------------------------------------

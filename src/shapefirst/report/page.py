@@ -21,7 +21,7 @@ from ..experiments import analyses, check_inputs
 from ..experiments.registry import Inputs, figures_of
 from ..results import Result, atomic_write_text
 from ..experiments import run_analysis
-from ..experiments.peers import (
+from ..peers import (
         batch1_only,
         fastest_within_tolerance,
         read_batch1,
@@ -29,16 +29,15 @@ from ..experiments.peers import (
         study_info,
         table_rows,
     )
-from ..experiments.peers import default_study
-from ..experiments.peers import keep_study
-from ..experiments.peers import read_study
-from ..experiments.sweep import default_configs, run_sweep
+from ..peers import default_study
+from ..peers import keep_study
+from ..sweep import default_configs, run_sweep
 from ..generate import generate
 from ..generate import machine_info
 from ..guidance import GuidanceSchedule
 from ..models import default_guidance
 from ..outputs import OutputFolder
-from ..outputs import OutputFolder, model_fingerprint, text_digest, version
+from ..outputs import model_fingerprint, text_digest, version
 from ..results import read_jsonl
 from ..world.prompts import world_prompts
 

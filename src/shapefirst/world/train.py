@@ -24,6 +24,7 @@ from ..errors import ShapefirstError
 from ..outputs import OutputFolder
 from . import render
 from .vocab import load_tokenizer, write_tokenizer
+from .card import write_card
 
 
 @dataclass
@@ -131,7 +132,7 @@ class _Budget:
 _budget = _Budget(None)
 
 
-def _loop(name: str, total: int, ckpt: Path, modules: dict, opt, step_fn, every: int, prog, extra_save=None):
+def train_loop(name: str, total: int, ckpt: Path, modules: dict, opt, step_fn, every: int, prog, extra_save=None):
     """Run step_fn(step) from the checkpoint's step to total, saving every `every` steps.
 
     A paused run (step budget spent) checkpoints before stopping, so no finished step is lost."""
@@ -163,16 +164,16 @@ def _loop(name: str, total: int, ckpt: Path, modules: dict, opt, step_fn, every:
     return time.time() - t0
 
 
-def _rng(seed: int, stage: int, step: int) -> np.random.Generator:
+def rng_at(seed: int, stage: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, stage, step])
 
 
-def _gen(seed: int, stage: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(_rng(seed, stage, step).integers(0, 2**62)))
+def generator_at(seed: int, stage: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(rng_at(seed, stage, step).integers(0, 2**62)))
 
 
-def _batch(seed: int, stage: int, step: int, n: int):
-    rng = _rng(seed, stage, step)
+def batch_at(seed: int, stage: int, step: int, n: int):
+    rng = rng_at(seed, stage, step)
     scenes = render.sample_scenes(n, int(rng.integers(0, 2**31)), "train")
     caps = render.sample_captions(scenes, int(rng.integers(0, 2**31)))
     return scenes, caps
@@ -232,12 +233,15 @@ def copy_folder(src: Path, dst: Path) -> None:
 
 
 def write_model_folder(dest: Path, r, timings: dict, fill, extra: dict | None = None) -> Path:
-    """Write a finished model folder atomically: fill(tmp) writes the pipeline, then recipe.json and the
-    marker; the folder replaces `dest` (an earlier model of this command: check_dest) only when complete."""
+    """Write a finished model folder atomically: fill(tmp) writes the pipeline, then recipe.json, the card
+    (README.md: dest's earlier card, if any, with a usage snippet that runs in plain diffusers; world.card)
+    and the marker; the folder replaces `dest` (an earlier model of this command: check_dest) only when complete."""
+
     def write(tmp: Path) -> None:
         fill(tmp)
         rec = {"recipe": asdict(r), "seconds_per_stage": timings, **(extra or {})}
         (tmp / "recipe.json").write_text(json.dumps(rec, indent=2))
+        write_card(tmp, keep=dest / "README.md")
         OutputFolder(tmp, "train-model", asdict(r)).claim(p.name for p in tmp.iterdir())
     return atomic_folder(dest, write)
 
@@ -284,7 +288,7 @@ def train_clip(out: Path, tok, r: Recipe, prog) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
 
     def step_fn(step):
-        scenes, caps = _batch(r.seed, 1, step, r.clip_batch)
+        scenes, caps = batch_at(r.seed, 1, step, r.clip_batch)
         # padded to the batch's longest caption, not 77: the text tower is causal and CLIP pools at the first
         # EOS, so positions after it cannot change the loss (same gradients, ~5x less compute)
         ids = tok(caps, padding="longest", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -293,7 +297,7 @@ def train_clip(out: Path, tok, r: Recipe, prog) -> float:
         loss.backward()
         return loss.item()
 
-    dt = _loop("clip", r.clip_steps, out / "work" / "clip.safetensors", {"m": model}, opt, step_fn, r.ckpt_every, prog)
+    dt = train_loop("clip", r.clip_steps, out / "work" / "clip.safetensors", {"m": model}, opt, step_fn, r.ckpt_every, prog)
     model.save_pretrained(out / "clip")
     return dt
 
@@ -325,10 +329,10 @@ def train_vae(out: Path, r: Recipe, prog, refine: bool = False) -> float:
     opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_refine_lr if refine else 1e-3, weight_decay=0.0)
 
     def step_fn(step):
-        scenes, _ = _batch(r.seed, stage, step, r.vae_batch)
+        scenes, _ = batch_at(r.seed, stage, step, r.vae_batch)
         x = torch.from_numpy(render.render_batch(scenes))
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=_gen(r.seed, stage, step))
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator_at(r.seed, stage, step))
         rec = vae.decode(z).sample
         w = _object_weight(x, 10.0) if refine else 1.0
         loss = (w * (rec - x).pow(2)).mean() + 0.5 * (w * (rec - x).abs()).mean() + 1e-6 * post.kl().mean()
@@ -337,13 +341,13 @@ def train_vae(out: Path, r: Recipe, prog, refine: bool = False) -> float:
 
     name = "vae_refine" if refine else "vae"
     steps = r.vae_refine_steps if refine else r.vae_steps
-    dt = _loop(name, steps, out / "work" / f"{name}.safetensors", {"m": vae}, opt, step_fn, r.ckpt_every, prog)
+    dt = train_loop(name, steps, out / "work" / f"{name}.safetensors", {"m": vae}, opt, step_fn, r.ckpt_every, prog)
     vae.eval()
     # scaling factor: 1 / std of sampled latents on fresh renders, as SD does
     with torch.no_grad():
-        scenes, _ = _batch(r.seed, 3, 0, 256)
+        scenes, _ = batch_at(r.seed, 3, 0, 256)
         post = vae.encode(torch.from_numpy(render.render_batch(scenes))).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=_gen(r.seed, 3, 0))
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator_at(r.seed, 3, 0))
         vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     vae.save_pretrained(out / ("vae_refined" if refine else "vae"))
     return dt
@@ -412,8 +416,8 @@ def train_unet(out: Path, tok, r: Recipe, prog) -> float:
     opt = torch.optim.AdamW(unet.parameters(), lr=r.unet_lr, weight_decay=0.01)
 
     def step_fn(step):
-        g = _gen(r.seed, 6, step)
-        z, cap = latent_batch(data, scale, r.unet_batch, r.caption_dropout, _rng(r.seed, 6, step), g)
+        g = generator_at(r.seed, 6, step)
+        z, cap = latent_batch(data, scale, r.unet_batch, r.caption_dropout, rng_at(r.seed, 6, step), g)
         t = torch.randint(0, 1000, (r.unet_batch,), generator=g)
         noise = torch.randn(z.shape, generator=g)
         zt = sched.add_noise(z, noise, t)
@@ -423,7 +427,7 @@ def train_unet(out: Path, tok, r: Recipe, prog) -> float:
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         return loss.item()
 
-    dt = _loop("unet", r.unet_steps, out / "work" / "unet.safetensors", {"m": unet, "ema": ema}, opt, step_fn,
+    dt = train_loop("unet", r.unet_steps, out / "work" / "unet.safetensors", {"m": unet, "ema": ema}, opt, step_fn,
                r.ckpt_every, prog, extra_save=ema_updater(ema, unet))
     ema.save_pretrained(out / "unet")
     return dt

@@ -22,8 +22,11 @@ from safetensors.torch import load_file
 
 from ..errors import ShapefirstError
 from . import model_path, render
-from .train import (_batch, _gen, _loop, _rng, combo_ids, copy_folder, ema_updater, encode_latents, latent_batch,
-                    atomic_folder, make_scheduler_config, min_snr_weights, run_recipe, training_captions, write_model_folder)
+from .vocab import world_t5_tokenizer
+from .train import (atomic_folder, batch_at, combo_ids, copy_folder, ema_updater, encode_latents, generator_at,
+                    latent_batch, make_scheduler_config, min_snr_weights, rng_at, run_recipe, train_loop,
+                    training_captions, write_model_folder)
+from .card import write_card
 
 # stage numbers of this recipe's randomness (train.py uses 1-7)
 T5_STAGE, DIT_INIT, DIT_STAGE = 11, 12, 13
@@ -90,10 +93,8 @@ def make_transformer(r: DitRecipe, caption_channels: int):
 
 def fp16_megabytes(r: DitRecipe) -> dict:
     """float16 size (parameters x 2 bytes, in MB of 1e6 bytes) of a freshly built T5 encoder and transformer."""
-    from ..tiny import tiny_t5_tokenizer
-
     with tempfile.TemporaryDirectory(prefix="shapefirst-t5tok-") as folder:  # nothing left behind
-        tok = tiny_t5_tokenizer(Path(folder), model_max_length=120)
+        tok = world_t5_tokenizer(Path(folder), model_max_length=120)
     t5 = make_t5(tok, r)
     dit = make_transformer(r, t5.config.d_model)
     mb = {"text_encoder": sum(p.numel() for p in t5.parameters()) * 2 / 1e6,
@@ -105,11 +106,9 @@ def fp16_megabytes(r: DitRecipe) -> dict:
 def _tokenizer(out: Path):
     from transformers import AutoTokenizer
 
-    from ..tiny import tiny_t5_tokenizer
-
     if not (out / "tokenizer" / "tokenizer_config.json").exists():  # written aside, then renamed
         shutil.rmtree(out / ".tokenizer.tmp", ignore_errors=True)
-        tiny_t5_tokenizer(out / ".tokenizer.tmp", model_max_length=120)
+        world_t5_tokenizer(out / ".tokenizer.tmp", model_max_length=120)
         (out / ".tokenizer.tmp").replace(out / "tokenizer")
     return AutoTokenizer.from_pretrained(str(out / "tokenizer"))
 
@@ -143,7 +142,7 @@ def train_t5(out: Path, tok, r: DitRecipe, prog) -> float:
     opt = torch.optim.AdamW(list(text.parameters()) + list(head.parameters()), lr=r.t5_lr, weight_decay=0.05)
 
     def step_fn(step):
-        scenes, caps = _batch(r.seed, T5_STAGE, step, r.t5_batch)
+        scenes, caps = batch_at(r.seed, T5_STAGE, step, r.t5_batch)
         with torch.no_grad():
             img = clip.get_image_features(pixel_values=torch.from_numpy(render.render_batch(scenes)))
             img = F.normalize(img if torch.is_tensor(img) else img.pooler_output, dim=-1)
@@ -158,7 +157,7 @@ def train_t5(out: Path, tok, r: DitRecipe, prog) -> float:
         loss.backward()
         return loss.item()
 
-    dt = _loop("t5", r.t5_steps, out / "work" / "t5.safetensors", {"m": text, "head": head}, opt, step_fn,
+    dt = train_loop("t5", r.t5_steps, out / "work" / "t5.safetensors", {"m": text, "head": head}, opt, step_fn,
                r.ckpt_every, prog)
     text.save_pretrained(out / "text_encoder")
     return dt
@@ -190,8 +189,8 @@ def train_transformer(out: Path, tok, r: DitRecipe, prog) -> float:
     cond = {"resolution": None, "aspect_ratio": None}
 
     def step_fn(step):
-        g, b = _gen(r.seed, DIT_STAGE, step), r.dit_batch
-        z, cap = latent_batch(data, scale, b, r.caption_dropout, _rng(r.seed, DIT_STAGE, step), g)
+        g, b = generator_at(r.seed, DIT_STAGE, step), r.dit_batch
+        z, cap = latent_batch(data, scale, b, r.caption_dropout, rng_at(r.seed, DIT_STAGE, step), g)
         t = torch.randint(0, 1000, (b,), generator=g)
         noise = torch.randn(z.shape, generator=g)
         zt = sched.add_noise(z, noise, t)
@@ -202,7 +201,7 @@ def train_transformer(out: Path, tok, r: DitRecipe, prog) -> float:
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
         return loss.item()
 
-    dt = _loop("transformer", r.dit_steps, out / "work" / "transformer.safetensors", {"m": dit, "ema": ema}, opt,
+    dt = train_loop("transformer", r.dit_steps, out / "work" / "transformer.safetensors", {"m": dit, "ema": ema}, opt,
                step_fn, r.ckpt_every, prog, extra_save=ema_updater(ema, dit))
     ema.save_pretrained(out / "transformer")
     return dt
@@ -259,8 +258,10 @@ def ship(model: str | Path, dest: str | Path, recommended: dict) -> Path:
     """The package's copy of a trained DiT world (world/model_dit, `--model embedded-dit`), written atomically:
     the model folder without clip/ (it is the embedded UNet world's CLIP, which models.world_clip falls back
     to) and without the output marker, its T5 weights in float16 (to fit the package budget; the pipeline
-    loads them back in float32), and recipe.json gaining `recommended` (guidance_scale and its evidence)."""
+    loads them back in float32), recipe.json gaining `recommended` (guidance_scale and its evidence), and the card
+    (dest's earlier README.md, else the trained folder's) with a snippet that runs at that scale (world.card)."""
     from transformers import T5EncoderModel
+
 
     model, dest = Path(model), Path(dest)
     if not (model / "recipe.json").is_file() or not (model / "transformer" / "config.json").is_file():
@@ -274,4 +275,7 @@ def ship(model: str | Path, dest: str | Path, recommended: dict) -> Path:
         t5.to(torch.float16).save_pretrained(tmp / "text_encoder", safe_serialization=True)
         rec = json.loads((model / "recipe.json").read_text())
         (tmp / "recipe.json").write_text(json.dumps({**rec, "recommended": recommended}, indent=2))
+        keep = dest / "README.md" if (dest / "README.md").is_file() else model / "README.md"
+        write_card(tmp, recommended.get("guidance_scale"), keep=keep,
+                   title="The shapes world on a diffusion transformer")
     return atomic_folder(dest, fill)

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ShapefirstError
-from ..results import read_jsonl
-from ..transformer_cache import NAMES as TCACHE_NAMES
-from ..metrics import mean_ci
-from ..metrics import wilson
-from ..outputs import model_fingerprint
-from ..results import atomic_write_bytes
-from ..results import atomic_write_bytes, atomic_write_text, read_jsonl, strict_dumps
-from ..results import save_figure
+from .errors import ShapefirstError
+from .results import read_jsonl
+from .transformer_cache import NAMES as TCACHE_NAMES
+from .metrics import mean_ci
+from .metrics import wilson
+from .outputs import model_fingerprint
+from .results import atomic_write_bytes
+from .results import atomic_write_text, strict_dumps
+from .results import save_figure
 from .sweep import calibrate
 from .sweep import passes
 from .sweep import per_image
@@ -94,7 +94,7 @@ def pareto_plot(q: dict, t: dict, path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
-SHIPPED_STUDY = Path(__file__).resolve().parents[1] / "data" / "peers_w3"  # the shipped model's study at w=3
+SHIPPED_STUDY = Path(__file__).resolve().parent / "data" / "peers_w3"  # the shipped model's study at w=3
 
 
 def default_study(pipe, guidance: float) -> Path | None:

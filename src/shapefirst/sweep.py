@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,11 +25,19 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..cache import LateCache
-from ..generate import GenerationResult, generate
-from ..guidance import GuidanceSchedule
-from ..metrics import judged_accuracy, kernel_distance, frechet_distance, l1, mean_ci, psnr
-from ..results import append_jsonl, atomic_write_bytes, read_jsonl, strict_dumps
+from .cache import LateCache
+from .generate import GenerationResult, generate
+from .guidance import GuidanceSchedule
+from .metrics import judged_accuracy, kernel_distance, frechet_distance, l1, mean_ci, psnr
+from .results import append_jsonl, atomic_write_bytes, read_jsonl, strict_dumps
+from .errors import ShapefirstError
+from .generate import count_calls
+from .guidance import AdaptiveStop
+from .models import scheduler_for
+from .outputs import OutputFolder
+from .outputs import differences
+from .outputs import model_fingerprint, module_fingerprint, text_digest, version
+from .results import atomic_write_text, save_figure
 
 
 @dataclass
@@ -58,7 +67,6 @@ def default_configs(scale: float = 7.5, stops=(0.25, 0.5, 0.75), schedulers=("dd
     (per scheduler and step count). caches: LateCache objects or None (no cache)."""
     import itertools
 
-    from ..guidance import AdaptiveStop
 
     rules = [(f"stop={s}", dict(stop=s)) for s in stops]
     stops_ = [AdaptiveStop(t) for t in adaptive] + [AdaptiveStop(criterion="shape", tolerance=t) for t in adaptive_shape]
@@ -101,7 +109,6 @@ def is_main_process() -> bool:
 
 def sweep_key(pipe, prompts, targets, seed, batch, clip, real_images) -> dict:
     """What every row of a sweep folder shares; a folder made with another key is not reused."""
-    from ..outputs import model_fingerprint, module_fingerprint, text_digest, version
 
     return {"model": model_fingerprint(pipe), "prompts": text_digest(prompts), "targets": text_digest(targets),
             "n": len(prompts), "seed": seed, "batch": batch, "version": version(),
@@ -116,8 +123,6 @@ def _config_of(cfg: Config) -> dict:
 
 def _reusable(out: Path, owner, configs: list[Config], overwrite: bool) -> dict:
     """The finished rows that may be reused: same folder key (checked by owner) and same configuration."""
-    from ..errors import ShapefirstError
-    from ..outputs import differences
 
     done = {r["key"]: r for r in read_jsonl(out / "sweep.jsonl")} if owner.reused else {}
     for cfg in configs:
@@ -163,23 +168,51 @@ def _per_image(imgs, ref, targets, clip, memo: dict) -> dict:
     return out
 
 
+KID_MIN_N = 4  # per side: KID's unbiased estimate needs 2, its interval half-size subsets of at least 2
+FLOOR_MIN_N = 2  # images for the Image-CLIP seed floor and ceiling: a mean with an interval
+FID_MIN_N = 2  # per side (shapefirst.fid)
+
+
 def distribution_distances(feats: np.ndarray, real: np.ndarray, subsets: int = 50, seed: int = 0) -> dict:
     """KID (x1000) and FD between two CLIP feature sets. KID's interval: the spread of KID over random
     half-size subsets (drawn without replacement, as torch-fidelity does), scaled by sqrt(m / n) to the
-    full sample size, +-1.96 of that: an approximate 95% interval."""
+    full sample size, +-1.96 of that: an approximate 95% interval. A distance the sample is too small
+    for is left out and named in "skipped" ({name: why}); fd_clip is then None with its fd_clip_reason."""
     x, y = torch.from_numpy(feats), torch.from_numpy(real)
+    out = {"distance_n": [len(x), len(y)], "skipped": {}}
+    if min(len(x), len(y)) >= KID_MIN_N:
+        out["kid_x1000"] = _kid_x1000(x, y, subsets, seed)
+    else:
+        out["skipped"]["kid_x1000"] = (f"KID needs n >= {KID_MIN_N} images per side (got {len(x)} generated, "
+                                       f"{len(y)} real); pass --n {KID_MIN_N} or more")
+    if len(x) > x.shape[1] and len(y) > y.shape[1]:
+        out["fd_clip"] = frechet_distance(x, y)
+    else:  # a covariance of d features needs more than d images
+        out["fd_clip"] = None
+        out["fd_clip_reason"] = f"needs more images than the {x.shape[1]} feature dimensions (n={len(x)}, {len(y)})"
+        out["skipped"]["fd_clip"] = f"FD {out['fd_clip_reason']}; pass --n {x.shape[1] + 1} or more"
+    return out
+
+
+def _kid_x1000(x: torch.Tensor, y: torch.Tensor, subsets: int, seed: int) -> list[float]:
+    """[KID, low, high] x1000 (n >= KID_MIN_N per side)."""
     rng = np.random.default_rng(seed)
     kid = kernel_distance(x, y)
     m = max(2, min(len(x), len(y)) // 2)
     sub = [kernel_distance(x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)])
            for _ in range(subsets)]
     half = 1.96 * float(np.std(sub, ddof=1)) * (m / min(len(x), len(y))) ** 0.5
-    out = {"kid_x1000": [1000 * kid, 1000 * (kid - half), 1000 * (kid + half)], "distance_n": [len(x), len(y)]}
-    if len(x) > x.shape[1] and len(y) > y.shape[1]:
-        out["fd_clip"] = frechet_distance(x, y)
-    else:  # a covariance of d features needs more than d images
-        out["fd_clip"] = None
-        out["fd_clip_reason"] = f"needs more images than the {x.shape[1]} feature dimensions (n={len(x)}, {len(y)})"
+    return [1000 * kid, 1000 * (kid - half), 1000 * (kid + half)]
+
+
+def skipped_reasons(rows: list[dict]) -> list[str]:
+    """Every distinct 'METRIC skipped: why' of the rows, in order."""
+    out = []
+    for r in rows:
+        for name, why in (r.get("skipped") or {}).items():
+            line = f"{name} skipped: {why}"
+            if line not in out:
+                out.append(line)
     return out
 
 
@@ -194,13 +227,11 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
     fid: a shapefirst.fid.Fid holding the real images' features (real models): FID per configuration.
     out is keyed (sweep_key, and each row by its configuration): a folder made with other settings
     is refused unless overwrite=True, which replaces only the sweep's own files."""
-    from ..outputs import OutputFolder
 
     out = Path(out)
     configs = configs or default_configs()
     st = _distributed()
     if st is not None and fid is not None:
-        from ..errors import ShapefirstError
 
         raise ShapefirstError("FID is computed in one process only", "run the sweep without accelerate launch for FID")
     main = st is None or st.is_main_process
@@ -208,7 +239,25 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
                          overwrite=overwrite)
     done = _claim(out, owner, configs, overwrite, st, main)
     sw = _Sweep(pipe, prompts, out, targets, seed, batch, clip, st, real_images, fid)
-    bounds = sw.bounds(configs[0], floor_prompts) if clip is not None and configs else {}
+    try:
+        rows = _run_configs(sw, configs, done, timing_batches, floor_prompts, owner, progress)
+        if main:
+            write_summary(rows, out)
+            for line in skipped_reasons(rows):
+                warnings.warn(line, stacklevel=2)
+    finally:  # also after a failure: the marker lists every file written (an --overwrite removes them all)
+        if main:
+            owner.claim(_own_entries(out))
+    if st is not None:
+        st.wait_for_everyone()
+    return rows
+
+
+def _run_configs(sw, configs: list[Config], done: dict, timing_batches: int, floor_prompts, owner,
+                 progress) -> list[dict]:
+    """Every configuration's row: reused from `done`, else computed and saved (per-image values, then the line)."""
+    main = sw.st is None or sw.st.is_main_process
+    bounds = sw.bounds(configs[0], floor_prompts) if sw.clip is not None and configs else {}
     rows = []
     for cfg in configs:
         if cfg.key in done:
@@ -216,19 +265,14 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
             continue
         row = sw.row(cfg, sw.records(cfg, timing_batches), bounds)
         if main:  # raw per-image values first (paired comparisons between any two rows), then the line
-            _save_per_image(out / row["per_image_file"], sw.per)
-            append_jsonl(out / "sweep.jsonl", row)
-            owner.claim(_own_entries(out))
-        if st is not None:
-            st.wait_for_everyone()
+            _save_per_image(sw.out / row["per_image_file"], sw.per)
+            append_jsonl(sw.out / "sweep.jsonl", row)
+            owner.claim(_own_entries(sw.out))
+        if sw.st is not None:
+            sw.st.wait_for_everyone()
         rows.append(row)
         if progress and main:
             progress(cfg.key)
-    if main:
-        write_summary(rows, out)
-        owner.claim(_own_entries(out))
-    if st is not None:
-        st.wait_for_everyone()
     return rows
 
 
@@ -287,18 +331,37 @@ class _Sweep:
         return self.memo[k]
 
     def bounds(self, c0, floor_prompts) -> dict:
-        """Image-CLIPScore floor (the same prompts with other seeds) and ceiling (the same seed rerun)."""
-        clip, batch = self.clip, self.batch
+        """Image-CLIPScore floor (the same prompts with other seeds) and ceiling (the same seed rerun); each
+        needs FLOOR_MIN_N images, else it is named in "skipped" ({name: why})."""
         fstarts = [i for i in self.starts if floor_prompts is None or i < floor_prompts]
-        recs = [(i, clip.image_similarity(self.ref_of(c0, i, 10**6), self.ref_of(c0, i)).numpy())
+        floor_n = sum(len(self.prompts[i:i + self.batch]) for i in fstarts)
+        ceiling_n = len(self.prompts[:self.batch])
+        out, skipped = {}, {}
+        if floor_n >= FLOOR_MIN_N:
+            out.update(self._floor(c0, fstarts, floor_n))
+        else:
+            skipped["image_clip_floor"] = (f"the Image-CLIP seed floor needs n >= {FLOOR_MIN_N} prompts for its "
+                                           f"interval (got {floor_n}); pass --n {FLOOR_MIN_N} or more")
+        if ceiling_n >= FLOOR_MIN_N:
+            out.update(self._ceiling(c0, ceiling_n))
+        else:
+            skipped["image_clip_ceiling"] = (f"the Image-CLIP rerun ceiling needs >= {FLOOR_MIN_N} images in the "
+                                             f"first batch for its interval (got {ceiling_n}); pass --batch "
+                                             f"{FLOOR_MIN_N} or more and --n {FLOOR_MIN_N} or more")
+        return {**out, "skipped": skipped}
+
+    def _floor(self, c0, fstarts: list[int], floor_n: int) -> dict:
+        recs = [(i, self.clip.image_similarity(self.ref_of(c0, i, 10**6), self.ref_of(c0, i)).numpy())
                 for i in _mine(self.st, fstarts)]
-        rerun = _cache(self.out, f"rerun_{c0.scheduler}_{c0.steps}_w{c0.schedule.scale:g}_0", lambda: generate(
-            self.pipe, self.prompts[:batch], GuidanceSchedule(c0.schedule.scale), steps=c0.steps, seed=self.seed,
-            scheduler=c0.scheduler).images)
         return {"image_clip_floor": list(mean_ci(np.concatenate([r[1] for r in _gather(self.st, recs)]))),
-                "image_clip_floor_n": sum(len(self.prompts[i:i + batch]) for i in fstarts),
-                "image_clip_ceiling": list(mean_ci(clip.image_similarity(rerun, self.ref_of(c0, 0)).numpy())),
-                "image_clip_ceiling_n": len(rerun)}
+                "image_clip_floor_n": floor_n}
+
+    def _ceiling(self, c0, ceiling_n: int) -> dict:
+        rerun = _cache(self.out, f"rerun_{c0.scheduler}_{c0.steps}_w{c0.schedule.scale:g}_0", lambda: generate(
+            self.pipe, self.prompts[:self.batch], GuidanceSchedule(c0.schedule.scale), steps=c0.steps, seed=self.seed,
+            scheduler=c0.scheduler).images)
+        return {"image_clip_ceiling": list(mean_ci(self.clip.image_similarity(rerun, self.ref_of(c0, 0)).numpy())),
+                "image_clip_ceiling_n": ceiling_n}
 
     def records(self, cfg, timing_batches: int) -> list:
         """(batch start, per-image values, time ratio to full guidance or None, evaluations) per batch."""
@@ -338,22 +401,38 @@ class _Sweep:
                "evaluations_per_image": float(np.mean(evals)),
                "l1": mean_ci(per["l1"]), "psnr": mean_ci(per["psnr"])}
         row["evaluation_ratio"] = row["evaluations_per_image"] / (2.0 * _calls(self.pipe, cfg))
+        row["skipped"] = {}
         if self.clip is not None:
             row["image_clip"] = mean_ci(per["image_clip"])
             row["clip_score"] = mean_ci(per["clip_score"])
-            row.update(bounds)
+            _merge(row, bounds)
             if self.real_images is not None:
                 real = np.concatenate([_real_feats(self.clip, self.real_images, i, self.batch, self.memo)
                                        for i in self.starts])
-                row.update(distribution_distances(per["feat"], real))
+                _merge(row, distribution_distances(per["feat"], real))
         if self.fid is not None:
-            row["fid"], row["fid_n"] = self.fid.compute(), [self.fid.n_real, self.fid.n_fake]
+            _merge(row, _fid_of(self.fid))
         if self.targets is not None:
             attrs = [k[4:] for k in per if k.startswith("acc/")]
             row["accuracy"] = {a: float(per[f"acc/{a}"].mean()) for a in attrs}
             row["accuracy_delta_vs_full"] = {a: mean_ci(per[f"delta/{a}"]) for a in attrs}
         row["per_image_file"] = f"per_image/{_slug(cfg.key)}.safetensors"
         return json.loads(strict_dumps(row))  # the same values a resumed run reads back
+
+
+def _merge(row: dict, part: dict) -> None:
+    """row.update(part), its "skipped" entries added to the row's."""
+    part = dict(part)
+    row["skipped"].update(part.pop("skipped", {}))
+    row.update(part)
+
+
+def _fid_of(fid) -> dict:
+    """FID of the configuration's images against the real ones, or why it is skipped."""
+    if min(fid.n_real, fid.n_fake) < FID_MIN_N:
+        return {"skipped": {"fid": f"FID needs n >= {FID_MIN_N} images per side (got {fid.n_real} real, "
+                                   f"{fid.n_fake} generated); pass --n {FID_MIN_N} or more"}}
+    return {"fid": fid.compute(), "fid_n": [fid.n_real, fid.n_fake]}
 
 
 def _slug(key: str) -> str:
@@ -390,8 +469,6 @@ def _real_feats(clip, real_images, i, batch, memo) -> np.ndarray:
 
 
 def _calls(pipe, cfg: Config) -> int:
-    from ..generate import count_calls
-    from ..models import scheduler_for
 
     with scheduler_for(pipe, cfg.scheduler):
         return count_calls(pipe, cfg.steps)
@@ -416,17 +493,17 @@ def write_summary(rows: list[dict], out: Path) -> None:
 
     from matplotlib.figure import Figure
 
-    from ..results import atomic_write_text, save_figure
 
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["key", "saved_latency", "evaluation_ratio", "l1", "psnr", "image_clip", "clip_score", "accuracy_all",
-                "kid_x1000", "fd_clip", "n"])
+                "kid_x1000", "fd_clip", "n", "skipped"])
     for r in rows:
         w.writerow([r["key"], _fmt(r["saved_latency"], ".4f"), f"{r['evaluation_ratio']:.4f}", f"{r['l1'][0]:.5f}",
                     f"{r['psnr'][0]:.2f}", _fmt(r.get("image_clip", [None])[0], ".3f"),
                     _fmt(r.get("clip_score", [None])[0], ".3f"), _fmt(r.get("accuracy", {}).get("all"), ".4f"),
-                    _fmt(r.get("kid_x1000", [None])[0], ".3f"), _fmt(r.get("fd_clip"), ".4f"), r["n"]])
+                    _fmt(r.get("kid_x1000", [None])[0], ".3f"), _fmt(r.get("fd_clip"), ".4f"), r["n"],
+                    "; ".join(f"{k}: {v}" for k, v in (r.get("skipped") or {}).items())])
     atomic_write_text(out / "sweep.csv", buf.getvalue())
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot(111)
@@ -451,10 +528,11 @@ def passes(row: dict, tolerance: float = 0.01) -> tuple[bool, str]:
     below the seed-to-seed floor. Rows without judged accuracy use only the Image-CLIP rule (or,
     with no CLIP either, PSNR >= 30 dB)."""
     why = []
-    for a, (m, lo, hi) in (row.get("accuracy_delta_vs_full") or {}).items():
-        if a in ("one_object",):
-            continue
-        if lo < -tolerance:
+    deltas = {a: d for a, d in (row.get("accuracy_delta_vs_full") or {}).items() if a != "one_object"}
+    if any(lo is None for _, lo, _ in deltas.values()):  # n = 1: a mean without an interval shows nothing
+        why.append(f"the accuracy differences have no confidence interval at n={row.get('n')} (needs n >= 2 prompts)")
+    for a, (m, lo, hi) in deltas.items():
+        if lo is not None and lo < -tolerance:
             why.append(f"{a} accuracy CI lower bound {lo:+.3f} < -{tolerance}")
     if "image_clip" in row and "image_clip_floor" in row:
         if row["image_clip"][0] < row["image_clip_floor"][0]:
