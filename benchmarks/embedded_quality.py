@@ -1,13 +1,15 @@
 """Quality bars of the embedded shapes-world model, with 95% confidence intervals.
 
-Held-out prompts (attribute combinations never seen in training), 50 DDIM steps, guidance: the recommended scale (--guidance),
+Held-out prompts (attribute combinations never seen in training), 50 DDIM steps, guidance: the
+recommended scale (--guidance),
 image i seeded with seed + i. Prints judged accuracy per attribute, all-attributes-right, world
 CLIPScore of generated images vs real renders of the same captions, the share of unconditional
 samples with exactly one object, and the 8-image speed (median of 5 runs, load average).
 --stops 0.5,0.3 adds guidance stops (unconditional branch after, the paper's w = 0) on the same prompts
 and seeds: their accuracy and the paired difference to full guidance per attribute (normal 95% CI).
 
-    python benchmarks/embedded_quality.py [--n 1000] [--uncond 200] [--stops 0.5] [--model embedded|FOLDER] [--json out.json]
+    python benchmarks/embedded_quality.py [--n 1000] [--uncond 200] [--stops 0.5]
+        [--model embedded|FOLDER] [--json out.json]
 """
 from __future__ import annotations
 
@@ -81,7 +83,8 @@ def stop_rows(pipe, captions, targets, full_acc: dict, args) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="embedded", help="embedded, or a shapes-world model folder (`shapefirst train`)")
+    ap.add_argument("--model", default="embedded",
+                    help="embedded, or a shapes-world model folder (`shapefirst train`)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--uncond", type=int, default=200)
     ap.add_argument("--steps", type=int, default=50)
@@ -110,8 +113,8 @@ def main():
     unc_imgs = []
     for i in range(0, args.uncond, args.batch):
         # guidance 1: both CFG branches would see the same empty text, so one branch gives the same image
-        unc_imgs.append(generate(pipe, [""] * min(args.batch, args.uncond - i), GuidanceSchedule(1.0), steps=args.steps,
-                                 seed=args.seed + 10**6 + i).images)
+        unc_imgs.append(generate(pipe, [""] * min(args.batch, args.uncond - i), GuidanceSchedule(1.0),
+                                 steps=args.steps, seed=args.seed + 10**6 + i).images)
     one = [judge(im).count == 1 for im in np.concatenate(unc_imgs)]
 
     speed = []
@@ -120,7 +123,8 @@ def main():
         speed.append(res.wall_seconds)
     load1 = os.getloadavg()
 
-    out = {"model": args.model, "n": args.n, "steps": args.steps, "guidance": args.guidance, "generation_seconds": gen_s,
+    out = {"model": args.model, "n": args.n, "steps": args.steps, "guidance": args.guidance,
+           "generation_seconds": gen_s,
            "accuracy": {}, "clip_score": {}, "uncond_one_object": {}, "speed_8_images_s": {},
            "machine": f"{platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}",
            "loadavg_before": load0, "loadavg_after": load1}
@@ -132,14 +136,16 @@ def main():
     ratio = cs_gen / np.maximum(cs_real, 1e-6)
     m, lo, hi = mean_ci(ratio)
     out["clip_score"] = {"generated": float(cs_gen.mean()), "real": float(cs_real.mean()), "ratio": [m, lo, hi]}
-    print(f"| world CLIPScore generated / real | {cs_gen.mean():.2f} / {cs_real.mean():.2f} = {m:.3f} | [{lo:.3f}, {hi:.3f}] | >= 0.90 |")
+    print(f"| world CLIPScore generated / real | {cs_gen.mean():.2f} / {cs_real.mean():.2f} = {m:.3f} | "
+          f"[{lo:.3f}, {hi:.3f}] | >= 0.90 |")
     k = sum(one)
     lo, hi = wilson(k, len(one))
     out["uncond_one_object"] = {"value": k / len(one), "ci": [lo, hi], "n": len(one)}
     print(f"| unconditional: exactly one object (n={len(one)}) | {k / len(one):.1%} | [{lo:.1%}, {hi:.1%}] | >= 90% |")
     med = statistics.median(speed)
     out["speed_8_images_s"] = {"median": med, "runs": speed}
-    print(f"| 8 images, 50 steps, full guidance (median of {len(speed)}) | {med:.2f} s | runs {', '.join(f'{s:.2f}' for s in speed)} | <= 5 s |",
+    print(f"| 8 images, 50 steps, full guidance (median of {len(speed)}) | {med:.2f} s | "
+          f"runs {', '.join(f'{s:.2f}' for s in speed)} | <= 5 s |",
           flush=True)
     full = {a: acc[a].astype(float) for a in ATTRS}
     out["stops"] = stop_rows(pipe, captions, targets, full, args) if args.stops else {}

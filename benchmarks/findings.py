@@ -10,7 +10,8 @@
 - token ablations: judged accuracy when the words, the [EOS] block or parts of it are zeroed or noised,
   and when only the attention keys or values get another prompt's [EOS] block (ablation-n prompts).
 
-    python benchmarks/findings.py [--n 200] [--pairs 200] [--switch-pairs 48] [--ablation-n 24] [--steps 50] [--out findings]
+    python benchmarks/findings.py [--n 200] [--pairs 200] [--switch-pairs 48] [--ablation-n 24]
+        [--steps 50] [--out findings]
 """
 from __future__ import annotations
 
@@ -121,7 +122,8 @@ def main():
     for a, st in switch_stages.items():
         for name, summ in st.data["schedules"].items():
             for attr, v in summ["settle"].items():
-                print(f"| {a} | {attr} | {v['median']:.0f} | {v['p90']:.0f} | {summ['final_match'].get(attr, float('nan')):.0%} |")
+                print(f"| {a} | {attr} | {v['median']:.0f} | {v['p90']:.0f} | "
+                      f"{summ['final_match'].get(attr, float('nan')):.0%} |")
     rev = freq.data["reverse"]
     print(f"\n## Frequency (n={freq.data['settings']['n_images']}): x0-hat band settling call (tol {rev['tol']})")
     for space, d in rev["settle_median"].items():
@@ -129,9 +131,11 @@ def main():
               f"low settles no later than high in {rev['settle'][space]['share_low_not_after_high']:.0%} of images")
     sm = att.data["summary"]
     print(f"\n## Attention (n={args.attention_n})")
-    print("- mean attention mass per class: " + ", ".join(f"{c} {v:.3f}" for c, v in sm["mean_mass_per_class"].items()))
+    print("- mean attention mass per class: "
+          + ", ".join(f"{c} {v:.3f}" for c, v in sm["mean_mass_per_class"].items()))
     print(f"- [SOS] mass, lowest per-call mean: {sm['sos_mass_min_over_calls']:.3f}")
-    print(f"- semantic-token maps stay at relative F1 >= 0.9 of the final map from call {sm['semantic_f1_ge_0.9_from_call']}")
+    print("- semantic-token maps stay at relative F1 >= 0.9 of the final map from call "
+          f"{sm['semantic_f1_ge_0.9_from_call']}")
     print(f"\n## [EOS] swap (n={args.pairs} pairs): A's words + B's [EOS] block")
     print("| attribute | n (A != B) | judged as A | judged as B |")
     print("|---|---:|---:|---:|")
@@ -145,7 +149,8 @@ def main():
         print(f"| {attr} | {d['n']} | {_share(d['words'])} | {_share(d['eos'])} |")
     if swap.data.get("clip"):
         c = swap.data["clip"]["swap"]["b_minus_a"]
-        print(f"- world CLIPScore(B) - CLIPScore(A) of swapped images: {c['mean']:+.2f} [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}]")
+        print(f"- world CLIPScore(B) - CLIPScore(A) of swapped images: {c['mean']:+.2f} "
+              f"[{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}]")
     print(f"\n## [EOS] switched to B's only from call a on (n={args.switch_pairs} pairs): share judged as B")
     sw_data = sw.data["switch"]
     attrs = sorted({a for e in sw_data["per_call"] for a in e.get("shares", {})})

@@ -14,7 +14,8 @@ a rerun skips finished configurations. Then prints a markdown table (also writte
 <results>/guidance_curve.md), draws <results>/guidance_curve.png and applies the recommendation
 rule (RULE below), written to <results>/guidance_curve_recommended.json once every DDIM scale is done.
 
-    python benchmarks/guidance_curve.py [--n 500] [--scales 1.5,2,3,4,5,7.5] [--model embedded|FOLDER] [--results DIR] [--table-only]
+    python benchmarks/guidance_curve.py [--n 500] [--scales 1.5,2,3,4,5,7.5] [--model embedded|FOLDER]
+        [--results DIR] [--table-only]
 """
 from __future__ import annotations
 
@@ -210,7 +211,8 @@ def report(out: Path, scales: list[float], n: int, seed: int, model: str = "embe
     m = recs[0]["machine"]
     wall = sum(r["wall_seconds"] for r in recs)
     missing = [key_of(s, x) for s in SAMPLERS for x in ordered_scales(scales) if key_of(s, x) not in done]
-    lines = [f"# Guidance curve of {'the embedded model' if model == 'embedded' else model} (n={n} held-out prompts, seed {seed}, image i seeded seed+i; "
+    lines = [f"# Guidance curve of {'the embedded model' if model == 'embedded' else model} (n={n} held-out prompts, "
+             f"seed {seed}, image i seeded seed+i; "
              "full classifier-free guidance)", "",
              f"Machine: {m['processor']} x{m['cpu_count']}, torch {m['torch']} ({m['platform']}); "
              f"{len(recs)} configurations, {wall / 60:.1f} min of wall time in all; load average (1 min) per "
@@ -257,7 +259,8 @@ def main():
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--results", default=str(HERE / "results"))
-    ap.add_argument("--model", default="embedded", help="embedded, or a shapes-world model folder (`shapefirst train`)")
+    ap.add_argument("--model", default="embedded",
+                    help="embedded, or a shapes-world model folder (`shapefirst train`)")
     ap.add_argument("--table-only", action="store_true", help="only read the JSONL and write the table/figure/verdict")
     args = ap.parse_args()
     scales = [float(s) for s in args.scales.split(",")]

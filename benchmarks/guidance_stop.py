@@ -65,10 +65,13 @@ def main():
     load1 = os.getloadavg()
     dev = "cuda " + torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else \
         f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
-    print(f"# guidance stop benchmark: model={args.model} scheduler={args.scheduler} steps={args.steps} guidance={w:g} "
+    print(f"# guidance stop benchmark: model={args.model} scheduler={args.scheduler} steps={args.steps} "
+          f"guidance={w:g} "
           f"repeats={args.repeats} device={dev} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"# load average before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
-    print("| batch | schedule | median s | time / full (median of ratios) | saved | evaluations / full | saved bound |")
+    print(f"# load average before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
+          f"after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    print("| batch | schedule | median s | time / full (median of ratios) | saved | evaluations / full | "
+          "saved bound |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for batch, name, med, ratio, ev in rows:
         print(f"| {batch} | {name} | {med:.3f} | {ratio:.3f} | {1 - ratio:.1%} | {ev:.3f} | {1 - ev:.1%} |")

@@ -101,7 +101,8 @@ def run_pipe(pipe, prompts, seed, steps, scheduler, scale=7.5, call=None, **kw) 
 def image_by_image(pipe, prompts, seed, steps, scheduler, scale=7.5, **kw) -> GenerationResult:
     """run_pipe one prompt per call (image i keeps seed + i); the time is the sum of the calls."""
     rs = [run_pipe(pipe, [p], seed + i, steps, scheduler, scale, **kw) for i, p in enumerate(prompts)]
-    return GenerationResult(np.concatenate([r.images for r in rs]), list(prompts), [seed + i for i in range(len(prompts))],
+    return GenerationResult(np.concatenate([r.images for r in rs]), list(prompts),
+                            [seed + i for i in range(len(prompts))],
                             [e for r in rs for e in r.evaluations_per_image], sum(r.wall_seconds for r in rs))
 
 
@@ -216,7 +217,8 @@ def interval_steps(pipe, steps: int, scheduler: str, lo: float = 0.28, hi: float
 
 def configs(pipe, args) -> list[Config]:
     """Per cost level f (fraction of guided calls): shapefirst's stop (the first of --after, default
-    the paper's unconditional branch; from the second level on with the first late cache) and the peers at the same level;
+    the paper's unconditional branch; from the second level on with the first late cache) and the
+    peers at the same level;
     Adaptive Guidance at the given thresholds (tune them to a level's average cost). Then the
     extras: the other cache/no-cache variants, Guidance Interval at its paper's interval, and
     diffusers' callback. Ordered by priority, since a sweep finishes configurations in order."""
@@ -250,7 +252,8 @@ def configs(pipe, args) -> list[Config]:
             main += [Config(f"shapefirst shape-settled tol={t} {a}" + (f" +{c.label}" if c else ""), shape, sch, n,
                             cache=c) for c in [None] + caches]
     main += tcache_configs(args) if args.tcaches else []
-    for d in args.deepcache if unet else []:  # DeepCache alone, and with the stop at every level (aligned to its refreshes)
+    # DeepCache alone, and with the stop at every level (aligned to its refreshes)
+    for d in args.deepcache if unet else []:
         main.append(Config(f"DeepCache interval={d} (DeepCache)", GuidanceSchedule(w), sch, n, run=deepcache(d, w)))
         for k in dict.fromkeys(aligned_stop(f, n, d) for f in args.levels):
             for a in args.after:
@@ -295,7 +298,8 @@ def table(out: Path, tolerance: float) -> str:
     stored in the row; paired differences from the per-image judgments (judged.safetensors in a kept study)."""
     q, t = read_study(out)
     t1 = {r["name"]: r for r in read_jsonl(rows_file(out, "timing_b1"))}
-    lines = ["| configuration | saved latency (batch 8) | batch 1 | evaluations | all five right | Δ all vs full [95% CI] "
+    lines = ["| configuration | saved latency (batch 8) | batch 1 | evaluations | all five right "
+             "| Δ all vs full [95% CI] "
              "| worst attribute Δ lower bound | Image-CLIP | KID×1000 [≈95% CI] | within tolerance |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     real = None
@@ -313,13 +317,15 @@ def table(out: Path, tolerance: float) -> str:
         ok, why = passes(r, tolerance)
         kid = r.get("kid_x1000")
         lines.append(f"| {name} | {'-' if sv is None or batch1_only(name) else f'{sv:.1%}'} | "
-                     f"{'-' if sv1 is None else f'{sv1:.1%}'} | ×{r['evaluation_ratio']:.3f} | {r['accuracy']['all']:.1%} | "
+                     f"{'-' if sv1 is None else f'{sv1:.1%}'} | ×{r['evaluation_ratio']:.3f} | "
+                     f"{r['accuracy']['all']:.1%} | "
                      f"{d['all'][0]:+.3f} [{d['all'][1]:+.3f}, {d['all'][2]:+.3f}] | {worst[0]:+.3f} ({worst[1]}) | "
                      f"{r['image_clip'][0]:.1f} | {kid[0]:.2f} [{kid[1]:.2f}, {kid[2]:.2f}] | "
                      f"{'yes' if ok else 'no: ' + why} |")
     lines += ["", "Head to head (paired over the same prompts and seeds: accuracy of shapefirst minus the peer's; "
               "saved latency at batch 8, or at batch 1 for a peer that only runs image by image):", "",
-              "| shapefirst | peer | Δ all five right [95% CI] | Δ shape [95% CI] | saved latency: shapefirst / peer |",
+              "| shapefirst | peer | Δ all five right [95% CI] | Δ shape [95% CI] | "
+              "saved latency: shapefirst / peer |",
               "|---|---|---|---|---|"]
     lines += [head_to_head(out, a, b, t, t1) for a in q.values() for b in q.values() if near(a, b, t)]
     r0 = q["full"]
@@ -409,7 +415,8 @@ def main():
     ap.add_argument("--after", type=lambda s: [x for x in s.split(",") if x], default=["uncond"],
                     help="branches shapefirst keeps after its stops (uncond: the paper's; cond), each with its rows")
     ap.add_argument("--shape", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
-                    help="tolerances of shapefirst's shape-settled adaptive stop (each branch of --after kept after it)")
+                    help="tolerances of shapefirst's shape-settled adaptive stop "
+                         "(each branch of --after kept after it)")
     ap.add_argument("--deepcache", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                     help="cache intervals of the DeepCache package; the i-th also with shapefirst's stop at level i")
     ap.add_argument("--tcaches", type=kinds, default=[],
@@ -449,7 +456,8 @@ def main():
     pipe = load_pipeline(args.model)
     prompts, targets = world_prompts(args.n, 0)
     timing = args.phase == "timing"
-    out = args.out / (args.phase if not timing or args.batch == 8 else f"timing_b{args.batch}")  # batch 8: the plot's axis
+    # batch 8: the plot's axis
+    out = args.out / (args.phase if not timing or args.batch == 8 else f"timing_b{args.batch}")
     print(f"# {args.phase}: {machine()}", flush=True)
     rows = run_sweep(pipe, prompts, out, targets=targets, configs=configs(pipe, args), batch=args.batch,
                      timing_batches=10**9 if timing else 0, clip=Clip.load(world_clip(args.model)),

@@ -118,7 +118,8 @@ def test_the_late_cache_acts_once_every_sample_stopped(tiny_pipe):
     sched = shape(1e9, 1, 2)  # every sample unguided from call 3
     plain = generate(tiny_pipe, PROMPTS, sched, steps=STEPS, scheduler="ddim")
     cached = generate(tiny_pipe, PROMPTS, sched, steps=STEPS, scheduler="ddim", cache=LateCache("mean"))
-    assert cached.settings["first_unguided_call_per_image"] == plain.settings["first_unguided_call_per_image"] == [3, 3]
+    assert (cached.settings["first_unguided_call_per_image"] == plain.settings["first_unguided_call_per_image"]
+            == [3, 3])
     assert not np.array_equal(cached.images, plain.images)
 
 
@@ -155,7 +156,8 @@ def test_every_family_follows_the_recorders_x0_hat(fam):
 
 @pytest.mark.parametrize("kind", ["img2img", "inpaint", "controlnet"])
 def test_image_pipelines_follow_the_recorders_x0_hat(kind, tmp_path):
-    """img2img (a shortened schedule), inpainting (a 9-channel UNet input: x0-hat from its latent channels), ControlNet."""
+    """img2img (a shortened schedule), inpainting (a 9-channel UNet input: x0-hat from its latent channels),
+    ControlNet."""
     from test_pipelines import inputs
 
     from shapefirst.tiny import tiny_sd_variant

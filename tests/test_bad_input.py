@@ -19,7 +19,8 @@ def rows():
     for line in DOC.read_text().splitlines():
         m = ROW.match(line.strip())
         if m:
-            out.append(pytest.param(m.group(3), m.group(4).strip(), int(m.group(5)), id=f"{m.group(1)}-{m.group(2).strip()}"))
+            out.append(pytest.param(m.group(3), m.group(4).strip(), int(m.group(5)),
+                                    id=f"{m.group(1)}-{m.group(2).strip()}"))
     return out
 
 
@@ -83,7 +84,8 @@ def _more_places(p, root, tiny_folder):
     p["user_dir"].mkdir()
     (p["user_dir"] / "thesis.tex").write_text("precious")
     for name, edit in (("no_unet", lambda d: shutil.rmtree(d / "unet")),
-                       ("no_tok", lambda d: [f.unlink() for f in (d / "tokenizer").iterdir() if f.name != "tokenizer_config.json"]),
+                       ("no_tok", lambda d: [f.unlink() for f in (d / "tokenizer").iterdir()
+                                             if f.name != "tokenizer_config.json"]),
                        ("bad_width", lambda d: _edit(d / "unet" / "config.json", cross_attention_dim=48)),
                        ("bad_shape", lambda d: _edit(d / "unet" / "config.json", block_out_channels=[32, 64]))):
         shutil.copytree(tiny_folder, root / name)
@@ -94,7 +96,8 @@ def _more_places(p, root, tiny_folder):
     tiny_sd_pipeline(seed=1, folder=root / "other_tok").save_pretrained(root / "other_model")
     p["other_model"] = root / "other_model"
     for name, argv in (("gen_dir", ["generate", "x", "--model", tiny_folder, "--steps", "2"]),
-                       ("sweep_dir", ["sweep", "--model", tiny_folder, "--prompts", p["prompts"], "--n", "2", "--steps", "2",
+                       ("sweep_dir", ["sweep", "--model", tiny_folder, "--prompts", p["prompts"],
+                                      "--n", "2", "--steps", "2",
                                       "--stops", "0.5", "--schedulers", "ddim", "--timing-batches", "0"]),
                        ("analysis_dir", ["analyze", "frequency", "--model", tiny_folder, "--prompts", p["prompts"],
                                          "--steps", "2", "--n", "2"])):

@@ -141,7 +141,8 @@ def test_guidance_interval_counts_and_edges(tiny_pipe):
         GuidanceSchedule(7.5, start=0.6, stop=0.5)
 
 
-@pytest.mark.parametrize("spec,want", [("none", None), ("mean", LateCache("mean")), ("kept+deep3", LateCache("kept", 3)),
+@pytest.mark.parametrize("spec,want", [("none", None), ("mean", LateCache("mean")),
+                                       ("kept+deep3", LateCache("kept", 3)),
                                        ("deep4d2", LateCache(deep_interval=4, deep_depth=2))])
 def test_parse_round_trips(spec, want):
     got = LateCache.parse(spec)

@@ -40,8 +40,10 @@ def test_trace_changes_nothing_and_image_i_regenerates_alone(tiny_folder, tmp_pa
     assert run(["generate", "a red circle", "a blue square", *common, "--out", b], capsys)[0] == 0
     for n in ("image_000.png", "image_001.png"):
         assert np.array_equal(np.asarray(Image.open(a / n)), np.asarray(Image.open(b / n)))
-    assert run(["generate", "a blue square", "--model", tiny_folder, "--steps", 5, "--seed", 8, "--out", c], capsys)[0] == 0
-    diff = np.abs(np.asarray(Image.open(b / "image_001.png"), dtype=int) - np.asarray(Image.open(c / "image_000.png"), dtype=int))
+    assert run(["generate", "a blue square", "--model", tiny_folder, "--steps", 5, "--seed", 8,
+                "--out", c], capsys)[0] == 0
+    diff = np.abs(np.asarray(Image.open(b / "image_001.png"), dtype=int)
+                  - np.asarray(Image.open(c / "image_000.png"), dtype=int))
     assert diff.max() <= 1
 
 
@@ -157,7 +159,8 @@ def test_pickle_only_weights_are_refused_unless_allowed(tiny_pipe, tmp_path, cap
     code, err = run(["generate", "x", "--model", folder, "--steps", 2, "--out", tmp_path / "o"], capsys)
     assert code == 2 and "pickle" in err and "--allow-pickle" in err
     assert not (tmp_path / "o").exists()
-    code, err = run(["generate", "x", "--model", folder, "--steps", 2, "--out", tmp_path / "o", "--allow-pickle"], capsys)
+    code, err = run(["generate", "x", "--model", folder, "--steps", 2,
+                     "--out", tmp_path / "o", "--allow-pickle"], capsys)
     assert code == 0, err
 
 
@@ -174,12 +177,14 @@ def test_calibrate_ranks_stops_adaptive_and_caches_and_prints_a_runnable_snippet
     """On the embedded model (few prompts, 4 steps): every candidate gets a verdict line, the
     recommendation (if any) is the fastest passing one and its snippet runs."""
     out = tmp_path / "cal"
+    # cosine 0.9995, none,mean,kept+deep3: defaults
     code = main(["calibrate", "--n", "8", "--steps", "4", "--stops", "0.5", "--adaptive-shape", "0.05",
-                 "--modes", "uncond", "--timing-batches", "0", "--out", str(out)])  # cosine 0.9995, none,mean,kept+deep3: defaults
+                 "--modes", "uncond", "--timing-batches", "0", "--out", str(out)])
     text = capsys.readouterr().out
     assert code == 0
     verdicts = [line for line in text.splitlines() if line.startswith(("PASS", "fail"))]
-    names = [f"{rule} uncond{c}" for rule in ("stop=0.5", "adaptive=0.9995", "adaptive-shape=0.05") for c in ("", " +mean", " +kept+deep3")]
+    names = [f"{rule} uncond{c}" for rule in ("stop=0.5", "adaptive=0.9995", "adaptive-shape=0.05")
+             for c in ("", " +mean", " +kept+deep3")]
     assert sorted(line[5:].split(" saved ")[0].strip() for line in verdicts) == sorted(f"ddim/4/{n}" for n in names)
     assert (out / "sweep.jsonl").exists() and (out / "pareto.png").exists()
     if "recommended:" in text:

@@ -28,7 +28,8 @@ def run(pipe, prompts, **kw):
 def test_the_stop_on_a_refresh_call_equals_diffusers_callback_under_deepcache(tiny_pipe):
     stop = 2 * INTERVAL  # the first unguided call, refreshed by DeepCache
     cb = SDCFGCutoffCallback(cutoff_step_index=stop - 1, cutoff_step_ratio=None)
-    ref = run(tiny_pipe, ["a red circle"], callback_on_step_end=cb, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    ref = run(tiny_pipe, ["a red circle"], callback_on_step_end=cb,
+              callback_on_step_end_tensor_inputs=["prompt_embeds"])
     with guidance_schedule(tiny_pipe, GuidanceSchedule(W, stop_step=stop, after="cond")) as hook:
         got = run(tiny_pipe, ["a red circle"])
     assert np.array_equal(got, ref)

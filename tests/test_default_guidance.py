@@ -42,8 +42,10 @@ def test_analyze_defaults_to_it(scale, tmp_path, capsys):
     assert run(["analyze", "frequency", "--n", 1, "--steps", 2, "--out", tmp_path / "a"], capsys)[0] == 0
     schedule = json.loads((tmp_path / "a" / "frequency" / "results.json").read_text())["settings"]["schedule"]
     assert schedule["scale"] == scale
-    assert run(["analyze", "frequency", "--n", 1, "--steps", 2, "--guidance", 2.5, "--out", tmp_path / "b"], capsys)[0] == 0
-    assert json.loads((tmp_path / "b" / "frequency" / "results.json").read_text())["settings"]["schedule"]["scale"] == 2.5
+    assert run(["analyze", "frequency", "--n", 1, "--steps", 2, "--guidance", 2.5,
+                "--out", tmp_path / "b"], capsys)[0] == 0
+    assert (json.loads((tmp_path / "b" / "frequency" / "results.json").read_text())["settings"]["schedule"]["scale"]
+            == 2.5)
 
 
 def _rows(folder):

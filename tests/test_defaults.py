@@ -105,7 +105,8 @@ def test_yerr_is_clipped_at_the_estimate():
 def test_report_with_defaults_on_a_tiny_pipeline(tiny_folder, tiny_inputs, tmp_path, capsys):
     root, clip = tiny_inputs
     out = tmp_path / "rep"
-    code, err = run(["report", "--model", tiny_folder, "--prompts", root / "prompts.txt", "--pairs", root / "pairs.txt",
+    code, err = run(["report", "--model", tiny_folder, "--prompts", root / "prompts.txt",
+                     "--pairs", root / "pairs.txt",
                      "--clip", clip, "--out", out], capsys)
     assert code == 0, err
     assert "warning" not in err and "Traceback" not in err, err

@@ -7,8 +7,8 @@ import torch
 from shapefirst.errors import ShapefirstError
 from shapefirst.experiments.eos_swap import (EosSwitch, encode_prompts, eos_switch, generate_embeds, generate_swaps,
                                              generate_switch, plot_eos_swap, run_eos_swap, swapped)
-from shapefirst.experiments.token_ablation import (KVState, KVSubstituteProcessor, kv_substitution, plot_token_ablation,
-                                                   run_token_ablation, variant_embedding)
+from shapefirst.experiments.token_ablation import (KVState, KVSubstituteProcessor, kv_substitution,
+                                                   plot_token_ablation, run_token_ablation, variant_embedding)
 from shapefirst.generate import count_calls, generate
 from shapefirst.prompts import PAIR_KINDS, read_pairs, read_prompts, world_pairs
 from shapefirst.results import Result
@@ -26,7 +26,8 @@ def _write(tmp_path, name, data):
 
 
 def test_read_prompts_skips_blank_and_comment_lines(tmp_path):
-    p = _write(tmp_path, "p.txt", "\ufeff# header\n\n  a red circle  \n   # indented comment\na cat # not a comment\n\n")
+    p = _write(tmp_path, "p.txt", "\ufeff# header\n\n"
+                                  "  a red circle  \n   # indented comment\na cat # not a comment\n\n")
     assert read_prompts(p) == ["a red circle", "a cat # not a comment"]
 
 
@@ -208,7 +209,8 @@ def test_kv_substitution_restores_processors_after_exception(tiny_pipe):
     with pytest.raises(RuntimeError, match="boom"):
         with kv_substitution(tiny_pipe) as st:
             during = unet.attn_processors
-            assert all(isinstance(v, KVSubstituteProcessor) == k.endswith("attn2.processor") for k, v in during.items())
+            assert all(isinstance(v, KVSubstituteProcessor) == k.endswith("attn2.processor")
+                       for k, v in during.items())
             st.set(torch.zeros(1, 77, 32), "keys")
             raise RuntimeError("boom")
     after = unet.attn_processors
@@ -245,7 +247,8 @@ def tiny_clip(tmp_path_factory, tiny_folder):
     from shapefirst.world.vocab import load_tokenizer
 
     n_vocab = len(load_tokenizer(root / "tokenizer"))
-    cfg = CLIPConfig(text_config={"vocab_size": n_vocab, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+    cfg = CLIPConfig(text_config={"vocab_size": n_vocab, "hidden_size": 16, "intermediate_size": 32,
+                                  "num_hidden_layers": 1,
                                   "num_attention_heads": 2, "max_position_embeddings": 77},
                      vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                                     "num_attention_heads": 2, "image_size": 16, "patch_size": 8},

@@ -400,7 +400,8 @@ def test_scheduler_choices_per_family(fam):
     before = pipe.scheduler
     try:
         if name == "sd3":
-            with pytest.raises(ShapefirstError, match="scheduler ddim is not available for the sd3 family; use: euler"):
+            with pytest.raises(ShapefirstError, match="scheduler ddim is not available for the sd3 family; "
+                                                      "use: euler"):
                 set_scheduler(pipe, "ddim")
             set_scheduler(pipe, "euler")
             assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
@@ -513,7 +514,8 @@ def test_generate_supplies_pixarts_call_defaults_only_where_needed(tmp_path, sam
         with pytest.raises(ValueError, match="Invalid sample size"):
             pipe(PROMPTS[:1], num_inference_steps=2, clean_caption=False, output_type="np")
     got = generate(pipe, PROMPTS[:1], GuidanceSchedule(W), steps=2, seed=0).images
-    ref = pipe(PROMPTS[:1], num_inference_steps=2, guidance_scale=W, generator=gens(0, 1), output_type="np", **want).images
+    ref = pipe(PROMPTS[:1], num_inference_steps=2, guidance_scale=W, generator=gens(0, 1),
+               output_type="np", **want).images
     assert np.array_equal(got, ref)
 
 

@@ -159,7 +159,8 @@ def test_sweep_reports_fid_per_configuration(tiny_pipe, tmp_path, model):
     real = _images(5, 6, 0.2, 0.9)
     meter = fidmod.Fid(model)
     meter.update(real, real=True)
-    cfgs = [Config("full", GuidanceSchedule(7.5), "ddim", 3), Config("stop", GuidanceSchedule(7.5, stop=0.5), "ddim", 3)]
+    cfgs = [Config("full", GuidanceSchedule(7.5), "ddim", 3),
+            Config("stop", GuidanceSchedule(7.5, stop=0.5), "ddim", 3)]
     rows = run_sweep(tiny_pipe, prompts, tmp_path, configs=cfgs, batch=2, timing_batches=0, fid=meter)
     for cfg, row in zip(cfgs, rows):
         imgs = np.concatenate([generate(tiny_pipe, prompts[i:i + 2], cfg.schedule, steps=3, seed=i).images

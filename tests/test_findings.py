@@ -9,7 +9,8 @@ from shapefirst.results import Result
 
 
 def attention(sos, eos_pad):
-    return {"summary": {"mean_mass_per_class": {"sos": sos, "semantic": 0.05, "eos": 0.02, "eos_pad": eos_pad, "pad": 0.0},
+    return {"summary": {"mean_mass_per_class": {"sos": sos, "semantic": 0.05, "eos": 0.02,
+                                                "eos_pad": eos_pad, "pad": 0.0},
                         "semantic_f1_ge_0.9_from_call": 3}}
 
 
@@ -30,7 +31,8 @@ def stages(texture, shape):
 
 
 def test_attention_sink_is_the_class_with_the_most_mass():
-    assert "[EOS] padding tokens are the attention sink here (0.86" in attention_analysis.findings(attention(0.007, 0.859))[0]
+    assert ("[EOS] padding tokens are the attention sink here (0.86"
+            in attention_analysis.findings(attention(0.007, 0.859))[0])
     assert "the paper reports [SOS]" in attention_analysis.findings(attention(0.007, 0.859))[0]
     assert attention_analysis.findings(attention(0.7, 0.2))[0].startswith("[SOS] is the attention sink here (0.70")
 
@@ -44,14 +46,16 @@ def test_frequency_order_follows_the_settling_calls():
 
 def test_eos_swap_says_which_prompt_the_image_follows():
     assert "follows B's [EOS] in every judged attribute" in eos_analysis.findings(eos(0.9, 0.1, 0.8, 0.2))[0]
-    assert "follows A's words in every judged attribute, against the paper" in eos_analysis.findings(eos(0.1, 0.9, 0.2, 0.8))[0]
+    assert ("follows A's words in every judged attribute, against the paper"
+            in eos_analysis.findings(eos(0.1, 0.9, 0.2, 0.8))[0])
     assert eos_analysis.title(eos(0.9, 0.1, 0.8, 0.2)) == "[EOS] decides the object"
     assert eos_analysis.title(eos(0.1, 0.9, 0.2, 0.8)).startswith("The words, not [EOS]")
 
 
 def test_stages_texture_order():
     assert "as the paper reports" in stages_analysis.findings(stages(texture=15, shape=4))[0]
-    assert "texture is not the last to settle here, against the paper" in stages_analysis.findings(stages(texture=1, shape=4))[0]
+    assert ("texture is not the last to settle here, against the paper"
+            in stages_analysis.findings(stages(texture=1, shape=4))[0])
 
 
 def test_report_captions_are_computed_from_the_saved_results(tmp_path):

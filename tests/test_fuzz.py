@@ -44,10 +44,12 @@ def _float_opts(family):
 
 def _base(family, p):
     return {"generate": ["generate", "x", "--model", p["model"], "--steps", "2"],
-            "analyze": ["analyze", "frequency", "--model", p["model"], "--steps", "2", "--prompts", str(p["root"] / "file.txt")],
+            "analyze": ["analyze", "frequency", "--model", p["model"], "--steps", "2",
+                        "--prompts", str(p["root"] / "file.txt")],
             "report": ["report", "--model", p["model"], "--prompts", str(p["root"] / "file.txt")],
             "sweep": ["sweep", "--model", p["model"], "--prompts", str(p["root"] / "file.txt"), "--steps", "2"],
-            "calibrate": ["calibrate", "--model", p["model"], "--prompts", str(p["root"] / "file.txt"), "--steps", "2"],
+            "calibrate": ["calibrate", "--model", p["model"],
+                          "--prompts", str(p["root"] / "file.txt"), "--steps", "2"],
             "train": ["train", "--tiny"]}[family]
 
 
@@ -112,7 +114,8 @@ def cases(family):
                 ("adaptive-1.5", lambda p: ["--adaptive", "1.5"]), ("caches-bad", lambda p: ["--caches", "deep"]),
                 ("n-0", lambda p: ["--n", "0"]), ("batch-0", lambda p: ["--batch", "0"])]
     if family == "sweep":
-        out += [("schedulers-empty", lambda p: ["--schedulers", ""]), ("schedulers-bad", lambda p: ["--schedulers", "heun9"]),
+        out += [("schedulers-empty", lambda p: ["--schedulers", ""]),
+                ("schedulers-bad", lambda p: ["--schedulers", "heun9"]),
                 ("real-no-inception", lambda p: ["--real", str(p["root"] / "dir")])]
     if family == "calibrate":
         out += [("modes-bad", lambda p: ["--modes", "both"]), ("tolerance-0", lambda p: ["--tolerance", "0"])]

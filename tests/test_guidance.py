@@ -36,7 +36,8 @@ def test_no_stop_is_bit_identical_to_the_plain_pipeline(tiny_pipe):
 @pytest.mark.parametrize("k", [1, 3, 7])
 def test_cond_mode_equals_diffusers_cfg_cutoff_callback(tiny_pipe, k):
     cb = SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=k - 1)
-    ref = plain(tiny_pipe, PROMPTS[:1], 1, callback_on_step_end=cb, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    ref = plain(tiny_pipe, PROMPTS[:1], 1, callback_on_step_end=cb,
+                callback_on_step_end_tensor_inputs=["prompt_embeds"])
     res = generate(tiny_pipe, PROMPTS[:1], GuidanceSchedule(stop_step=k, after="cond"), steps=8)
     assert np.array_equal(res.images, ref)
     assert res.evaluations_per_image == [2 * k + (8 - k)]
@@ -122,7 +123,8 @@ def test_negative_prompt_uncond_warns_once_and_follows_negative_branch(tiny_pipe
 
 
 def test_adaptive_never_stops_before_min_call_and_falls_back_to_full_guidance(tiny_pipe):
-    never = generate(tiny_pipe, PROMPTS, GuidanceSchedule(adaptive=AdaptiveStop(threshold=0.999999999, min_call=0)), steps=8)
+    never = generate(tiny_pipe, PROMPTS, GuidanceSchedule(adaptive=AdaptiveStop(threshold=0.999999999, min_call=0)),
+                     steps=8)
     full = generate(tiny_pipe, PROMPTS, GuidanceSchedule(), steps=8)
     assert np.array_equal(never.images, full.images) and never.evaluations_per_image == [16, 16]
     early = generate(tiny_pipe, PROMPTS, GuidanceSchedule(adaptive=AdaptiveStop(threshold=1e-9, min_call=3)), steps=8)

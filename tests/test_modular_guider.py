@@ -29,7 +29,8 @@ def test_schedule_matches_the_modular_guider(pipes, start, stop):
     pipe, modular = pipes
     w, n = 5.0, 10
     modular.update_components(guider=ClassifierFreeGuidance(guidance_scale=w, start=start, stop=stop))
-    theirs = modular(prompt=PROMPTS, num_inference_steps=n, generator=torch.Generator().manual_seed(3), output="latents")
+    theirs = modular(prompt=PROMPTS, num_inference_steps=n, generator=torch.Generator().manual_seed(3),
+                     output="latents")
     run = dict(prompt=PROMPTS, num_inference_steps=n, guidance_scale=w, output_type="latent")
     with guidance_schedule(pipe, GuidanceSchedule(w, start=start, stop=stop, after="cond")) as hook:
         ours = pipe(**run, generator=torch.Generator().manual_seed(3)).images

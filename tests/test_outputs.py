@@ -170,7 +170,8 @@ def test_sweep_stops_are_deduplicated_and_empty_lists_refused(tiny_folder, tmp_p
     assert code == 0, err
     keys = [strict(x)["key"] for x in (out / "sweep.jsonl").read_text().splitlines()]
     assert keys == ["ddim/2/full", "ddim/2/stop=0.5 uncond", "ddim/2/stop=0.5 cond"]
-    code, err = run(["sweep", "--model", tiny_folder, "--prompts", prompts, "--schedulers", "", "--out", tmp_path / "e"],
+    code, err = run(["sweep", "--model", tiny_folder, "--prompts", prompts, "--schedulers", "",
+                     "--out", tmp_path / "e"],
                     capsys)
     assert code == 2 and "--schedulers is empty" in err, err
 
@@ -179,13 +180,15 @@ def test_sweep_stops_are_deduplicated_and_empty_lists_refused(tiny_folder, tmp_p
 def test_every_json_file_the_commands_write_is_strict(tiny_folder, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\n")
-    assert run(["generate", "x", "--model", tiny_folder, "--steps", 2, "--trace", "--out", tmp_path / "g"], capsys)[0] == 0
+    assert run(["generate", "x", "--model", tiny_folder, "--steps", 2, "--trace",
+                "--out", tmp_path / "g"], capsys)[0] == 0
     for name in ("frequency", "attention", "token-ablation"):
         code, err = run(["analyze", name, "--model", tiny_folder, "--steps", 2, "--n", 2, "--prompts", prompts,
                          "--out", tmp_path / "a"], capsys)
         assert code == 0, err
     assert run(["sweep", "--model", tiny_folder, "--prompts", prompts, "--n", 2, "--batch", 2, "--steps", 2,
-                "--stops", "0.5", "--schedulers", "ddim", "--timing-batches", 0, "--out", tmp_path / "s"], capsys)[0] == 0
+                "--stops", "0.5", "--schedulers", "ddim", "--timing-batches", 0,
+                "--out", tmp_path / "s"], capsys)[0] == 0
     files = [p for p in tmp_path.rglob("*") if p.suffix in (".json", ".jsonl")]
     assert len(files) >= 6
     for p in files:
@@ -205,7 +208,8 @@ def test_fd_with_too_few_images_is_null_with_its_reason():
     from shapefirst.sweep import distribution_distances
 
     rng = np.random.default_rng(0)
-    d = distribution_distances(rng.normal(size=(8, 16)).astype(np.float32), rng.normal(size=(8, 16)).astype(np.float32))
+    d = distribution_distances(rng.normal(size=(8, 16)).astype(np.float32),
+                               rng.normal(size=(8, 16)).astype(np.float32))
     assert d["fd_clip"] is None and "feature dimensions" in d["fd_clip_reason"]
 
 

@@ -44,7 +44,8 @@ STUDY_Q = [sweep_row("full", 0.95, evals=1.0, image_clip=100.0),
            sweep_row("shapefirst stop=0.4 uncond +mean+deep3", 0.93, worst_lo=-0.02),  # fails the 1-point rule
            sweep_row("T-GATE gate_step=25 (tgate)", 0.94),
            sweep_row("diffusers SDCFGCutoffCallback(0.5)", 0.95)]
-STUDY_T = [{"name": "full", "saved_latency": 0.0}, {"name": "shapefirst stop=0.5 uncond +mean+deep3", "saved_latency": 0.36},
+STUDY_T = [{"name": "full", "saved_latency": 0.0},
+           {"name": "shapefirst stop=0.5 uncond +mean+deep3", "saved_latency": 0.36},
            {"name": "shapefirst stop=0.4 uncond +mean+deep3", "saved_latency": 0.43},
            {"name": "T-GATE gate_step=25 (tgate)", "saved_latency": 0.30},
            {"name": "diffusers SDCFGCutoffCallback(0.5)", "saved_latency": 0.9}]  # batch 1: never "fastest"
@@ -55,7 +56,8 @@ def test_points_group_by_method_sort_by_saving_and_skip_untimed(tmp_path):
               "shapefirst stop_step=25 uncond + DeepCache interval=3": 0.86, "T-GATE gate_step=25 (tgate)": 0.88,
               "Step AG 0.5 (stop=0.5 cond)": 0.885, "diffusers SDCFGCutoffCallback(0.5)": 0.88})
     t = {"full": {"saved_latency": 0.0}, "shapefirst stop=0.5 uncond": {"saved_latency": 0.21},
-         "shapefirst stop=0.3 uncond +mean": {"saved_latency": 0.45}, "T-GATE gate_step=25 (tgate)": {"saved_latency": 0.3},
+         "shapefirst stop=0.3 uncond +mean": {"saved_latency": 0.45},
+         "T-GATE gate_step=25 (tgate)": {"saved_latency": 0.3},
          "shapefirst stop_step=25 uncond + DeepCache interval=3": {"saved_latency": 0.5},
          "diffusers SDCFGCutoffCallback(0.5)": {"saved_latency": 0.2}}  # a batch-1 row: not on this axis
     pts = peers.pareto_points(q, t)
@@ -168,7 +170,8 @@ def run_folder(folder: Path, judged: dict[str, list[int]], timing: list[dict] | 
 
 def test_merge_keeps_rows_and_judgments_so_paired_differences_survive_the_run(tmp_path):
     full, ours, peer = [1, 1, 0, 1, 1, 0], [1, 1, 1, 1, 1, 0], [1, 0, 0, 1, 0, 0]
-    run = run_folder(tmp_path / "run", {"full": full, "shapefirst stop=0.4 cond": ours, "T-GATE gate_step=20 (tgate)": peer},
+    run = run_folder(tmp_path / "run", {"full": full, "shapefirst stop=0.4 cond": ours,
+                                        "T-GATE gate_step=20 (tgate)": peer},
                      [{"name": "full", "saved_latency": 0.01}])
     q, _ = peers.read_study(run)
     a, b = q["shapefirst stop=0.4 cond"], q["T-GATE gate_step=20 (tgate)"]
@@ -182,9 +185,11 @@ def test_merge_keeps_rows_and_judgments_so_paired_differences_survive_the_run(tm
     assert peers.merge_study(run, dest) == {}
     shutil.rmtree(run)
     q2, t2 = peers.read_study(dest)
-    assert list(q2) == ["DeepCache interval=3 (DeepCache)", "full", "shapefirst stop=0.4 cond", "T-GATE gate_step=20 (tgate)"]
+    assert list(q2) == ["DeepCache interval=3 (DeepCache)", "full",
+                        "shapefirst stop=0.4 cond", "T-GATE gate_step=20 (tgate)"]
     assert t2 == {"full": {"name": "full", "saved_latency": 0.01}}
-    assert peers.paired(dest, q2["shapefirst stop=0.4 cond"], q2["T-GATE gate_step=20 (tgate)"]) == pytest.approx(expected)
+    assert peers.paired(dest, q2["shapefirst stop=0.4 cond"],
+                        q2["T-GATE gate_step=20 (tgate)"]) == pytest.approx(expected)
     assert peers.paired(dest, q2["shapefirst stop=0.4 cond"], q2["DeepCache interval=3 (DeepCache)"]) is None
     # a rerun: the same accuracies reproduce, another one is reported; the rerun's row replaces the kept one
     rerun = run_folder(tmp_path / "rerun", {"full": full, "shapefirst stop=0.4 cond": full})
@@ -204,14 +209,16 @@ def test_the_benchmark_table_pairs_a_kept_study_from_its_judgments(tmp_path):
         (run / phase).mkdir(exist_ok=True)
         extra = {"kid_x1000": [0.1, 0.0, 0.2], "image_clip_ceiling": [100.0, 0, 0]}
         (run / phase / "sweep.jsonl").write_text("".join(json.dumps({**r, **extra}) + "\n" for r in rows_))
-    (run / "timing_b1" / "sweep.jsonl").write_text("".join(json.dumps({"name": n, "n": 6, "saved_latency": s}) + "\n" for n, s in
-                                                           (("shapefirst stop=0.4 cond", 0.3), ("diffusers SDCFGCutoffCallback(0.4)", 0.25))))
+    (run / "timing_b1" / "sweep.jsonl").write_text("".join(json.dumps({"name": n, "n": 6, "saved_latency": s}) + "\n"
+                                                           for n, s in (("shapefirst stop=0.4 cond", 0.3),
+                                                                        ("diffusers SDCFGCutoffCallback(0.4)", 0.25))))
     dest = tmp_path / "kept"
     peers.merge_study(run, dest)
     shutil.rmtree(run)
     text = mod.table(dest, 0.01)
     d = mean_ci(np.array(ours, float) - np.array(peer, float))
-    assert (f"| shapefirst stop=0.4 cond | diffusers SDCFGCutoffCallback(0.4) | {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] | "
+    assert ("| shapefirst stop=0.4 cond | diffusers SDCFGCutoffCallback(0.4) | "
+            f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] | "
             in text) and "30.0% / 25.0% (batch 1) |" in text
     assert "| diffusers SDCFGCutoffCallback(0.4) | - | 25.0% |" in text  # no batch-8 saving for a batch-1-only peer
 
@@ -234,7 +241,8 @@ def test_the_benchmark_runs_diffusers_transformer_caches_on_pixart_alone_and_und
     mod = bench_module()
     pipe = tiny_pixart_pipeline(folder=tmp_path)
     args = argparse.Namespace(guidance=4.5, steps=6, scheduler="ddim", levels=[0.5], after=["cond"], caches=[],
-                              adaptive=[], shape=[], deepcache=[3], tcaches=mod.kinds("faster,fbc,mag"), only=[], skip=[])
+                              adaptive=[], shape=[], deepcache=[3],
+                              tcaches=mod.kinds("faster,fbc,mag"), only=[], skip=[])
     cfgs = {c.name: c for c in mod.configs(pipe, args)}
     assert not [n for n in cfgs if "T-GATE" in n or "DeepCache" in n or "Callback" in n or "image by image" in n]
     combos = [n for n in cfgs if "+ shapefirst" in n]

@@ -77,7 +77,7 @@ def test_no_stop_is_bit_identical(wan):
 @pytest.mark.parametrize("stop", [0, 2, 4])
 def test_a_stop_equals_diffusers_with_the_kept_branch_in_both(wan, after, stop):
     ref = run(wan, callback=keep_from(stop, after)) if stop else None
-    if stop == 0:  # no guidance at all: the pipeline without CFG, on the kept branch's prompt (uncond: the negative "")
+    if stop == 0:  # no guidance at all: the pipeline without CFG on the kept branch's prompt (uncond: the negative "")
         ref = run(wan, PROMPTS if after == "cond" else ["", ""], guidance_scale=1.0)
     count = RowCount(wan)
     try:
@@ -129,7 +129,8 @@ def test_wan22_follows_both_experts_and_skips_the_unguided_low_noise_pass(wan22)
     finally:
         count.close()
     low = count_theirs.rows["transformer_2"] // 4  # steps on the low-noise expert (2 images x 2 branches)
-    assert low > 0 and count.rows["transformer_2"] == 2 * low and count.rows["transformer"] == count_theirs.rows["transformer"]
+    assert low > 0 and count.rows["transformer_2"] == 2 * low
+    assert count.rows["transformer"] == count_theirs.rows["transformer"]
     assert hook.evaluations_per_image() == [2 * (STEPS - low) + low] * 2
     gap = float(np.abs(ours - theirs).max())
     assert gap <= 1e-5, gap  # the rounding of u + 1 (c - u) against c

@@ -21,7 +21,8 @@ def test_sweep_rows_equal_direct_runs_and_resume(tiny_pipe, tmp_path, monkeypatc
     assert [r["name"] for r in rows] == ["full", "stop=0.5 uncond"]
     full = np.concatenate([generate(tiny_pipe, PROMPTS[i:i + 2], GuidanceSchedule(7.5), steps=4, seed=i).images
                            for i in (0, 2)])
-    cut = np.concatenate([generate(tiny_pipe, PROMPTS[i:i + 2], GuidanceSchedule(7.5, stop=0.5), steps=4, seed=i).images
+    cut = np.concatenate([generate(tiny_pipe, PROMPTS[i:i + 2], GuidanceSchedule(7.5, stop=0.5),
+                                   steps=4, seed=i).images
                           for i in (0, 2)])
     r = rows[1]
     assert np.isclose(r["l1"][0], l1(cut, full).mean())

@@ -90,7 +90,8 @@ def test_a_trained_world_folder_is_the_shapes_world_for_the_cli(tiny_model, tmp_
     assert world_clip("embedded") == embedded_model_path() / "clip"
     assert default_guidance(str(tiny_model)) == 7.5
     out = tmp_path / "sweep"
-    code = main(["sweep", "--model", str(tiny_model), "--n", "2", "--steps", "2", "--stops", "0.5", "--batch", "2", "--schedulers", "ddim",
+    code = main(["sweep", "--model", str(tiny_model), "--n", "2", "--steps", "2", "--stops", "0.5", "--batch", "2",
+                 "--schedulers", "ddim",
                  "--timing-batches", "0", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 0, err

@@ -19,7 +19,8 @@ Layers per family (`cross_attention_layers`):
 
 Rows (the CFG batch is [uncond rows, cond rows]): per call, every row is labelled with its branch
 and image. With the shapefirst guidance hook on the denoiser, the labels come from the RunState it
-shares (`guidance.run_state_of`: the current call's row layout; a guidance stop runs only some rows). Without it: CFG (guidance.cfg_active on the call's latent input:
+shares (`guidance.run_state_of`: the current call's row layout; a guidance stop runs only some rows).
+Without it: CFG (guidance.cfg_active on the call's latent input:
 the pipeline's do_classifier_free_guidance, or for PixArt equal latent halves; capturing a bare
 denoiser module: an even row count > 1) and rows == 2N -> first N uncond, last N cond, with
 N = n_images or rows // 2; no CFG -> every row is cond of its image; anything else is unlabelled.

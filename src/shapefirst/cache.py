@@ -181,7 +181,8 @@ class _DeepState:
 def _cross_attention_modules(den) -> list:
     from diffusers.models.attention_processor import Attention
 
-    mods = [m for n, m in den.named_modules() if isinstance(m, Attention) and m.is_cross_attention and n.endswith("attn2")]
+    mods = [m for n, m in den.named_modules()
+            if isinstance(m, Attention) and m.is_cross_attention and n.endswith("attn2")]
     if not mods:
         raise ShapefirstError(f"{type(den).__name__} has no separate cross-attention modules (attn2) to reuse "
                               "(SD3 mixes text and image tokens in one joint attention)",
@@ -207,7 +208,8 @@ def _session_and_binding(pipe):
         raise ShapefirstError("a late-stage cache needs a guidance schedule on the pipeline (it acts after the stop)",
                               "apply_guidance_schedule(pipe, ...) first, or pass cache= to shapefirst.generate")
     if binding.family is not None and binding.family.cfg == "separate":
-        raise ShapefirstError(f"late-stage caches reuse rows of a batched [uncond, cond] call, and {type(pipe).__name__} "
+        raise ShapefirstError("late-stage caches reuse rows of a batched [uncond, cond] call, "
+                              f"and {type(pipe).__name__} "
                               "calls its denoiser once per branch", "drop the late cache for this pipeline")
     return session, binding
 
@@ -227,7 +229,8 @@ def _install(session, cache: LateCache) -> None:
         blocks = _deep_blocks(den, cache.deep_depth)
         have = _hooks(session, DeepSkip)
         if have and len(have) != len(blocks):
-            raise ShapefirstError(f"another pipeline sharing this denoiser has a DeepCache-style late cache at another "
+            raise ShapefirstError(f"another pipeline sharing this denoiser has a DeepCache-style late cache "
+                                  "at another "
                                   f"depth than deep_depth {cache.deep_depth}", "use the same deep_depth for both")
         if not have:
             session.listeners.append(_DeepState())

@@ -31,7 +31,8 @@ def positive(value: int, option: str, example: int = 8) -> int:
 def count(value: int, option: str, low: int = 0) -> int:
     """An integer in [low, MAX_COUNT]."""
     if int(value) != value or not low <= value <= MAX_COUNT:
-        raise ShapefirstError(f"{option} {value} is outside [{low}, {MAX_COUNT}]", f"pass {option} between {low} and {MAX_COUNT}")
+        raise ShapefirstError(f"{option} {value} is outside [{low}, {MAX_COUNT}]",
+                              f"pass {option} between {low} and {MAX_COUNT}")
     return int(value)
 
 
@@ -131,7 +132,8 @@ def fractions(text: str, option: str) -> list[float]:
     try:
         vals = [float(x) for x in text.split(",") if x.strip()]
     except ValueError as e:
-        raise ShapefirstError(f"{option} {text!r} is not a comma-separated list of numbers", "pass e.g. 0.25,0.5") from e
+        raise ShapefirstError(f"{option} {text!r} is not a comma-separated list of numbers",
+                              "pass e.g. 0.25,0.5") from e
     for v in vals:
         if not 0 <= v <= 1:
             raise ShapefirstError(f"{option} value {v} is outside [0, 1]", "pass fractions of the denoiser calls")

@@ -18,7 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 MODEL_HELP = "'embedded' (the shipped shapes world), a local diffusers folder, or a hub id"
 GUIDANCE_HELP = "classifier-free guidance scale w (default: the embedded model's recommended scale, else 7.5)"
-ADAPTIVE_SHAPE_HELP = ("per-image stop once its x0-hat's low band changes by less than TOL per call (2 calls in a row), "
+ADAPTIVE_SHAPE_HELP = ("per-image stop once its x0-hat's low band changes by less than TOL per call "
+                       "(2 calls in a row), "
                        "or 'auto' (the embedded model's calibrated tolerance, else 0.02)")
 
 
@@ -28,7 +29,8 @@ def _shape_tolerance(text: Optional[str], model: str) -> Optional[float]:
         return None
     vals = checks.shape_tolerances(text, model)
     if len(vals) != 1:
-        raise ShapefirstError(f"--adaptive-shape {text!r} is not one tolerance", "pass e.g. --adaptive-shape 0.02 or auto")
+        raise ShapefirstError(f"--adaptive-shape {text!r} is not one tolerance",
+                              "pass e.g. --adaptive-shape 0.02 or auto")
     return vals[0]
 
 
@@ -59,7 +61,8 @@ def generate(
     adaptive: Optional[float] = typer.Option(None, help="per-image stop once cos(cond, uncond) >= this, in (0, 1)"),
     adaptive_min_call: int = typer.Option(0, help="no adaptive stop before this call"),
     adaptive_shape: Optional[str] = typer.Option(None, help=ADAPTIVE_SHAPE_HELP),
-    guidance_start: Optional[float] = typer.Option(None, help="fraction of calls before guidance starts (an interval)"),
+    guidance_start: Optional[float] = typer.Option(None, help="fraction of calls before guidance starts "
+                                                              "(an interval)"),
     guidance_start_step: Optional[int] = typer.Option(None, help="index of the first guided denoiser call"),
     cache: str = typer.Option("none", help="late-stage reuse after the stop: none, mean, kept, deepN, mean+deep3"),
     negative_prompt: Optional[str] = typer.Option(None, help="negative prompt"),
@@ -68,11 +71,13 @@ def generate(
     images_per_prompt: int = typer.Option(1, help="images per prompt"),
     batch: int = typer.Option(8, help="images per pipeline call (more images run batch after batch)"),
     out: str = typer.Option("shapefirst-out", help="output folder"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier generate output in --out (only its files)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier generate output in --out "
+                                                              "(only its files)"),
     trace: bool = typer.Option(False, "--trace", help="record every denoiser call (x_t, predictions, x0-hat)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps (default: best available)"),
     dtype: Optional[str] = typer.Option(None, help="float32, float16, bfloat16 (default: fp16 on cuda, else fp32)"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle (.bin/.ckpt) weights: only for trusted files"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle (.bin/.ckpt) weights: "
+                                                                    "only for trusted files"),
 ):
     """Generate images with a guidance schedule; writes PNGs and run.json (and the trajectory with --trace)."""
     out = checks.out_path(out)
@@ -125,7 +130,8 @@ def analyze(
     prompts: Optional[Path] = typer.Option(None, help="prompt file: one prompt per line, # comments"),
     pairs: Optional[Path] = typer.Option(None, help="pair file for eos-swap: 'prompt A || prompt B' per line"),
     clip: Optional[Path] = typer.Option(None, help="a local CLIP model folder (scores for real models)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace a result of this analysis made with other settings"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a result of this analysis "
+                                                              "made with other settings"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
 ):
@@ -326,16 +332,19 @@ def sweep(
     adaptive: str = typer.Option("", help="adaptive-stop cosine thresholds to sweep too, e.g. 0.99,0.995"),
     adaptive_shape: str = typer.Option("", help="shape-settled adaptive-stop tolerances to sweep too, e.g. 0.02,0.05 "
                                                 "or auto (rows 'adaptive-shape=TOL')"),
-    caches: str = typer.Option("none", help="late-stage caches to sweep: none, mean, kept, deep3, mean+deep3 (comma list)"),
+    caches: str = typer.Option("none", help="late-stage caches to sweep: none, mean, kept, deep3, "
+                                            "mean+deep3 (comma list)"),
     timing_batches: int = typer.Option(3, help="batches timed against full guidance (A/B adjacent); 0 = no timing"),
     clip: Optional[Path] = typer.Option(None, help="a local CLIP model folder (scores for real models)"),
-    real: Optional[Path] = typer.Option(None, help="a folder of real images: FID per configuration (needs --inception)"),
+    real: Optional[Path] = typer.Option(None, help="a folder of real images: FID per configuration "
+                                                   "(needs --inception)"),
     inception: Optional[Path] = typer.Option(None, help="FID Inception weights (.safetensors; see shapefirst.fid)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a sweep in --out made with other settings"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
 ):
-    """Sweep guidance stops x modes x schedulers (x adaptive thresholds and tolerances x late caches): saved latency and
+    """Sweep guidance stops x modes x schedulers (x adaptive thresholds and tolerances x late caches):
+    saved latency and
     quality against full guidance. One JSON line per configuration in OUT/sweep.jsonl (a rerun with the
     same settings resumes), OUT/sweep.csv and OUT/pareto.png."""
     out = checks.out_path(out)
@@ -388,8 +397,10 @@ def calibrate(
     n: int = typer.Option(64, help="number of prompts"),
     tolerance: float = typer.Option(0.01, help="largest accepted accuracy loss (95% paired CI lower bound)"),
     stops: str = typer.Option("0.2,0.3,0.4,0.5,0.6,0.7", help="candidate stops"),
-    adaptive: str = typer.Option("0.9995", help="candidate adaptive-stop cosine thresholds, e.g. 0.99,0.995 ('' = none)"),
-    adaptive_shape: str = typer.Option("auto", help="candidate shape-settled adaptive-stop tolerances, e.g. 0.02,0.05; "
+    adaptive: str = typer.Option("0.9995", help="candidate adaptive-stop cosine thresholds, e.g. 0.99,0.995 "
+                                                "('' = none)"),
+    adaptive_shape: str = typer.Option("auto", help="candidate shape-settled adaptive-stop tolerances, "
+                                       "e.g. 0.02,0.05; "
                                        "auto = the model's calibrated one ('' = none)"),
     caches: str = typer.Option("none,mean,kept+deep3", help="candidate late-stage caches: none, mean, kept, deep3, "
                                "mean+deep3, kept+deep3 (the default adds the peers study's best at w=3)"),
@@ -439,14 +450,18 @@ def train(
     seed: int = typer.Option(0, help="seed of the whole recipe"),
     tiny: bool = typer.Option(False, "--tiny", help="a few steps of every stage on tiny sizes (smoke test)"),
     dest: Optional[str] = typer.Option(None, help="where the finished model folder goes (default OUT/model)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace a model folder an earlier `train` wrote at --dest"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a model folder an earlier `train` "
+                                                              "wrote at --dest"),
     base: Optional[str] = typer.Option(None, help="continue from a finished model folder (or `embedded`): its text "
                                        "encoder, VAE and CLIP are kept, its UNet trained further on fresh latents"),
     unet_steps: Optional[int] = typer.Option(None, help="UNet optimisation steps (default: the recipe's 1000)"),
     unet_lr: Optional[float] = typer.Option(None, help="peak UNet learning rate (default: the recipe's 4e-4)"),
-    arch: str = typer.Option("unet", "--arch", help="unet (SD 1.x) or dit (PixArt-alpha transformer + T5, world.train_dit)"),
-    dit_steps: Optional[int] = typer.Option(None, help="--arch dit: transformer optimisation steps (default: the recipe's 1000)"),
-    dit_lr: Optional[float] = typer.Option(None, help="--arch dit: peak transformer learning rate (default: the recipe's 3e-4)"),
+    arch: str = typer.Option("unet", "--arch", help="unet (SD 1.x) or dit "
+                                                    "(PixArt-alpha transformer + T5, world.train_dit)"),
+    dit_steps: Optional[int] = typer.Option(None, help="--arch dit: transformer optimisation steps "
+                                                       "(default: the recipe's 1000)"),
+    dit_lr: Optional[float] = typer.Option(None, help="--arch dit: peak transformer learning rate "
+                                                      "(default: the recipe's 3e-4)"),
 ):
     """Train the shapes-world model (tokenizer -> CLIP -> VAE -> UNet); resumes from checkpoints."""
     out = checks.out_path(out)
@@ -526,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
 def _no_nul(argv) -> None:
     for i, a in enumerate(argv, start=1):
         if "\x00" in str(a):
-            raise ShapefirstError(f"command-line argument {i} holds a NUL byte", "remove it (paths and prompts are plain text)")
+            raise ShapefirstError(f"command-line argument {i} holds a NUL byte",
+                                  "remove it (paths and prompts are plain text)")
 
 
 def _usage_error(e: Exception, argv) -> tuple[str, int] | None:

@@ -120,7 +120,8 @@ class GenerationResult:
                 shutil.rmtree(out, ignore_errors=True)
             if not isinstance(e, OSError):
                 raise
-            raise ShapefirstError(f"writing to {out} failed ({e.strerror or e})", "free disk space or choose another --out") from e
+            raise ShapefirstError(f"writing to {out} failed ({e.strerror or e})",
+                                  "free disk space or choose another --out") from e
         shutil.rmtree(stage, ignore_errors=True)
         return out
 
@@ -149,7 +150,8 @@ def machine_info() -> dict:
 
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "transformers": transformers.__version__,
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
@@ -296,7 +298,8 @@ def _prepare(pipe, steps: int, schedule: GuidanceSchedule, negative_prompt) -> i
                               f"(call {schedule.first_unguided_call(n_calls)})", "pass start <= stop")
     if negative_prompt and schedule.stops and schedule.after == "uncond" and not _warned_negative:
         warnings.warn("after='uncond' with a negative prompt: the unguided late calls follow the NEGATIVE prompt's "
-                      "branch (the unconditional branch is the negative prompt's); use after='cond' to follow the prompt",
+                      "branch (the unconditional branch is the negative prompt's); "
+                      "use after='cond' to follow the prompt",
                       stacklevel=3)
         _warned_negative = True
     return n_calls
@@ -310,7 +313,8 @@ def warn_empty(prompts: list[str], schedule: GuidanceSchedule, negative_prompt) 
     empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
     if empty:
         which = f"prompt {empty[0]} is" if len(empty) == 1 else f"prompts {', '.join(map(str, empty[:5]))} are"
-        warnings.warn(f"{which} empty: this is unconditional generation, and guidance {schedule.scale:g} cannot change "
+        warnings.warn(f"{which} empty: this is unconditional generation, and guidance {schedule.scale:g} "
+                      "cannot change "
                       "it (both branches see the same text) but doubles the work; pass --guidance 1 or a prompt",
                       stacklevel=3)
 
@@ -328,8 +332,10 @@ def _in_batches(pipe, prompts: list[str], schedule, batch: int, images_per_promp
              for c in range(0, len(per_image), batch)]
     settings = {**parts[0].settings, "seed": seed, "images_per_prompt": images_per_prompt, "batch": batch,
                 "prompts": prompts, "negative_prompt": negative_prompt,
-                "first_unguided_call_per_image": [c for p in parts for c in p.settings["first_unguided_call_per_image"]]}
-    return GenerationResult(np.concatenate([p.images for p in parts]), per_image, [seed + i for i in range(len(per_image))],
+                "first_unguided_call_per_image": [c for p in parts
+                                                  for c in p.settings["first_unguided_call_per_image"]]}
+    return GenerationResult(np.concatenate([p.images for p in parts]), per_image,
+                            [seed + i for i in range(len(per_image))],
                             [e for p in parts for e in p.evaluations_per_image], sum(p.wall_seconds for p in parts),
                             settings)
 

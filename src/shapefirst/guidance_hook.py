@@ -70,8 +70,8 @@ class GuidanceHook(ModelHook):
             raise ShapefirstError(f"this {type(module).__name__} is a deep copy made while a shapefirst schedule was "
                                   "applied: its forward is still the original module's hooked forward (diffusers' "
                                   "hooks do not survive copy.deepcopy), so it would run the original weights",
-                                  "deep-copy the pipeline before applying the schedule (or after leaving its context), "
-                                  "then apply a schedule to the copy")
+                                  "deep-copy the pipeline before applying the schedule (or after leaving its "
+                                  "context), then apply a schedule to the copy")
         if not getattr(self.seen, "flag", False):
             raise ShapefirstError(f"the guidance hook is no longer on {type(module).__name__}.forward (something "
                                   "replaced the forward after the schedule was applied: enable_model_cpu_offload "
@@ -103,7 +103,8 @@ class GuidanceHook(ModelHook):
                                   "schedule or trajectory", "call the pipeline without skip_guidance_layers")
         self.session.enter(st, sample)
         try:
-            out = self._cfg_call(st, sample, args, kwargs) if st.cfg_now else self._plain_call(st, sample, args, kwargs)
+            call = self._cfg_call if st.cfg_now else self._plain_call
+            out = call(st, sample, args, kwargs)
         except BaseException:
             self.session.leave(st, ok=False)
             raise
@@ -132,7 +133,8 @@ class GuidanceHook(ModelHook):
         uncond, cond = full[:batch], full[batch:]
         ad = st.schedule.adaptive
         if ad is not None and ad.criterion == "shape":
-            st.settle(uncond, cond, sample[batch:], _timestep_tensor(args, kwargs, sample.device), st.guidance_weight())
+            t = _timestep_tensor(args, kwargs, sample.device)
+            st.settle(uncond, cond, sample[batch:], t, st.guidance_weight())
         else:
             st.settle(uncond, cond)
         if st.recorder is not None:
@@ -156,6 +158,10 @@ def _timestep_tensor(args, kwargs, device) -> torch.Tensor:
     return torch.tensor(float(t), device=device)
 
 
+def _none() -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.long)
+
+
 class ScheduleHandle:
     """What `apply_guidance_schedule` returns: read-outs of the pipeline's current or last run (counts, stop
     calls), also after the schedule was removed."""
@@ -172,8 +178,8 @@ class ScheduleHandle:
     recorder = property(lambda self: self.entry.stack[-1].recorder if self.entry.stack else None)
     call = property(lambda self: self.state.call if self.state is not None else 0)
     n_calls = property(lambda self: self.state.n_calls if self.state is not None else None)
-    evaluations = property(lambda self: self.state.evaluations if self.state is not None else torch.zeros(0, dtype=torch.long))
-    stop_calls = property(lambda self: self.state.stop_calls if self.state is not None else torch.zeros(0, dtype=torch.long))
+    evaluations = property(lambda self: self.state.evaluations if self.state is not None else _none())
+    stop_calls = property(lambda self: self.state.stop_calls if self.state is not None else _none())
 
     def evaluations_per_image(self) -> list[int]:
         return [int(v) for v in self.evaluations]
@@ -245,10 +251,12 @@ def _binding(pipe, schedule: GuidanceSchedule, recorder, session: Session) -> Bi
     cfg = getattr(denoiser_of(pipe), "config", {})
     if schedule.stops and cfg.get("time_cond_proj_dim") is not None:
         raise ShapefirstError("this model is guidance-distilled (its denoiser takes the guidance scale as an input, "
-                              "time_cond_proj_dim) and runs no classifier-free guidance, so there is nothing to remove",
+                              "time_cond_proj_dim) and runs no classifier-free guidance, so there is nothing to "
+                              "remove",
                               "drop the guidance stop")
     old = session.binding_of(pipe)
-    return Binding(schedule, recorder, old.cache if old is not None else None, listed_family(pipe) is None, family(pipe))
+    cache = old.cache if old is not None else None
+    return Binding(schedule, recorder, cache, listed_family(pipe) is None, family(pipe))
 
 
 def apply_guidance_schedule(pipe, schedule: GuidanceSchedule, recorder=None) -> ScheduleHandle:

@@ -95,7 +95,8 @@ class EosSwitch:
         positional = "encoder_hidden_states" not in kwargs
         ehs = args[2] if positional and len(args) > 2 else kwargs.get("encoder_hidden_states")
         if ehs is None:
-            raise ShapefirstError("the denoiser was called without encoder_hidden_states", "use a text-conditioned UNet")
+            raise ShapefirstError("the denoiser was called without encoder_hidden_states",
+                                  "use a text-conditioned UNet")
         idx = row_images(ehs.shape[0], self.cond.shape[0], None, what="switch embeddings")
         new, sel = ehs.clone(), idx >= 0
         new[sel.to(ehs.device)] = self.cond.to(device=ehs.device, dtype=ehs.dtype)[idx[sel].to(ehs.device)]
@@ -182,7 +183,8 @@ class KVSubstituteProcessor:
             return original()
         if getattr(attn, "fused_projections", False):
             raise ShapefirstError("K/V substitution needs separate key and value projections, but this attention "
-                                  "layer's projections are fused", "call unfuse_qkv_projections() on the pipeline first")
+                                  "layer's projections are fused",
+                                  "call unfuse_qkv_projections() on the pipeline first")
         ctx = encoder_hidden_states
         idx = st.row_images(ctx.shape[0])
         alt = ctx.clone()
@@ -190,7 +192,8 @@ class KVSubstituteProcessor:
         alt[sel.to(ctx.device)] = st.alt.to(device=ctx.device, dtype=ctx.dtype)[idx[sel].to(ctx.device)]
         if attn.norm_cross:
             alt = attn.norm_encoder_hidden_states(alt)
-        targets = [m for m, on in ((attn.to_k, st.mode in ("keys", "both")), (attn.to_v, st.mode in ("values", "both")))
+        targets = [m for m, on in ((attn.to_k, st.mode in ("keys", "both")),
+                                   (attn.to_v, st.mode in ("values", "both")))
                    if on]
         fired: list = []
         handles = [m.register_forward_pre_hook(_swap_input(alt, fired)) for m in targets]
@@ -202,7 +205,8 @@ class KVSubstituteProcessor:
         if len(fired) < len(targets):
             raise ShapefirstError(f"the attention processor {type(self.original).__name__} did not call the key/value "
                                   "projections (to_k / to_v), so nothing could be substituted",
-                                  "use diffusers' default attention processor (pipe.unet.set_default_attn_processor())")
+                                  "use diffusers' default attention processor "
+                                  "(pipe.unet.set_default_attn_processor())")
         st.substituted += 1
         return out
 

@@ -41,7 +41,8 @@ def _embedded_dit() -> Path:
 
     path = world.dit_model_path()
     if not (path / "model_index.json").exists():
-        raise ShapefirstError("the shapes world on a diffusion transformer (embedded-dit) is not shipped in this version",
+        raise ShapefirstError("the shapes world on a diffusion transformer (embedded-dit) "
+                              "is not shipped in this version",
                               "train it with `shapefirst train --arch dit --dest DIR` and pass --model DIR")
     return path
 
@@ -96,7 +97,8 @@ def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
 def _check_folder(path: Path, allow_pickle: bool) -> str:
     """Validate a local diffusers folder; return its pipeline class name."""
     if not path.exists():
-        raise ShapefirstError(f"model folder {path} does not exist", "pass --model embedded, a diffusers folder or a hub id")
+        raise ShapefirstError(f"model folder {path} does not exist",
+                              "pass --model embedded, a diffusers folder or a hub id")
     if not path.is_dir():
         raise ShapefirstError(f"model path {path} is a file, not a diffusers folder",
                               "pass the folder that holds model_index.json")
@@ -107,10 +109,12 @@ def _check_folder(path: Path, allow_pickle: bool) -> str:
     try:
         cls = json.loads(index.read_text())["_class_name"]
     except (ValueError, KeyError) as e:
-        raise ShapefirstError(f"{index} is not valid JSON with a _class_name", "re-save the pipeline with save_pretrained()") from e
+        raise ShapefirstError(f"{index} is not valid JSON with a _class_name",
+                              "re-save the pipeline with save_pretrained()") from e
     _check_components(path, json.loads(index.read_text()))
     _check_widths(path)
-    weights = [p for p in path.rglob("*") if p.is_file() and (p.suffix in PICKLE_SUFFIXES or p.suffix == ".safetensors")]
+    weights = [p for p in path.rglob("*")
+               if p.is_file() and (p.suffix in PICKLE_SUFFIXES or p.suffix == ".safetensors")]
     safes = [p for p in weights if p.suffix == ".safetensors"]
     pickles = [p for p in weights if p.suffix in PICKLE_SUFFIXES]
     if pickles and not safes and not allow_pickle:
@@ -133,11 +137,14 @@ def _check_components(path: Path, index: dict) -> None:
         lib, cls = spec
         sub = path / name
         if not sub.is_dir():
-            raise ShapefirstError(f"model folder {path} has no {name}/ subfolder, which model_index.json lists ({cls})",
-                                  f"copy the {name}/ folder of the model into {path}, or re-save it with save_pretrained()")
+            raise ShapefirstError(f"model folder {path} has no {name}/ subfolder, "
+                                  f"which model_index.json lists ({cls})",
+                                  f"copy the {name}/ folder of the model into {path}, "
+                                  "or re-save it with save_pretrained()")
         if "Tokenizer" in cls:
             if not any(all((sub / f).is_file() for f in files) for files in _TOKENIZER_FILES):
-                raise ShapefirstError(f"{sub} holds no tokenizer files (needs tokenizer.json, or vocab.json and merges.txt)",
+                raise ShapefirstError(f"{sub} holds no tokenizer files "
+                                      "(needs tokenizer.json, or vocab.json and merges.txt)",
                                       f"copy the tokenizer files into {sub}")
             continue
         need = "scheduler_config.json" if "Scheduler" in cls else (
@@ -161,7 +168,8 @@ def _check_widths(path: Path) -> None:
         raise ShapefirstError(f"{path}/unet/config.json has cross_attention_dim {dim}, but text_encoder/config.json "
                               f"has hidden_size {width}",
                               f"set cross_attention_dim to the width the UNet's weights were saved with (the text "
-                              f"encoder's {width} if they match it), or use the text encoder the UNet was trained with")
+                              f"encoder's {width} if they match it), "
+                              "or use the text encoder the UNet was trained with")
 
 
 def _shape_error(path: Path, e: Exception) -> ShapefirstError | None:
@@ -181,7 +189,8 @@ def _shape_error(path: Path, e: Exception) -> ShapefirstError | None:
                 comp = f"{f.parent.name}/"
                 break
     return ShapefirstError(f"the weights of {comp} do not match its config.json: {name} is saved as {got}, but the "
-                           f"config asks for {want}", f"fix {comp}config.json to the saved shapes (or re-save the model)")
+                           f"config asks for {want}",
+                           f"fix {comp}config.json to the saved shapes (or re-save the model)")
 
 
 def check_text_width(pipe) -> None:
@@ -193,7 +202,8 @@ def check_text_width(pipe) -> None:
     dim = unet.config.get("cross_attention_dim")
     width = getattr(te.config, "hidden_size", None)
     if isinstance(dim, int) and isinstance(width, int) and dim != width:
-        raise ShapefirstError(f"unet/config.json has cross_attention_dim {dim}, but the text encoder's hidden_size is {width}",
+        raise ShapefirstError(f"unet/config.json has cross_attention_dim {dim}, "
+                              f"but the text encoder's hidden_size is {width}",
                               f"use a UNet trained with this text encoder (cross_attention_dim {width}), or the text "
                               f"encoder the UNet was trained with")
 

@@ -111,11 +111,13 @@ class OutputFolder:
             if m is None or m.get("command") != self.command:
                 owner = "files shapefirst did not write" if m is None else f"the output of `{m.get('command')}`"
                 raise ShapefirstError(f"output folder {p} already holds {owner}",
-                                      "pass a fresh or empty --out folder (--overwrite replaces only this command's own outputs)")
+                                      "pass a fresh or empty --out folder "
+                                      "(--overwrite replaces only this command's own outputs)")
             if not self.reuse or (self.key is not None and m.get("key") != _plain(self.key)):
                 if not self.overwrite:
                     if not self.reuse:
-                        raise ShapefirstError(f"output folder {p} already holds the output of an earlier `{self.command}`",
+                        raise ShapefirstError(f"output folder {p} already holds "
+                                              f"the output of an earlier `{self.command}`",
                                               "pass --overwrite to replace it, or a fresh --out folder")
                     raise ShapefirstError(f"output folder {p} holds a result made with other settings "
                                           f"({differences(m.get('key'), _plain(self.key))})",

@@ -29,11 +29,13 @@ from .sweep import per_image
 # method of a configuration name, for the Pareto plot: one curve per method (first match wins)
 # diffusers' transformer caches: "NAME + shapefirst stop=..." (the stop under the cache) and "NAME ..." (alone)
 _TCACHES = tuple(TCACHE_NAMES.values())
-METHODS = tuple((f"{c} + shapefirst", f"shapefirst stop + {c}") for c in _TCACHES) + tuple((c, c) for c in _TCACHES) + (
-          ("shapefirst stop_step", "shapefirst stop + DeepCache"), ("shapefirst shape-settled", "shapefirst shape-settled stop"),
-           ("shapefirst stop", "shapefirst stop (+ late caches)"), ("T-GATE", "T-GATE (tgate)"), ("Step AG", "Step AG"),
-           ("Adaptive Guidance", "Adaptive Guidance"), ("Guidance Interval", "Guidance Interval"),
-           ("DeepCache", "DeepCache"), ("diffusers SDCFGCutoffCallback", "SDCFGCutoffCallback"), ("full", "full guidance"))
+METHODS = (tuple((f"{c} + shapefirst", f"shapefirst stop + {c}") for c in _TCACHES) + tuple((c, c) for c in _TCACHES)
+           + (("shapefirst stop_step", "shapefirst stop + DeepCache"),
+              ("shapefirst shape-settled", "shapefirst shape-settled stop"),
+              ("shapefirst stop", "shapefirst stop (+ late caches)"), ("T-GATE", "T-GATE (tgate)"),
+              ("Step AG", "Step AG"), ("Adaptive Guidance", "Adaptive Guidance"),
+              ("Guidance Interval", "Guidance Interval"), ("DeepCache", "DeepCache"),
+              ("diffusers SDCFGCutoffCallback", "SDCFGCutoffCallback"), ("full", "full guidance")))
 QUALITY_FIELDS = ("name", "n", "accuracy", "accuracy_delta_vs_full", "evaluation_ratio", "image_clip")
 PHASES = ("quality", "timing", "timing_b1")  # a study's row files: judged images, batch-8 and batch-1 timing
 
@@ -80,9 +82,11 @@ def pareto_plot(q: dict, t: dict, path: Path) -> Path | None:
     n = next(iter(q.values()))["n"]
     left = [name for name in q if name not in {p[4] for v in pts.values() for p in v}]
     left = ", ".join(left) if len(left) <= 2 else f"{len(left)} configurations"
-    for sv, a, lo, hi, _ in pts.pop("full guidance", []):  # its saving is 0 by definition; timed against itself = noise
+    # its saving is 0 by definition; timed against itself = noise
+    for sv, a, lo, hi, _ in pts.pop("full guidance", []):
         ax.axhspan(100 * lo, 100 * hi, color="0.85", alpha=0.5)
-        ax.axhline(100 * a, color="0.4", ls="--", lw=1, label=f"full guidance (95% CI band; timed against itself {sv:+.1%})")
+        ax.axhline(100 * a, color="0.4", ls="--", lw=1,
+                   label=f"full guidance (95% CI band; timed against itself {sv:+.1%})")
     for m, v in pts.items():
         x, y, lo, hi = (np.array(c) for c in zip(*[p[:4] for p in v]))
         ax.errorbar(100 * x, 100 * y, yerr=100 * np.stack([y - lo, hi - y]), marker="o", capsize=3, label=m)
@@ -185,7 +189,8 @@ def table_rows(q: dict, t: dict, t1: dict | None = None) -> list[list[str]]:
         lo, hi = wilson(round(a * n), n)
         d = r["accuracy_delta_vs_full"]["all"]
         ok, why = passes(r)
-        rows.append([name, "-" if sv is None or batch1_only(name) else f"{sv:.1%}", "-" if sv1 is None else f"{sv1:.1%}",
+        rows.append([name, "-" if sv is None or batch1_only(name) else f"{sv:.1%}",
+                     "-" if sv1 is None else f"{sv1:.1%}",
                      f"x{r['evaluation_ratio']:.3f}",
                      f"{a:.1%} [{lo:.1%}, {hi:.1%}]", f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]",
                      f"{r['image_clip'][0]:.1f}", "yes" if ok else f"no: {why}"])
@@ -210,7 +215,8 @@ def judged(folder: str | Path, row: dict) -> dict[str, np.ndarray] | None:
     if not (folder / JUDGED).is_file():
         return None
     prefix = f"{row['name']}|"
-    got = {k[len(prefix):]: v.astype(float) for k, v in load_file(str(folder / JUDGED)).items() if k.startswith(prefix)}
+    got = {k[len(prefix):]: v.astype(float)
+           for k, v in load_file(str(folder / JUDGED)).items() if k.startswith(prefix)}
     return got or None
 
 
@@ -244,7 +250,8 @@ def merge_study(run: str | Path, dest: str | Path) -> dict[str, str]:
         if phase == "quality":
             checks = {n: "same" if old[n]["accuracy"] == r["accuracy"] else
                       f"accuracy {old[n]['accuracy']} -> {r['accuracy']}" for n, r in new.items() if n in old}
-        atomic_write_text(dest / f"{phase}.jsonl", "".join(strict_dumps(r, sort_keys=True) + "\n" for r in {**old, **new}.values()))
+        atomic_write_text(dest / f"{phase}.jsonl",
+                          "".join(strict_dumps(r, sort_keys=True) + "\n" for r in {**old, **new}.values()))
     kept = load_file(str(dest / JUDGED)) if (dest / JUDGED).is_file() else {}
     for name, r in q_new.items():
         j = judged(run, r)

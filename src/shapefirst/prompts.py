@@ -47,7 +47,8 @@ def _lines(path: str | Path, what: str) -> list[tuple[int, str]]:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise ShapefirstError(f"cannot read {what} file {path} ({e.strerror or e})", "check the file's permissions") from e
+        raise ShapefirstError(f"cannot read {what} file {path} ({e.strerror or e})",
+                              "check the file's permissions") from e
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -111,7 +112,8 @@ def world_pairs(n: int, seed: int = 0, kinds=DEFAULT_PAIR_KINDS, template: int |
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     unknown = [k for k in kinds if k not in PAIR_KINDS]
     if not kinds or unknown:
-        raise ShapefirstError(f"unknown pair kinds {unknown or '(none given)'}", f"use some of {', '.join(PAIR_KINDS)}")
+        raise ShapefirstError(f"unknown pair kinds {unknown or '(none given)'}",
+                              f"use some of {', '.join(PAIR_KINDS)}")
     if template is not None and template not in range(len(TEMPLATES)):
         raise ShapefirstError(f"template {template} does not exist", f"pass 0..{len(TEMPLATES) - 1} or None")
     scenes = sample_scenes(int(n), seed, split="test")

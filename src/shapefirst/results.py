@@ -25,7 +25,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     except (FileExistsError, NotADirectoryError) as e:
         raise ShapefirstError(f"cannot write {path}: a parent path is a file", "choose another output folder") from e
     except PermissionError as e:
-        raise ShapefirstError(f"cannot write to {path.parent}: permission denied", "choose a writable output folder") from e
+        raise ShapefirstError(f"cannot write to {path.parent}: permission denied",
+                              "choose a writable output folder") from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -38,7 +39,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             os.unlink(tmp)
         except OSError:
             pass
-        raise ShapefirstError(f"writing {path} failed ({e.strerror or e})", "free disk space or choose another output folder") from e
+        raise ShapefirstError(f"writing {path} failed ({e.strerror or e})",
+                              "free disk space or choose another output folder") from e
     return path
 
 

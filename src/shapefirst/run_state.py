@@ -82,8 +82,9 @@ class RunState:
             return
         if rows % 2 or not torch.equal(sample[:rows // 2], sample[rows // 2:]):
             raise ShapefirstError(f"{type(self.pipe).__name__} runs classifier-free guidance with a denoiser batch of "
-                                  f"{rows} rows that is not [uncond, cond] of the same latents, which guidance schedules "
-                                  f"do not support", f"use a pipeline with diffusers' standard CFG batch, e.g. {SUPPORTED}")
+                                  f"{rows} rows that is not [uncond, cond] of the same latents, which guidance "
+                                  "schedules do not support",
+                                  f"use a pipeline with diffusers' standard CFG batch, e.g. {SUPPORTED}")
 
     def guided_at(self, call: int) -> torch.Tensor:
         """Bool per image (host): is it guided at `call`? With adaptive stops this reads the device's

@@ -176,7 +176,8 @@ class GuidanceSchedule:
             raise ShapefirstError(f"adaptive is {type(self.adaptive).__name__} {self.adaptive!r}, not an AdaptiveStop",
                                   "pass adaptive=AdaptiveStop(threshold=0.99) (or AdaptiveStop(criterion='shape'))")
         if not math.isfinite(self.scale) or self.scale < 0:
-            raise ShapefirstError(f"guidance scale {self.scale} is not a finite number >= 0", "pass e.g. --guidance 7.5")
+            raise ShapefirstError(f"guidance scale {self.scale} is not a finite number >= 0",
+                                  "pass e.g. --guidance 7.5")
         for what, frac, step, eg, first in (("stop", self.stop, self.stop_step, 0.5, "unguided"),
                                             ("start", self.start, self.start_step, 0.2, "guided")):
             if frac is not None and step is not None:
@@ -192,7 +193,8 @@ class GuidanceSchedule:
             raise ShapefirstError(f"after={self.after!r} is not one of {AFTER_CHOICES}",
                                   "pass 'uncond' (the paper) or 'cond' (diffusers' callback)")
         if self.stops and self.scale <= 1.0:
-            raise ShapefirstError(f"a guidance stop was given with guidance scale {self.scale} <= 1, which runs no guidance",
+            raise ShapefirstError(f"a guidance stop was given with guidance scale {self.scale} <= 1, which runs no "
+                                  "guidance",
                                   "raise the guidance scale above 1 or drop the stop")
 
     def _check_interval(self) -> None:
@@ -214,8 +216,8 @@ class GuidanceSchedule:
         if empty:
             what_start = f"start_step={self.start_step}" if self.start_step is not None else f"start={self.start}"
             what_stop = f"stop_step={self.stop_step}" if self.stop_step is not None else f"stop={self.stop}"
-            raise ShapefirstError(f"guidance {what_start} is after the stop ({what_stop}) or at it, so no call would be "
-                                  "guided", "pass a start before the stop (the guided calls are [start, stop))")
+            raise ShapefirstError(f"guidance {what_start} is after the stop ({what_stop}) or at it, so no call would "
+                                  "be guided", "pass a start before the stop (the guided calls are [start, stop))")
 
     @property
     def stops(self) -> bool:
@@ -239,7 +241,8 @@ class GuidanceSchedule:
         """k: calls 0..k-1 are guided, k.. are not (n_calls = never stop)."""
         if self.stop_step is not None:
             if self.stop_step > n_calls:
-                raise ShapefirstError(f"guidance stop step {self.stop_step} is beyond the {n_calls} denoiser calls of this run",
+                raise ShapefirstError(f"guidance stop step {self.stop_step} is beyond the {n_calls} denoiser calls of "
+                                      "this run",
                                       f"pass a step between 0 and {n_calls}")
             return int(self.stop_step)
         if self.stop is None:

@@ -69,7 +69,8 @@ def default_configs(scale: float = 7.5, stops=(0.25, 0.5, 0.75), schedulers=("dd
 
 
     rules = [(f"stop={s}", dict(stop=s)) for s in stops]
-    stops_ = [AdaptiveStop(t) for t in adaptive] + [AdaptiveStop(criterion="shape", tolerance=t) for t in adaptive_shape]
+    stops_ = [AdaptiveStop(t) for t in adaptive] + [AdaptiveStop(criterion="shape", tolerance=t)
+                                                    for t in adaptive_shape]
     rules += [(a.label, dict(adaptive=a)) for a in stops_]
     out = []
     for sch, st in itertools.product(schedulers, steps):
@@ -113,11 +114,13 @@ def sweep_key(pipe, prompts, targets, seed, batch, clip, real_images) -> dict:
     return {"model": model_fingerprint(pipe), "prompts": text_digest(prompts), "targets": text_digest(targets),
             "n": len(prompts), "seed": seed, "batch": batch, "version": version(),
             "clip": None if clip is None else module_fingerprint(clip.model),
-            "real_images": None if real_images is None else text_digest(np.asarray(real_images).sum(axis=(1, 2, 3)).round(4).tolist())}
+            "real_images": None if real_images is None
+                           else text_digest(np.asarray(real_images).sum(axis=(1, 2, 3)).round(4).tolist())}
 
 
 def _config_of(cfg: Config) -> dict:
-    return json.loads(strict_dumps({"schedule": cfg.schedule.to_dict(), "cache": cfg.cache.to_dict() if cfg.cache else None,
+    return json.loads(strict_dumps({"schedule": cfg.schedule.to_dict(),
+                                    "cache": cfg.cache.to_dict() if cfg.cache else None,
                                     "scheduler": cfg.scheduler, "steps": cfg.steps, "peer": cfg.run is not None}))
 
 
@@ -305,7 +308,8 @@ class _Sweep:
     """One sweep's shared inputs, its cached reference images and the per-batch records of a configuration."""
 
     def __init__(self, pipe, prompts, out, targets, seed, batch, clip, st, real_images, fid):
-        self.pipe, self.prompts, self.out, self.targets, self.seed, self.batch = pipe, prompts, out, targets, seed, batch
+        (self.pipe, self.prompts, self.out, self.targets,
+         self.seed, self.batch) = pipe, prompts, out, targets, seed, batch
         self.clip, self.st, self.real_images, self.fid = clip, st, real_images, fid
         self.starts = list(range(0, len(prompts), batch))
         self.memo, self.per = {}, {}
@@ -324,7 +328,8 @@ class _Sweep:
         if k not in self.memo:
             ref, m = self.ref_of(cfg, i), {}
             if self.clip is not None:
-                m["feat"], m["text"] = self.clip.image_features(ref), self.clip.text_features(self.prompts[i:i + self.batch])
+                m["feat"], m["text"] = (self.clip.image_features(ref),
+                                        self.clip.text_features(self.prompts[i:i + self.batch]))
             if self.targets is not None:
                 m["acc"] = judged_accuracy(ref, self.targets[i:i + self.batch])
             self.memo[k] = (ref, m)
@@ -379,8 +384,8 @@ class _Sweep:
                 r = cfg.generate(self.pipe, part, self.seed + i)
             ratio = None
             if timed:
-                f = generate(self.pipe, part, GuidanceSchedule(cfg.schedule.scale), steps=cfg.steps, seed=self.seed + i,
-                             scheduler=cfg.scheduler)
+                f = generate(self.pipe, part, GuidanceSchedule(cfg.schedule.scale),
+                             steps=cfg.steps, seed=self.seed + i, scheduler=cfg.scheduler)
                 ratio = r.wall_seconds / f.wall_seconds
             per = _per_image(r.images, ref, self.targets[i:i + self.batch] if self.targets else None, self.clip, m)
             if self.fid is not None:
@@ -444,7 +449,8 @@ def _slug(key: str) -> str:
 def _save_per_image(path: Path, per: dict) -> None:
     from safetensors.torch import save
 
-    tensors = {k.replace("/", "."): torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in per.items()}
+    tensors = {k.replace("/", "."): torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+               for k, v in per.items()}
     atomic_write_bytes(path, save(tensors))
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .world.vocab import t5_vocab, world_t5_tokenizer  # noqa: F401 (t5_vocab: public here too)
-from .world.vocab import load_tokenizer, write_tokenizer
+from .world.vocab import load_tokenizer, world_word_counts, write_tokenizer
 
 tiny_t5_tokenizer = world_t5_tokenizer  # the world's T5 tokenizer is the tiny pipelines' too
 
@@ -400,5 +400,94 @@ def tiny_flux_pipeline(seed: int = 0, folder: str | Path | None = None):
     vae = _tiny_vae(4, 8, shift_factor=0.0609, scaling_factor=1.5035)
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text, tokenizer=tok,
                         text_encoder_2=text2, tokenizer_2=tok2, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_t5_encoder(tok, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0)).eval()
+
+
+def tiny_sana_pipeline(seed: int = 0):
+    """SanaPipeline: a tiny SanaTransformer2DModel (linear attention, cross-attention to the text), a tiny
+    Gemma2Model text encoder over the world's T5 tokenizer (Sana reads any tokenizer's ids), a tiny AutoencoderDC,
+    FlowMatchEulerDiscreteScheduler. Call with height=width=32, max_sequence_length=16,
+    complex_human_instruction=None."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    tok = world_t5_tokenizer(model_max_length=64)
+    text = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0,
+                                    bos_token_id=1, eos_token_id=1)).eval()
+    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                         num_attention_heads=2, attention_head_dim=4, num_cross_attention_heads=2,
+                                         cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=32,
+                                         sample_size=32)
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+                        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)),
+                        decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1),
+                        decoder_layers_per_block=[1, 1], downsample_block_type="conv",
+                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407)
+    pipe = SanaPipeline(tokenizer=tok, text_encoder=text, vae=vae, transformer=transformer,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_cogvideox_pipeline(seed: int = 0):
+    """CogVideoXPipeline (text-to-video, batched CFG, joint attention over text and video tokens): a tiny
+    CogVideoXTransformer3DModel, a tiny T5 with the world's T5 tokenizer, a tiny AutoencoderKLCogVideoX (4x temporal
+    compression), CogVideoXDDIMScheduler (v-prediction). Call with height=width=16, num_frames=9,
+    max_sequence_length=16."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
+
+    torch.manual_seed(seed)
+    tok = world_t5_tokenizer(model_max_length=32)
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=4, attention_head_dim=8, in_channels=4,
+                                              out_channels=4, time_embed_dim=2, text_embed_dim=32, num_layers=1,
+                                              sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+                                              temporal_compression_ratio=4, max_text_seq_length=16)
+    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                 temporal_compression_ratio=4)
+    pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=_tiny_t5_encoder(tok), vae=vae, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_hunyuandit_pipeline(seed: int = 0, folder: str | Path | None = None):
+    """HunyuanDiTPipeline (batched CFG, two text encoders): a tiny HunyuanDiT2DModel, a tiny BertModel with a
+    BertTokenizer over the world's words (written to `folder`), a tiny T5 with the world's T5 tokenizer, a tiny
+    AutoencoderKL, DDPMScheduler. Call with height=width=16, use_resolution_binning=False."""
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = _folder(folder, "shapefirst-hunyuandit-")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(world_word_counts())
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    torch.manual_seed(seed)
+    tok = BertTokenizer(str(folder / "vocab.txt"), model_max_length=77)
+    text = BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, max_position_embeddings=128)).eval()
+    tok2 = world_t5_tokenizer(model_max_length=256)
+    transformer = HunyuanDiT2DModel(sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8,
+                                    num_attention_heads=3, in_channels=4, cross_attention_dim=32,
+                                    cross_attention_dim_t5=32, pooled_projection_dim=16, hidden_size=24,
+                                    activation_fn="gelu-approximate", text_len=77, text_len_t5=256)
+    pipe = HunyuanDiTPipeline(vae=_tiny_vae(4, 8), text_encoder=text, tokenizer=tok, transformer=transformer,
+                              scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
+                              text_encoder_2=_tiny_t5_encoder(tok2), tokenizer_2=tok2, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

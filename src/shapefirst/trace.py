@@ -169,7 +169,8 @@ class Trajectory:
         from safetensors.torch import save as save_bytes
 
         atomic_write_bytes(folder / "trajectory.safetensors", save_bytes(tensors))
-        atomic_write_text(folder / "trajectory.json", strict_dumps({"meta": self.meta, "timesteps": self.timesteps}, indent=2))
+        atomic_write_text(folder / "trajectory.json",
+                          strict_dumps({"meta": self.meta, "timesteps": self.timesteps}, indent=2))
         return folder
 
     @classmethod

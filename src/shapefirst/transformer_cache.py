@@ -66,7 +66,8 @@ DIFFUSERS = {"faster": ("FasterCacheConfig", "apply_faster_cache"),
              "taylorseer": ("TaylorSeerCacheConfig", "apply_taylorseer_cache"),
              "mag": ("MagCacheConfig", "apply_mag_cache")}
 NEEDS_TIMESTEP = ("faster", "pab")
-# (denoiser class, kind): why diffusers 0.42's cache fails on it (found on tiny pipelines, tests/test_transformer_cache.py)
+# (denoiser class, kind): why diffusers 0.42's cache fails on it (found on tiny pipelines,
+# tests/test_transformer_cache.py)
 UNSUPPORTED = {
     ("SD3Transformer2DModel", "faster"): "FasterCache does not split SD3's pooled_projections with the other "
                                          "[uncond, cond] inputs, so the time embedding's batch mismatches",

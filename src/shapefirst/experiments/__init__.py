@@ -61,7 +61,8 @@ def draw(plot, res: Result, folder: Path) -> tuple[str | None, list[str]]:
         paths = plot(res, folder)
     except Exception as e:  # matplotlib raises many types; the result is already saved
         first = (str(e).splitlines() or [""])[0][:200]
-        return f"the figures of {folder.name} could not be drawn ({type(e).__name__}: {first}); results.json is saved", []
+        return (f"the figures of {folder.name} could not be drawn ({type(e).__name__}: {first}); "
+                "results.json is saved"), []
     return None, [Path(p).name for p in paths or []]
 
 

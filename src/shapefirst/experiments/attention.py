@@ -62,7 +62,8 @@ def run_attention(pipe, prompts: list[str], steps: int = 50, seed: int = 0, sche
     data = {"settings": {"steps": steps, "seed": seed, "n": len(prompts), "schedule": schedule.to_dict(),
                          "map_calls": map_calls, "n_calls": n_calls, "binarise": "map > its mean over pixels",
                          "prompts": prompts},
-            "summary": {"mean_mass_per_class": m, "sos_mass_min_over_calls": float(arrays[f"mass/{SOS}"].nanmean(1).min()),
+            "summary": {"mean_mass_per_class": m,
+                        "sos_mass_min_over_calls": float(arrays[f"mass/{SOS}"].nanmean(1).min()),
                         "semantic_f1_ge_0.9_from_call": first90,
                         "eos_block_mass": m[EOS] + m[EOS_PAD] + m[PAD]},
             "words": {str(i): infos[i].words for i in range(min(heatmap_prompts, len(prompts)))}}
@@ -110,7 +111,8 @@ def plot_attention(result: Result, folder: str | Path) -> list[Path]:
     ax.set_xlabel("denoiser call")
     ax.set_ylabel("relative F1 vs final map")
     ax.legend()
-    ax.set_title(convergence_title(result.data["summary"]["semantic_f1_ge_0.9_from_call"], result.data["settings"]["n_calls"]))
+    ax.set_title(convergence_title(result.data["summary"]["semantic_f1_ge_0.9_from_call"],
+                                   result.data["settings"]["n_calls"]))
     paths.append(save_figure(fig, folder / "attention_convergence.png"))
 
     heat = {}
@@ -138,7 +140,8 @@ def plot_attention(result: Result, folder: str | Path) -> list[Path]:
 
 
 # -- the analysis: settings, run, summary (report + CLI) --------------------------------------
-CLASS_NAMES = {"sos": "[SOS]", "semantic": "word", "eos": "[EOS] (first)", "eos_pad": "[EOS] padding", "pad": "padding"}
+CLASS_NAMES = {"sos": "[SOS]", "semantic": "word", "eos": "[EOS] (first)",
+               "eos_pad": "[EOS] padding", "pad": "padding"}
 
 
 def findings(data: dict) -> list[str]:
@@ -149,7 +152,8 @@ def findings(data: dict) -> list[str]:
     top = max(mass, key=mass.get)
     name = CLASS_NAMES.get(top, top)
     if top == "sos":
-        return [f"[SOS] is the attention sink here ({mass[top]:.2f} of the cross-attention mass), as the paper reports."]
+        return [f"[SOS] is the attention sink here ({mass[top]:.2f} of the cross-attention mass), "
+                "as the paper reports."]
     sos = mass.get("sos")
     # softmax mass is > 0 on any position that exists: exactly 0 means no [SOS] position (T5)
     tail = "" if sos is None else "; this tokenizer has no [SOS]" if sos == 0 else f"; [SOS] gets {sos:.3f}"

@@ -93,7 +93,8 @@ def generate_swaps(pipe, pairs, steps: int = 50, seed: int = 0, schedule: Guidan
     out = {c: [] for c in CONDITIONS}
     for s, e in batches(len(pairs), batch):
         ca, cb, u, ia, ib = _chunk_embeds(pipe, pairs, s, e)
-        conds = {"a": (ca, ia), "b": (cb, ib), "swap": (swapped(ca, ia, cb, ib), ia), "reverse": (swapped(cb, ib, ca, ia), ib)}
+        conds = {"a": (ca, ia), "b": (cb, ib), "swap": (swapped(ca, ia, cb, ib), ia),
+                 "reverse": (swapped(cb, ib, ca, ia), ib)}
         for c in CONDITIONS:  # a swapped embedding keeps the positions (and PixArt mask) of the prompt it edits
             out[c].append(generate_embeds(pipe, conds[c][0], u, steps, seed + s, schedule, infos=conds[c][1]))
     return {c: np.concatenate(v) for c, v in out.items()}
@@ -155,7 +156,8 @@ def run_eos_swap(pipe, pairs, steps: int = 50, seed: int = 0, schedule: Guidance
     if judge_fn is None and labelled:
         judge_fn = default_judge()
     n_calls = count_calls(pipe, steps)
-    calls = [] if switch_calls is not None and len(list(switch_calls)) == 0 else switch_calls_for(n_calls, switch_calls)
+    calls = ([] if switch_calls is not None and len(list(switch_calls)) == 0
+             else switch_calls_for(n_calls, switch_calls))
 
     images = generate_swaps(pipe, pairs, steps, seed, schedule, batch)
     per_pair = _per_pair(pipe.tokenizer, pairs, seed)
@@ -321,7 +323,8 @@ def _plot_grid(result: Result, folder: Path, max_pairs: int) -> Path | None:
     if not k:
         return None
     grid = np.stack([np.stack([result.arrays[f"images_{c}"][i].numpy() for c in CONDITIONS]) for i in range(k)])
-    titles = [f"{p['a']}\n{p['b']}" if len(p["a"]) < 40 else f"pair {i}" for i, p in enumerate(result.data["pairs"][:k])]
+    titles = [f"{p['a']}\n{p['b']}" if len(p["a"]) < 40 else f"pair {i}"
+              for i, p in enumerate(result.data["pairs"][:k])]
     return image_grid(grid, titles, [CONDITION_TITLES[c] for c in CONDITIONS], folder / "eos_swap_grid.png")
 
 
@@ -340,11 +343,13 @@ def findings(data: dict) -> list[str]:
     if not judged:
         return []
     if follows_b == judged:
-        head = "With A's words and B's [EOS], the image follows B's [EOS] in every judged attribute, as the paper reports"
+        head = ("With A's words and B's [EOS], the image follows B's [EOS] in every judged attribute, "
+                "as the paper reports")
     elif follows_b == 0:
         head = "With A's words and B's [EOS], the image follows A's words in every judged attribute, against the paper"
     else:
-        head = f"With A's words and B's [EOS], the image follows B's [EOS] in {follows_b} of {judged} judged attributes"
+        head = (f"With A's words and B's [EOS], the image follows B's [EOS] in {follows_b} of {judged} "
+                "judged attributes")
     return [f"{head} ({'; '.join(parts)})."]
 
 
@@ -377,7 +382,8 @@ def summary(result: Result) -> Summary:
             rows.append([attr, share_text(d["a"]), share_text(d["b"])])
     found = findings(result.data)
     return Summary(title(result.data),
-                   "Prompt A's word embeddings ([SOS] too, where the tokenizer has one) with prompt B's [EOS] block. " + " ".join(found)
+                   "Prompt A's word embeddings ([SOS] too, where the tokenizer has one) with prompt B's [EOS] block. "
+                   + " ".join(found)
                    + " Switching the [EOS] block only from call a on shows when it stops mattering. "
                    + result.data["rule"], rows, found, ("eos_swap_*.png",))
 

@@ -132,7 +132,8 @@ def run_frequency(pipe, n_images: int = 16, seed: int = 0, radius: float = DEFAU
         raise ShapefirstError(f"stride {stride} is not a positive integer", "pass e.g. 10")
     ac = getattr(pipe.scheduler, "alphas_cumprod", None)
     if ac is None:
-        raise ShapefirstError(f"{type(pipe.scheduler).__name__} has no alphas_cumprod: the frequency analysis's forward "
+        raise ShapefirstError(f"{type(pipe.scheduler).__name__} has no alphas_cumprod: "
+                              "the frequency analysis's forward "
                               "process is the DDPM one (x_t = sqrt(ab) x0 + sqrt(1-ab) eps), not flow matching (SD3)",
                               "use a DDPM-type scheduler (SD 1.x/2.x, SDXL, PixArt); on SD3 run stages and attention")
     ac = ac.detach().cpu().double()
@@ -383,7 +384,8 @@ def summary(result: Result) -> Summary:
     found = findings(result.data)
     return Summary(title(result.data),
                    "Forward process: norms of the low- and high-frequency parts of signal and noise at each timestep. "
-                   "Reverse process: the call from which each band of x0-hat keeps its final value. " + " ".join(found),
+                   "Reverse process: the call from which each band of x0-hat keeps its final value. "
+                   + " ".join(found),
                    rows, found)
 
 

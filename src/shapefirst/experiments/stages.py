@@ -172,8 +172,8 @@ def run_stages(pipe, prompts, targets: list[dict] | None = None, steps: int = 50
     use_judge, use_clip = mode in ("judge", "both"), mode in ("clip", "both")
     if use_judge and judge_fn is None:
         judge_fn = world_judge
-    run = _Run(pipe, prompts, steps, seed, batch, list(attributes) if use_judge else [], judge_fn if use_judge else None,
-               clip if use_clip else None, progress)
+    run = _Run(pipe, prompts, steps, seed, batch, list(attributes) if use_judge else [],
+               judge_fn if use_judge else None, clip if use_clip else None, progress)
     schedules = _check_schedules(schedules)
     run.total = len(prompts) * len(schedules)
     arrays: dict[str, torch.Tensor] = {}
@@ -196,7 +196,8 @@ def _check_inputs(prompts, targets, batch, mode, judge_fn, clip):
     if targets is not None:
         targets = [dict(t) for t in targets]
         if len(targets) != len(prompts):
-            raise ShapefirstError(f"{len(targets)} targets for {len(prompts)} prompts", "pass one label dict per prompt")
+            raise ShapefirstError(f"{len(targets)} targets for {len(prompts)} prompts",
+                                  "pass one label dict per prompt")
     if mode is None:
         mode = "clip" if (judge_fn is None and clip is not None) else "judge"
     if mode not in MODES:
@@ -231,7 +232,8 @@ class _Run:
             self.done += len(res.images)
             if self.progress is not None:
                 self.progress(self.done, self.total)
-        joined = {k: torch.cat([p[k] for p in parts], 1) if parts[0][k].dim() == 2 else torch.cat([p[k] for p in parts])
+        joined = {k: torch.cat([p[k] for p in parts], 1) if parts[0][k].dim() == 2
+                     else torch.cat([p[k] for p in parts])
                   for k in parts[0]}
         return self._summarize(name, joined, timesteps, targets, clip_threshold, arrays)
 

@@ -112,7 +112,8 @@ def _check_n_eos(n_eos) -> list:
         elif isinstance(n, (int, np.integer)) and n >= 0:
             out.append(int(n))
         else:
-            raise ShapefirstError(f"n_eos entry {n!r} is not an integer >= 0 or 'all'", "pass e.g. (0, 1, 2, 4, 'all')")
+            raise ShapefirstError(f"n_eos entry {n!r} is not an integer >= 0 or 'all'",
+                                  "pass e.g. (0, 1, 2, 4, 'all')")
     return list(dict.fromkeys(out))
 
 
@@ -146,7 +147,8 @@ def run_token_ablation(pipe, prompts, targets=None, steps: int = 50, seed: int =
     if targets is not None:
         targets = [dict(t) for t in targets]
         if len(targets) != len(prompts):
-            raise ShapefirstError(f"{len(targets)} targets for {len(prompts)} prompts", "pass one label dict per prompt")
+            raise ShapefirstError(f"{len(targets)} targets for {len(prompts)} prompts",
+                                  "pass one label dict per prompt")
         judge_fn = judge_fn or default_judge()
     n_eos = _check_n_eos(n_eos)
     n = len(prompts)
@@ -173,17 +175,20 @@ def run_token_ablation(pipe, prompts, targets=None, steps: int = 50, seed: int =
     data = {"variants": names, "prompts": prompts, "targets": targets, "scores": scores, "judged": judged_all or None,
             "identical_to": identical, "n_eos": [_n_label(x) for x in n_eos],
             "settings": {"steps": steps, "denoiser_calls": n_calls, "seed": seed, "batch": batch,
-                         "schedule": (schedule or GuidanceSchedule()).to_dict(), "kl_calls": kl_calls if kl_on else None,
+                         "schedule": (schedule or GuidanceSchedule()).to_dict(),
+                         "kl_calls": kl_calls if kl_on else None,
                          "stored_images": k,
                          "seeds": "prompt i uses seed + i in every variant; noise for prompt i: Generator seed + i"},
-            "rules": {"keep_eos": "keep the first n positions of the [EOS] block, zero the rest (n=0 zeroes the whole block)",
+            "rules": {"keep_eos": "keep the first n positions of the [EOS] block, "
+                                  "zero the rest (n=0 zeroes the whole block)",
                       "sos_only": "every position but 0 zeroed",
                       "eos_only": "semantic positions zeroed",
                       "noise": "Gaussian noise rescaled to each replaced vector's L2 norm",
                       "eos_sub": "prompt i's cross-attention keys/values use prompt (i+1) mod N's [EOS] block "
                                  "(tokens.swap_eos rule), conditional rows only",
                       "kv_reduction": "alternative == original is bit-identical to AttnProcessor2_0"},
-            "token_info": [{"prompt": p, "n_semantic": i.n_semantic, "eos_index": i.eos_index} for p, i in zip(prompts, infos)],
+            "token_info": [{"prompt": p, "n_semantic": i.n_semantic, "eos_index": i.eos_index}
+                           for p, i in zip(prompts, infos)],
             "notes": notes}
     return Result("token_ablation", data, arrays)
 
@@ -203,7 +208,8 @@ class _Generator:
             if name in KV_VARIANTS:
                 continue
             emb = torch.cat([variant_embedding(name, self.cond[i:i + 1], self.infos[i],
-                                               torch.Generator("cpu").manual_seed(self.seed + i)) for i in range(self.n)])
+                                               torch.Generator("cpu").manual_seed(self.seed + i))
+                             for i in range(self.n)])
             if name != "plain" and torch.equal(emb, self.cond):
                 images[name], identical[name] = images["plain"], "plain"
                 if "plain" in kl:
@@ -211,7 +217,8 @@ class _Generator:
                 continue
             images[name], kls = self._generate(emb)
             if kls:
-                kl[name] = {c: {g: float(sum(m * r[c][g] for m, r in kls) / self.n) for g in KL_GROUPS} for c in kls[0][1]}
+                kl[name] = {c: {g: float(sum(m * r[c][g] for m, r in kls) / self.n) for g in KL_GROUPS}
+                            for c in kls[0][1]}
         return images, identical, kl
 
     def _generate(self, emb):
@@ -223,14 +230,15 @@ class _Generator:
                                                self.schedule, infos=self.infos[s:e]))
                 kls.append((e - s, _kl_summary(cap, self.kl_calls, self.infos[s:e])))
             else:
-                out.append(generate_embeds(self.pipe, emb[s:e], self.uncond[s:e], self.steps, self.seed + s, self.schedule,
-                                           infos=self.infos[s:e]))
+                out.append(generate_embeds(self.pipe, emb[s:e], self.uncond[s:e], self.steps, self.seed + s,
+                                           self.schedule, infos=self.infos[s:e]))
         return np.concatenate(out), kls
 
     def kv_variants(self) -> dict:
         """[EOS] of prompt (i+1) mod N in the cross-attention keys and/or values only."""
         perm = [(i + 1) % self.n for i in range(self.n)]
-        alt = attention_context(self.pipe, swapped(self.cond, self.infos, self.cond[perm], [self.infos[j] for j in perm]))
+        alt = attention_context(self.pipe, swapped(self.cond, self.infos,
+                                                   self.cond[perm], [self.infos[j] for j in perm]))
         images = {}
         for name, mode in KV_VARIANTS.items():
             out = []

@@ -151,7 +151,8 @@ def _sections(res_dir: Path) -> list[dict]:
                                "(x0-hat, decoded) from the first denoiser call (left) to the last (right): where the "
                                "object's place, color and outline appear, and how long fine detail keeps changing.",
                     "figures": [gen / "trajectory" / "contact_sheet.png"],
-                    "table": [["prompt", "steps", "guidance"]] + [[p, run["steps"], run["guidance"]] for p in run["prompts"]]})
+                    "table": [["prompt", "steps", "guidance"]] + [[p, run["steps"], run["guidance"]]
+                                                                  for p in run["prompts"]]})
     for name, analysis in analyses().items():
         folder = res_dir / name
         if (folder / "results.json").exists():
@@ -164,7 +165,8 @@ def _sections(res_dir: Path) -> list[dict]:
         rows = [["configuration", "saved latency", "denoiser evaluations", "L1 to full", "PSNR to full", "Image-CLIP",
                  "all attributes right"]]
         for r in read_jsonl(sw / "sweep.jsonl"):
-            rows.append([r["key"], "-" if r.get("saved_latency") is None else f"{r['saved_latency']:.1%}", f"{r['evaluation_ratio']:.2f}", f"{r['l1'][0]:.4f}",
+            rows.append([r["key"], "-" if r.get("saved_latency") is None else f"{r['saved_latency']:.1%}",
+                         f"{r['evaluation_ratio']:.2f}", f"{r['l1'][0]:.4f}",
                          f"{r['psnr'][0]:.1f}", f"{r['image_clip'][0]:.1f}" if "image_clip" in r else "-",
                          f"{r['accuracy']['all']:.0%}" if "accuracy" in r else "-"])
         out.append({"id": "sweep", "title": "What turning guidance off late buys",

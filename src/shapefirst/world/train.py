@@ -55,7 +55,8 @@ class Recipe:
     @classmethod
     def tiny(cls, seed: int = 0) -> "Recipe":
         """A few optimisation steps of every stage on tiny sizes: the smoke test."""
-        return cls(seed=seed, clip_steps=3, clip_batch=8, clip_width=32, clip_layers=1, vae_steps=3, vae_batch=4, vae_refine_steps=2,
+        return cls(seed=seed, clip_steps=3, clip_batch=8, clip_width=32, clip_layers=1,
+                   vae_steps=3, vae_batch=4, vae_refine_steps=2,
                    vae_channels=(32, 32, 32), latents=64, unet_steps=4, unet_batch=4, unet_channels=(32, 32, 32),
                    ckpt_every=2, fp16=False)
 
@@ -63,7 +64,8 @@ class Recipe:
 # ----------------------------------------------------------------------------- helpers
 
 def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), transient=False)
@@ -79,7 +81,8 @@ def _save_ckpt(path: Path, step: int, modules: dict, opt: torch.optim.Optimizer)
             st = opt.state.get(p, {})
             for k in ("exp_avg", "exp_avg_sq", "step"):
                 if k in st:
-                    tensors[f"opt.{i}.{j}.{k}"] = torch.as_tensor(st[k]).detach().clone().reshape(-1) if k == "step" else st[k].detach().clone()
+                    tensors[f"opt.{i}.{j}.{k}"] = (torch.as_tensor(st[k]).detach().clone().reshape(-1) if k == "step"
+                                                   else st[k].detach().clone())
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"step": str(step)})
     tmp.replace(path)
@@ -189,7 +192,8 @@ def training_captions() -> list[str]:
     """Every caption a training combination can have, after the empty prompt (caption dropout) at 0:
     caption 1 + combo * n_templates + template (latent_batch's indices)."""
     combos = render.all_combinations()
-    return [""] + [render.Scene(*combos[c]).caption(t) for c in range(len(combos)) for t in range(len(render.TEMPLATES))]
+    return [""] + [render.Scene(*combos[c]).caption(t) for c in range(len(combos))
+                   for t in range(len(render.TEMPLATES))]
 
 
 def min_snr_weights(sched, gamma: float = 5.0) -> torch.Tensor:
@@ -297,7 +301,8 @@ def train_clip(out: Path, tok, r: Recipe, prog) -> float:
         loss.backward()
         return loss.item()
 
-    dt = train_loop("clip", r.clip_steps, out / "work" / "clip.safetensors", {"m": model}, opt, step_fn, r.ckpt_every, prog)
+    dt = train_loop("clip", r.clip_steps, out / "work" / "clip.safetensors", {"m": model},
+                    opt, step_fn, r.ckpt_every, prog)
     model.save_pretrained(out / "clip")
     return dt
 
@@ -371,7 +376,8 @@ def encode_latents(out: Path, r: Recipe, prog) -> float:
             means.append(post.mean.half())
             stds.append(post.std.half())
             prog.update(task, advance=len(scenes[i:i + 256]))
-    save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "combo": combo_idx}, str(path))
+    save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
+               "combo": combo_idx}, str(path))
     return time.time() - t0
 
 
@@ -380,7 +386,8 @@ def make_unet(r: Recipe, cross_dim: int):
 
     return UNet2DConditionModel(sample_size=render.RES // 4, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=tuple(r.unet_channels),
-                                down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+                                down_block_types=("CrossAttnDownBlock2D",) * 3,
+                                up_block_types=("CrossAttnUpBlock2D",) * 3,
                                 cross_attention_dim=cross_dim, attention_head_dim=4, norm_num_groups=32)
 
 
@@ -400,7 +407,8 @@ def train_unet(out: Path, tok, r: Recipe, prog) -> float:
     with torch.no_grad():
         embs = []
         for i in range(0, len(caps), 256):
-            ids = tok(caps[i:i + 256], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            ids = tok(caps[i:i + 256],
+                      padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
             embs.append(text(ids).last_hidden_state)
         embs = torch.cat(embs)
     sched = DDPMScheduler.from_config(make_scheduler_config())
@@ -461,7 +469,8 @@ def assemble(out: Path, dest: Path, r: Recipe, timings: dict) -> Path:
 
     tok = load_tokenizer(out / "tokenizer")
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(out / "vae_refined"), text_encoder=CLIPTextModel.from_pretrained(out / "text_encoder"),
+        vae=AutoencoderKL.from_pretrained(out / "vae_refined"),
+        text_encoder=CLIPTextModel.from_pretrained(out / "text_encoder"),
         tokenizer=tok, unet=UNet2DConditionModel.from_pretrained(out / "unet"),
         scheduler=DDIMScheduler.from_config(make_scheduler_config()), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
@@ -538,14 +547,16 @@ def check_base(r: Recipe) -> None:
                               "pass a folder `shapefirst train` wrote, or `embedded` for the shipped model")
     widths = tuple(json.loads((base / "unet" / "config.json").read_text()).get("block_out_channels", ()))
     if widths != tuple(r.unet_channels):
-        raise ShapefirstError(f"--base {base} has a UNet of widths {widths}, this recipe trains {tuple(r.unet_channels)}",
+        raise ShapefirstError(f"--base {base} has a UNet of widths {widths}, "
+                              f"this recipe trains {tuple(r.unet_channels)}",
                               "continue a model with the recipe it was made with (drop --tiny)")
 
 
 def take_base(out: Path, base: Path) -> None:
     """Continue from a finished model: its tokenizer, CLIP, text encoder and (refined) VAE become this
     run's finished stages, so only the latents and the UNet are made anew."""
-    for src, dst in (("tokenizer", "tokenizer"), ("clip", "clip"), ("text_encoder", "text_encoder"), ("vae", "vae_refined")):
+    for src, dst in (("tokenizer", "tokenizer"), ("clip", "clip"), ("text_encoder", "text_encoder"),
+                     ("vae", "vae_refined")):
         copy_folder(base / src, out / dst)
 
 

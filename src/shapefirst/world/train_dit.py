@@ -71,7 +71,8 @@ def t5_config(tok, r: DitRecipe):
     return T5Config(vocab_size=len(tok), d_model=w, d_kv=w // r.t5_heads, d_ff=4 * w, num_layers=r.t5_layers,
                     num_heads=r.t5_heads, feed_forward_proj="gated-gelu", dropout_rate=0.0,
                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                    decoder_start_token_id=tok.pad_token_id)
 
 
 def make_t5(tok, r: DitRecipe):

@@ -27,7 +27,8 @@ EXTRA_WORDS = (
 
 def bytes_to_unicode() -> dict[int, str]:
     """The byte -> printable-character map used by GPT-2 and CLIP byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -41,7 +42,8 @@ def bytes_to_unicode() -> dict[int, str]:
 def world_word_counts() -> collections.Counter:
     counts: collections.Counter = collections.Counter()
     words = [w for vals in VALUES.values() for w in vals] + EXTRA_WORDS
-    words += " ".join(WHERE.values()).split() + " ".join(TEMPLATES).replace("{", " ").replace("}", " ").replace(",", " ").split()
+    words += (" ".join(WHERE.values()).split()
+              + " ".join(TEMPLATES).replace("{", " ").replace("}", " ").replace(",", " ").split())
     for w in words:
         counts[w.lower()] += 1
     return counts
@@ -88,7 +90,8 @@ def write_tokenizer(folder: str | Path, pad_token: str = "<|endoftext|>") -> Pat
     base = list(bytes_to_unicode().values())
     vocab = base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
+                                       encoding="utf-8")
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": 77,
