@@ -36,7 +36,8 @@ def _shape_tolerance(text: Optional[str], model: str) -> Optional[float]:
 
 def _schedule(guidance: float, stop: Optional[float], stop_step: Optional[int], after: str,
               adaptive: Optional[float] = None, adaptive_min_call: int = 0, start: Optional[float] = None,
-              start_step: Optional[int] = None, adaptive_shape: Optional[float] = None):
+              start_step: Optional[int] = None, adaptive_shape: Optional[float] = None,
+              stop_sigma: Optional[float] = None, start_sigma: Optional[float] = None, ngms: Optional[str] = None):
     from .guidance import AdaptiveStop, GuidanceSchedule
 
     checks.count(adaptive_min_call, "--adaptive-min-call")
@@ -45,8 +46,26 @@ def _schedule(guidance: float, stop: Optional[float], stop_step: Optional[int], 
     ad = AdaptiveStop(threshold=adaptive, min_call=adaptive_min_call) if adaptive is not None else None
     if adaptive_shape is not None:
         ad = AdaptiveStop(criterion="shape", tolerance=adaptive_shape, min_call=adaptive_min_call)
+    if ngms is not None:  # AUTOMATIC1111's Negative Guidance minimum sigma: "SIGMA" or "SIGMA:all"
+        return _ngms(guidance, ngms, [stop, stop_step, stop_sigma, adaptive, adaptive_shape])
     return GuidanceSchedule(scale=guidance, stop=stop, stop_step=stop_step, after=after, adaptive=ad, start=start,
-                            start_step=start_step)
+                            start_step=start_step, stop_sigma=stop_sigma, start_sigma=start_sigma)
+
+
+def _ngms(guidance: float, spec: str, others: list):
+    from .guidance import GuidanceSchedule
+
+    if any(o is not None for o in others):
+        raise ShapefirstError("--ngms was given with another stop", "pass --ngms alone (it is the stop)")
+    sigma, _, mode = spec.partition(":")
+    try:
+        value = float(sigma)
+    except ValueError:
+        raise ShapefirstError(f"--ngms {spec!r} is not a noise level",
+                              "pass e.g. --ngms 0.5 or --ngms 0.5:all") from None
+    if mode not in ("", "all"):
+        raise ShapefirstError(f"--ngms {spec!r}: {mode!r} is not 'all'", "pass e.g. --ngms 0.5 or --ngms 0.5:all")
+    return GuidanceSchedule.a1111_ngms(guidance, value, all_steps=mode == "all")
 
 
 @app.command()
@@ -64,6 +83,11 @@ def generate(
     guidance_start: Optional[float] = typer.Option(None, help="fraction of calls before guidance starts "
                                                               "(an interval)"),
     guidance_start_step: Optional[int] = typer.Option(None, help="index of the first guided denoiser call"),
+    guidance_stop_sigma: Optional[float] = typer.Option(None, help="noise level below which guidance stops (sigma; "
+                                                                   "the flow time for flow matching)"),
+    guidance_start_sigma: Optional[float] = typer.Option(None, help="noise level at or below which guidance starts"),
+    ngms: Optional[str] = typer.Option(None, help="AUTOMATIC1111's Negative Guidance minimum sigma: SIGMA (odd steps "
+                                                  "below it unguided) or SIGMA:all (every step below it)"),
     cache: str = typer.Option("none", help="late-stage reuse after the stop: none, mean, kept, deepN, mean+deep3"),
     negative_prompt: Optional[str] = typer.Option(None, help="negative prompt"),
     scheduler: str = typer.Option("ddim", help="ddim, pndm, euler, euler-a, dpm++ or unipc"),
@@ -93,7 +117,8 @@ def generate(
     checks.seed(seed, len(prompts) * images_per_prompt)
     guidance = _guidance(guidance, model)
     schedule = _schedule(guidance, guidance_stop, guidance_stop_step, after, adaptive, adaptive_min_call,
-                         guidance_start, guidance_start_step, _shape_tolerance(adaptive_shape, model))
+                         guidance_start, guidance_start_step, _shape_tolerance(adaptive_shape, model),
+                         guidance_stop_sigma, guidance_start_sigma, ngms)
     late = LateCache.parse(cache)  # one spec (a sweep takes a comma list: --caches)
     if scheduler not in SCHEDULERS:
         raise ShapefirstError(f"unknown scheduler {scheduler!r}", f"use one of: {', '.join(SCHEDULERS)}")

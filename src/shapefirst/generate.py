@@ -268,7 +268,8 @@ def _one_call(pipe, prompts, prompts_list, schedule, steps, seed, images_per_pro
                 "cache": cache.to_dict() if cache is not None else None,
                 "scheduler": scheduler or type(pipe.scheduler).__name__, "seed": seed,
                 "images_per_prompt": images_per_prompt, "negative_prompt": negative_prompt, "prompts": prompts_list,
-                "first_unguided_call_per_image": hook.stop_calls.tolist() if schedule.adaptive is not None
+                "first_unguided_call_per_image": hook.stop_calls.tolist()
+                if schedule.adaptive is not None or schedule.uses_sigma
                 else [schedule.first_unguided_call(n_calls)] * n}
     per_image_prompts = [p for p in prompts_list for _ in range(images_per_prompt)]
     traj = recorder.trajectory if recorder is not None else None
@@ -293,7 +294,7 @@ def _prepare(pipe, steps: int, schedule: GuidanceSchedule, negative_prompt) -> i
     within_training(steps, trained if isinstance(trained, int) else None, "steps")
     n_calls = count_calls(pipe, steps)
     # validates start/stop steps against the real number of calls
-    if schedule.first_guided_call(n_calls) > schedule.first_unguided_call(n_calls):
+    if not schedule.uses_sigma and schedule.first_guided_call(n_calls) > schedule.first_unguided_call(n_calls):
         raise ShapefirstError(f"the guidance start (call {schedule.first_guided_call(n_calls)}) is after its stop "
                               f"(call {schedule.first_unguided_call(n_calls)})", "pass start <= stop")
     if negative_prompt and schedule.stops and schedule.after == "uncond" and not _warned_negative:

@@ -34,6 +34,7 @@ import torch
 
 from .errors import ShapefirstError
 from .frequency import split_bands
+from .noise_levels import run_noise_levels
 from .pipeline_call import PipelineCall, calls_of_run, guidance_weight_of_call
 from .rows import cfg_layout, plain_layout
 from .schedules import AdaptiveStop
@@ -50,6 +51,7 @@ class RunState:
         self.schedule, self.recorder = binding.schedule, binding.recorder
         self.verify, self.run, self.thread = binding.verify, ordinal, threading.get_ident()
         self.n_calls = calls_of_run(call.pipe)
+        self.sigmas = run_noise_levels(call.pipe.scheduler, self.n_calls) if self.schedule.uses_sigma else None
         self.call, self.batch, self.prepared = 0, batch, False
         self.cfg_now, self.cfg_pending, self.layout = None, None, None
         self.evaluations = torch.zeros(batch, dtype=torch.long)
@@ -89,17 +91,24 @@ class RunState:
     def guided_at(self, call: int) -> torch.Tensor:
         """Bool per image (host): is it guided at `call`? With adaptive stops this reads the device's
         stop flags once (the one device-to-host read of a call, only after `AdaptiveStop.decides_from`)."""
-        n = self.n_calls if self.n_calls is not None else 10**9
-        k0, k = self.schedule.first_guided_call(n), self.schedule.first_unguided_call(n)
-        g = torch.full((self.batch,), k0 <= call < k, dtype=torch.bool)
+        k0, k = self.window()
+        on = k0 <= call < k or (self.schedule.alternate and call >= k and call % 2 == 0)
+        g = torch.full((self.batch,), on, dtype=torch.bool)
         ad = self.schedule.adaptive
         if ad is not None and self.stopped is not None and call > ad.decides_from and bool(g.any()):
             g &= ~self.stopped.cpu()
         return g
 
-    def _set_phase(self, guided: torch.Tensor) -> None:
+    def window(self) -> tuple[int, int]:
+        """(k0, k): the run's first guided call and first unguided call (noise-level windows mapped through the
+        run's own noise levels)."""
         n = self.n_calls if self.n_calls is not None else 10**9
-        k0, k = self.schedule.first_guided_call(n), self.schedule.first_unguided_call(n)
+        return self.schedule.first_guided_call(n, self.sigmas), self.schedule.first_unguided_call(n, self.sigmas)
+
+    def _set_phase(self, guided: torch.Tensor) -> None:
+        k0, k = self.window()
+        if self.schedule.alternate:  # guided again at the next even call: never late
+            k = self.n_calls if self.n_calls is not None else 10**9
         ad, some = self.schedule.adaptive, bool(guided.any())
         self.late = self.call >= k0 and not some
         self.may_stop_next = some and (self.call + 1 >= k or (ad is not None and self.call >= ad.decides_from))

@@ -157,6 +157,12 @@ class GuidanceSchedule:
     start / start_step: the first guided call (fraction or index; default 0). Calls before it run
         the `after` branch alone: a guidance interval [start, stop) (Guidance Interval,
         Kynkaanniemi et al. 2024, uses after="cond" outside the interval).
+    stop_sigma / start_sigma: the same window in noise level, for any scheduler and step count: a call is
+        guided while its noise level is in (stop_sigma, start_sigma] (sigma = sqrt((1 - alpha_bar) / alpha_bar)
+        for epsilon and v models, the flow time in [0, 1] for flow matching; shapefirst.noise_levels maps them
+        to the run's calls once per run). Give one kind per end (stop_sigma or stop / stop_step).
+    alternate: after the stop, the calls with an even index stay guided (AUTOMATIC1111's "Negative Guidance
+        minimum sigma" skips the unconditional pass on odd steps only; see `a1111_ngms`).
     """
 
     scale: float = 7.5
@@ -166,12 +172,30 @@ class GuidanceSchedule:
     adaptive: AdaptiveStop | None = None
     start: float | None = None
     start_step: int | None = None
+    stop_sigma: float | None = None
+    start_sigma: float | None = None
+    alternate: bool = False
+
+    @classmethod
+    def a1111_ngms(cls, scale: float, s_min_uncond: float, all_steps: bool = False) -> GuidanceSchedule:
+        """AUTOMATIC1111's "Negative Guidance minimum sigma" (s_min_uncond): below that sigma the unconditional
+        pass is skipped on every other step (its default; the conditional prediction is used), or on every step
+        (its "all steps" option, `all_steps=True`)."""
+        return cls(scale, stop_sigma=s_min_uncond, after="cond", alternate=not all_steps)
+
+    @classmethod
+    def a1111_skip_early(cls, scale: float, fraction: float) -> GuidanceSchedule:
+        """AUTOMATIC1111's "Ignore negative prompt during early sampling" (skip_early_cond): no CFG for the first
+        `fraction` of the steps, the conditional prediction instead. A1111 skips step i while i / steps <=
+        fraction; this starts guidance at call round(fraction * calls): the two can differ by one call."""
+        return cls(scale, start=fraction, after="cond")
 
     def __post_init__(self):
         check_number("scale", self.scale, 7.5, optional=False)
         for name, eg, integer in (("stop", 0.5, False), ("stop_step", 25, True), ("start", 0.2, False),
-                                  ("start_step", 5, True)):
+                                  ("start_step", 5, True), ("stop_sigma", 0.5, False), ("start_sigma", 5.4, False)):
             check_number(name, getattr(self, name), eg, integer=integer)
+        self._check_sigmas()
         if self.adaptive is not None and not isinstance(self.adaptive, AdaptiveStop):
             raise ShapefirstError(f"adaptive is {type(self.adaptive).__name__} {self.adaptive!r}, not an AdaptiveStop",
                                   "pass adaptive=AdaptiveStop(threshold=0.99) (or AdaptiveStop(criterion='shape'))")
@@ -196,6 +220,29 @@ class GuidanceSchedule:
             raise ShapefirstError(f"a guidance stop was given with guidance scale {self.scale} <= 1, which runs no "
                                   "guidance",
                                   "raise the guidance scale above 1 or drop the stop")
+
+    def _check_sigmas(self) -> None:
+        for name, other in (("stop_sigma", ("stop", "stop_step")), ("start_sigma", ("start", "start_step"))):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not math.isfinite(v) or v < 0:
+                raise ShapefirstError(f"{name} {v} is not a finite noise level >= 0", f"pass e.g. {name}=0.5")
+            given = [o for o in other if getattr(self, o) is not None]
+            if given:
+                raise ShapefirstError(f"both {name} and {given[0]} were given",
+                                      "pass one kind for each end of the window")
+        if self.stop_sigma is not None and self.start_sigma is not None and self.start_sigma <= self.stop_sigma:
+            raise ShapefirstError(f"start_sigma {self.start_sigma} is not above stop_sigma {self.stop_sigma}, so no "
+                                  "call would be guided",
+                                  "pass start_sigma > stop_sigma (guided: stop_sigma < sigma <= start_sigma)")
+        if not isinstance(self.alternate, bool):
+            raise ShapefirstError(f"alternate is {type(self.alternate).__name__} {self.alternate!r}",
+                                  "pass True or False")
+
+    @property
+    def uses_sigma(self) -> bool:
+        return self.stop_sigma is not None or self.start_sigma is not None
 
     def _check_interval(self) -> None:
         """Refuse a guidance interval [start, stop) that is empty at every call count it admits (it would run no
@@ -223,11 +270,15 @@ class GuidanceSchedule:
     def stops(self) -> bool:
         """Can this schedule stop guidance at all?"""
         fixed = (self.stop is not None and self.stop < 1.0) or self.stop_step is not None
-        late_start = bool(self.start) or bool(self.start_step)
+        fixed = fixed or self.stop_sigma is not None
+        late_start = bool(self.start) or bool(self.start_step) or self.start_sigma is not None
         return fixed or late_start or self.adaptive is not None
 
-    def first_guided_call(self, n_calls: int) -> int:
-        """k0: calls before k0 run one branch (a guidance interval starts late); 0 = from the first call."""
+    def first_guided_call(self, n_calls: int, sigmas: list[float] | None = None) -> int:
+        """k0: calls before k0 run one branch (a guidance interval starts late); 0 = from the first call.
+        `sigmas`: the noise level of each of the run's calls (needed for start_sigma)."""
+        if self.start_sigma is not None:
+            return _first_at_or_below(self._sigmas(sigmas, n_calls), self.start_sigma)
         if self.start_step is not None:
             if self.start_step > n_calls:
                 raise ShapefirstError(f"guidance start step {self.start_step} is beyond the {n_calls} denoiser calls "
@@ -237,8 +288,11 @@ class GuidanceSchedule:
             return 0
         return min(n_calls, int(math.floor(self.start * n_calls + 0.5)))
 
-    def first_unguided_call(self, n_calls: int) -> int:
-        """k: calls 0..k-1 are guided, k.. are not (n_calls = never stop)."""
+    def first_unguided_call(self, n_calls: int, sigmas: list[float] | None = None) -> int:
+        """k: calls 0..k-1 are guided, k.. are not (n_calls = never stop); with stop_sigma, the first call whose
+        noise level is at or below it."""
+        if self.stop_sigma is not None:
+            return _first_at_or_below(self._sigmas(sigmas, n_calls), self.stop_sigma)
         if self.stop_step is not None:
             if self.stop_step > n_calls:
                 raise ShapefirstError(f"guidance stop step {self.stop_step} is beyond the {n_calls} denoiser calls of "
@@ -248,6 +302,12 @@ class GuidanceSchedule:
         if self.stop is None:
             return n_calls
         return min(n_calls, int(math.floor(self.stop * n_calls + 0.5)))
+
+    def _sigmas(self, sigmas, n_calls: int) -> list[float]:
+        if sigmas is None or len(sigmas) != n_calls:
+            raise ShapefirstError("a noise-level window needs the noise level of each call of the run",
+                                  "apply it with apply_guidance_schedule / guidance_schedule (the run maps it)")
+        return sigmas
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -261,3 +321,7 @@ class GuidanceSchedule:
             d["adaptive"] = AdaptiveStop.from_dict(d["adaptive"])
         return cls(**d)
 
+
+def _first_at_or_below(sigmas: list[float], level: float) -> int:
+    """The first call whose noise level is <= level (len(sigmas) if none): noise levels fall along a run."""
+    return next((c for c, s in enumerate(sigmas) if s <= level), len(sigmas))
