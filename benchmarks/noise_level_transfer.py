@@ -1,0 +1,79 @@
+"""Does a guidance stop calibrated at DDIM 50 hold at the solvers users pick, once it is stated in noise level?
+
+The setting: the stop the README recommends at DDIM 50 (the first 40% of the calls guided, the conditional branch
+after), stated as the noise level of DDIM 50's first unguided call (call 20), so that every solver stops guidance
+at the same sigma (shapefirst.noise_levels), and beside it the same fraction of calls (stop=0.4) as a call-based
+setting would carry over. For each solver: n held-out world prompts, one seed per image, full guidance at the same
+solver as the reference, the paired all-five-right difference with its 95% CI (mean of per-image differences,
+normal interval), and the share of the calls guided. Resumes per (solver, setting) from OUT.
+
+    python benchmarks/noise_level_transfer.py --n 300 --out /work/bench/transfer
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from shapefirst.generate import generate
+from shapefirst.guidance import GuidanceSchedule
+from shapefirst.metrics import judged_accuracy, mean_ci
+from shapefirst.models import default_guidance, load_pipeline, scheduler_for
+from shapefirst.noise_levels import run_noise_levels
+from shapefirst.world.prompts import world_prompts
+
+SOLVERS = (("ddim", 50), ("dpm++", 20), ("unipc", 10), ("euler", 30))
+
+
+def calibrated_sigma(pipe, stop: float = 0.4) -> float:
+    """The noise level of DDIM 50's first unguided call under stop=0.4 (call 20), just above the next call's."""
+    with scheduler_for(pipe, "ddim") as p:
+        p.scheduler.set_timesteps(50)
+        sig = run_noise_levels(p.scheduler, 50)
+    k = int(np.floor(stop * 50 + 0.5))
+    return (sig[k - 1] + sig[k]) / 2  # guided while sigma > this: calls 0..k-1
+
+
+def run(pipe, prompts, targets, w, schedule, name, steps, out: Path, key: str) -> dict:
+    path = out / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    res = generate(pipe, prompts, schedule, steps=steps, scheduler=name, seed=0, batch=8)
+    acc = judged_accuracy(res.images, targets)
+    row = {"key": key, "all": acc["all"].tolist(), "evaluations": float(np.mean(res.evaluations_per_image))}
+    path.write_text(json.dumps(row))
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--out", type=Path, default=Path("transfer-out"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline("embedded")
+    w = default_guidance("embedded")
+    prompts, targets = world_prompts(args.n, 0)
+    sigma = calibrated_sigma(pipe)
+    print(f"# n={args.n} held-out prompts, w={w}, stop calibrated at DDIM 50: stop=0.4 = sigma {sigma:.4f}; "
+          f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
+    print("| solver | setting | guided calls | all five right | paired delta vs full [95% CI] |")
+    print("|---|---|---|---|---|")
+    for name, steps in SOLVERS:
+        full = run(pipe, prompts, targets, w, GuidanceSchedule(w), name, steps, args.out, f"{name}{steps}_full")
+        for label, sched in (("stop_sigma", GuidanceSchedule(w, stop_sigma=sigma, after="cond")),
+                             ("stop=0.4", GuidanceSchedule(w, stop=0.4, after="cond"))):
+            row = run(pipe, prompts, targets, w, sched, name, steps, args.out, f"{name}{steps}_{label}")
+            d = mean_ci(np.array(row["all"], float) - np.array(full["all"], float))
+            guided = (row["evaluations"] - steps) / steps
+            acc = f"{np.mean(row['all']):.1%} (full {np.mean(full['all']):.1%})"
+            print(f"| {name} {steps} | {label} | {guided:.0%} | {acc} "
+                  f"| {100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] |")
+
+
+if __name__ == "__main__":
+    main()
