@@ -29,6 +29,7 @@ from .cache import LateCache
 from .generate import GenerationResult, generate
 from .guidance import GuidanceSchedule
 from .metrics import judged_accuracy, kernel_distance, frechet_distance, l1, mean_ci, psnr
+from .timing import load_now, mark_void
 from .results import append_jsonl, atomic_write_bytes, read_jsonl, strict_dumps
 from .errors import ShapefirstError
 from .generate import count_calls
@@ -246,7 +247,7 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
         rows = _run_configs(sw, configs, done, timing_batches, floor_prompts, owner, progress)
         if main:
             write_summary(rows, out)
-            for line in skipped_reasons(rows):
+            for line in skipped_reasons(rows) + mark_void(rows):
                 warnings.warn(line, stacklevel=2)
     finally:  # also after a failure: the marker lists every file written (an --overwrite removes them all)
         if main:
@@ -403,6 +404,7 @@ class _Sweep:
                "peer": cfg.run is not None, "n": len(self.prompts), "batch": self.batch,
                "time_ratio_median": statistics.median(ratios) if ratios else None, "time_ratios": ratios,
                "saved_latency": 1 - statistics.median(ratios) if ratios else None,
+               "load": load_now() if ratios else None,
                "evaluations_per_image": float(np.mean(evals)),
                "l1": mean_ci(per["l1"]), "psnr": mean_ci(per["psnr"])}
         row["evaluation_ratio"] = row["evaluations_per_image"] / (2.0 * _calls(self.pipe, cfg))
@@ -481,11 +483,20 @@ def _calls(pipe, cfg: Config) -> int:
 
 
 def saving(row: dict) -> tuple[float, str]:
-    """(saved fraction, what it is): the measured saved latency, or the saved denoiser evaluations
-    when the row was not timed (timing_batches=0)."""
-    if row.get("saved_latency") is not None:
+    """(saved fraction, what it is): the measured saved latency, or the saved denoiser evaluations when the row
+    was not timed (timing_batches=0) or its timing is void (shapefirst.timing.mark_void)."""
+    if row.get("saved_latency") is not None and not row.get("timing_void"):
         return row["saved_latency"], "latency"
     return 1 - row["evaluation_ratio"], "evaluations"
+
+
+def _timing_note(r: dict) -> str:
+    if r.get("saved_latency") is None:
+        return "untimed"
+    noise = r.get("timing_noise")
+    noise_txt = "not timed: noise unknown" if noise is None else f"{noise:.1%}"
+    void = "VOID " if r.get("timing_void") else ""
+    return f"{void}(full vs itself {noise_txt}, load {_fmt(r.get('load'), '.2f')})"
 
 
 def _fmt(x, spec: str) -> str:
@@ -500,16 +511,18 @@ def write_summary(rows: list[dict], out: Path) -> None:
     from matplotlib.figure import Figure
 
 
+    mark_void(rows)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["key", "saved_latency", "evaluation_ratio", "l1", "psnr", "image_clip", "clip_score", "accuracy_all",
-                "kid_x1000", "fd_clip", "n", "skipped"])
+                "kid_x1000", "fd_clip", "n", "skipped", "timing"])
     for r in rows:
         w.writerow([r["key"], _fmt(r["saved_latency"], ".4f"), f"{r['evaluation_ratio']:.4f}", f"{r['l1'][0]:.5f}",
                     f"{r['psnr'][0]:.2f}", _fmt(r.get("image_clip", [None])[0], ".3f"),
                     _fmt(r.get("clip_score", [None])[0], ".3f"), _fmt(r.get("accuracy", {}).get("all"), ".4f"),
                     _fmt(r.get("kid_x1000", [None])[0], ".3f"), _fmt(r.get("fd_clip"), ".4f"), r["n"],
-                    "; ".join(f"{k}: {v}" for k, v in (r.get("skipped") or {}).items())])
+                    "; ".join(f"{k}: {v}" for k, v in (r.get("skipped") or {}).items()),
+                    _timing_note(r)])
     atomic_write_text(out / "sweep.csv", buf.getvalue())
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot(111)
@@ -524,7 +537,9 @@ def write_summary(rows: list[dict], out: Path) -> None:
         ax.annotate(r["name"], (x * 100, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(f"saved {what} vs full guidance (%)")
     ax.set_ylabel("all attributes right (share)" if qual == "accuracy" else "PSNR to full guidance (dB)")
-    ax.set_title("Speed / quality")
+    void = any(r.get("timing_void") for r in rows)
+    ax.set_title("Speed / quality" + (" (timings void on a busy machine: x is saved evaluations)" if void else ""),
+                 fontsize=10 if void else None)
     save_figure(fig, out / "pareto.png")
 
 
@@ -549,7 +564,9 @@ def passes(row: dict, tolerance: float = 0.01) -> tuple[bool, str]:
 
 
 def calibrate(rows: list[dict], tolerance: float = 0.01) -> tuple[dict | None, list[tuple[dict, bool, str]]]:
-    """The fastest configuration that passes `passes` (None if none does), and every row's verdict."""
+    """The fastest configuration that passes `passes` (None if none does), and every row's verdict. A void
+    timing (shapefirst.timing) is not ranked by: such rows count by their saved evaluations."""
+    mark_void(rows)
     verdicts = [(r, *passes(r, tolerance)) for r in rows if r["name"] != "full"]
     ok = [r for r, p, _ in verdicts if p]
     best = max(ok, key=lambda r: saving(r)[0]) if ok else None

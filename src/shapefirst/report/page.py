@@ -32,6 +32,7 @@ from ..peers import (
 from ..peers import default_study
 from ..peers import keep_study
 from ..sweep import default_configs, run_sweep
+from ..timing import VOID_NOISE, any_void
 from ..generate import generate
 from ..generate import machine_info
 from ..guidance import GuidanceSchedule
@@ -164,8 +165,11 @@ def _sections(res_dir: Path) -> list[dict]:
 
         rows = [["configuration", "saved latency", "denoiser evaluations", "L1 to full", "PSNR to full", "Image-CLIP",
                  "all attributes right"]]
-        for r in read_jsonl(sw / "sweep.jsonl"):
-            rows.append([r["key"], "-" if r.get("saved_latency") is None else f"{r['saved_latency']:.1%}",
+        swept = read_jsonl(sw / "sweep.jsonl")
+        void = any_void(swept)
+        for r in swept:
+            lat = "-" if r.get("saved_latency") is None else f"{r['saved_latency']:.1%}"
+            rows.append([r["key"], lat + (" (void)" if r.get("timing_void") and r.get("name") != "full" else ""),
                          f"{r['evaluation_ratio']:.2f}", f"{r['l1'][0]:.4f}",
                          f"{r['psnr'][0]:.1f}", f"{r['image_clip'][0]:.1f}" if "image_clip" in r else "-",
                          f"{r['accuracy']['all']:.0%}" if "accuracy" in r else "-"])
@@ -173,11 +177,17 @@ def _sections(res_dir: Path) -> list[dict]:
                     "caption": "Saved latency is measured against full guidance on the same batches (A/B adjacent, "
                                "median of ratios); quality is measured against the full-guidance image of the same "
                                "seed. 'uncond' keeps the unconditional branch after the stop (the paper), 'cond' the "
-                               "conditional one (diffusers' callback).",
+                               "conditional one (diffusers' callback)." + (VOID_CAPTION if void else ""),
                     "figures": [sw / "pareto.png"] if (sw / "pareto.png").exists() else [], "table": rows})
     if (res_dir / "peers" / "quality.jsonl").exists():
         out.append(_peers_section(res_dir / "peers"))
     return out
+
+
+VOID_CAPTION = (" These timings are VOID: full guidance timed against itself moved by more than "
+                f"{VOID_NOISE:.0%} (the machine was busy), so the saved latencies are not measurements; the figure "
+                "places the configurations by their saved denoiser evaluations instead. Rerun the report with "
+                "nothing else running.")
 
 
 def build_page(out: str | Path, meta: dict | None = None) -> Path:
