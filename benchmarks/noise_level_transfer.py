@@ -2,10 +2,9 @@
 
 The setting: the stop the README recommends at DDIM 50 (the first 40% of the calls guided, the conditional branch
 after), stated as the noise level of DDIM 50's first unguided call (call 20), so that every solver stops guidance
-at the same sigma (shapefirst.noise_levels), and beside it the same fraction of calls (stop=0.4) as a call-based
-setting would carry over. For each solver: n held-out world prompts, one seed per image, full guidance at the same
-solver as the reference, the paired all-five-right difference with its 95% CI (mean of per-image differences,
-normal interval), and the share of the calls guided. Resumes per (solver, setting) from OUT.
+at the same sigma (shapefirst.noise_levels). For each solver: n held-out world prompts, one seed per image, full
+guidance at the same solver as the reference, the paired all-five-right difference with its 95% CI (mean of
+per-image differences, normal interval), and the share of the calls guided. Resumes per (solver, setting) from OUT.
 
     python benchmarks/noise_level_transfer.py --n 300 --out /work/bench/transfer
 """
@@ -39,7 +38,7 @@ def calibrated_sigma(pipe, stop: float = 0.4) -> float:
 
 
 def run(pipe, prompts, targets, w, schedule, name, steps, out: Path, key: str) -> dict:
-    path = out / f"{key}.json"
+    path = out / f"{key}_n{len(prompts)}.json"
     if path.exists():
         return json.loads(path.read_text())
     res = generate(pipe, prompts, schedule, steps=steps, scheduler=name, seed=0, batch=8)
@@ -65,14 +64,13 @@ def main():
     print("|---|---|---|---|---|")
     for name, steps in SOLVERS:
         full = run(pipe, prompts, targets, w, GuidanceSchedule(w), name, steps, args.out, f"{name}{steps}_full")
-        for label, sched in (("stop_sigma", GuidanceSchedule(w, stop_sigma=sigma, after="cond")),
-                             ("stop=0.4", GuidanceSchedule(w, stop=0.4, after="cond"))):
+        for label, sched in (("stop_sigma", GuidanceSchedule(w, stop_sigma=sigma, after="cond")),):
             row = run(pipe, prompts, targets, w, sched, name, steps, args.out, f"{name}{steps}_{label}")
             d = mean_ci(np.array(row["all"], float) - np.array(full["all"], float))
             guided = (row["evaluations"] - steps) / steps
             acc = f"{np.mean(row['all']):.1%} (full {np.mean(full['all']):.1%})"
             print(f"| {name} {steps} | {label} | {guided:.0%} | {acc} "
-                  f"| {100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] |")
+                  f"| {100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] |", flush=True)
 
 
 if __name__ == "__main__":

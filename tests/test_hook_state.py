@@ -84,10 +84,16 @@ def test_every_run_has_its_own_state(tiny_pipe):
     in its `kept` slots); diffusers' own reset of stateful hooks between runs changes nothing."""
     hook = apply_guidance_schedule(tiny_pipe, GuidanceSchedule(7.5, stop_step=4))
     apply_late_cache(tiny_pipe, LateCache("mean"))
-    n_cache = len(cache_hooks(tiny_pipe))
-    first = run(tiny_pipe)
+    n_cache, filled = len(cache_hooks(tiny_pipe)), []
+
+    def look(pipe, i, t, kw):  # during the run: what the late caches keep is the run's own
+        filled.append(sum(x is not None for x in run_state_of(pipe).kept))
+        return {}
+
+    first = run(tiny_pipe, callback_on_step_end=look)
     one = hook.state
-    assert one.run == 1 and sum(x is not None for x in one.kept) == n_cache > 0
+    assert one.run == 1 and max(filled) == n_cache > 0 and filled[0] == 0
+    assert all(x is None for x in one.kept) and one.frame is None  # let go when the run ends
     assert run_state_of(tiny_pipe).evaluations.tolist() == [2 * 4 + 4] * 2
     assert np.array_equal(run(tiny_pipe), first)
     assert hook.state is not one and hook.state.run == 2 and one.evaluations.tolist() == [12, 12]

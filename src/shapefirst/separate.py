@@ -97,6 +97,7 @@ class SeparateCalls:
             out = self.forward(*args, **kwargs)
             st.evaluations += 1
             st.call += 1
+            st.session.release_if_done(st)
             return out
         branch = branch_of(fam, call, kwargs)
         if branch in st.step_seen:
@@ -114,6 +115,7 @@ class SeparateCalls:
         uncond, cond = (first, second) if st.step_branch == "uncond" else (second, first)
         self.observe(st, sample, args, kwargs, uncond, cond)
         self.close(st)
+        st.session.release_if_done(st)
         return out
 
     def open(self, st, branch: str, device) -> None:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 
 from diffusers.hooks import HookRegistry
 
-from .errors import ShapefirstError
 from .families import Family
 from .pipeline_call import cfg_of_call, running_call
 from .run_state import RunState
@@ -183,10 +182,6 @@ class Session:
         if not create:
             return st if ours and cfg and st.batch == batch and not st.done else None
         if not ours or st.batch != batch or st.done:
-            if ours and st.done and st.verify:
-                raise ShapefirstError(f"{type(call.pipe).__name__} makes more denoiser calls in one run than its "
-                                      f"{st.n_calls} timesteps (extra guidance passes?), which guidance schedules do "
-                                      "not support", "use a pipeline with diffusers' standard CFG loop")
             st = self.begin_run(call, binding, batch)
         st.cfg_pending = cfg
         return st
@@ -229,3 +224,14 @@ class Session:
         else:
             st.prepared = False
         self.local.current = None
+        self.release_if_done(st)
+
+    def release_if_done(self, st: RunState) -> None:
+        """A run that made its last call lets go of the pipeline call's frame (its locals: latents, embeddings and,
+        later, the decoded images) and of what the cooperating hooks kept; its counts stay readable."""
+        if not st.done or st.frame is None:
+            return
+        if self.runs.get(id(st.frame)) is st:
+            del self.runs[id(st.frame)]
+        st.frame = st.pipeline_call = st.step_first = st.step_out = None
+        st.kept = [None] * len(st.kept)

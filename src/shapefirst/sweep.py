@@ -223,8 +223,10 @@ def skipped_reasons(rows: list[dict]) -> list[str]:
 def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | None = None,
               configs: list[Config] | None = None, seed: int = 0, batch: int = 8, timing_batches: int = 3,
               clip=None, progress=None, real_images: np.ndarray | None = None,
-              floor_prompts: int | None = None, fid=None, overwrite: bool = False) -> list[dict]:
-    """Run (or resume) the sweep. Under `accelerate launch` the batches (same makeup as a single
+              floor_prompts: int | None = None, fid=None, overwrite: bool = False,
+              warn_void: bool = True) -> list[dict]:
+    """Run (or resume) the sweep (`warn_void`: a warning per void timing, shapefirst.timing; the report says so
+    on its page instead). Under `accelerate launch` the batches (same makeup as a single
     process, so the same numbers) are split across processes and the main process writes.
     real_images: one image per prompt (KID/FD on CLIP features against them; needs clip).
     floor_prompts: compute the Image-CLIPScore seed floor on the first N prompts only (default all).
@@ -247,7 +249,7 @@ def run_sweep(pipe, prompts: list[str], out: str | Path, targets: list[dict] | N
         rows = _run_configs(sw, configs, done, timing_batches, floor_prompts, owner, progress)
         if main:
             write_summary(rows, out)
-            for line in skipped_reasons(rows) + mark_void(rows):
+            for line in skipped_reasons(rows) + (mark_void(rows) if warn_void else []):
                 warnings.warn(line, stacklevel=2)
     finally:  # also after a failure: the marker lists every file written (an --overwrite removes them all)
         if main:
