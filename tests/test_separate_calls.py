@@ -203,3 +203,34 @@ def test_flux_uncond_after_the_stop_uses_the_negative_branch_arguments(flux):
     with guidance_schedule(flux, GuidanceSchedule(W, stop_step=0, after="uncond")) as hook:
         got = run_flux(flux)
     assert np.array_equal(got, neg_only) and hook.evaluations_per_image() == [STEPS] * 2
+
+
+# -- diffusers' own First Block Cache, through the pipelines' own cache_context, under the stop ----------------
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_first_block_cache_composes_with_a_stop(name, wan, flux):
+    """FirstBlockCache as diffusers ships it (`transformer.enable_cache`, one state per branch through the
+    pipeline's cache_context): alone it skips the tail blocks; under a stop the unguided branch's call does not run
+    at all (the first block runs once per computed row) and the cache still skips."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe, go = (wan, run) if name == "wan" else (flux, run_flux)
+    den = pipe.transformer
+    first_blk, last = (den.blocks[0], den.blocks[-1].ffn) if name == "wan" else \
+        (den.transformer_blocks[0], den.single_transformer_blocks[-1].proj_out)
+    rows = {"first": 0, "tail": 0}
+    handles = [first_blk.register_forward_pre_hook(lambda m, a, k: rows.__setitem__("first", rows["first"] + 1),
+                                                   with_kwargs=True),
+               last.register_forward_pre_hook(lambda m, a: rows.__setitem__("tail", rows["tail"] + 1))]
+    den.enable_cache(FirstBlockCacheConfig(threshold=10.0))  # every call after the first step reuses the tail
+    try:
+        go(pipe)
+        alone = dict(rows)
+        rows.update(first=0, tail=0)
+        with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=3, after="cond")) as hook:
+            go(pipe)
+    finally:
+        den.disable_cache()
+        for h in handles:
+            h.remove()
+    assert alone == {"first": 2 * STEPS, "tail": 2}  # the cache skips the tail after the first step
+    assert hook.evaluations_per_image() == [2 * 3 + 3] * 2 and rows == {"first": 2 * 3 + 3, "tail": 2}

@@ -187,10 +187,9 @@ class Session:
         return st
 
     def begin_run(self, call, binding: Binding, batch: int) -> RunState:
-        """A new run: every stateful hook of the denoiser is reset (diffusers' own caches too), runs of the same
-        pipeline on this thread that were cut short are forgotten."""
-        for den in self.denoisers:
-            HookRegistry.check_if_exists_or_initialize(den).reset_stateful_hooks(recurse=True)
+        """A new run; runs of the same pipeline on this thread that were cut short are forgotten. diffusers' own
+        stateful hooks (its caches) are left to diffusers: a pipeline resets them at the end of its call, and
+        resetting them here would clear the cache context the pipeline has just opened for this call."""
         e = self.entry(call.pipe, create=True)
         e.runs += 1
         st = RunState(self, call, binding, batch, e.runs)
