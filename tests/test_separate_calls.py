@@ -234,3 +234,27 @@ def test_first_block_cache_composes_with_a_stop(name, wan, flux):
             h.remove()
     assert alone == {"first": 2 * STEPS, "tail": 2}  # the cache skips the tail after the first step
     assert hook.evaluations_per_image() == [2 * 3 + 3] * 2 and rows == {"first": 2 * 3 + 3, "tail": 2}
+
+
+# -- trajectories on a video pipeline: x0-hat of every frame at every step --------------------------------------
+def test_a_wan_trajectory_ends_at_the_pipelines_latents(wan):
+    """Under Euler flow matching the last step lands exactly on its call's x0-hat (x_t - sigma v), so the recorded
+    x0-hat of every frame at the last step equals the latents the pipeline returns."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from shapefirst.trace import TrajectoryRecorder
+
+    own, wan.scheduler = wan.scheduler, FlowMatchEulerDiscreteScheduler(shift=3.0)
+    rec = TrajectoryRecorder()
+    try:
+        with guidance_schedule(wan, GuidanceSchedule(W, stop_step=3, after="cond"), rec):
+            gens = [torch.Generator().manual_seed(i) for i in range(2)]
+            lat = wan(PROMPTS, negative_prompt="", height=16, width=16, num_frames=5, num_inference_steps=STEPS,
+                      guidance_scale=W, max_sequence_length=16, output_type="latent", generator=gens).frames
+    finally:
+        wan.scheduler = own
+    traj = rec.trajectory
+    x0 = traj.arrays["x0"]  # [calls, videos, C, frames, H, W]
+    assert traj.n_calls == STEPS and tuple(x0.shape[:2]) == (STEPS, 2) and x0.shape[3] == 2  # 2 latent frames
+    assert traj.guided[:3].all() and not traj.guided[3:].any()
+    assert torch.allclose(x0[-1], lat.float(), atol=1e-5)
