@@ -258,3 +258,28 @@ def test_a_wan_trajectory_ends_at_the_pipelines_latents(wan):
     assert traj.n_calls == STEPS and tuple(x0.shape[:2]) == (STEPS, 2) and x0.shape[3] == 2  # 2 latent frames
     assert traj.guided[:3].all() and not traj.guided[3:].any()
     assert torch.allclose(x0[-1], lat.float(), atol=1e-5)
+
+
+# -- Wan image-to-video: the image embeddings go to both branches ------------------------------------------------
+def test_wan_image_to_video_stop_equals_diffusers_with_the_kept_branch(tmp_path):
+    from PIL import Image
+
+    from shapefirst.tiny import tiny_wan_i2v_pipeline, wan_text_pipeline
+
+    pipe = tiny_wan_i2v_pipeline()
+    pe, ne = wan_text_pipeline(pipe).encode_prompt(PROMPTS, negative_prompt=[""] * 2, max_sequence_length=16)
+    img = Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype("uint8"))
+
+    def go(**kw):
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        return pipe(image=img, prompt_embeds=pe, negative_prompt_embeds=ne, height=16, width=16, num_frames=5,
+                    num_inference_steps=STEPS, guidance_scale=W, output_type="np", generator=gens, **kw).frames
+
+    plain = go()
+    ref = go(callback_on_step_end=keep_from(3, "cond"),
+             callback_on_step_end_tensor_inputs=["prompt_embeds", "negative_prompt_embeds"])
+    with guidance_schedule(pipe, GuidanceSchedule(W)):
+        assert np.array_equal(go(), plain)
+    with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=3, after="cond")) as hook:
+        got = go()
+    assert np.array_equal(got, ref) and hook.evaluations_per_image() == [2 * 3 + 3] * 2

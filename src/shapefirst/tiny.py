@@ -491,3 +491,35 @@ def tiny_hunyuandit_pipeline(seed: int = 0, folder: str | Path | None = None):
                               text_encoder_2=_tiny_t5_encoder(tok2), tokenizer_2=tok2, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_wan_i2v_pipeline(seed: int = 0):
+    """WanImageToVideoPipeline (Wan 2.1 image-to-video): tiny_wan_pipeline's components with a transformer that
+    takes the image latents (36 input channels) and image embeddings (image_dim 4) from a tiny CLIPVisionModel.
+    Pass prompt_embeds / negative_prompt_embeds (its prompt cleaning needs ftfy, which diffusers 0.42 calls
+    without checking it is installed): `encode_prompt` of `wan_text_pipeline(pipe)`."""
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    base = tiny_wan_pipeline(seed)
+    torch.manual_seed(seed + 1)
+    encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=4, projection_dim=4, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=32, intermediate_size=16,
+                                               patch_size=1)).eval()
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=36, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32, image_dim=4).eval()
+    pipe = WanImageToVideoPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                                   scheduler=base.scheduler, transformer=transformer, image_encoder=encoder,
+                                   image_processor=CLIPImageProcessor(crop_size=32, size=32))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_text_pipeline(pipe):
+    """A WanPipeline on `pipe`'s text encoder and tokenizer, for its encode_prompt."""
+    from diffusers import WanPipeline
+
+    return WanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                       scheduler=pipe.scheduler)
