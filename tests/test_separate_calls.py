@@ -283,3 +283,24 @@ def test_wan_image_to_video_stop_equals_diffusers_with_the_kept_branch(tmp_path)
     with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=3, after="cond")) as hook:
         got = go()
     assert np.array_equal(got, ref) and hook.evaluations_per_image() == [2 * 3 + 3] * 2
+
+
+# -- the command line on a local Wan folder: a video a user opens ---------------------------------------------
+def test_the_cli_generates_a_video_from_a_wan_folder(wan, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from shapefirst.cli import main
+
+    folder = tmp_path / "wan"
+    wan.save_pretrained(folder, safe_serialization=True)
+    code = main(["generate", "a red circle moving left", "--model", str(folder), "--steps", "4", "--guidance", "5",
+                 "--guidance-stop", "0.5", "--after", "cond", "--height", "16", "--width", "16", "--num-frames", "5",
+                 "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    run_json = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run_json["images"] == ["video_000.webp"] and run_json["denoiser_evaluations_per_image"] == [2 * 2 + 2]
+    with Image.open(tmp_path / "out" / "video_000.webp") as im:
+        assert im.n_frames == 5 and im.size == (16, 16)
+    assert "1 videos ->" in capsys.readouterr().err

@@ -90,9 +90,14 @@ def generate(
                                                   "below it unguided) or SIGMA:all (every step below it)"),
     cache: str = typer.Option("none", help="late-stage reuse after the stop: none, mean, kept, deepN, mean+deep3"),
     negative_prompt: Optional[str] = typer.Option(None, help="negative prompt"),
-    scheduler: str = typer.Option("ddim", help="ddim, pndm, euler, euler-a, dpm++ or unipc"),
+    scheduler: Optional[str] = typer.Option(None, help="ddim, pndm, euler, euler-a, dpm++ or unipc (default: ddim "
+                                                       "where the model's family takes it, else its own)"),
     seed: int = typer.Option(0, help="image i uses torch.Generator('cpu').manual_seed(seed + i)"),
     images_per_prompt: int = typer.Option(1, help="images per prompt"),
+    height: Optional[int] = typer.Option(None, help="image or video height (default: the pipeline's)"),
+    width: Optional[int] = typer.Option(None, help="image or video width (default: the pipeline's)"),
+    num_frames: Optional[int] = typer.Option(None, help="frames of a video pipeline (Wan, CogVideoX; default: "
+                                                        "the pipeline's)"),
     batch: int = typer.Option(8, help="images per pipeline call (more images run batch after batch)"),
     out: str = typer.Option("shapefirst-out", help="output folder"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier generate output in --out "
@@ -120,8 +125,10 @@ def generate(
                          guidance_start, guidance_start_step, _shape_tolerance(adaptive_shape, model),
                          guidance_stop_sigma, guidance_start_sigma, ngms)
     late = LateCache.parse(cache)  # one spec (a sweep takes a comma list: --caches)
-    if scheduler not in SCHEDULERS:
+    if scheduler is not None and scheduler not in SCHEDULERS:
         raise ShapefirstError(f"unknown scheduler {scheduler!r}", f"use one of: {', '.join(SCHEDULERS)}")
+    size = {k: checks.positive(v, f"--{k.replace('_', '-')}", 1) for k, v in
+            (("height", height), ("width", width), ("num_frames", num_frames)) if v is not None}
     dev = checks.device(device)
     pick_dtype(dtype, dev or "cpu")
     OutputFolder(out, "generate", overwrite=overwrite, reuse=False).check(dry=True)
@@ -129,16 +136,20 @@ def generate(
     pipe = load_pipeline(model, device=dev, dtype=dtype, allow_pickle=allow_pickle)
     load_s = time.perf_counter() - t0
     with _warnings_to_stderr():
-        from .models import set_scheduler
+        from .models import schedulers_for, set_scheduler
 
+        if scheduler is None and "ddim" in schedulers_for(pipe):
+            scheduler = "ddim"  # the default where the family takes it; else the pipeline's own scheduler
         set_scheduler(pipe, scheduler)
         for w in checks.noop_warnings(schedule, late, count_calls(pipe, steps)):
             warnings.warn(w)
         res = run_generate(pipe, prompts, schedule, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
                            negative_prompt=negative_prompt, scheduler=scheduler, trace=trace, progress=True,
-                           cache=late, batch=batch)
-    res.save(out, vae=pipe.vae if trace else None, extra={"model": model, "load_seconds": load_s}, overwrite=overwrite)
-    typer.echo(f"{len(res.images)} images -> {out}  ({res.wall_seconds:.2f} s, guidance {schedule.scale:g}, "
+                           cache=late, batch=batch, **size)
+    res.save(out, vae=pipe.vae if trace and res.images.ndim == 4 else None,
+             extra={"model": model, "load_seconds": load_s}, overwrite=overwrite)
+    what = "videos" if res.images.ndim == 5 else "images"
+    typer.echo(f"{len(res.images)} {what} -> {out}  ({res.wall_seconds:.2f} s, guidance {schedule.scale:g}, "
                f"{res.evaluations_per_image[0]} denoiser evaluations per image)", err=True)
 
 

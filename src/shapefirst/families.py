@@ -14,6 +14,10 @@ Each Family states what the rest of shapefirst needs to know about a kind of dif
                   or where the pipeline's `guidance_scale` is something else (Flux: true_cfg_scale)
   cfg_local       "separate" only: the local of the pipeline's `__call__` that says whether it runs CFG, for a
                   pipeline without a `do_classifier_free_guidance` property (Flux: do_true_cfg)
+  scale_arg       the call argument that carries the CFG scale (Flux: true_cfg_scale; its guidance_scale is the
+                  distilled guidance embedding)
+  call_defaults   call arguments shapefirst.generate supplies unless given (Flux: a negative prompt, without which
+                  it runs no true CFG)
   prediction      how x0-hat follows from a prediction: "scheduler" (epsilon / v / sample from the
                   scheduler's prediction_type, alphas_cumprod) or "flow" (x0 = x_t - sigma * v)
   attention       where the text enters: "cross" (separate cross-attention, attn2) or "joint" (one attention
@@ -46,6 +50,8 @@ class Family:
     branches: tuple[tuple[str, str, str], ...] = ()
     scale_local: str | None = None
     cfg_local: str | None = None
+    scale_arg: str = "guidance_scale"
+    call_defaults: tuple[tuple[str, object], ...] = ()
 
 
 DECLARED = (
@@ -70,7 +76,8 @@ DECLARED = (
            branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),
                      ("pooled_projections", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
                      ("txt_ids", "text_ids", "negative_text_ids")),
-           scale_local="true_cfg_scale", cfg_local="do_true_cfg"),
+           scale_local="true_cfg_scale", cfg_local="do_true_cfg", scale_arg="true_cfg_scale",
+           call_defaults=(("negative_prompt", ""),)),
 )
 BY_NAME = {f.name: f for f in DECLARED}
 FAMILIES = {f.name: f.pipelines for f in DECLARED}  # family name -> pipeline class names

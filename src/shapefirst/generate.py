@@ -6,6 +6,7 @@ generate(pipe, [prompt_p], seed=seed + i) gives image i again (up to batch-makeu
 """
 from __future__ import annotations
 
+import io
 import numbers
 import platform
 import shutil
@@ -20,6 +21,7 @@ import torch
 
 from .cache import LateCache, late_cache
 from .errors import ShapefirstError
+from .families import family
 from .guidance import GuidanceSchedule, guidance_schedule
 from .models import scheduler_for
 from .pipeline import call_defaults, embeds_call
@@ -72,9 +74,12 @@ def warn_truncated(pipe, prompts: list[str]) -> None:
                           f"{info.dropped_text!r}", stacklevel=3)
 
 
+VIDEO_FAMILIES = ("wan", "cogvideox")  # pipelines that return `.frames`: one animated WebP per video
+
+
 @dataclass
 class GenerationResult:
-    images: np.ndarray  # [N, H, W, 3] float in [0, 1]
+    images: np.ndarray  # [N, H, W, 3] float in [0, 1]; a video pipeline's [N, frames, H, W, 3]
     prompts: list[str]  # one per image
     seeds: list[int]  # one per image
     evaluations_per_image: list[int]
@@ -83,9 +88,12 @@ class GenerationResult:
     trajectory: Trajectory | None = None
 
     def pil(self):
+        """One PIL image per image; a list of frames per video."""
         from PIL import Image
 
-        return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in self.images]
+        def one(im):
+            return Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8))
+        return [[one(f) for f in im] if im.ndim == 4 else one(im) for im in self.images]
 
     def save(self, out: str | Path, vae=None, extra: dict | None = None, overwrite: bool = False,
              key: dict | None = None) -> Path:
@@ -128,8 +136,8 @@ class GenerationResult:
     def _write(self, stage: Path, vae, extra: dict | None) -> None:
         names = []
         for i, im in enumerate(self.pil()):
-            name = f"image_{i:03d}.png"
-            atomic_write_bytes(stage / name, png_bytes(im))
+            name = f"video_{i:03d}.webp" if isinstance(im, list) else f"image_{i:03d}.png"
+            atomic_write_bytes(stage / name, webp_bytes(im) if isinstance(im, list) else png_bytes(im))
             names.append(name)
         if self.trajectory is not None:
             self.trajectory.save(stage / "trajectory")
@@ -140,6 +148,14 @@ class GenerationResult:
                "denoiser_evaluations_per_image": self.evaluations_per_image,
                "wall_seconds": self.wall_seconds, "images": names, **(extra or {}), "machine": machine_info()}
         atomic_write_text(stage / "run.json", strict_dumps(run, indent=2))
+
+
+def webp_bytes(frames: list, fps: int = 8) -> bytes:
+    """An animated, lossless WebP of the frames (Pillow), looping: a file any browser opens."""
+    buf = io.BytesIO()
+    frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], duration=1000 // fps, loop=0,
+                   lossless=True)
+    return buf.getvalue()
 
 
 def machine_info() -> dict:
@@ -250,16 +266,20 @@ def _one_call(pipe, prompts, prompts_list, schedule, steps, seed, images_per_pro
         warn_empty(prompts_list, schedule, negative_prompt)
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
     recorder = TrajectoryRecorder() if trace else None
-    kwargs = dict(num_inference_steps=steps, guidance_scale=schedule.scale, num_images_per_prompt=images_per_prompt,
-                  generator=gens, output_type="np", **pipe_kwargs, **call_defaults(pipe, pipe_kwargs),
-                  **_text_kwargs(prompts_list if prompts is not None else None, negative_prompt, n_prompts))
+    fam = family(pipe)
+    per_prompt = "num_videos_per_prompt" if fam.name in VIDEO_FAMILIES else "num_images_per_prompt"
+    text = _text_kwargs(prompts_list if prompts is not None else None, negative_prompt, n_prompts)
+    given = {**pipe_kwargs, **text}
+    kwargs = dict(num_inference_steps=steps, generator=gens, output_type="np", **{fam.scale_arg: schedule.scale},
+                  **{per_prompt: images_per_prompt}, **pipe_kwargs, **call_defaults(pipe, given), **text)
     bar = _Progress(n_calls) if progress else None
     if bar is not None:
         kwargs["callback_on_step_end"] = bar
     with guidance_schedule(pipe, schedule, recorder) as hook, late_cache(pipe, cache):
         t0 = time.perf_counter()
         try:
-            images = pipe(**kwargs).images
+            out = pipe(**kwargs)
+            images = out.frames if fam.name in VIDEO_FAMILIES else out.images  # videos: [N, frames, H, W, 3]
         finally:
             if bar is not None:
                 bar.close()

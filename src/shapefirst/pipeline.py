@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import ShapefirstError
-from .families import family_of_pipe
+from .families import family, family_of_pipe
 from .pipeline_call import cfg_of_call, running_call
 from .tokens import PAD, analyze_prompt
 
@@ -97,8 +97,9 @@ def call_defaults(pipe, given: dict | None = None) -> dict:
     transformer's 16 is none of them: use_resolution_binning=False); with negative_prompt_embeds its
     default negative_prompt "" clashes (negative_prompt=None)."""
     given = given or {}
+    declared = {k: v for k, v in family(pipe).call_defaults if k not in given}  # families.Family.call_defaults
     if family_of_pipe(pipe) != "pixart":
-        return {}
+        return declared
     out = {"clean_caption": False}
     if "negative_prompt_embeds" in given:
         out["negative_prompt"] = None
