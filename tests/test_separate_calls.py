@@ -304,3 +304,13 @@ def test_the_cli_generates_a_video_from_a_wan_folder(wan, tmp_path, capsys):
     with Image.open(tmp_path / "out" / "video_000.webp") as im:
         assert im.n_frames == 5 and im.size == (16, 16)
     assert "1 videos ->" in capsys.readouterr().err
+
+
+def test_generate_runs_flux_with_true_cfg(flux):
+    """shapefirst.generate gives Flux its CFG scale as true_cfg_scale and an empty negative prompt: both branches
+    run while guided (without a negative prompt Flux would run no true CFG: one call per step)."""
+    from shapefirst.generate import generate
+
+    res = generate(flux, PROMPTS, GuidanceSchedule(W, stop_step=3, after="cond"), steps=STEPS, height=16, width=16,
+                   max_sequence_length=16)
+    assert res.images.shape == (2, 16, 16, 3) and res.evaluations_per_image == [2 * 3 + STEPS - 3] * 2
