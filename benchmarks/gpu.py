@@ -27,6 +27,8 @@ from contextlib import nullcontext
 
 import torch
 
+from shapefirst.timing import check_alone, pin_threads
+
 from shapefirst.cache import LateCache, late_cache
 from shapefirst.guidance import GuidanceSchedule, guidance_schedule
 
@@ -180,7 +182,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--compile", action="store_true", help="also time the denoiser under torch.compile")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--allow-busy", action="store_true", help="time even beside other work (the table is flagged)")
     args = ap.parse_args(argv)
+    busy = check_alone(args.allow_busy) if args.device == "cpu" else None
+    if args.device == "cpu":
+        pin_threads()
     build = REAL if args.size == "real" else tiny_models()
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     load0 = os.getloadavg()
@@ -199,6 +205,8 @@ def main(argv=None) -> list[dict]:
         f"CPU {platform.machine()} x{os.cpu_count()}"
     print(f"# {args.size} sizes on {device}, torch {torch.__version__}, {args.steps} steps, {args.repeats} repeats; "
           f"load {load0[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
+    if busy:
+        print(f"# FLAGGED, NOT A MEASUREMENT: {busy}")
     print("| model | batch | setting | median s | time / plain | saved | evaluations per image |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for r in rows:
@@ -208,7 +216,7 @@ def main(argv=None) -> list[dict]:
         print(f"# {name}: {n}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": device, "size": args.size, "rows": rows, "notes": notes}, f, indent=1)
+            json.dump({"device": device, "size": args.size, "rows": rows, "notes": notes, "busy": busy}, f, indent=1)
     return rows
 
 

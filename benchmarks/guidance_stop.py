@@ -15,6 +15,8 @@ import statistics
 
 import torch
 
+from shapefirst.timing import check_alone, pin_threads
+
 from shapefirst.generate import generate
 from shapefirst.guidance import GuidanceSchedule
 
@@ -29,7 +31,10 @@ def main():
     ap.add_argument("--scheduler", default="ddim")
     ap.add_argument("--device", default=None)
     ap.add_argument("--guidance", type=float, default=None, help="default: the model's recommended scale")
+    ap.add_argument("--allow-busy", action="store_true", help="time even beside other work (the table is flagged)")
     args = ap.parse_args()
+    busy = check_alone(args.allow_busy)
+    pin_threads()
     from shapefirst.models import default_guidance
 
     w = default_guidance(args.model) if args.guidance is None else args.guidance
@@ -68,6 +73,8 @@ def main():
     print(f"# guidance stop benchmark: model={args.model} scheduler={args.scheduler} steps={args.steps} "
           f"guidance={w:g} "
           f"repeats={args.repeats} device={dev} torch={torch.__version__} threads={torch.get_num_threads()}")
+    if busy:
+        print(f"# FLAGGED, NOT A MEASUREMENT: {busy}")
     print(f"# load average before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
           f"after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     print("| batch | schedule | median s | time / full (median of ratios) | saved | evaluations / full | "

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from shapefirst.cache import LateCache
+from shapefirst.timing import check_alone
 from shapefirst.peers import PHASES, batch1_only, merge_study, paired, pareto_plot, read_study, rows_file
 from shapefirst.sweep import (
     Config,
@@ -430,11 +431,11 @@ def main():
                     help="drop configurations whose name contains one of these")
     ap.add_argument("--floor", type=int, default=200, help="prompts for the Image-CLIP seed floor")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--allow-busy", action="store_true", help="time even beside other work (flagged)")
     ap.add_argument("--tolerance", type=float, default=0.01)
     args = ap.parse_args()
     args.guidance = default_guidance(args.model) if args.guidance is None else args.guidance
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or os.cpu_count())  # pinned: a timing does not depend on torch's guess
     if args.phase == "merge":
         for name, check in merge_study(args.out, args.dest).items():
             print(f"rerun of {name!r}: {check}")
@@ -456,6 +457,9 @@ def main():
     pipe = load_pipeline(args.model)
     prompts, targets = world_prompts(args.n, 0)
     timing = args.phase == "timing"
+    busy = check_alone(args.allow_busy) if timing else None
+    if busy:
+        print(f"# FLAGGED, NOT A MEASUREMENT: {busy}", flush=True)
     # batch 8: the plot's axis
     out = args.out / (args.phase if not timing or args.batch == 8 else f"timing_b{args.batch}")
     print(f"# {args.phase}: {machine()}", flush=True)

@@ -24,6 +24,8 @@ import statistics
 import time
 
 import torch
+
+from shapefirst.timing import check_alone
 from diffusers import UNet2DConditionModel
 
 COMMON = dict(in_channels=4, out_channels=4, layers_per_block=2, act_fn="silu", norm_num_groups=32,
@@ -167,7 +169,11 @@ def main():
     ap.add_argument("--no-cuda", action="store_true", help="skip the GPU even if one is available")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/unet_speed.json")
+    ap.add_argument("--allow-busy", action="store_true", help="time even beside other work (the table is flagged)")
     args = ap.parse_args()
+    busy = check_alone(args.allow_busy)
+    if busy:
+        print(f"# FLAGGED, NOT A MEASUREMENT: {busy}")
     args.sizes = [int(s) for s in args.sizes.split(",")]
     torch.set_num_threads(args.threads)
     models = args.models if args.models is not None else ("" if args.model_config else "sd15,sdxl")
@@ -184,7 +190,7 @@ def main():
         devices.append(("cuda", torch.float16))
     machine = dict(processor=platform.processor() or platform.machine(), platform=platform.platform(),
                    cpu_count=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(),
-                   cpu_dtype=args.dtype, loadavg_start=os.getloadavg(),
+                   cpu_dtype=args.dtype, loadavg_start=os.getloadavg(), busy=busy,
                    cuda=torch.cuda.get_device_name(0) if len(devices) > 1 else None)
     results = []
     for name, cfg in todo:

@@ -57,3 +57,22 @@ def test_the_table_the_figure_and_the_report_say_so(tmp_path):
     (res / "sweep" / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in quiet))
     sec = next(s for s in _sections(res) if s["id"] == "sweep")
     assert "VOID" not in sec["caption"] and "(void)" not in sec["table"][2][1]
+
+
+def test_a_timing_benchmark_refuses_a_busy_machine_or_flags_it():
+    import pytest
+
+    from shapefirst.errors import ShapefirstError
+    from shapefirst.timing import check_alone, pin_threads
+
+    assert check_alone(load=0.4, cores=2) is None
+    with pytest.raises(ShapefirstError, match="busy .*load average 3.00 on 2 cores.*--allow-busy"):
+        check_alone(load=3.0, cores=2)
+    assert "busy" in check_alone(allow_busy=True, load=3.0, cores=2)
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert pin_threads(1) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

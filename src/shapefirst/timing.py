@@ -53,3 +53,32 @@ def mark_void(rows: list[dict]) -> list[str]:
 def any_void(rows: list[dict]) -> bool:
     mark_void(rows)
     return any(r.get("timing_void") for r in rows)
+
+
+BUSY_LOAD = 0.5
+"""A timing benchmark refuses to start when the 1-minute load average per core is above this (other work runs)."""
+
+
+def pin_threads(threads: int | None = None) -> int:
+    """Pin torch's intra-op threads (default: every core) so a timing does not depend on what torch guesses."""
+    import torch
+
+    n = threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def check_alone(allow_busy: bool = False, load: float | None = None, cores: int | None = None) -> str | None:
+    """Before a timing: None when the machine is quiet; else a one-line reason. Raises unless `allow_busy` (then the
+    caller prints the reason beside its table, flagging every figure)."""
+    from .errors import ShapefirstError
+
+    load = load_now() if load is None else load
+    cores = cores or os.cpu_count() or 1
+    if load is None or load / cores <= BUSY_LOAD:
+        return None
+    why = (f"the machine is busy (load average {load:.2f} on {cores} cores): timings beside other work are void "
+           "(spinning threads can slow a small model many times over)")
+    if not allow_busy:
+        raise ShapefirstError(why, "stop the other work and rerun, or pass --allow-busy to time anyway (flagged)")
+    return why
