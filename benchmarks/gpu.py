@@ -185,8 +185,16 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--allow-busy", action="store_true", help="time even beside other work (the table is flagged)")
     args = ap.parse_args(argv)
     busy = check_alone(args.allow_busy) if args.device == "cpu" else None
+    threads = torch.get_num_threads()
     if args.device == "cpu":
         pin_threads()
+    try:
+        return _run(args, busy)
+    finally:
+        torch.set_num_threads(threads)  # a caller (the tests) gets its own thread count back
+
+
+def _run(args, busy) -> list[dict]:
     build = REAL if args.size == "real" else tiny_models()
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     load0 = os.getloadavg()

@@ -10,9 +10,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 def test_the_gpu_script_runs_at_tiny_sizes(tmp_path, capsys):
     import gpu
 
-    out = tmp_path / "gpu.json"
+    import torch
+
+    out, threads = tmp_path / "gpu.json", torch.get_num_threads()
     rows = gpu.main(["--size", "tiny", "--device", "cpu", "--steps", "4", "--repeats", "1", "--batches", "1,2",
                      "--out", str(out), "--allow-busy"])  # the tests run beside each other: flagged, not refused
+    assert torch.get_num_threads() == threads  # the caller's thread count is back
     got = {(r["model"], r["batch"], r["setting"]): r["evaluations_per_image"] for r in rows}
     for model in ("sd15", "sdxl", "wan", "flux"):
         for batch in (1, 2):

@@ -118,7 +118,7 @@ def test_threads_with_pipelines_sharing_a_denoiser(pipe):
     b = StableDiffusionPipeline.from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))
     sa, sb = GuidanceSchedule(W, stop_step=2), GuidanceSchedule(W, stop_step=5, after="cond")
     want = {"a": with_schedule(a, sa), "b": with_schedule(b, sb)}
-    got, errors = {}, []
+    got, errors, threads = {}, [], torch.get_num_threads()
     torch.set_num_threads(1)
 
     def work(name, p, s):
@@ -130,11 +130,14 @@ def test_threads_with_pipelines_sharing_a_denoiser(pipe):
         except Exception as e:  # noqa: BLE001 (reported below)
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=x) for x in (("a", a, sa), ("b", b, sb))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    workers = [threading.Thread(target=work, args=x) for x in (("a", a, sa), ("b", b, sb))]
+    try:
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    finally:
+        torch.set_num_threads(threads)
     assert not errors, errors
     for name in "ab":
         assert np.array_equal(got[name][0], want[name][0]) and got[name][1] == want[name][1]

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+from .errors import ShapefirstError
+
 VOID_NOISE = 0.05
 """The largest |1 - t_full / t_full| (full guidance timed against itself) a timing may carry and still count."""
 
@@ -61,8 +65,6 @@ BUSY_LOAD = 0.5
 
 def pin_threads(threads: int | None = None) -> int:
     """Pin torch's intra-op threads (default: every core) so a timing does not depend on what torch guesses."""
-    import torch
-
     n = threads or os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
@@ -71,8 +73,6 @@ def pin_threads(threads: int | None = None) -> int:
 def check_alone(allow_busy: bool = False, load: float | None = None, cores: int | None = None) -> str | None:
     """Before a timing: None when the machine is quiet; else a one-line reason. Raises unless `allow_busy` (then the
     caller prints the reason beside its table, flagging every figure)."""
-    from .errors import ShapefirstError
-
     load = load_now() if load is None else load
     cores = cores or os.cpu_count() or 1
     if load is None or load / cores <= BUSY_LOAD:
