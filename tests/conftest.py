@@ -32,3 +32,30 @@ def tiny_folder(tmp_path_factory, tiny_pipe):
 
 def gens(seed, n):
     return [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+
+
+class CondHalfOn:
+    """A reference written without shapefirst: `module.forward` wrapped by plain test code so that on the calls
+    `skip(i)` picks, only the conditional half of the [uncond, cond] batch runs and is returned in both halves
+    (what a guidance stop with the conditional branch kept must equal)."""
+
+    def __init__(self, module, skip):
+        self.module, self.skip, self.calls, self.orig = module, skip, 0, module.forward
+        module.forward = self.forward
+
+    def forward(self, *args, **kwargs):
+        i, self.calls = self.calls, self.calls + 1
+        if not self.skip(i):
+            return self.orig(*args, **kwargs)
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        rows = x.shape[0]
+
+        def half(v):
+            return v[rows // 2:] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
+        out = self.orig(*[half(a) for a in args], **{k: half(v) for k, v in kwargs.items()})
+        if isinstance(out, tuple):
+            return (torch.cat([out[0], out[0]]),) + tuple(out[1:])
+        return type(out)(sample=torch.cat([out.sample, out.sample]))
+
+    def close(self):
+        del self.module.forward

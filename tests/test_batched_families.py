@@ -1,8 +1,8 @@
 """Batched-CFG transformer families added by name (#32 item 2): Sana, CogVideoX (video), HunyuanDiT, on tiny
 in-code components. For each: no stop is bit-identical to the plain pipeline; a stop equals a reference built
 without shapefirst (the denoiser's forward wrapped by plain test code that, from the stop on, runs the
-conditional half of the batch and returns it in both halves); 2 prompts x 2 images equal their solo runs;
-evaluations equal an independent count of the rows the transformer computes."""
+conditional half of the batch and returns it in both halves: conftest.CondHalfOn); 2 prompts x 2 images equal
+their solo runs; evaluations equal an independent count of the rows the transformer computes."""
 import numpy as np
 import pytest
 import torch
@@ -10,6 +10,8 @@ import torch
 from shapefirst.families import family_of_pipe
 from shapefirst.guidance import GuidanceSchedule, guidance_schedule
 from shapefirst.tiny import tiny_cogvideox_pipeline, tiny_hunyuandit_pipeline, tiny_sana_pipeline
+
+from conftest import CondHalfOn
 
 PROMPTS = ["a red circle moving left", "a large blue striped square"]
 STEPS, W = 5, 4.5
@@ -32,29 +34,6 @@ def run(name, pipe, prompts=PROMPTS, per_prompt=1, seed=0):
     out = pipe(prompts, num_inference_steps=STEPS, guidance_scale=W, output_type="np", generator=gens,
                **{count: per_prompt}, **kw)
     return out.frames if name == "cogvideox" else out.images
-
-
-class CondHalfFrom:
-    """The reference: the transformer's forward wrapped by test code (no shapefirst) that from call `k` on runs
-    the conditional half of the [uncond, cond] batch only and returns it in both halves."""
-
-    def __init__(self, module, k: int):
-        self.module, self.k, self.calls, self.orig = module, k, 0, module.forward
-        module.forward = self.forward
-
-    def forward(self, *args, **kwargs):
-        i, self.calls = self.calls, self.calls + 1
-        if i < self.k:
-            return self.orig(*args, **kwargs)
-        rows = (args[0] if args else kwargs["hidden_states"]).shape[0]
-
-        def half(x):
-            return x[rows // 2:] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == rows else x
-        out = self.orig(*[half(a) for a in args], **{k: half(v) for k, v in kwargs.items()})
-        return (torch.cat([out[0], out[0]]),) + tuple(out[1:])
-
-    def close(self):
-        del self.module.forward
 
 
 class RowCount:
@@ -82,7 +61,7 @@ def test_no_stop_is_bit_identical(fam):
 @pytest.mark.parametrize("stop", [0, 2])
 def test_a_stop_equals_the_reference_and_counts_rows(fam, stop):
     name, pipe = fam
-    ref_wrap = CondHalfFrom(pipe.transformer, stop)
+    ref_wrap = CondHalfOn(pipe.transformer, lambda i: i >= stop)
     try:
         ref = run(name, pipe)
     finally:

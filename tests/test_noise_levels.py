@@ -6,14 +6,13 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from shapefirst.errors import ShapefirstError
 from shapefirst.guidance import GuidanceSchedule, guidance_schedule
 from shapefirst.models import set_scheduler
 from shapefirst.noise_levels import run_noise_levels
 
-from conftest import gens
+from conftest import CondHalfOn, gens
 
 PROMPTS = ["a red circle", "a small blue striped square"]
 STEPS, W = 8, 7.5
@@ -81,39 +80,12 @@ def test_the_same_sigma_lands_on_other_calls_with_other_solvers(tiny_pipe):
     assert len(set(firsts.values())) == 3  # one noise level, three call indices
 
 
-class UncondSkipped:
-    """AUTOMATIC1111's NGMS rule written without shapefirst: the UNet's forward wrapped so that on the calls where
-    A1111 skips the unconditional pass (odd steps, or all with "all", below s_min_uncond) only the conditional half
-    runs and is returned in both halves."""
-
-    def __init__(self, pipe, s_min: float, all_steps: bool):
-        self.unet, self.orig, self.calls = pipe.unet, pipe.unet.forward, 0
-        pipe.scheduler.set_timesteps(STEPS)
-        self.sigmas = run_noise_levels(pipe.scheduler, STEPS)
-        self.s_min, self.all = s_min, all_steps
-        self.unet.forward = self.forward
-
-    def forward(self, sample, t, *args, **kwargs):
-        i, self.calls = self.calls, self.calls + 1
-        if not (self.sigmas[i] <= self.s_min and (self.all or i % 2)):
-            return self.orig(sample, t, *args, **kwargs)
-        n = sample.shape[0] // 2
-
-        def half(x):
-            return x[n:] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 2 * n else x
-        out = self.orig(half(sample), t, *[half(a) for a in args], **{k: half(v) for k, v in kwargs.items()})
-        return type(out)(sample=torch.cat([out.sample, out.sample])) if hasattr(out, "sample") else \
-            (torch.cat([out[0], out[0]]),)
-
-    def close(self):
-        del self.unet.forward
-
-
 @pytest.mark.parametrize("all_steps", [False, True])
 def test_ngms_matches_automatic1111s_rule(tiny_pipe, all_steps):
     tiny_pipe.scheduler.set_timesteps(STEPS)
     s_min = run_noise_levels(tiny_pipe.scheduler, STEPS)[3] + 1e-6  # calls 3.. are below it
-    ref = UncondSkipped(tiny_pipe, s_min, all_steps)
+    sigmas = run_noise_levels(tiny_pipe.scheduler, STEPS)  # A1111's rule: no uncond below s_min on odd (all) steps
+    ref = CondHalfOn(tiny_pipe.unet, lambda i: sigmas[i] <= s_min and (all_steps or i % 2 == 1))
     try:
         want = run(tiny_pipe)
     finally:

@@ -16,6 +16,7 @@ Each Family states what the rest of shapefirst needs to know about a kind of dif
                   pipeline without a `do_classifier_free_guidance` property (Flux: do_true_cfg)
   scale_arg       the call argument that carries the CFG scale (Flux: true_cfg_scale; its guidance_scale is the
                   distilled guidance embedding)
+  video           the pipeline returns `.frames` ([N, frames, H, W, 3]) and counts `num_videos_per_prompt`
   call_defaults   call arguments shapefirst.generate supplies unless given (Flux: a negative prompt, without which
                   it runs no true CFG)
   prediction      how x0-hat follows from a prediction: "scheduler" (epsilon / v / sample from the
@@ -51,6 +52,7 @@ class Family:
     scale_local: str | None = None
     cfg_local: str | None = None
     scale_arg: str = "guidance_scale"
+    video: bool = False
     call_defaults: tuple[tuple[str, object], ...] = ()
 
 
@@ -64,13 +66,13 @@ DECLARED = (
            schedulers=("euler",)),
     Family("sana", ("SanaPipeline",), denoisers=("transformer",), prediction="flow", tokenizer="gemma", schedulers=()),
     Family("cogvideox", ("CogVideoXPipeline",), denoisers=("transformer",), attention="joint", tokenizer="t5",
-           schedulers=()),
+           schedulers=(), video=True),
     Family("hunyuandit", ("HunyuanDiTPipeline",), denoisers=("transformer",), tokenizer="bert+t5", schedulers=()),
     Family("wan", ("WanPipeline", "WanImageToVideoPipeline"), denoisers=("transformer", "transformer_2"),
            cfg="separate", prediction="flow",
            tokenizer="t5", schedulers=(),
            branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),),
-           scale_local="current_guidance_scale"),
+           scale_local="current_guidance_scale", video=True),
     Family("flux", ("FluxPipeline",), denoisers=("transformer",), cfg="separate", prediction="flow", attention="joint",
            tokenizer="t5", schedulers=(),
            branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),

@@ -74,9 +74,6 @@ def warn_truncated(pipe, prompts: list[str]) -> None:
                           f"{info.dropped_text!r}", stacklevel=3)
 
 
-VIDEO_FAMILIES = ("wan", "cogvideox")  # pipelines that return `.frames`: one animated WebP per video
-
-
 @dataclass
 class GenerationResult:
     images: np.ndarray  # [N, H, W, 3] float in [0, 1]; a video pipeline's [N, frames, H, W, 3]
@@ -267,7 +264,7 @@ def _one_call(pipe, prompts, prompts_list, schedule, steps, seed, images_per_pro
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
     recorder = TrajectoryRecorder() if trace else None
     fam = family(pipe)
-    per_prompt = "num_videos_per_prompt" if fam.name in VIDEO_FAMILIES else "num_images_per_prompt"
+    per_prompt = "num_videos_per_prompt" if fam.video else "num_images_per_prompt"
     text = _text_kwargs(prompts_list if prompts is not None else None, negative_prompt, n_prompts)
     given = {**pipe_kwargs, **text}
     kwargs = dict(num_inference_steps=steps, generator=gens, output_type="np", **{fam.scale_arg: schedule.scale},
@@ -279,7 +276,7 @@ def _one_call(pipe, prompts, prompts_list, schedule, steps, seed, images_per_pro
         t0 = time.perf_counter()
         try:
             out = pipe(**kwargs)
-            images = out.frames if fam.name in VIDEO_FAMILIES else out.images  # videos: [N, frames, H, W, 3]
+            images = out.frames if fam.video else out.images  # videos: [N, frames, H, W, 3]
         finally:
             if bar is not None:
                 bar.close()

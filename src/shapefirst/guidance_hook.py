@@ -247,7 +247,6 @@ def install(pipe) -> Session:
 
 
 def _binding(pipe, schedule: GuidanceSchedule, recorder, session: Session) -> Binding:
-    _check_schedule(schedule)
     cfg = getattr(denoiser_of(pipe), "config", {})
     if schedule.stops and cfg.get("time_cond_proj_dim") is not None:
         raise ShapefirstError("this model is guidance-distilled (its denoiser takes the guidance scale as an input, "

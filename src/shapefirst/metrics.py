@@ -154,7 +154,6 @@ def to_uint8(images: np.ndarray) -> torch.Tensor:
 
 
 def default_judge():
-
     return judge
 
 

@@ -6,7 +6,7 @@ import torch
 
 from .errors import ShapefirstError
 from .families import family, family_of_pipe
-from .pipeline_call import cfg_of_call, running_call
+from .pipeline_call import PipelineCall, cfg_of_call, running_call
 from .tokens import PAD, analyze_prompt
 
 
@@ -128,24 +128,10 @@ def latent_input(args, kwargs):
 
 
 def cfg_active(pipe, sample: torch.Tensor) -> bool:
-    """Does this denoiser call run classifier-free guidance (rows = [uncond..., cond...])?
-    See the module docstring for the rule per family (PixArt's rule reads the latents: one host sync)."""
+    """Does this denoiser call run classifier-free guidance (rows = [uncond..., cond...])? The one rule of
+    pipeline_call.cfg_of_call, on `pipe`'s call in progress if there is one (else on the pipeline alone)."""
     call = running_call()
-    if call is not None and call.pipe is pipe:
-        return cfg_of_call(call, sample)
-    rows = sample.shape[0]
-    if rows % 2:
-        return False
-    flag = getattr(pipe, "do_classifier_free_guidance", None)
-    if flag is None and hasattr(pipe, "guidance_scale") and not callable(pipe.guidance_scale):
-        try:
-            flag = float(pipe.guidance_scale) > 1.0
-        except (TypeError, ValueError):
-            flag = None
-    if flag is None:  # PixArt: read the call itself
-        half = rows // 2
-        return bool(torch.equal(sample[:half], sample[half:]))
-    return bool(flag)
+    return cfg_of_call(call if call is not None and call.pipe is pipe else PipelineCall(pipe, None), sample)
 
 
 def denoiser_of(pipe) -> torch.nn.Module:

@@ -24,14 +24,15 @@ from diffusers import DiffusionPipeline
 
 @dataclass(frozen=True, eq=False)
 class PipelineCall:
-    """One pipeline call in progress: the pipeline and the frame of its `__call__` (the run's identity)."""
+    """One pipeline call in progress: the pipeline and the frame of its `__call__` (the run's identity; None
+    for a pipeline looked at outside a call, which then has no locals)."""
 
     pipe: DiffusionPipeline
     frame: object
 
     def local(self, name: str, default=None):
         """A local variable of the pipeline's `__call__` (its arguments included), e.g. `guidance_scale`."""
-        return self.frame.f_locals.get(name, default)
+        return default if self.frame is None else self.frame.f_locals.get(name, default)
 
 
 def _self_of(frame):
@@ -64,7 +65,8 @@ def running_call() -> PipelineCall | None:
 def cfg_of_call(call: PipelineCall, sample: torch.Tensor) -> bool:
     """Does this denoiser call run classifier-free guidance (rows = [uncond..., cond...])? The pipeline's
     own `do_classifier_free_guidance` (a property that reads this pipeline's guidance scale), else the
-    local of that name in its `__call__` (PixArt, Sana, ...), else its `guidance_scale` argument > 1. Only
+    local of that name in its `__call__` (PixArt, Sana, ...), else its `guidance_scale` argument (or attribute)
+    > 1. Only
     a pipeline with none of these falls back to the latents: two bitwise-equal halves (one host read)."""
     rows = sample.shape[0]
     if rows % 2:
@@ -72,8 +74,8 @@ def cfg_of_call(call: PipelineCall, sample: torch.Tensor) -> bool:
     flag = getattr(call.pipe, "do_classifier_free_guidance", None)
     if flag is None:
         flag = call.local("do_classifier_free_guidance")
-    if flag is None:
-        scale = call.local("guidance_scale")
+    if flag is None:  # the call's guidance_scale argument, else the pipeline's attribute of that name
+        scale = call.local("guidance_scale", getattr(call.pipe, "guidance_scale", None))
         flag = float(scale) > 1.0 if isinstance(scale, (int, float)) else None
     if flag is None:
         half = rows // 2

@@ -479,7 +479,6 @@ def _real_feats(clip, real_images, i, batch, memo) -> np.ndarray:
 
 
 def _calls(pipe, cfg: Config) -> int:
-
     with scheduler_for(pipe, cfg.scheduler):
         return count_calls(pipe, cfg.steps)
 

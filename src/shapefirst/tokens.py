@@ -236,7 +236,6 @@ def _t5_max_length(pipe, max_sequence_length: int | None) -> int:
 
 
 def _t5_text(pipe, prompt: str) -> str:
-
     return prompt.lower().strip() if family_of_pipe(pipe) == "pixart" else prompt
 
 

@@ -364,7 +364,6 @@ def title(data: dict) -> str:
 
 
 def _run(pipe, settings: Settings, inputs: Inputs) -> Result:
-
     pairs = inputs.pairs
     if pairs is None:
         if not inputs.world:

@@ -108,7 +108,6 @@ def keep_peers(study: str | Path, out: str | Path) -> Path:
 
 
 def _peers_section(folder: Path) -> dict:
-
     q, t = read_study(folder)
     info = study_info(folder)
     where = (f" Measured by `python benchmarks/peers.py` on {info['machine']} (model {info['model']}, guidance "
