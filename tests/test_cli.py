@@ -179,16 +179,19 @@ def test_calibrate_ranks_stops_adaptive_and_caches_and_prints_a_runnable_snippet
     out = tmp_path / "cal"
     # cosine 0.9995, none,mean,kept+deep3: defaults
     code = main(["calibrate", "--n", "8", "--steps", "4", "--stops", "0.5", "--adaptive-shape", "0.05",
-                 "--modes", "uncond", "--timing-batches", "0", "--out", str(out)])
+                 "--stop-sigmas", "3", "--modes", "uncond", "--timing-batches", "0", "--out", str(out)])
     text = capsys.readouterr().out
     assert code == 0
     verdicts = [line for line in text.splitlines() if line.startswith(("PASS", "fail"))]
-    names = [f"{rule} uncond{c}" for rule in ("stop=0.5", "adaptive=0.9995", "adaptive-shape=0.05")
+    names = [f"{rule} uncond{c}" for rule in ("stop=0.5", "stop_sigma=3", "adaptive=0.9995", "adaptive-shape=0.05")
              for c in ("", " +mean", " +kept+deep3")]
     assert sorted(line[5:].split(" saved ")[0].strip() for line in verdicts) == sorted(f"ddim/4/{n}" for n in names)
     assert (out / "sweep.jsonl").exists() and (out / "pareto.png").exists()
     if "recommended:" in text:
+        fixed = text.split("recommended: ddim/4/")[1].startswith("stop")
+        assert ("in noise level: guidance stops at sigma <= " in text) == fixed, text  # #33: stated in sigma
         code_text = text.split("recommended:")[1].split("\n\n", 1)[1]
+        assert ("stop_sigma=" in code_text) == fixed
         from shapefirst.models import load_pipeline
 
         env = {"pipe": load_pipeline("embedded"), "prompts": ["a red circle"]}

@@ -144,3 +144,49 @@ def test_a_row_of_the_same_name_with_another_configuration_is_refused_by_what_di
     other = [Config("mine", GuidanceSchedule(7.5, stop=0.5, after="cond"), "ddim", 2)]
     with pytest.raises(ShapefirstError, match=r"another configuration \(other schedule\)"):
         run_sweep(tiny_pipe, PROMPTS[:2], tmp_path, configs=other, batch=2)
+
+
+def test_sweep_rows_in_noise_level_and_a_fraction_restated_in_noise_level(tiny_pipe):
+    """#33 item 1: sweep rows 'stop_sigma=S'; a row's fixed window restated in noise level guides the same calls
+    at its own scheduler (bit-identical images) and the noise level is sqrt((1 - a) / a) at the first unguided
+    call's timestep (DDIM's integer timesteps: alphas_cumprod read directly)."""
+    from shapefirst.sweep import default_configs, in_noise_level, noise_level_window
+
+    cfgs = default_configs(7.5, stops=(0.5,), steps=(4,), modes=("cond",), stop_sigmas=(2.0,))
+    assert [c.name for c in cfgs] == ["full", "stop=0.5 cond", "stop_sigma=2 cond"]
+    assert cfgs[2].schedule.stop_sigma == 2.0 and cfgs[2].schedule.stop is None
+    for sched, start in ((GuidanceSchedule(7.5, stop=0.5, after="cond"), None),
+                         (GuidanceSchedule(7.5, start=0.25, stop=0.75, after="cond"), 1)):
+        row = {"schedule": sched.to_dict(), "scheduler": "ddim", "steps": 4, "peer": False}
+        window = noise_level_window(tiny_pipe, row)
+        tiny_pipe.scheduler.set_timesteps(4)
+        ts = tiny_pipe.scheduler.timesteps.tolist()
+        ac = tiny_pipe.scheduler.alphas_cumprod.double()
+        first_unguided = sched.first_unguided_call(4)
+        a = float(ac[ts[first_unguided]])
+        assert window["calls"] == [start or 0, first_unguided] and window["n_calls"] == 4
+        assert window["stop_sigma"] == pytest.approx(((1 - a) / a) ** 0.5, rel=1e-9)
+        if start is not None:
+            a0 = float(ac[ts[start]])
+            assert window["start_sigma"] == pytest.approx(((1 - a0) / a0) ** 0.5, rel=1e-9)
+        restated = GuidanceSchedule.from_dict(in_noise_level(row, window)["schedule"])
+        assert restated.stop is None and restated.start is None and restated.stop_sigma == window["stop_sigma"]
+        want = generate(tiny_pipe, PROMPTS[:2], sched, steps=4).images
+        got = generate(tiny_pipe, PROMPTS[:2], restated, steps=4).images
+        assert np.array_equal(got, want)
+        assert got.tolist() != generate(tiny_pipe, PROMPTS[:2], GuidanceSchedule(7.5), steps=4).images.tolist()
+    for no_window in ({"schedule": GuidanceSchedule(7.5).to_dict(), "scheduler": "ddim", "steps": 4},
+                      {"schedule": GuidanceSchedule(7.5, stop=0.5).to_dict(), "scheduler": "ddim", "steps": 4,
+                       "peer": True}):
+        assert noise_level_window(tiny_pipe, no_window) is None
+
+
+def test_stop_sigmas_option_is_checked():
+    from shapefirst import checks
+    from shapefirst.errors import ShapefirstError
+
+    assert checks.noise_levels("2.2, 1") == [2.2, 1.0] and checks.noise_levels("") == []
+    for bad, what in (("two", "not a comma-separated list"), ("0", "not a noise level > 0"),
+                      ("inf", "not a noise level > 0"), ("-1", "not a noise level > 0")):
+        with pytest.raises(ShapefirstError, match=what):
+            checks.noise_levels(bad)

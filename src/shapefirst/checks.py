@@ -140,6 +140,22 @@ def fractions(text: str, option: str) -> list[float]:
     return unique(vals, option)
 
 
+def noise_levels(text: str, option: str = "--stop-sigmas") -> list[float]:
+    """A comma list of noise levels (finite numbers > 0: sigma, or the flow time for flow matching); '' -> []."""
+    if not text.strip():
+        return []
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ShapefirstError(f"{option} {text!r} is not a comma-separated list of numbers",
+                              "pass noise levels, e.g. 1.0,2.2 (sigma; flow matching: the flow time)") from e
+    for v in vals:
+        if not (math.isfinite(v) and v > 0):
+            raise ShapefirstError(f"{option} value {v} is not a noise level > 0",
+                                  "pass sigma values, e.g. 1.0,2.2 (the flow time in (0, 1] for flow matching)")
+    return unique(vals, option)
+
+
 def thresholds(text: str, option: str = "--adaptive") -> list[float]:
     if not text.strip():
         return []

@@ -18,6 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 MODEL_HELP = "'embedded' (the shipped shapes world), a local diffusers folder, or a hub id"
 GUIDANCE_HELP = "classifier-free guidance scale w (default: the embedded model's recommended scale, else 7.5)"
+STOP_SIGMAS_HELP = ("guidance stops in noise level (sigma; the flow time for flow matching), comma list: rows "
+                    "'stop_sigma=S', the same noise level at every scheduler and step count")
 ADAPTIVE_SHAPE_HELP = ("per-image stop once its x0-hat's low band changes by less than TOL per call "
                        "(2 calls in a row), "
                        "or 'auto' (the embedded model's calibrated tolerance, else 0.02)")
@@ -342,7 +344,7 @@ def _warnings_to_stderr():
 
 
 def _sweep_configs(guidance, stops, schedulers, steps, adaptive, caches, model, modes=("uncond", "cond"),
-                   adaptive_shape: str = ""):
+                   adaptive_shape: str = "", stop_sigmas: str = ""):
     from .sweep import default_configs
     from .models import SCHEDULERS
 
@@ -350,7 +352,8 @@ def _sweep_configs(guidance, stops, schedulers, steps, adaptive, caches, model, 
                            checks.names(schedulers, "--schedulers", SCHEDULERS),
                            checks.steps(checks.int_list(steps, "--steps"), model), modes=modes,
                            adaptive=checks.thresholds(adaptive), caches=_caches(caches),
-                           adaptive_shape=checks.shape_tolerances(adaptive_shape, model))
+                           adaptive_shape=checks.shape_tolerances(adaptive_shape, model),
+                           stop_sigmas=checks.noise_levels(stop_sigmas))
 
 
 @app.command()
@@ -360,6 +363,7 @@ def sweep(
     out: str = typer.Option("shapefirst-sweep", help="output folder (sweep.jsonl resumes)"),
     n: int = typer.Option(64, help="number of prompts"),
     stops: str = typer.Option("0.1,0.25,0.5,0.75,0.9", help="guidance stops (fractions of the calls)"),
+    stop_sigmas: str = typer.Option("", help=STOP_SIGMAS_HELP),
     schedulers: str = typer.Option("ddim,dpm++", help="schedulers to sweep"),
     steps: str = typer.Option("20,50", help="step counts to sweep"),
     guidance: Optional[float] = typer.Option(None, help=GUIDANCE_HELP),
@@ -391,7 +395,7 @@ def sweep(
     checks.seed(seed, n)
     checks.count(timing_batches, "--timing-batches")
     configs = _sweep_configs(_guidance(guidance, model), stops, schedulers, steps, adaptive, caches, model,
-                             adaptive_shape=adaptive_shape)
+                             adaptive_shape=adaptive_shape, stop_sigmas=stop_sigmas)
     if (real is None) != (inception is None):
         raise ShapefirstError("--real and --inception go together (FID needs real images and the Inception weights)",
                               "pass both, or neither")
@@ -432,7 +436,8 @@ def calibrate(
     out: str = typer.Option("shapefirst-calibrate", help="output folder (reuses a finished sweep)"),
     n: int = typer.Option(64, help="number of prompts"),
     tolerance: float = typer.Option(0.01, help="largest accepted accuracy loss (95% paired CI lower bound)"),
-    stops: str = typer.Option("0.2,0.3,0.4,0.5,0.6,0.7", help="candidate stops"),
+    stops: str = typer.Option("0.2,0.3,0.4,0.5,0.6,0.7", help="candidate stops (fractions of the calls)"),
+    stop_sigmas: str = typer.Option("", help=STOP_SIGMAS_HELP),
     adaptive: str = typer.Option("0.9995", help="candidate adaptive-stop cosine thresholds, e.g. 0.99,0.995 "
                                                 "('' = none)"),
     adaptive_shape: str = typer.Option("auto", help="candidate shape-settled adaptive-stop tolerances, "
@@ -453,7 +458,7 @@ def calibrate(
     """Find the fastest setting (stop, adaptive threshold or shape tolerance, late cache) that keeps quality within the
     tolerance; print it with its measured saving and a snippet."""
     out = checks.out_path(out)
-    from .sweep import calibrate as pick, run_sweep, saving, snippet
+    from .sweep import calibrate as pick, in_noise_level, noise_level_window, run_sweep, saving, snippet
     from .outputs import OutputFolder
 
     if not 0 < tolerance < 1:
@@ -462,7 +467,7 @@ def calibrate(
     checks.count(timing_batches, "--timing-batches")
     mode_list = checks.names(modes, "--modes", ("uncond", "cond"))
     configs = _sweep_configs(_guidance(guidance, model), stops, scheduler, str(steps), adaptive, caches, model,
-                             modes=mode_list, adaptive_shape=adaptive_shape)
+                             modes=mode_list, adaptive_shape=adaptive_shape, stop_sigmas=stop_sigmas)
     dev = checks.device(device)
     OutputFolder(out, "sweep", overwrite=overwrite).check(dry=True)
     pipe, ps, targets, scorer, real = _sweep_inputs(model, prompts, n, 0, clip, dev, False)
@@ -476,8 +481,21 @@ def calibrate(
         typer.echo("no configuration stays within the tolerance: keep full guidance")
         return
     sv, what = saving(best)
-    typer.echo(f"\nrecommended: {best['key']} saves {sv:.1%} of the {what} "
-               f"(measured on n={best['n']} prompts)\n\n{snippet(best)}")
+    typer.echo(f"\nrecommended: {best['key']} saves {sv:.1%} of the {what} (measured on n={best['n']} prompts)")
+    window = noise_level_window(pipe, best)
+    if window is not None:
+        best = in_noise_level(best, window)
+        typer.echo(f"in noise level: {_window_text(window)} at {best['scheduler']} {best['steps']} steps (calls "
+                   f"{window['calls'][0]}..{window['calls'][1] - 1} of {window['n_calls']} guided); the same noise "
+                   "levels hold at any scheduler and step count")
+    typer.echo(f"\n{snippet(best)}")
+
+
+def _window_text(window: dict) -> str:
+    parts = [] if window["start_sigma"] is None else [f"guidance starts at sigma <= {window['start_sigma']:.4g}"]
+    if window["stop_sigma"] is not None:
+        parts.append(f"guidance stops at sigma <= {window['stop_sigma']:.4g}")
+    return ", ".join(parts)
 
 
 @app.command()

@@ -35,6 +35,7 @@ from .errors import ShapefirstError
 from .generate import count_calls
 from .guidance import AdaptiveStop
 from .models import scheduler_for
+from .noise_levels import run_noise_levels
 from .outputs import OutputFolder
 from .outputs import differences
 from .outputs import model_fingerprint, module_fingerprint, text_digest, version
@@ -62,14 +63,17 @@ class Config:
 
 
 def default_configs(scale: float = 7.5, stops=(0.25, 0.5, 0.75), schedulers=("ddim",), steps=(50,),
-                    modes=("uncond", "cond"), adaptive=(), caches=(None,), adaptive_shape=()) -> list[Config]:
-    """full guidance, then every stop x mode x cache, then every adaptive threshold x mode x cache, then every
-    shape-settling tolerance (AdaptiveStop(criterion="shape"), named 'adaptive-shape=TOL') x mode x cache
-    (per scheduler and step count). caches: LateCache objects or None (no cache)."""
+                    modes=("uncond", "cond"), adaptive=(), caches=(None,), adaptive_shape=(),
+                    stop_sigmas=()) -> list[Config]:
+    """full guidance, then every stop x mode x cache, then every stop in noise level (GuidanceSchedule's
+    stop_sigma, named 'stop_sigma=S': the same noise level at every scheduler and step count) x mode x cache,
+    then every adaptive threshold x mode x cache, then every shape-settling tolerance
+    (AdaptiveStop(criterion="shape"), named 'adaptive-shape=TOL') x mode x cache (per scheduler and step count).
+    caches: LateCache objects or None (no cache)."""
     import itertools
 
-
     rules = [(f"stop={s}", dict(stop=s)) for s in stops]
+    rules += [(f"stop_sigma={s:g}", dict(stop_sigma=s)) for s in stop_sigmas]
     stops_ = [AdaptiveStop(t) for t in adaptive] + [AdaptiveStop(criterion="shape", tolerance=t)
                                                     for t in adaptive_shape]
     rules += [(a.label, dict(adaptive=a)) for a in stops_]
@@ -572,6 +576,34 @@ def calibrate(rows: list[dict], tolerance: float = 0.01) -> tuple[dict | None, l
     ok = [r for r, p, _ in verdicts if p]
     best = max(ok, key=lambda r: saving(r)[0]) if ok else None
     return best, verdicts
+
+
+def noise_level_window(pipe, row: dict) -> dict | None:
+    """Where a row's fixed guidance window falls in noise level at the row's own scheduler and step count:
+    {"stop_sigma": the noise level of its first unguided call, "start_sigma": that of its first guided call (None
+    from the start), "calls": [first guided, first unguided], "n_calls"}. GuidanceSchedule(stop_sigma=...,
+    start_sigma=...) then guides exactly the same calls there, and the same noise levels at any other scheduler
+    (shapefirst.noise_levels). None for full guidance, adaptive stops and peers."""
+    sched = GuidanceSchedule.from_dict(row["schedule"])
+    if row.get("peer") or sched.adaptive is not None or not sched.stops:
+        return None
+    with scheduler_for(pipe, row["scheduler"]):
+        sch = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    sch.set_timesteps(row["steps"])
+    levels = run_noise_levels(sch, len(sch.timesteps))
+    first, stop = sched.first_guided_call(len(levels), levels), sched.first_unguided_call(len(levels), levels)
+    return {"stop_sigma": levels[stop] if stop < len(levels) else None,
+            "start_sigma": levels[first] if first > 0 else None, "calls": [first, stop], "n_calls": len(levels)}
+
+
+def in_noise_level(row: dict, window: dict) -> dict:
+    """The row with its fixed window restated in noise level (noise_level_window): its schedule guides the same
+    calls at the row's scheduler and step count, and the same noise levels at any other."""
+    s = dict(row["schedule"])
+    for k in ("stop", "stop_step", "start", "start_step"):
+        s[k] = None
+    s["stop_sigma"], s["start_sigma"] = window["stop_sigma"], window["start_sigma"]
+    return {**row, "schedule": s}
 
 
 def snippet(row: dict) -> str:
