@@ -37,13 +37,21 @@ def calibrated_sigma(pipe, stop: float = 0.4) -> float:
     return (sig[k - 1] + sig[k]) / 2  # guided while sigma > this: calls 0..k-1
 
 
-def run(pipe, prompts, targets, w, schedule, name, steps, out: Path, key: str) -> dict:
+def run(pipe, prompts, targets, w, schedule, name, steps, out: Path, key: str, chunk: int = 100) -> dict:
+    """One (solver, setting) over all prompts, checkpointed per chunk of prompts (image i keeps seed i)."""
     path = out / f"{key}_n{len(prompts)}.json"
     if path.exists():
         return json.loads(path.read_text())
-    res = generate(pipe, prompts, schedule, steps=steps, scheduler=name, seed=0, batch=8)
-    acc = judged_accuracy(res.images, targets)
-    row = {"key": key, "all": acc["all"].tolist(), "evaluations": float(np.mean(res.evaluations_per_image))}
+    parts = []
+    for i in range(0, len(prompts), chunk):
+        part = out / f"{key}_n{len(prompts)}_{i}.json"
+        if not part.exists():
+            res = generate(pipe, prompts[i:i + chunk], schedule, steps=steps, scheduler=name, seed=i, batch=8)
+            acc = judged_accuracy(res.images, targets[i:i + chunk])
+            part.write_text(json.dumps({"all": acc["all"].tolist(), "evaluations": res.evaluations_per_image}))
+        parts.append(json.loads(part.read_text()))
+    row = {"key": key, "all": [a for p in parts for a in p["all"]],
+           "evaluations": float(np.mean([e for p in parts for e in p["evaluations"]]))}
     path.write_text(json.dumps(row))
     return row
 
