@@ -80,6 +80,12 @@ DECLARED = (
                      ("txt_ids", "text_ids", "negative_text_ids")),
            scale_local="true_cfg_scale", cfg_local="do_true_cfg", scale_arg="true_cfg_scale",
            call_defaults=(("negative_prompt", ""),)),
+    Family("qwenimage", ("QwenImagePipeline",), denoisers=("transformer",), cfg="separate", prediction="flow",
+           attention="joint", tokenizer="qwen2", schedulers=(),
+           branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),
+                     ("encoder_hidden_states_mask", "prompt_embeds_mask", "negative_prompt_embeds_mask")),
+           scale_local="true_cfg_scale", cfg_local="do_true_cfg", scale_arg="true_cfg_scale",
+           call_defaults=(("negative_prompt", ""),)),
 )
 BY_NAME = {f.name: f for f in DECLARED}
 FAMILIES = {f.name: f.pipelines for f in DECLARED}  # family name -> pipeline class names

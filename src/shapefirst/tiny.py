@@ -523,3 +523,81 @@ def wan_text_pipeline(pipe):
 
     return WanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
                        scheduler=pipe.scheduler)
+
+
+# -- more separate-call families (#32): Qwen-Image, Lumina 2, CogView4, Chroma; Kolors (batched) -----------------
+QWEN_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+                 "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+                 "<|im_end|>\n<|im_start|>assistant\n")  # QwenImagePipeline.prompt_template_encode (diffusers 0.42.1)
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen2's pre-tokenizer split (transformers' tokenization_qwen2.PRETOKENIZE_REGEX)
+QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+              r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def _world_texts(template: str) -> list[str]:
+    """What the tiny BPE tokenizers learn from: the chat template around the world's words, and each word alone
+    (with and without a leading space), so the template's words and every world word are single tokens."""
+    words = sorted(world_word_counts())
+    return [template.format(" ".join(words))] * 3 + [" " + w for w in words] + words
+
+
+def tiny_qwen2_tokenizer(model_max_length: int = 1024):
+    """A Qwen2Tokenizer (byte-level BPE, Qwen2's pre-tokenizer split, <|endoftext|> padding, the chat tokens
+    <|im_start|> / <|im_end|> special) trained in code by the `tokenizers` library on the Qwen-Image chat template
+    and the world's words: the template's system part and "<|im_start|>user\\n" come out as 34 tokens, the
+    number QwenImagePipeline drops (prompt_template_encode_start_idx), as with the real tokenizer."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+    from transformers import Qwen2Tokenizer
+
+    tk = Tokenizer(BPE())
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = BpeTrainer(vocab_size=4096, special_tokens=list(QWEN_SPECIAL), show_progress=False,
+                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(_world_texts(QWEN_TEMPLATE), trainer)
+    model = json.loads(tk.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return Qwen2Tokenizer(vocab=model["vocab"], merges=merges, additional_special_tokens=list(QWEN_SPECIAL[1:]),
+                          model_max_length=model_max_length)
+
+
+def tiny_qwenimage_pipeline(seed: int = 0):
+    """QwenImagePipeline (true CFG as separate calls: true_cfg_scale > 1 and a negative prompt): a tiny
+    QwenImageTransformer2DModel (MMDiT; 16 packed channels = 4 latent channels x 2x2), a tiny
+    Qwen2_5_VLForConditionalGeneration (random weights; its text tower encodes the chat-templated prompt) with
+    tiny_qwen2_tokenizer, a tiny AutoencoderKLQwenImage (4 latent channels, 8x spatial compression),
+    FlowMatchEulerDiscreteScheduler. Call with height=width=16, max_sequence_length=16."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = tiny_qwen2_tokenizer()
+    n = len(tok)
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4)).eval()
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4,
+                                 latents_std=[1.0] * 4).eval()
+    ids = dict(bos_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+               pad_token_id=tok.pad_token_id)
+    # the vision tower's token ids lie past the text vocabulary: no prompt holds them
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=n, rope_theta=1e6,
+                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}, **ids),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        hidden_size=16, vocab_size=n, image_token_id=n + 1, video_token_id=n + 2, vision_start_token_id=n + 3,
+        vision_end_token_id=n + 4, **ids)
+    text = Qwen2_5_VLForConditionalGeneration(config).eval()
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text, tokenizer=tok,
+                             transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,229 @@
+"""Separate-call families added by name (#32 items 1-3, 6): Qwen-Image (true CFG), on tiny in-code
+components (nothing from a hub). For each: no stop is bit-identical to the plain pipeline; a stop equals a
+reference built without shapefirst (the pipeline's own step-end callback giving the other branch the kept
+branch's embeddings where it accepts negative_prompt_embeds as a callback tensor; else a plain torch forward
+pre-hook, KeptFrom, that does the same to the denoiser's arguments); 2 prompts x 2 images equal their solo runs;
+evaluations equal an independent count of the rows the denoiser computes (a forward pre-hook on its first layer);
+shapefirst.generate runs the family."""
+import numpy as np
+import pytest
+import torch
+
+from shapefirst.families import family_of_pipe
+from shapefirst.guidance import GuidanceSchedule, guidance_schedule
+from shapefirst.tiny import QWEN_TEMPLATE, tiny_qwenimage_pipeline
+
+PROMPTS = ["a red circle on the left", "a large blue striped square"]  # different lengths: padding masks matter
+SAME_LENGTH = ["a red circle on the left", "a blue square on the right"]
+NEG = "a green triangle"
+STEPS, W = 5, 4.0
+
+
+class Spec:
+    """How a family's tiny pipeline is called: its text arguments, the call argument of its CFG scale, its first
+    layer (runs once per row computed) and its branch arguments (what the reference swaps)."""
+
+    def __init__(self, make, first, branch_args, scale_arg="guidance_scale", **call):
+        self.make, self.first, self.branch_args, self.scale_arg, self.call = make, first, branch_args, scale_arg, call
+
+
+SPECS = {
+    "qwenimage": Spec(tiny_qwenimage_pipeline, "img_in", ("encoder_hidden_states", "encoder_hidden_states_mask"),
+                      scale_arg="true_cfg_scale", height=16, width=16, max_sequence_length=16),
+}
+
+
+@pytest.fixture(scope="module", params=list(SPECS))
+def fam(request):
+    return request.param, SPECS[request.param].make()
+
+
+def run(name, pipe, prompts=PROMPTS, per=1, seed=0, neg=NEG, w=W, **kw):
+    spec = SPECS[name]
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * per)]
+    text = {} if neg is None else {"negative_prompt": [neg] * len(prompts)}
+    return pipe(prompts, num_inference_steps=STEPS, output_type="np", generator=gens, num_images_per_prompt=per,
+                **{spec.scale_arg: w}, **text, **spec.call, **kw).images
+
+
+class RowCount:
+    """An independent count: the rows the denoiser's first layer sees (a torch forward pre-hook)."""
+
+    def __init__(self, module):
+        self.rows = 0
+        self.handle = module.register_forward_pre_hook(self.count)
+
+    def count(self, module, args):
+        self.rows += args[0].shape[0]
+
+
+class KeptFrom:
+    """A reference written without shapefirst: a plain torch forward pre-hook on the denoiser that, from step `k`
+    on, gives the other branch's call the kept branch's arguments (`args`), so both calls compute the kept branch
+    and the pipeline's u + w (c - u) is that branch. A new timestep starts a step, and every one of these pipelines
+    calls its conditional branch first; the kept branch's arguments are those of its own last call (the pipeline
+    passes the same tensors every step), so keeping "uncond" needs k >= 1."""
+
+    def __init__(self, module, k: int, kept: str, args: tuple[str, ...]):
+        self.k, self.kept, self.args = k, kept, args
+        self.step, self.t, self.seen = -1, None, {}
+        self.handle = module.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        t = float(kwargs["timestep"].flatten()[0])
+        if t != self.t:
+            self.step, self.t = self.step + 1, t
+        branch = "uncond" if "cond" in self.seen and self.seen["cond"][0] == self.step else "cond"
+        self.seen[branch] = (self.step, {a: kwargs[a] for a in self.args if a in kwargs})
+        if self.step < self.k or branch == self.kept:
+            return None
+        return args, {**kwargs, **self.seen[self.kept][1]}
+
+    def close(self):
+        self.handle.remove()
+
+
+def test_the_tiny_qwen_tokenizer_drops_exactly_the_template():
+    """QwenImagePipeline drops the first prompt_template_encode_start_idx (34) positions of the chat-templated
+    prompt: with the tiny tokenizer those are the template's system part and "<|im_start|>user\\n", so the
+    embeddings start at the prompt's own first token, as with the real tokenizer."""
+    pipe = tiny_qwenimage_pipeline()
+    assert pipe.prompt_template_encode == QWEN_TEMPLATE
+    tok, drop = pipe.tokenizer, pipe.prompt_template_encode_start_idx
+    ids = tok(QWEN_TEMPLATE.format(PROMPTS[1]))["input_ids"]
+    prefix = tok(QWEN_TEMPLATE.split("{}")[0])["input_ids"]
+    assert drop == 34 and ids[:drop] == prefix
+    assert tok.convert_ids_to_tokens(ids[drop:drop + 2]) == ["a", "Ġlarge"]
+
+
+def test_the_family_is_known_by_name(fam):
+    name, pipe = fam
+    assert family_of_pipe(pipe) == name
+
+
+def test_no_stop_is_bit_identical(fam):
+    name, pipe = fam
+    plain = run(name, pipe)
+    with guidance_schedule(pipe, GuidanceSchedule(W)) as hook:
+        got = run(name, pipe)
+    assert np.array_equal(got, plain) and hook.evaluations_per_image() == [2 * STEPS] * 2
+
+
+def reference(name, pipe, stop: int, after: str):
+    """The images a stop at `stop` keeping `after` must give, made without shapefirst."""
+    if stop == 0:  # no guidance at all: the kept branch's prompt alone, without CFG
+        return run(name, pipe, PROMPTS if after == "cond" else [NEG] * 2, neg=None, w=1.0)
+    ref = KeptFrom(pipe.transformer, stop, after, SPECS[name].branch_args)
+    try:
+        return run(name, pipe)
+    finally:
+        ref.close()
+
+
+@pytest.mark.parametrize("after", ["cond", "uncond"])
+@pytest.mark.parametrize("stop", [0, 2])
+def test_a_stop_equals_the_reference_and_counts_rows(fam, stop, after):
+    name, pipe = fam
+    ref = reference(name, pipe, stop, after)
+    count = RowCount(getattr(pipe.transformer, SPECS[name].first))
+    try:
+        with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=stop, after=after)) as hook:
+            got = run(name, pipe)
+    finally:
+        count.handle.remove()
+    want = 2 * stop + STEPS - stop
+    assert np.array_equal(got, ref) and not np.array_equal(got, run(name, pipe))
+    assert hook.evaluations_per_image() == [want] * 2 and count.rows == 2 * want
+
+
+def test_two_prompts_two_images_equal_their_solo_runs(fam):
+    """2 prompts x 2 images under a stop equal each prompt's own run. The prompts have the same number of tokens:
+    with different lengths the pipelines' own text encoding depends on which prompts share the batch (padding;
+    measured on the plain tiny Qwen-Image pipeline, PROMPTS: 0.004 between the batch and its solo runs; 0.0 with
+    SAME_LENGTH)."""
+    name, pipe = fam
+    lengths = {len(pipe.tokenizer(p)["input_ids"]) for p in SAME_LENGTH}
+    assert len(lengths) == 1, lengths
+    with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=2, after="cond")) as hook:
+        both = run(name, pipe, SAME_LENGTH, per=2)
+        assert hook.evaluations_per_image() == [2 * 2 + STEPS - 2] * 4
+        solo = [run(name, pipe, [p], per=2, seed=2 * i) for i, p in enumerate(SAME_LENGTH)]
+    gap = float(np.abs(both - np.concatenate(solo)).max())
+    assert gap <= 1e-5, gap
+
+
+def test_generate_runs_the_family(fam):
+    from shapefirst.generate import generate
+
+    name, pipe = fam
+    res = generate(pipe, PROMPTS, GuidanceSchedule(W, stop_step=2, after="cond"), steps=STEPS, negative_prompt=NEG,
+                   **SPECS[name].call)
+    assert res.images.shape == (2, 16, 16, 3) and res.evaluations_per_image == [2 * 2 + STEPS - 2] * 2
+    with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=2, after="cond")):
+        direct = run(name, pipe)
+    assert np.array_equal(res.images, direct)
+
+
+def branch_cosines(name, pipe, step: int) -> list[float]:
+    """Per image, the cosine similarity of the two branches' predictions at `step` of a plain run (a torch forward
+    hook on the denoiser; the conditional call comes first)."""
+    outs = []
+    handle = pipe.transformer.register_forward_hook(lambda m, a, o: outs.append(o[0].flatten(1).double()))
+    try:
+        run(name, pipe, SAME_LENGTH)
+    finally:
+        handle.remove()
+    return torch.nn.functional.cosine_similarity(outs[2 * step], outs[2 * step + 1], dim=1).tolist()
+
+
+def test_per_image_adaptive_stops_equal_solo_runs_at_those_stops(fam):
+    """An adaptive threshold between the two images' branch agreement at call 1 (measured on a plain run) stops
+    them at different steps within one batch (after="uncond": an unguided image's first call of a step computes the
+    negative branch, with its own arguments, beside a guided image's conditional row); each image equals its solo
+    run with a fixed stop at its step, and the rows the first layer sees are the evaluations."""
+    from shapefirst.guidance import AdaptiveStop
+
+    name, pipe = fam
+    cos = branch_cosines(name, pipe, 1)
+    assert cos[0] != cos[1], cos
+    count = RowCount(getattr(pipe.transformer, SPECS[name].first))
+    try:
+        adaptive = AdaptiveStop(sum(cos) / 2, min_call=1)
+        with guidance_schedule(pipe, GuidanceSchedule(W, adaptive=adaptive, after="uncond")) as hook:
+            both = run(name, pipe, SAME_LENGTH)
+    finally:
+        count.handle.remove()
+    stops, evals = hook.stop_calls.tolist(), hook.evaluations_per_image()
+    assert stops[int(cos[1] > cos[0])] == 2 and stops[int(cos[1] < cos[0])] in (-1, 3, 4)
+    assert count.rows == sum(evals) and evals == [2 * s + STEPS - s if s >= 0 else 2 * STEPS for s in stops]
+    for i, (p, s) in enumerate(zip(SAME_LENGTH, stops)):
+        sched = GuidanceSchedule(W, stop_step=s if s >= 0 else STEPS, after="uncond")
+        with guidance_schedule(pipe, sched):
+            solo = run(name, pipe, [p], seed=i)
+        assert float(np.abs(both[i] - solo[0]).max()) <= 1e-5
+
+
+# -- the command line on a saved tiny Qwen-Image folder --------------------------------------------------------
+def test_the_cli_generates_from_a_qwenimage_folder(tmp_path, capsys):
+    """`shapefirst generate --model FOLDER` on a save_pretrained tiny Qwen-Image: the CFG scale goes in as
+    true_cfg_scale with an empty negative prompt (the family's call defaults), and the image equals the same run
+    through shapefirst.generate on the in-memory pipeline that was saved (tokenizer and weights round-trip)."""
+    import json
+
+    from PIL import Image
+
+    from shapefirst.cli import main
+    from shapefirst.generate import generate
+
+    folder, pipe = tmp_path / "qwen", tiny_qwenimage_pipeline()
+    pipe.save_pretrained(folder, safe_serialization=True)
+    code = main(["generate", PROMPTS[0], "--model", str(folder), "--steps", "4", "--guidance", "5",
+                 "--guidance-stop", "0.5", "--after", "cond", "--height", "16", "--width", "16",
+                 "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    run_json = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run_json["images"] == ["image_000.png"] and run_json["denoiser_evaluations_per_image"] == [2 * 2 + 2]
+    res = generate(pipe, [PROMPTS[0]], GuidanceSchedule(5.0, stop_step=2, after="cond"), steps=4, height=16,
+                   width=16)
+    with Image.open(tmp_path / "out" / "image_000.png") as im:
+        assert np.array_equal(np.asarray(im), np.asarray(res.pil()[0]))
