@@ -31,6 +31,7 @@ _T = 24
 class Verdict:
     count: int
     labels: dict[str, str] = field(default_factory=dict)  # empty when count == 0
+    center: tuple[float, float] | None = None  # the object's bounding-box center, pixels at 64 px (x, y)
 
     def matches(self, target: dict[str, str]) -> dict[str, bool]:
         return {k: self.labels.get(k) == v for k, v in target.items()}
@@ -131,7 +132,7 @@ def judge(image) -> Verdict:
     else:
         texture = "dotted"
     labels = {"shape": shape, "color": color, "position": position, "size": size, "texture": texture}
-    return Verdict(len(big), labels)
+    return Verdict(len(big), labels, (float(cx), float(cy)))
 
 
 def degrade(img: np.ndarray, rng: np.random.Generator, noise: float = 0.05, blur: float = 0.6) -> np.ndarray:
