@@ -11,7 +11,7 @@ import torch
 
 from shapefirst.families import family_of_pipe
 from shapefirst.guidance import GuidanceSchedule, guidance_schedule
-from shapefirst.tiny import QWEN_TEMPLATE, tiny_qwenimage_pipeline
+from shapefirst.tiny import QWEN_TEMPLATE, tiny_lumina2_pipeline, tiny_qwenimage_pipeline
 
 PROMPTS = ["a red circle on the left", "a large blue striped square"]  # different lengths: padding masks matter
 SAME_LENGTH = ["a red circle on the left", "a blue square on the right"]
@@ -30,6 +30,8 @@ class Spec:
 SPECS = {
     "qwenimage": Spec(tiny_qwenimage_pipeline, "img_in", ("encoder_hidden_states", "encoder_hidden_states_mask"),
                       scale_arg="true_cfg_scale", height=16, width=16, max_sequence_length=16),
+    "lumina2": Spec(tiny_lumina2_pipeline, "x_embedder", ("encoder_hidden_states", "encoder_attention_mask"),
+                    height=32, width=32, max_sequence_length=48),
 }
 
 
@@ -61,26 +63,39 @@ class KeptFrom:
     """A reference written without shapefirst: a plain torch forward pre-hook on the denoiser that, from step `k`
     on, gives the other branch's call the kept branch's arguments (`args`), so both calls compute the kept branch
     and the pipeline's u + w (c - u) is that branch. A new timestep starts a step, and every one of these pipelines
-    calls its conditional branch first; the kept branch's arguments are those of its own last call (the pipeline
-    passes the same tensors every step), so keeping "uncond" needs k >= 1."""
+    calls its conditional branch first. The conditional arguments are the step's own first call's; the
+    unconditional ones are `given` (recorded from an earlier plain run by `uncond_args`: the pipeline passes the
+    same values every step and run)."""
 
-    def __init__(self, module, k: int, kept: str, args: tuple[str, ...]):
-        self.k, self.kept, self.args = k, kept, args
-        self.step, self.t, self.seen = -1, None, {}
+    def __init__(self, module, k: int, kept: str, args: tuple[str, ...], given: dict | None = None):
+        self.k, self.kept, self.args, self.given = k, kept, args, given
+        self.step, self.t, self.cond = -1, None, None
         self.handle = module.register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, module, args, kwargs):
         t = float(kwargs["timestep"].flatten()[0])
-        if t != self.t:
+        first = t != self.t
+        if first:
             self.step, self.t = self.step + 1, t
-        branch = "uncond" if "cond" in self.seen and self.seen["cond"][0] == self.step else "cond"
-        self.seen[branch] = (self.step, {a: kwargs[a] for a in self.args if a in kwargs})
-        if self.step < self.k or branch == self.kept:
+            self.cond = {a: kwargs[a] for a in self.args if a in kwargs}
+        if self.step < self.k or first == (self.kept == "cond"):
             return None
-        return args, {**kwargs, **self.seen[self.kept][1]}
+        return args, {**kwargs, **(self.cond if self.kept == "cond" else self.given)}
 
     def close(self):
         self.handle.remove()
+
+
+def uncond_args(name, pipe) -> dict:
+    """The unconditional call's branch arguments in a plain run (a torch forward pre-hook: a step's second call)."""
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append({k: kw[k] for k in SPECS[name].branch_args if k in kw}), with_kwargs=True)
+    try:
+        run(name, pipe)
+    finally:
+        handle.remove()
+    return seen[1]
 
 
 def test_the_tiny_qwen_tokenizer_drops_exactly_the_template():
@@ -111,9 +126,10 @@ def test_no_stop_is_bit_identical(fam):
 
 def reference(name, pipe, stop: int, after: str):
     """The images a stop at `stop` keeping `after` must give, made without shapefirst."""
-    if stop == 0:  # no guidance at all: the kept branch's prompt alone, without CFG
-        return run(name, pipe, PROMPTS if after == "cond" else [NEG] * 2, neg=None, w=1.0)
-    ref = KeptFrom(pipe.transformer, stop, after, SPECS[name].branch_args)
+    if stop == 0 and after == "cond":  # no guidance at all: the pipeline without CFG
+        return run(name, pipe, neg=None, w=1.0)
+    given = uncond_args(name, pipe) if after == "uncond" else None
+    ref = KeptFrom(pipe.transformer, stop, after, SPECS[name].branch_args, given)
     try:
         return run(name, pipe)
     finally:
@@ -158,7 +174,8 @@ def test_generate_runs_the_family(fam):
     name, pipe = fam
     res = generate(pipe, PROMPTS, GuidanceSchedule(W, stop_step=2, after="cond"), steps=STEPS, negative_prompt=NEG,
                    **SPECS[name].call)
-    assert res.images.shape == (2, 16, 16, 3) and res.evaluations_per_image == [2 * 2 + STEPS - 2] * 2
+    size = SPECS[name].call["height"]
+    assert res.images.shape == (2, size, size, 3) and res.evaluations_per_image == [2 * 2 + STEPS - 2] * 2
     with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=2, after="cond")):
         direct = run(name, pipe)
     assert np.array_equal(res.images, direct)
@@ -227,3 +244,52 @@ def test_the_cli_generates_from_a_qwenimage_folder(tmp_path, capsys):
                    width=16)
     with Image.open(tmp_path / "out" / "image_000.png") as im:
         assert np.array_equal(np.asarray(im), np.asarray(res.pil()[0]))
+
+
+# -- Lumina 2's own truncation of guidance (cfg_trunc_ratio) beside a shapefirst stop ---------------------------
+@pytest.fixture(scope="module")
+def lumina2():
+    return tiny_lumina2_pipeline()
+
+
+def test_lumina2_truncation_and_a_stop_at_the_same_step_give_the_same_images(lumina2):
+    """cfg_trunc_ratio=0.4 of 5 steps: Lumina 2 makes its conditional call alone from step 2 ((i + 1) / 5 > 0.4) and
+    uses it as the prediction. A shapefirst stop at step 2 keeping the conditional branch runs both calls as the
+    conditional branch, and the pipeline's u + w (c - u), renormalised to |c|, is c. Measured: the images are
+    bit-identical (max abs difference 0.0), with the same rows computed (2 x 2 + 3 per image)."""
+    trunc_count = RowCount(lumina2.transformer.x_embedder)
+    try:
+        trunc = run("lumina2", lumina2, cfg_trunc_ratio=0.4)
+    finally:
+        trunc_count.handle.remove()
+    count = RowCount(lumina2.transformer.x_embedder)
+    try:
+        with guidance_schedule(lumina2, GuidanceSchedule(W, stop_step=2, after="cond")) as hook:
+            stop = run("lumina2", lumina2)
+    finally:
+        count.handle.remove()
+    assert float(np.abs(stop - trunc).max()) == 0.0
+    assert hook.evaluations_per_image() == [2 * 2 + 3] * 2 and count.rows == trunc_count.rows == 2 * (2 * 2 + 3)
+    assert not np.array_equal(trunc, run("lumina2", lumina2))
+
+
+@pytest.mark.parametrize("stop", [None, 1, 4])
+def test_lumina2_truncated_steps_are_one_call_under_any_schedule(lumina2, stop):
+    """With cfg_trunc_ratio the truncated steps make one call (the conditional one) and are counted as unguided
+    from the first of them: no stop or a later stop gives the truncated pipeline's own images; an earlier stop
+    (cond kept) gives that stop's images, as without truncation."""
+    plain = run("lumina2", lumina2, cfg_trunc_ratio=0.4)
+    count = RowCount(lumina2.transformer.x_embedder)
+    try:
+        with guidance_schedule(lumina2, GuidanceSchedule(W, stop_step=stop, after="cond")) as hook:
+            got = run("lumina2", lumina2, cfg_trunc_ratio=0.4)
+    finally:
+        count.handle.remove()
+    first = min(2, STEPS if stop is None else stop)
+    assert hook.evaluations_per_image() == [2 * first + STEPS - first] * 2 and count.rows == 2 * (first + STEPS)
+    assert hook.stop_calls.tolist() == [first] * 2
+    if stop == 1:
+        with guidance_schedule(lumina2, GuidanceSchedule(W, stop_step=1, after="cond")):
+            assert np.array_equal(got, run("lumina2", lumina2))
+    else:
+        assert np.array_equal(got, plain)

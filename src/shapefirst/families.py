@@ -14,6 +14,9 @@ Each Family states what the rest of shapefirst needs to know about a kind of dif
                   or where the pipeline's `guidance_scale` is something else (Flux: true_cfg_scale)
   cfg_local       "separate" only: the local of the pipeline's `__call__` that says whether it runs CFG, for a
                   pipeline without a `do_classifier_free_guidance` property (Flux: do_true_cfg)
+  cond_only_local "separate" only: the local of the pipeline's `__call__` that is true at the steps where it makes
+                  its conditional call alone (Lumina 2's do_classifier_free_truncation, after its cfg_trunc_ratio):
+                  such a step is unguided with the conditional branch kept, whatever the schedule says
   scale_arg       the call argument that carries the CFG scale (Flux: true_cfg_scale; its guidance_scale is the
                   distilled guidance embedding)
   video           the pipeline returns `.frames` ([N, frames, H, W, 3]) and counts `num_videos_per_prompt`
@@ -51,6 +54,7 @@ class Family:
     branches: tuple[tuple[str, str, str], ...] = ()
     scale_local: str | None = None
     cfg_local: str | None = None
+    cond_only_local: str | None = None
     scale_arg: str = "guidance_scale"
     video: bool = False
     call_defaults: tuple[tuple[str, object], ...] = ()
@@ -86,6 +90,11 @@ DECLARED = (
                      ("encoder_hidden_states_mask", "prompt_embeds_mask", "negative_prompt_embeds_mask")),
            scale_local="true_cfg_scale", cfg_local="do_true_cfg", scale_arg="true_cfg_scale",
            call_defaults=(("negative_prompt", ""),)),
+    Family("lumina2", ("Lumina2Pipeline",), denoisers=("transformer",), cfg="separate", prediction="flow",
+           attention="joint", tokenizer="gemma", schedulers=(),
+           branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),
+                     ("encoder_attention_mask", "prompt_attention_mask", "negative_prompt_attention_mask")),
+           cond_only_local="do_classifier_free_truncation"),
 )
 BY_NAME = {f.name: f for f in DECLARED}
 FAMILIES = {f.name: f.pipelines for f in DECLARED}  # family name -> pipeline class names

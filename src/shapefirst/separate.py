@@ -17,7 +17,9 @@ So for an unguided image both calls return its kept branch's prediction and the 
 u + w (c - u) yields exactly that branch. A step whose own guidance scale (`Family.scale_local`: Wan 2.2's
 guidance_scale_2 on the low-noise expert) is <= 1 is unguided with the conditional branch kept: the
 unconditional pass the pipeline would throw away is not computed (the video differs from diffusers' own
-only by the rounding of u + 1 (c - u) against c).
+only by the rounding of u + 1 (c - u) against c). A step where the pipeline makes its conditional call alone
+(`Family.cond_only_local`: Lumina 2 after its cfg_trunc_ratio) is one call, unguided, the conditional branch kept,
+whatever the schedule says: the pipeline uses that call's output as its prediction.
 
 Per-image evaluations count the rows computed. Adaptive stops (cosine or shape) and the trajectory
 recorder see both branches at the step's second call. No host read beyond the schedule's own: the row
@@ -78,6 +80,12 @@ def branch_kwargs(family: Family, call, kwargs: dict, branch: str) -> dict:
     return out
 
 
+def cond_only(family: Family, call) -> bool:
+    """Does the pipeline make its conditional call alone this step (Family.cond_only_local, e.g. Lumina 2's
+    do_classifier_free_truncation)?"""
+    return bool(family.cond_only_local and call.local(family.cond_only_local, False))
+
+
 def step_scale(st) -> float:
     """The guidance scale of the current step: the family's per-step local, else the run's."""
     local = st.binding.family.scale_local
@@ -93,9 +101,11 @@ class SeparateCalls:
 
     def __call__(self, st, sample, args, kwargs):
         fam, call = st.binding.family, st.pipeline_call
-        if not st.cfg_pending:  # no CFG in this pipeline call: one call per step
+        if not st.cfg_pending or (not st.step_seen and cond_only(fam, call)):  # one call this step
             out = self.forward(*args, **kwargs)
             st.evaluations += 1
+            if st.cfg_pending:  # a step without guidance in a guided run: unguided from here on
+                st.stop_calls[st.stop_calls < 0] = st.call
             st.call += 1
             st.session.release_if_done(st)
             return out

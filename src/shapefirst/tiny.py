@@ -601,3 +601,70 @@ def tiny_qwenimage_pipeline(seed: int = 0):
                              transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _trained_bpe(texts: list[str], special: list[str], normalizer=None, pre_tokenizer=None) -> tuple[dict, list]:
+    """(vocab, merges) of a BPE the `tokenizers` library trains on `texts` (deterministic for the same texts)."""
+    import json
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    tk = Tokenizer(BPE())
+    if normalizer is not None:
+        tk.normalizer = normalizer
+    if pre_tokenizer is not None:
+        tk.pre_tokenizer = pre_tokenizer
+    tk.train_from_iterator(texts, BpeTrainer(vocab_size=4096, special_tokens=special, show_progress=False))
+    model = json.loads(tk.to_str())["model"]
+    return model["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+
+
+LUMINA2_SYSTEM = ("You are an assistant designed to generate superior images with the superior degree of image-text "
+                  "alignment based on textual prompts or user prompts. <Prompt Start> {}")  # Lumina2Pipeline's
+
+
+def tiny_gemma_tokenizer(model_max_length: int = 256):
+    """A GemmaTokenizer (BPE with byte fallback over "▁"-joined words, <bos> first, <pad> = 0) trained in code on
+    Lumina 2's system prompt and the world's words: each of those words is one token, any other text falls back to
+    sub-words and bytes (<0x00>..<0xFF> are in the vocabulary)."""
+    from tokenizers import normalizers, pre_tokenizers
+    from transformers import GemmaTokenizer
+
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{b:02X}>" for b in range(256)]
+    texts = [LUMINA2_SYSTEM.format(" ".join(sorted(world_word_counts())))] * 3
+    texts += [" " + w for w in sorted(world_word_counts())]
+    vocab, merges = _trained_bpe(texts, special, normalizers.Replace(" ", "▁"),
+                                 pre_tokenizers.Split("▁", behavior="merged_with_next"))  # merges inside words only
+    return GemmaTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, add_bos_token=True)
+
+
+def tiny_lumina2_pipeline(seed: int = 0):
+    """Lumina2Pipeline (Lumina-Image 2.0: CFG as separate calls, `cfg_trunc_ratio` ends the unconditional calls, the
+    guided prediction renormalised to the conditional one's norm): a tiny Lumina2Transformer2DModel, a tiny
+    Gemma2Model with tiny_gemma_tokenizer (right padding, the pipeline's own setting), a tiny AutoencoderKL with
+    8x compression (the pipeline's fixed vae_scale_factor), FlowMatchEulerDiscreteScheduler. Call with
+    height=width=32 (4x4 latents, 4 image tokens), max_sequence_length=48 (the system prompt takes 27 positions,
+    <bos> included)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tok = tiny_gemma_tokenizer()
+    torch.manual_seed(seed)
+    text = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                    pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                    eos_token_id=tok.eos_token_id)).eval()
+    transformer = Lumina2Transformer2DModel(sample_size=4, patch_size=2, in_channels=4, hidden_size=16, num_layers=1,
+                                            num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1,
+                                            multiple_of=16, norm_eps=1e-5, scaling_factor=1.0,
+                                            axes_dim_rope=[4, 2, 2], axes_lens=[64, 16, 16], cap_feat_dim=16).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035).eval()
+    pipe = Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                           text_encoder=text, tokenizer=tok)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
