@@ -11,7 +11,7 @@ import torch
 
 from shapefirst.families import family_of_pipe
 from shapefirst.guidance import GuidanceSchedule, guidance_schedule
-from shapefirst.tiny import QWEN_TEMPLATE, tiny_lumina2_pipeline, tiny_qwenimage_pipeline
+from shapefirst.tiny import QWEN_TEMPLATE, tiny_cogview4_pipeline, tiny_lumina2_pipeline, tiny_qwenimage_pipeline
 
 PROMPTS = ["a red circle on the left", "a large blue striped square"]  # different lengths: padding masks matter
 SAME_LENGTH = ["a red circle on the left", "a blue square on the right"]
@@ -23,8 +23,9 @@ class Spec:
     """How a family's tiny pipeline is called: its text arguments, the call argument of its CFG scale, its first
     layer (runs once per row computed) and its branch arguments (what the reference swaps)."""
 
-    def __init__(self, make, first, branch_args, scale_arg="guidance_scale", **call):
+    def __init__(self, make, first, branch_args, scale_arg="guidance_scale", callback=False, **call):
         self.make, self.first, self.branch_args, self.scale_arg, self.call = make, first, branch_args, scale_arg, call
+        self.callback = callback  # its step-end callback takes prompt_embeds and negative_prompt_embeds
 
 
 SPECS = {
@@ -32,6 +33,8 @@ SPECS = {
                       scale_arg="true_cfg_scale", height=16, width=16, max_sequence_length=16),
     "lumina2": Spec(tiny_lumina2_pipeline, "x_embedder", ("encoder_hidden_states", "encoder_attention_mask"),
                     height=32, width=32, max_sequence_length=48),
+    "cogview4": Spec(tiny_cogview4_pipeline, "patch_embed", ("encoder_hidden_states",), callback=True, height=16,
+                     width=16, max_sequence_length=16),
 }
 
 
@@ -86,6 +89,17 @@ class KeptFrom:
         self.handle.remove()
 
 
+def keep_from(step: int, branch: str):
+    """diffusers' public step-end callback: from `step` on, the other branch gets the kept branch's embeddings."""
+    def cb(pipe, i, t, kw):
+        if i + 1 < step:
+            return {}
+        if branch == "cond":
+            return {"negative_prompt_embeds": kw["prompt_embeds"]}
+        return {"prompt_embeds": kw["negative_prompt_embeds"]}
+    return cb
+
+
 def uncond_args(name, pipe) -> dict:
     """The unconditional call's branch arguments in a plain run (a torch forward pre-hook: a step's second call)."""
     seen = []
@@ -128,6 +142,9 @@ def reference(name, pipe, stop: int, after: str):
     """The images a stop at `stop` keeping `after` must give, made without shapefirst."""
     if stop == 0 and after == "cond":  # no guidance at all: the pipeline without CFG
         return run(name, pipe, neg=None, w=1.0)
+    if SPECS[name].callback and stop > 0:  # diffusers' own step-end callback, acting after step stop - 1
+        return run(name, pipe, callback_on_step_end=keep_from(stop, after),
+                   callback_on_step_end_tensor_inputs=["prompt_embeds", "negative_prompt_embeds"])
     given = uncond_args(name, pipe) if after == "uncond" else None
     ref = KeptFrom(pipe.transformer, stop, after, SPECS[name].branch_args, given)
     try:

@@ -95,6 +95,9 @@ DECLARED = (
            branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),
                      ("encoder_attention_mask", "prompt_attention_mask", "negative_prompt_attention_mask")),
            cond_only_local="do_classifier_free_truncation"),
+    Family("cogview4", ("CogView4Pipeline",), denoisers=("transformer",), cfg="separate", prediction="flow",
+           attention="joint", tokenizer="glm", schedulers=(),
+           branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),)),
 )
 BY_NAME = {f.name: f for f in DECLARED}
 FAMILIES = {f.name: f.pipelines for f in DECLARED}  # family name -> pipeline class names

@@ -37,9 +37,11 @@ _warned_negative = False
 
 
 def count_calls(pipe, steps: int) -> int:
-    """Denoiser calls the pipeline's scheduler makes for `steps` steps (PNDM: 51 for 50)."""
+    """Denoiser calls the pipeline's scheduler makes for `steps` steps (PNDM: 51 for 50). A flow-matching scheduler
+    with dynamic shifting (CogView4's, Flux's) takes the pipeline's resolution-dependent shift `mu`, which moves the
+    timesteps but not their number: any mu counts them."""
     sch = type(pipe.scheduler).from_config(pipe.scheduler.config)  # a fresh one: the pipeline's keeps its state
-    sch.set_timesteps(steps)
+    sch.set_timesteps(steps, **({"mu": 0.0} if sch.config.get("use_dynamic_shifting") else {}))
     return len(sch.timesteps)
 
 

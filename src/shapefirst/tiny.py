@@ -668,3 +668,51 @@ def tiny_lumina2_pipeline(seed: int = 0):
                            text_encoder=text, tokenizer=tok)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_glm_tokenizer(model_max_length: int = 1024):
+    """A PreTrainedTokenizerFast in the GLM-4 layout CogView4 loads (byte-level BPE trained in code on the world's
+    words, "[gMASK]<sop>" put before every prompt, <|endoftext|> padding on the left)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>", "[gMASK]", "<sop>"]
+    words = sorted(world_word_counts())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    vocab, merges = _trained_bpe([" ".join(words)] * 3 + [" " + w for w in words] + words, special,
+                                 pre_tokenizer=byte_level)
+    alphabet = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
+    vocab = {**vocab, **{c: len(vocab) + i for i, c in enumerate(sorted(alphabet))}}  # every byte tokenizes
+    tk = Tokenizer(BPE(vocab=vocab, merges=merges))
+    tk.pre_tokenizer, tk.decoder = byte_level, decoders.ByteLevel()
+    tk.post_processor = processors.TemplateProcessing(single="[gMASK] <sop> $A", pair="[gMASK] <sop> $A $B",
+                                                      special_tokens=[("[gMASK]", vocab["[gMASK]"]),
+                                                                      ("<sop>", vocab["<sop>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   additional_special_tokens=special[1:], padding_side="left",
+                                   model_max_length=model_max_length)
+
+
+def tiny_cogview4_pipeline(seed: int = 0):
+    """CogView4Pipeline (CFG as separate calls): a tiny CogView4Transformer2DModel, a tiny GlmModel with
+    tiny_glm_tokenizer (the pipeline left-pads the ids to a multiple of 16 and reads the second-to-last hidden
+    state), a tiny AutoencoderKL (2x compression), FlowMatchEulerDiscreteScheduler with CogView4's dynamic linear
+    shift. Call with height=width=16, max_sequence_length=16."""
+    from diffusers import AutoencoderKL, CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import GlmConfig, GlmModel
+
+    tok = tiny_glm_tokenizer()
+    torch.manual_seed(seed)
+    transformer = CogView4Transformer2DModel(patch_size=2, in_channels=4, num_layers=1, attention_head_dim=4,
+                                             num_attention_heads=4, out_channels=4, text_embed_dim=32,
+                                             time_embed_dim=8, condition_dim=4).eval()
+    text = GlmModel(GlmConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).eval()
+    sched = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                            use_dynamic_shifting=True, time_shift_type="linear")
+    pipe = CogView4Pipeline(tokenizer=tok, text_encoder=text, vae=_tiny_vae(4, 8).eval(), transformer=transformer,
+                            scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
