@@ -699,7 +699,7 @@ def tiny_cogview4_pipeline(seed: int = 0):
     tiny_glm_tokenizer (the pipeline left-pads the ids to a multiple of 16 and reads the second-to-last hidden
     state), a tiny AutoencoderKL (2x compression), FlowMatchEulerDiscreteScheduler with CogView4's dynamic linear
     shift. Call with height=width=16, max_sequence_length=16."""
-    from diffusers import AutoencoderKL, CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
     from transformers import GlmConfig, GlmModel
 
     tok = tiny_glm_tokenizer()
