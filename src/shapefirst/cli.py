@@ -510,11 +510,12 @@ def train(
                                        "encoder, VAE and CLIP are kept, its UNet trained further on fresh latents"),
     unet_steps: Optional[int] = typer.Option(None, help="UNet optimisation steps (default: the recipe's 1000)"),
     unet_lr: Optional[float] = typer.Option(None, help="peak UNet learning rate (default: the recipe's 4e-4)"),
-    arch: str = typer.Option("unet", "--arch", help="unet (SD 1.x) or dit "
-                                                    "(PixArt-alpha transformer + T5, world.train_dit)"),
-    dit_steps: Optional[int] = typer.Option(None, help="--arch dit: transformer optimisation steps "
-                                                       "(default: the recipe's 1000)"),
-    dit_lr: Optional[float] = typer.Option(None, help="--arch dit: peak transformer learning rate "
+    arch: str = typer.Option("unet", "--arch", help="unet (SD 1.x), dit (PixArt-alpha transformer + T5, "
+                                                    "world.train_dit) or video (the moving world on Wan, "
+                                                    "world.train_video)"),
+    dit_steps: Optional[int] = typer.Option(None, help="--arch dit / video: transformer optimisation steps "
+                                                       "(default: the recipe's)"),
+    dit_lr: Optional[float] = typer.Option(None, help="--arch dit / video: peak transformer learning rate "
                                                       "(default: the recipe's 3e-4)"),
 ):
     """Train the shapes-world model (tokenizer -> CLIP -> VAE -> UNet); resumes from checkpoints."""
@@ -525,25 +526,28 @@ def train(
     from .world.train import Recipe, train as run_train
 
     checks.seed(seed)
-    if arch not in ("unet", "dit"):
-        raise ShapefirstError(f"--arch {arch!r} is not a recipe", "pass --arch unet or --arch dit")
-    if arch == "dit":
+    if arch not in ("unet", "dit", "video"):
+        raise ShapefirstError(f"--arch {arch!r} is not a recipe", "pass --arch unet, --arch dit or --arch video")
+    if arch in ("dit", "video"):
         if base or unet_steps is not None or unet_lr is not None:
-            raise ShapefirstError("--base, --unet-steps and --unet-lr belong to the UNet recipe, not --arch dit",
+            raise ShapefirstError(f"--base, --unet-steps and --unet-lr belong to the UNet recipe, not --arch {arch}",
                                   "drop them, or train with --arch unet")
-        from .world.train_dit import DitRecipe, train_dit
+        if arch == "dit":
+            from .world.train_dit import DitRecipe as TransformerRecipe, train_dit as run_transformer
+        else:
+            from .world.train_video import VideoRecipe as TransformerRecipe, train_video as run_transformer
 
-        recipe = DitRecipe.tiny(seed) if tiny else DitRecipe(seed=seed)
+        recipe = TransformerRecipe.tiny(seed) if tiny else TransformerRecipe(seed=seed)
         if dit_steps is not None:
             recipe.dit_steps = checks.positive(dit_steps, "--dit-steps", 1000)
         if dit_lr is not None:
             recipe.dit_lr = checks.learning_rate(dit_lr, "--dit-lr")
-        path = train_dit(out, recipe, dest, overwrite=overwrite)
+        path = run_transformer(out, recipe, dest, overwrite=overwrite)
         typer.echo(f"model -> {path}", err=True)
         return
     if dit_steps is not None or dit_lr is not None:
-        raise ShapefirstError("--dit-steps and --dit-lr belong to the transformer recipe (--arch dit)",
-                              "pass --arch dit, or use --unet-steps / --unet-lr")
+        raise ShapefirstError("--dit-steps and --dit-lr belong to the transformer recipes (--arch dit, video)",
+                              "pass --arch dit or video, or use --unet-steps / --unet-lr")
     recipe = Recipe.tiny(seed) if tiny else Recipe(seed=seed)
     if unet_steps is not None:
         recipe.unet_steps = checks.positive(unet_steps, "--unet-steps", 1000)

@@ -17,7 +17,9 @@ DEFAULT_SCALE = 7.5  # diffusers' default, for a trained folder that has no reco
 _CALL_KWARGS = {  # what a pipeline class needs beyond prompt and scale at the world's 64x64
     "StableDiffusionPipeline": "",
     "PixArtAlphaPipeline": ", height=64, width=64,\n             use_resolution_binning=False, clean_caption=False",
+    "WanPipeline": "",  # its call arguments come from recipe.json's recommended.call
 }
+_OUTPUT = {"WanPipeline": ("video", "frames", "a large red striped circle on the left, moving up")}
 _BLOCK = re.compile(r"```python\n.*?```", re.S)
 
 
@@ -28,13 +30,22 @@ def snippet(folder: str | Path, guidance: float | None = None) -> str:
     if cls not in _CALL_KWARGS:
         raise ValueError(f"no card snippet for {cls}: add its call to shapefirst.world.card._CALL_KWARGS")
     scale, note = (DEFAULT_SCALE, "diffusers' default") if guidance is None else (guidance, "its recommended scale")
+    name, attr, prompt = _OUTPUT.get(cls, ("image", "images", PROMPT))
+    call = _recommended_call(folder)
+    kwargs = _CALL_KWARGS[cls] + "".join(f", {k}={v!r}" for k, v in call.items())
     return ("```python\n"
             "import torch\n"
             f"from diffusers import {cls}\n"
             f'pipe = {cls}.from_pretrained("{PLACEHOLDER}", torch_dtype=torch.float32)'
             "  # no shapefirst import needed\n"
-            f'image = pipe("{PROMPT}", guidance_scale={float(scale)!r}{_CALL_KWARGS[cls]}).images[0]  # {note}\n'
+            f'{name} = pipe("{prompt}", guidance_scale={float(scale)!r}{kwargs}).{attr}[0]  # {note}\n'
             "```")
+
+
+def _recommended_call(folder) -> dict:
+    """recipe.json's recommended.call (the arguments a clip needs: height, width, num_frames, ...), or {}."""
+    path = Path(folder) / "recipe.json"
+    return json.loads(path.read_text()).get("recommended", {}).get("call", {}) if path.is_file() else {}
 
 
 def with_snippet(card: str | None, block: str, title: str) -> str:

@@ -113,8 +113,9 @@ def load_tokenizer(folder: str | Path):
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
-def t5_vocab() -> list[tuple[str, float]]:
-    """A SentencePiece-style unigram vocabulary for the shapes world, built deterministically.
+def t5_vocab(extra_words: tuple[str, ...] = ()) -> list[tuple[str, float]]:
+    """A SentencePiece-style unigram vocabulary for the shapes world, built deterministically (extra_words: more
+    whole-word pieces, e.g. the moving world's "moving", "standing", "still", after the image world's).
 
     T5's layout: <pad>=0, </s>=1, <unk>=2, then pieces with log-probability scores: "▁" + every
     world word (one piece per word), then "▁"-initial and inner single characters (ASCII letters,
@@ -123,12 +124,15 @@ def t5_vocab() -> list[tuple[str, float]]:
 
     chars = list(string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation)
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
-    vocab += [("▁" + w, -5.0 - 0.001 * i) for i, w in enumerate(sorted(world_word_counts()))]
+    words = sorted(world_word_counts())
+    words += sorted(w for w in set(extra_words) if w not in words)
+    vocab += [("▁" + w, -5.0 - 0.001 * i) for i, w in enumerate(words)]
     vocab += [("▁" + c, -9.0) for c in chars] + [(c, -10.0) for c in chars]
     return vocab
 
 
-def world_t5_tokenizer(folder: str | Path | None = None, model_max_length: int = 120):
+def world_t5_tokenizer(folder: str | Path | None = None, model_max_length: int = 120,
+                       extra_words: tuple[str, ...] = ()):
     """A T5 tokenizer (Unigram, Metaspace, "</s>" appended, "<pad>" padding, no BOS) over t5_vocab(),
     saved to `folder` (tokenizer.json) and loaded back from it. Nothing is downloaded.
 
@@ -139,7 +143,7 @@ def world_t5_tokenizer(folder: str | Path | None = None, model_max_length: int =
 
     folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="shapefirst-t5tok-"))
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = t5_vocab()
+    vocab = t5_vocab(extra_words)
     try:
         tok = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
     except TypeError:  # transformers 4.x: a fast tokenizer from a `tokenizers` object

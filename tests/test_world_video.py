@@ -1,0 +1,53 @@
+"""The moving world's recipe (#34): `shapefirst train --arch video` on tiny sizes writes a plain WanPipeline folder."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from shapefirst.world.train_video import VideoRecipe, encode_text, flow_time, tokenizer_at, train_video
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("video-train")
+    assert train_video(out, VideoRecipe.tiny(), max_steps=3) is None  # paused by the step budget, checkpointed
+    path = train_video(out, VideoRecipe.tiny())  # resumed to the end
+    return out, path
+
+
+def test_tiny_recipe_writes_a_wan_folder_that_plain_diffusers_runs(trained):
+    from diffusers import WanPipeline
+
+    out, path = trained
+    rec = json.loads((path / "recipe.json").read_text())
+    call = rec["recommended"]["call"]
+    assert call == {"height": 64, "width": 64, "num_frames": 9, "max_sequence_length": 24}
+    pipe = WanPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    frames = pipe("a small red plain circle on the left, moving up", num_inference_steps=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0), **call).frames
+    assert frames.shape == (1, 9, 64, 64, 3) and np.isfinite(frames).all()
+    card = (path / "README.md").read_text()
+    assert "WanPipeline.from_pretrained" in card and "num_frames=9" in card and ".frames[0]" in card
+
+
+def test_the_text_states_reach_the_transformer_as_wan_passes_them(trained):
+    """encode_text (training) equals WanPipeline.encode_prompt (inference) at the recipe's max_sequence_length."""
+    from diffusers import WanPipeline
+
+    out, path = trained
+    pipe = WanPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    caps = ["a large blue dotted cross at the top, standing still", ""]
+    with torch.no_grad():
+        want, _ = pipe.encode_prompt(caps, do_classifier_free_guidance=False, max_sequence_length=24)
+        got = encode_text(pipe.text_encoder, tokenizer_at(out), caps, 24)
+    assert torch.allclose(got, want, atol=1e-6) and (got[1, 1:] == 0).all()
+
+
+def test_flow_time_is_the_samplers_shift():
+    from diffusers import UniPCMultistepScheduler
+
+    s = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    s.set_timesteps(10)
+    u = torch.linspace(1, 1 / 1000, 11)[:-1]  # its unshifted flow sigmas
+    assert torch.allclose(flow_time(u, 3.0), torch.as_tensor(s.sigmas[:-1], dtype=torch.float32), atol=1e-4)
