@@ -1,7 +1,7 @@
 """A third recipe for the shapes world: the moving world (shapefirst.world.motion) on Wan's video architecture.
 
 T5 tokenizer (the world's, with the motion words) -> AutoencoderKLWan (causal 3D, 8x space, 4x time; trained on
-5-frame clips, the object's pixels weighted) -> latents of 9-frame clips (posterior mean and std, normalised per
+9-frame clips, the object's pixels weighted) -> latents of 9-frame clips (posterior mean and std, normalised per
 channel by the VAE's latents_mean / latents_std as WanPipeline decodes them) -> WanTransformer3DModel and a small
 UMT5 text encoder trained together on the flow-matching loss (x_s = (1 - s) x0 + s eps, target eps - x0, s drawn
 uniformly and shifted as the sampler's flow_shift shifts it; caption dropout to "", EMA of the transformer).
@@ -39,8 +39,8 @@ class VideoRecipe:
     vae_base: int = 16
     vae_z: int = 16
     vae_steps: int = 1500
-    vae_batch: int = 4
-    vae_frames: int = 5  # training clips: the VAE is convolutional and causal in time
+    vae_batch: int = 3
+    vae_frames: int = motion.FRAMES  # training clips' length (the VAE is causal: 1 + 4k frames)
     vae_lr: float = 1e-3
     object_weight: float = 5.0
     latents: int = 20000
