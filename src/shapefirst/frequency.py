@@ -11,6 +11,12 @@ process and along sampling trajectories.
 Frequencies are in *normalised* units: ``torch.fft.fftfreq`` (cycles/pixel)
 divided by 0.5, so the Nyquist frequency of each axis is 1.  A disc of radius
 ``r`` therefore means the same thing for square and non-square images.
+
+Videos have a third axis, time: :func:`split_temporal` splits a signal along its
+frame axis into temporal frequencies ``|f| <= r`` (slow change across frames,
+the DC term being the mean frame) and the rest (fast change, flicker), in the same
+normalised units (Nyquist = 1: one full alternation every two frames), and
+:func:`spacetime_bands` gives both splits of a video trajectory per call.
 Pure torch; no diffusers import.
 """
 from __future__ import annotations
@@ -25,6 +31,11 @@ DEFAULT_RADIUS = 0.25
 """Default low-pass radius as a fraction of the Nyquist radius.  For a 64x64
 SD latent it keeps spatial frequencies up to 8 cycles per side (about 5% of the
 frequency bins, ``pi * 0.25**2 / 4``): coarse layout and shape, no texture."""
+
+DEFAULT_TEMPORAL_RADIUS = 0.25
+"""Default temporal low-pass radius (fraction of the temporal Nyquist frequency). Wan's 81 frames make 21
+latent frames: it keeps temporal frequencies up to 2 cycles over the clip (5 of 21 bins); with 2 latent frames
+only the mean frame (the DC term) is low."""
 
 DEFAULT_TOL = 0.1
 """Default relative tolerance of :func:`settling_call`: a band counts as
@@ -170,3 +181,54 @@ def radial_power_spectrum(x: torch.Tensor, n_bins: int | None = None):
     count.index_add_(0, idx, torch.ones_like(power[keep]))
     freqs = torch.arange(n_bins, dtype=torch.float64, device=power.device) * step
     return freqs, total / count
+
+
+def temporal_lowpass_mask(frames: int, radius: float = DEFAULT_TEMPORAL_RADIUS, device=None) -> torch.Tensor:
+    """Boolean [frames] mask, in unshifted ``fft`` layout, of the temporal bins with normalised frequency
+    ``|f| <= radius`` (Nyquist = 1). Symmetric under ``k -> -k``: filtering a real signal keeps it real."""
+    if not 0.0 < radius <= 1.0:
+        raise ValueError(f"radius must be in (0, 1], got {radius}")
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    f = torch.fft.fftfreq(frames, device=device, dtype=torch.float64) / 0.5
+    return f.abs() <= radius
+
+
+def split_temporal(x: torch.Tensor, dim: int, radius: float = DEFAULT_TEMPORAL_RADIUS):
+    """Split ``x`` into ``(low, high)`` along its frame axis ``dim``: ``low = real(ifft(fft(x) * mask))`` over that
+    axis (:func:`temporal_lowpass_mask`), ``high = x - low``. An orthogonal projection, like :func:`split_bands`;
+    the same dtypes (float64 FFT for float64 input, else float32)."""
+    if not x.is_floating_point():
+        raise TypeError("split_temporal expects a floating-point tensor")
+    dim = dim % x.dim()
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mask = temporal_lowpass_mask(x.shape[dim], radius, device=x.device)
+    shape = [1] * x.dim()
+    shape[dim] = x.shape[dim]
+    spec = torch.fft.fft(x.to(work), dim=dim)
+    low = torch.fft.ifft(spec * mask.view(shape), dim=dim).real.to(x.dtype)
+    return low, x - low
+
+
+def temporal_energy_fraction(frames: int, radius: float = DEFAULT_TEMPORAL_RADIUS) -> float:
+    """Fraction of the temporal bins inside the low-pass mask: by Parseval, the share of white noise's expected
+    energy in the temporal low band."""
+    return temporal_lowpass_mask(frames, radius).sum().item() / frames
+
+
+def spacetime_bands(states: torch.Tensor, frame_dim: int, radius: float = DEFAULT_RADIUS,
+                    temporal_radius: float = DEFAULT_TEMPORAL_RADIUS) -> dict:
+    """Band norms of a video trajectory ``states`` [T, N, ...] whose frames lie along ``frame_dim`` and whose last
+    two dims are H, W (Wan's x0-hat [T, N, C, F, H, W]: frame_dim 3; CogVideoX's [T, N, F, C, H, W]: 2), per call
+    and video, the norm taken over everything else: ``low``/``high`` the spatial bands (the disc of
+    :func:`split_bands`, every frame), ``temporal_low``/``temporal_high`` the temporal bands
+    (:func:`split_temporal`, every pixel). Tensors [T, N]."""
+    if states.dim() < 5:
+        raise ValueError(f"expected [T, N, ..., F, ..., H, W] with a frame axis, got shape {tuple(states.shape)}")
+    frame_dim = frame_dim % states.dim()
+    if frame_dim < 2 or frame_dim >= states.dim() - 2:
+        raise ValueError(f"frame_dim {frame_dim} is not between the video axis (1) and H, W")
+    low, high = split_bands(states, radius)
+    t_low, t_high = split_temporal(states, frame_dim, temporal_radius)
+    norm = lambda v: v.flatten(2).norm(dim=2)  # noqa: E731
+    return {"low": norm(low), "high": norm(high), "temporal_low": norm(t_low), "temporal_high": norm(t_high)}

@@ -29,6 +29,9 @@ from .checks import out_path
 from .results import atomic_write_text
 
 MARKER = ".shapefirst.json"
+CALL_DEFAULTS = "shapefirst_call_defaults"
+"""The class attribute (a dict) of a pipeline class whose calls default to these arguments: part of its
+fingerprint, so results made at another size are never reused."""
 
 
 def version() -> str:
@@ -222,13 +225,17 @@ def module_fingerprint(module) -> str:
 
 
 def model_fingerprint(pipe) -> str:
-    """A digest of a pipeline's identity: its class, scheduler config and every weight tensor
+    """A digest of a pipeline's identity: its class, scheduler config, the call arguments its class gives every
+    call (`CALL_DEFAULTS`, e.g. a video's size; see report.page.with_call_defaults) and every weight tensor
     (name, shape, dtype, sum and sum of squares). Two models with other weights, also a LoRA fused
     into the same base, get other fingerprints. One pass over the weights (~0.3 s per GB on a CPU)."""
     import torch
 
     h = hashlib.sha256(type(pipe).__name__.encode())
     h.update(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode())
+    defaults = getattr(type(pipe), CALL_DEFAULTS, None)
+    if defaults:  # a pipeline whose calls default to other arguments (a size) makes other results
+        h.update(json.dumps(defaults, sort_keys=True, default=str).encode())
     for name, comp in sorted(pipe.components.items()):
         if isinstance(comp, torch.nn.Module):
             _tensor_digest(h, name, comp)

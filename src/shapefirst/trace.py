@@ -34,7 +34,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from .errors import ShapefirstError
+from .families import family
+from .pipeline_call import running_call
 from .results import atomic_write_bytes, atomic_write_text, png_bytes, spaced, strict_dumps
+from .video_strip import MAX_CALLS, MAX_FRAMES, MAX_SIDE, decode_latents, layout_for, write_animation, write_strip
 
 FIELDS = ("x_t", "uncond", "cond", "combined", "x0")
 
@@ -96,22 +100,33 @@ def is_flow_matching(scheduler) -> bool:
 
 
 def flow_sigma(scheduler, t):
-    """sigma of a flow-matching scheduler at timestep t: sigmas[i] where timesteps[i] == t (within 1e-3
-    relative), else t / num_train_timesteps. t a float: a float; a tensor: a tensor on its device (no host read)."""
+    """sigma of a flow-matching scheduler at timestep t: sigmas[i] where timesteps[i] == t (within 0.5% relative:
+    bfloat16 rounds a timestep by up to 0.2%), else sigmas[i] where timesteps[i] / num_train_timesteps == t (a
+    pipeline that gives its transformer the timestep divided by 1000: Flux), else t / num_train_timesteps.
+    t a float: a float; a tensor: a tensor on its device (no host read)."""
     if not isinstance(t, torch.Tensor):
         return float(flow_sigma(scheduler, torch.tensor(float(t), dtype=torch.float64)))
     dtype = _work_dtype(t.device)
     tt = t.detach().to(dtype)
-    plain = tt / scheduler.config.num_train_timesteps
+    n_train = scheduler.config.num_train_timesteps
+    plain = tt / n_train
     ts, sig = getattr(scheduler, "timesteps", None), getattr(scheduler, "sigmas", None)
     if not (isinstance(ts, torch.Tensor) and isinstance(sig, torch.Tensor) and len(ts) and len(sig)):
         return plain
     ts = ts.detach().to(t.device, dtype)
     sig = sig.detach().to(t.device, dtype)
-    d = (ts - tt.unsqueeze(-1)).abs()
+    raw_i, raw_found = _nearest(ts, tt, tt.abs().clamp(min=1.0))
+    scaled_i, scaled_found = _nearest(ts / n_train, tt, tt.abs().clamp(min=1.0 / n_train))
+    last = len(sig) - 1
+    return torch.where(raw_found, sig.take(raw_i.clamp(max=last)),
+                       torch.where(scaled_found, sig.take(scaled_i.clamp(max=last)), plain))
+
+
+def _nearest(ts: torch.Tensor, t: torch.Tensor, scale: torch.Tensor):
+    """(index of the entry of ts nearest to t, whether it is within 5e-3 * scale), elementwise over t."""
+    d = (ts - t.unsqueeze(-1)).abs()
     i = d.argmin(-1, keepdim=True)
-    found = d.gather(-1, i).squeeze(-1) <= 1e-3 * tt.abs().clamp(min=1.0)
-    return torch.where(found, sig.take(i.squeeze(-1).clamp(max=len(sig) - 1)), plain)
+    return i.squeeze(-1), d.gather(-1, i).squeeze(-1) <= 5e-3 * scale
 
 
 def predicted_x0(scheduler, t, x_t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
@@ -147,7 +162,9 @@ def predicted_x0(scheduler, t, x_t: torch.Tensor, pred: torch.Tensor) -> torch.T
 
 @dataclass
 class Trajectory:
-    """Per-call arrays, each [calls, images, C, H, W]; `guided` is [calls, images] bool.
+    """Per-call arrays, each [calls, images, *latent] (latent: C, H, W for images; C, F, H, W for Wan videos;
+    F, C, H, W for CogVideoX; tokens, 4C for Flux's packed latents: `layout`); `guided` is [calls, images] bool.
+    `meta` holds the family, the layout and the call's pixel height, width and frames where known.
 
     uncond/cond rows that were not computed at a call (unguided, or no CFG) are NaN."""
 
@@ -182,28 +199,42 @@ class Trajectory:
         tensors.pop("timesteps")
         return cls(timesteps=info["timesteps"], arrays=tensors, guided=guided, meta=info["meta"])
 
+    @property
+    def layout(self) -> str:
+        """How each image's latents are laid out (shapefirst.video_strip: "image", "packed", "video",
+        "video_frames"): recorded with the trajectory, else told from the arrays' dimensions."""
+        if self.meta.get("layout"):
+            return self.meta["layout"]
+        x = self.arrays.get("x0", next(iter(self.arrays.values()), None))
+        return layout_for(self.meta.get("family"), x.dim() - 2 if x is not None else 3)
+
+    @property
+    def is_video(self) -> bool:
+        return self.layout in ("video", "video_frames")
+
     # -- decoding and pictures -----------------------------------------------------------
     @torch.no_grad()
     def decode(self, vae, which: str = "x0", calls: list[int] | None = None, batch: int = 64) -> torch.Tensor:
-        """Decode latents to images in [0, 1]: [len(calls), images, 3, H, W] (as the pipelines do:
-        latents / scaling_factor + shift_factor, the shift being SD3's)."""
+        """Decode latents as the pipeline decodes them (shapefirst.video_strip.decode_latents: latents /
+        scaling_factor + shift_factor, SD3's and Flux's shift; Wan's latents_mean/latents_std; Flux's packed tokens
+        unpacked). Images: [len(calls), images, 3, H, W]; videos: [len(calls), videos, frames, 3, H, W]; in [0, 1]."""
         calls = list(range(self.n_calls)) if calls is None else list(calls)
         lat = self.arrays[which][calls]
         flat = lat.flatten(0, 1)
-        dtype = next(vae.parameters()).dtype
-        dev = next(vae.parameters()).device
-        outs = []
-        shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's VAE: latents are shifted, then scaled
-        for i in range(0, flat.shape[0], batch):
-            z = flat[i:i + batch].to(dev, dtype) / vae.config.scaling_factor + shift
-            outs.append(vae.decode(z).sample.float().cpu())
-        img = (torch.cat(outs) / 2 + 0.5).clamp(0, 1)
+        layout = self.layout
+        step = batch if layout in ("image", "packed") else max(1, min(batch, 4))  # a video decodes all its frames
+        h, w = self.meta.get("height"), self.meta.get("width")
+        outs = [decode_latents(vae, flat[i:i + step], layout, h, w) for i in range(0, flat.shape[0], step)]
+        img = torch.cat(outs)
         return img.view(len(calls), lat.shape[1], *img.shape[1:])
 
     def contact_sheet(self, vae, path: str | Path, max_columns: int = 25) -> Path:
-        """PNG grid: one row per image, columns = decoded x0-hat at evenly spaced calls (last included)."""
+        """PNG grid: one row per image, columns = decoded x0-hat at evenly spaced calls (last included).
+        A video trajectory draws its strip instead (rows = calls, columns = frames; see `strip`)."""
         from PIL import Image
 
+        if self.is_video:
+            return self.strip(vae, path)
         calls = spaced(self.n_calls, max_columns)
         imgs = self.decode(vae, "x0", calls)  # [C, B, 3, H, W]
         grid = imgs.permute(1, 3, 0, 4, 2)  # B, H, C, W, 3
@@ -213,9 +244,12 @@ class Trajectory:
         return atomic_write_bytes(Path(path), buf)
 
     def gif(self, vae, path: str | Path, duration_ms: int = 80) -> Path:
-        """Animated GIF: one frame per call, images side by side."""
+        """Animated GIF: one frame per call, images side by side. A video trajectory writes its animation instead
+        (one animation frame per video frame, the calls side by side; see `animation`)."""
         from PIL import Image
 
+        if self.is_video:
+            return self.animation(vae, path, fps=max(1, 1000 // duration_ms))
         imgs = self.decode(vae, "x0")  # [T, B, 3, H, W]
         frames = []
         for t in range(imgs.shape[0]):
@@ -227,6 +261,25 @@ class Trajectory:
         frames[0].save(bio, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
         return atomic_write_bytes(Path(path), bio.getvalue())
 
+    def strip(self, vae, path: str | Path, calls: list[int] | None = None, max_calls: int = MAX_CALLS,
+              max_frames: int = MAX_FRAMES, max_side: int = MAX_SIDE) -> Path:
+        """A video trajectory's PNG strip: per video, rows = calls (evenly spaced, last included), columns = its
+        decoded frames (evenly spaced); the videos top to bottom (shapefirst.video_strip.write_strip)."""
+        self._need_video("strip")
+        return write_strip(self, vae, path, calls, max_calls, max_frames, max_side)
+
+    def animation(self, vae, path: str | Path, calls: list[int] | None = None, max_calls: int = MAX_CALLS,
+                  max_side: int = MAX_SIDE, fps: int = 8) -> Path:
+        """A video trajectory's animation, GIF or lossless WebP by the file's suffix: one animation frame per video
+        frame, showing that frame at each drawn call side by side (first call left); videos top to bottom."""
+        self._need_video("animation")
+        return write_animation(self, vae, path, calls, max_calls, max_side, fps)
+
+    def _need_video(self, what: str) -> None:
+        if not self.is_video:
+            raise ShapefirstError(f"a {what} draws a video's frames, and this trajectory holds images "
+                                  f"(layout {self.layout!r})", "use contact_sheet or gif for an image trajectory")
+
 
 class TrajectoryRecorder:
     """Collects per-call tensors from the guidance hook; `.trajectory` assembles the last run."""
@@ -235,10 +288,12 @@ class TrajectoryRecorder:
         self.keep = keep
         self._calls: list[dict] = []
         self.scheduler = None
+        self.call_meta: dict = {}
 
     def start_run(self, pipe, batch: int):
         self._calls = []
         self.scheduler = pipe.scheduler
+        self.call_meta = _call_meta(pipe)
 
     def record(self, call: int, t: float, x_t, uncond, cond, combined, guided, after: str = "uncond"):
         """One denoiser call. uncond is None when the call ran no CFG; for unguided images
@@ -276,5 +331,21 @@ class TrajectoryRecorder:
         guided = torch.stack([c["guided"] for c in self._calls])
         sch = self.scheduler
         meta = {"scheduler": type(sch).__name__, "prediction_type": sch.config.get("prediction_type", "flow"),
-                "n_calls": len(self._calls)}
+                "n_calls": len(self._calls), **self.call_meta}
+        meta["layout"] = layout_for(meta.get("family"), arrays["x0"].dim() - 2) if "x0" in arrays else None
         return Trajectory([c["t"] for c in self._calls], arrays, guided, meta)
+
+
+def _call_meta(pipe) -> dict:
+    """The family and the pixel height, width and frames of the pipeline call in progress (its `__call__`'s locals,
+    after the pipeline filled in its defaults), for decoding: Flux's packed latents need the height and width."""
+    try:
+        name = family(pipe).name
+    except ShapefirstError:
+        name = None
+    call = running_call()
+    sizes = {}
+    for key in ("height", "width", "num_frames"):
+        v = call.local(key) if call is not None and call.pipe is pipe else None
+        sizes[key] = int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else None
+    return {"family": name, **sizes}

@@ -16,6 +16,11 @@
     relative L2 of its final value).
 (c) Radially averaged power spectra of the generated images, the renders and the photo (pixel
     space, [-1, 1] scale) and of the final latents and the renders' latents.
+Videos (`run_spacetime`, the report's "spacetime" section): x0-hat of a video trajectory split in space (the disc
+of shapefirst.frequency.split_bands, every frame) and in time (shapefirst.frequency.split_temporal along the
+frames, every pixel), in the denoiser's latent space: the band norms per call and the call from which each band
+keeps its final value. It reads a saved trajectory only (no model run), so any video family's traced generation
+serves, flow matching included.
 """
 from __future__ import annotations
 
@@ -25,13 +30,15 @@ import numpy as np
 import torch
 
 from ..errors import ShapefirstError
-from ..frequency import (DEFAULT_RADIUS, DEFAULT_TOL, band_energy_fraction, forward_process_bands,
-                         radial_power_spectrum, settling_call, split_bands, trajectory_bands)
+from ..frequency import (DEFAULT_RADIUS, DEFAULT_TEMPORAL_RADIUS, DEFAULT_TOL, band_energy_fraction,
+                         forward_process_bands, radial_power_spectrum, settling_call, spacetime_bands, split_bands,
+                         split_temporal, trajectory_bands)
 from ..generate import check_prompts, generate
 from ..guidance import GuidanceSchedule
 from ..pipeline import denoiser_of
 from ..results import Result, save_figure
 from ..settling import settled_from
+from ..trace import is_flow_matching
 from .registry import Analysis, Inputs, Settings, Summary
 from ..world.render import render_batch, sample_captions, sample_scenes
 from .stages import decode_chunks, summarize
@@ -112,6 +119,17 @@ def _pixel_bands(traj, vae, radius: float, tol: float):
     return norms, {b: settle_from_distances(rel[b], tol) for b in BANDS}
 
 
+def check_pipeline(pipe) -> None:
+    """The forward process here is the DDPM one: a flow-matching scheduler gets one line saying so."""
+    ac = getattr(pipe.scheduler, "alphas_cumprod", None)
+    if ac is None or is_flow_matching(pipe.scheduler):  # Wan's UniPC has an alphas_cumprod, but runs flow sigmas
+        raise ShapefirstError(f"{type(pipe.scheduler).__name__} runs flow matching: the frequency analysis's "
+                              "forward process is the DDPM one (x_t = sqrt(ab) x0 + sqrt(1-ab) eps), not flow "
+                              "matching (SD3, Flux, Wan)",
+                              "run it on a DDPM-type model (SD 1.x/2.x, SDXL, PixArt); a video's x0-hat bands in "
+                              "space and time come from experiments.frequency.run_spacetime on its trajectory")
+
+
 def run_frequency(pipe, n_images: int = 16, seed: int = 0, radius: float = DEFAULT_RADIUS, steps: int = 50,
                   prompts=None, photo: bool = True, schedule: GuidanceSchedule | None = None, batch: int = 16,
                   tol: float = DEFAULT_TOL, stride: int = FORWARD_STRIDE) -> Result:
@@ -130,13 +148,8 @@ def run_frequency(pipe, n_images: int = 16, seed: int = 0, radius: float = DEFAU
         raise ShapefirstError(f"n_images {n_images} is not a positive integer", "pass e.g. 16")
     if int(stride) != stride or stride < 1:
         raise ShapefirstError(f"stride {stride} is not a positive integer", "pass e.g. 10")
-    ac = getattr(pipe.scheduler, "alphas_cumprod", None)
-    if ac is None:
-        raise ShapefirstError(f"{type(pipe.scheduler).__name__} has no alphas_cumprod: "
-                              "the frequency analysis's forward "
-                              "process is the DDPM one (x_t = sqrt(ab) x0 + sqrt(1-ab) eps), not flow matching (SD3)",
-                              "use a DDPM-type scheduler (SD 1.x/2.x, SDXL, PixArt); on SD3 run stages and attention")
-    ac = ac.detach().cpu().double()
+    check_pipeline(pipe)
+    ac = pipe.scheduler.alphas_cumprod.detach().cpu().double()
     size = image_size(pipe)
     schedule = schedule or GuidanceSchedule(7.5)
     arrays: dict[str, torch.Tensor] = {}
@@ -390,3 +403,96 @@ def summary(result: Result) -> Summary:
 
 
 ANALYSIS = Analysis("frequency", _run, summary, plot_frequency, order=20)
+
+
+# -- videos: x0-hat's bands in space and time (from a saved trajectory) -------------------------------------------
+SPACETIME_BANDS = ("low", "high", "temporal_low", "temporal_high")
+SPACETIME_LABELS = {"low": "spatial low", "high": "spatial high", "temporal_low": "temporal low",
+                    "temporal_high": "temporal high"}
+
+
+def frame_dim(traj) -> int:
+    """The frame axis of a video trajectory's arrays [T, N, ...]: Wan's [T, N, C, F, H, W] 3, CogVideoX's
+    [T, N, F, C, H, W] 2."""
+    if not traj.is_video:
+        raise ShapefirstError(f"the trajectory holds images (layout {traj.layout!r}), not videos",
+                              "run_spacetime reads the trajectory of a video pipeline (Wan, CogVideoX)")
+    return 3 if traj.layout == "video" else 2
+
+
+def run_spacetime(traj, radius: float = DEFAULT_RADIUS, temporal_radius: float = DEFAULT_TEMPORAL_RADIUS,
+                  tol: float = DEFAULT_TOL) -> Result:
+    """x0-hat of a video trajectory in space and time -> Result(kind="spacetime").
+
+    Arrays: `timesteps` [T]; `norm/<band>` float64 [T, N] for band in low, high (spatial), temporal_low,
+    temporal_high (shapefirst.frequency.spacetime_bands); `settle/<band>` long [N] (settling_call of that band of
+    x0-hat, `tol` relative L2 to its final value)."""
+    fd = frame_dim(traj)
+    x0 = traj.arrays["x0"].double()
+    norms = spacetime_bands(x0, fd, radius, temporal_radius)
+    parts = dict(zip(("low", "high"), split_bands(x0, radius)))
+    parts.update(zip(("temporal_low", "temporal_high"), split_temporal(x0, fd, temporal_radius)))
+    arrays = {"timesteps": torch.tensor(traj.timesteps, dtype=torch.float64)}
+    for b in SPACETIME_BANDS:
+        arrays[f"norm/{b}"] = norms[b].double()
+        arrays[f"settle/{b}"] = settling_call(parts[b], tol)
+    frames = x0.shape[fd]
+    data = {"settings": {"radius": radius, "temporal_radius": temporal_radius, "tol": tol,
+                         "layout": traj.layout, "latent_frames": int(frames), "videos": int(x0.shape[1]),
+                         "family": traj.meta.get("family"), "prompts": traj.meta.get("prompts")},
+            "n_calls": traj.n_calls,
+            "settle": {b: summarize(arrays[f"settle/{b}"]) for b in SPACETIME_BANDS}}
+    return Result("spacetime", data, arrays)
+
+
+def spacetime_findings(data: dict) -> list[str]:
+    """Which band settles first in space and in time (the paper's claim, carried to time: low before high)."""
+    out = []
+    med = {b: v["median"] for b, v in (data.get("settle") or {}).items()}
+    for lo, hi, axis in (("low", "high", "space"), ("temporal_low", "temporal_high", "time")):
+        if lo not in med or hi not in med:
+            continue
+        order = ("the low band first" if med[lo] < med[hi] else "the high band first" if med[lo] > med[hi]
+                 else "both at the same call")
+        out.append(f"In {axis}, x0-hat's low band settles at call {med[lo]:.0f} (median) and its high band at call "
+                   f"{med[hi]:.0f}: {order}.")
+    return out
+
+
+def spacetime_summary(result: Result) -> Summary:
+    d = result.data
+    rows = [["band", "median settling call", "10th-90th percentile", "calls"]]
+    for b in SPACETIME_BANDS:
+        v = d["settle"][b]
+        rows.append([SPACETIME_LABELS[b], f"{v['median']:.0f}", f"{v['p10']:.0f}-{v['p90']:.0f}", d["n_calls"]])
+    st = d["settings"]
+    found = spacetime_findings(d)
+    caption = (f"x0-hat of the traced videos in the denoiser's latent space ({st['latent_frames']} latent frames), "
+               f"split in space (spatial frequencies up to {st['radius']:g} x Nyquist, every frame) and in time "
+               f"(temporal frequencies up to {st['temporal_radius']:g} x Nyquist across the frames, every pixel); "
+               f"a band has settled once it stays within {st['tol']:.0%} of its final value. " + " ".join(found))
+    return Summary("Space and time: which frequencies of the video are decided first", caption, rows, found,
+                   ("spacetime.png",))
+
+
+def plot_spacetime(result: Result, folder: str | Path) -> list[Path]:
+    """spacetime.png: the band norms per call (median over the videos) in space and in time, with each band's
+    median settling call."""
+    from matplotlib.figure import Figure
+
+    A = result.arrays
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    colors = {"low": "tab:blue", "high": "tab:red", "temporal_low": "tab:blue", "temporal_high": "tab:red"}
+    for k, (pair, title) in enumerate(((("low", "high"), "space"), (("temporal_low", "temporal_high"), "time"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for b in pair:
+            v = A[f"norm/{b}"].double().numpy()
+            ax.plot(np.arange(v.shape[0]), np.median(v, axis=1), color=colors[b], label=SPACETIME_LABELS[b])
+            ax.axvline(float(A[f"settle/{b}"].double().median()), color=colors[b], ls=":", lw=1,
+                       label=f"{SPACETIME_LABELS[b]} settles (median)")
+        ax.set_xlabel("denoiser call")
+        ax.set_ylabel("L2 norm of band (median over videos)")
+        ax.set_title(f"x0-hat of the video, {title}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return [save_figure(fig, Path(folder) / "spacetime.png")]

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import ShapefirstError
+from ..families import family
 from ..generate import check_prompts, generate
 from ..guidance import GuidanceSchedule
 from ..results import Result, save_figure
@@ -168,6 +169,7 @@ def run_stages(pipe, prompts, targets: list[dict] | None = None, steps: int = 50
     `match/<schedule>/all`), `clip_sim/<schedule>` float32 [T, N] and `settle/<schedule>/clip`
     (clip modes), `timesteps/<schedule>` float64 [T].
     """
+    check_pipeline(pipe)
     prompts, targets, mode = _check_inputs(prompts, targets, batch, mode, judge_fn, clip)
     use_judge, use_clip = mode in ("judge", "both"), mode in ("clip", "both")
     if use_judge and judge_fn is None:
@@ -187,6 +189,16 @@ def run_stages(pipe, prompts, targets: list[dict] | None = None, steps: int = 50
                                         f"{clip_threshold} (n_calls = never)" if use_clip else "")}
     data = {"settings": settings, "vocab": run.book.vocab, "no_label_code": NO_LABEL, "schedules": per_schedule}
     return Result("stages", data, arrays)
+
+
+def check_pipeline(pipe) -> None:
+    """stages reads each call's decoded x0-hat as one image (the judge or CLIP): a video pipeline gets one line
+    saying so and where its trajectory is drawn instead."""
+    if family(pipe).video:
+        raise ShapefirstError(f"stages judges each call's decoded x0-hat as one image, and {type(pipe).__name__} "
+                              "makes videos",
+                              "draw a video's trajectory with Trajectory.strip and Trajectory.animation, and its "
+                              "bands in space and time with experiments.frequency.run_spacetime")
 
 
 def _check_inputs(prompts, targets, batch, mode, judge_fn, clip):

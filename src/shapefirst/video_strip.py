@@ -1,0 +1,183 @@
+"""Trajectories of video and packed-token pipelines drawn: x0-hat latents decoded as the pipeline decodes its own
+latents, a strip (rows = denoiser calls, columns = frames) and an animation (one animation frame per video frame,
+the calls side by side: watch the video play at every drawn call at once).
+
+Latent layouts a trajectory holds per image (`Trajectory.meta["layout"]`, set by the recorder from the family):
+  "image"         [C, H, W]     SD, SDXL, PixArt, SD3, Sana, HunyuanDiT
+  "packed"        [tokens, 4C]  Flux: 2x2 latent patches as tokens, unpacked with the call's height and width
+                                as FluxPipeline unpacks them (latent side 2 * (pixels // (2 * vae scale factor)))
+  "video"         [C, F, H, W]  Wan (WanPipeline passes its latents to the transformer as they are)
+  "video_frames"  [F, C, H, W]  CogVideoX (its pipeline keeps frames before channels; decode_latents permutes)
+Normalisation, from the VAE's config, as the pipelines decode: a VAE with `latents_mean` and `latents_std`
+(AutoencoderKLWan) gets z = x / (1 / std) + mean per channel (WanPipeline's formula); any other
+z = x / scaling_factor + shift_factor (shift 0 where the VAE has none). The VAE's output is mapped to [0, 1] with
+(x / 2 + 0.5).clamp(0, 1), as diffusers' image and video processors postprocess it.
+This module imports no other shapefirst module but errors and results (trace.py delegates to it).
+"""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ShapefirstError
+from .results import atomic_write_bytes, png_bytes, spaced
+
+LAYOUTS = ("image", "packed", "video", "video_frames")
+FRAMES_FIRST = ("cogvideox",)
+"""Families whose video latents are [frames, channels, H, W] per video (the others: [channels, frames, H, W])."""
+
+MAX_CALLS = 10
+"""Calls drawn by default (evenly spaced, first and last included)."""
+MAX_FRAMES = 16
+"""Frames drawn by default in a strip (evenly spaced, first and last included)."""
+MAX_SIDE = 256
+"""A tile's longer side in pixels: larger frames are scaled down (antialiased) so a real-size strip stays a
+picture, not a 10-gigapixel file. Tiny test videos are drawn at their own size."""
+
+
+def layout_for(family_name: str | None, dims: int) -> str:
+    """The layout of latents with `dims` dimensions per image, for a family (see the module docstring)."""
+    if dims == 2:
+        return "packed"
+    if dims == 3:
+        return "image"
+    if dims == 4:
+        return "video_frames" if family_name in FRAMES_FIRST else "video"
+    raise ShapefirstError(f"latents with {dims} dimensions per image have no known layout",
+                          "record a trajectory of an image (C, H, W) or video (C, F, H, W) pipeline")
+
+
+def vae_scale(vae) -> int:
+    """The VAE's spatial compression, as FluxPipeline computes it: 2 ** (len(block_out_channels) - 1)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def unpack(latents: torch.Tensor, height: int | None, width: int | None, scale: int) -> torch.Tensor:
+    """Flux's packed tokens [N, tokens, 4C] -> latents [N, C, h, w] (its 2x2 patches put back in place). Without the
+    call's pixel size a square latent is assumed (tokens must be a square number then)."""
+    n, tokens, d = latents.shape
+    if height and width:
+        h, w = 2 * (int(height) // (scale * 2)), 2 * (int(width) // (scale * 2))
+    else:
+        side = math.isqrt(tokens)
+        h = w = 2 * side
+    if d % 4 or (h // 2) * (w // 2) != tokens:
+        raise ShapefirstError(f"{tokens} packed tokens of width {d} do not make a {h}x{w} latent",
+                              "record it with shapefirst's TrajectoryRecorder (it keeps the call's height and width)")
+    x = latents.reshape(n, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(n, d // 4, h, w)
+
+
+def normalise_for_vae(vae, z: torch.Tensor) -> torch.Tensor:
+    """Latents as the denoiser sees them -> the VAE's input (see the module docstring); channels are dim 1."""
+    cfg = vae.config
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, len(mean)) + (1,) * (z.dim() - 2)
+        m = torch.tensor(mean, dtype=z.dtype, device=z.device).view(shape)
+        inv = 1.0 / torch.tensor(std, dtype=z.dtype, device=z.device).view(shape)
+        return z / inv + m
+    shift = getattr(cfg, "shift_factor", None) or 0.0
+    return z / cfg.scaling_factor + shift
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, layout: str, height: int | None = None,
+                   width: int | None = None) -> torch.Tensor:
+    """Latents [N, ...] in `layout` -> images [N, 3, H, W] or videos [N, frames, 3, H, W], float32 in [0, 1] on the
+    CPU. height/width: the call's pixel size (only "packed" needs it)."""
+    if layout not in LAYOUTS:
+        raise ShapefirstError(f"unknown latent layout {layout!r}", f"use one of {LAYOUTS}")
+    p = next(vae.parameters())
+    z = latents.to(p.device, p.dtype)
+    if layout == "packed":
+        z = unpack(z, height, width, vae_scale(vae))
+    elif layout == "video_frames":
+        z = z.permute(0, 2, 1, 3, 4)  # [N, C, F, H, W], as CogVideoXPipeline.decode_latents
+    out = vae.decode(normalise_for_vae(vae, z)).sample.float().cpu()
+    out = (out / 2 + 0.5).clamp(0, 1)
+    return out.permute(0, 2, 1, 3, 4).contiguous() if out.dim() == 5 else out
+
+
+def shrink(frames: torch.Tensor, max_side: int = MAX_SIDE) -> torch.Tensor:
+    """Frames [..., 3, H, W] scaled down (antialiased bilinear) so the longer side is at most max_side."""
+    h, w = frames.shape[-2:]
+    if max(h, w) <= max_side:
+        return frames
+    f = max_side / max(h, w)
+    size = (max(1, round(h * f)), max(1, round(w * f)))
+    flat = frames.reshape(-1, *frames.shape[-3:])
+    out = torch.nn.functional.interpolate(flat, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out.reshape(*frames.shape[:-2], *size).clamp(0, 1)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return (x.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def strip_array(videos: torch.Tensor) -> np.ndarray:
+    """Decoded videos [calls, N, frames, 3, H, W] -> uint8 [N * calls * H, frames * W, 3]: per video a block
+    whose row r is call r and column c frame c; the videos' blocks stacked top to bottom."""
+    calls, n, frames, _, h, w = videos.shape
+    grid = videos.permute(1, 0, 4, 2, 5, 3)  # N, calls, H, frames, W, 3
+    return to_uint8(grid.reshape(n * calls * h, frames * w, 3))
+
+
+def animation_frames(videos: torch.Tensor) -> list[np.ndarray]:
+    """Decoded videos [calls, N, frames, 3, H, W] -> one uint8 picture [N * H, calls * W, 3] per video frame:
+    the calls side by side (first call left), the videos top to bottom."""
+    calls, n, frames, _, h, w = videos.shape
+    grid = videos.permute(2, 1, 4, 0, 5, 3)  # frames, N, H, calls, W, 3
+    return [to_uint8(g.reshape(n * h, calls * w, 3)) for g in grid]
+
+
+def animation_bytes(pictures: list[np.ndarray], fmt: str, fps: int = 8) -> bytes:
+    """An animated GIF or lossless WebP of the pictures (Pillow), looping."""
+    from PIL import Image
+
+    if fmt not in ("gif", "webp"):
+        raise ShapefirstError(f"animation format {fmt!r} is not gif or webp", "name the file .gif or .webp")
+    ims = [Image.fromarray(p) for p in pictures]
+    bio = io.BytesIO()
+    extra = {"lossless": True} if fmt == "webp" else {}
+    ims[0].save(bio, format=fmt.upper(), save_all=True, append_images=ims[1:], duration=max(1, 1000 // fps), loop=0,
+                **extra)
+    return bio.getvalue()
+
+
+def decode_calls(traj, vae, calls: list[int], which: str = "x0", max_side: int = MAX_SIDE,
+                 max_frames: int | None = None) -> torch.Tensor:
+    """The trajectory's decoded videos at `calls`, [len(calls), N, frames, 3, H', W'], decoding one call at a time
+    and keeping only max_frames evenly spaced frames (None: all), scaled to max_side (bounded memory)."""
+    out, keep = [], None
+    for c in calls:
+        v = traj.decode(vae, which, [c])[0]  # [N, F, 3, H, W]
+        if keep is None:
+            keep = list(range(v.shape[1])) if max_frames is None else spaced(v.shape[1], max_frames)
+        out.append(shrink(v[:, keep], max_side))
+    return torch.stack(out)
+
+
+def write_strip(traj, vae, path: str | Path, calls: list[int] | None = None, max_calls: int = MAX_CALLS,
+                max_frames: int = MAX_FRAMES, max_side: int = MAX_SIDE, which: str = "x0") -> Path:
+    """PNG: per video, rows = calls (evenly spaced, last included; or `calls`), columns = frames (evenly spaced)."""
+    from PIL import Image
+
+    calls = spaced(traj.n_calls, max_calls) if calls is None else list(calls)
+    videos = decode_calls(traj, vae, calls, which, max_side, max_frames)
+    return atomic_write_bytes(Path(path), png_bytes(Image.fromarray(strip_array(videos))))
+
+
+def write_animation(traj, vae, path: str | Path, calls: list[int] | None = None, max_calls: int = MAX_CALLS,
+                    max_side: int = MAX_SIDE, fps: int = 8, which: str = "x0") -> Path:
+    """Animated GIF or lossless WebP (by the file's suffix): one animation frame per video frame, the drawn calls
+    side by side (first call left, last call right), the videos top to bottom."""
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    calls = spaced(traj.n_calls, max_calls) if calls is None else list(calls)
+    videos = decode_calls(traj, vae, calls, which, max_side)
+    return atomic_write_bytes(path, animation_bytes(animation_frames(videos), fmt, fps))
