@@ -1,27 +1,31 @@
-"""Batched-CFG transformer families added by name (#32 item 2): Sana, CogVideoX (video), HunyuanDiT, on tiny
-in-code components. For each: no stop is bit-identical to the plain pipeline; a stop equals a reference built
-without shapefirst (the denoiser's forward wrapped by plain test code that, from the stop on, runs the
-conditional half of the batch and returns it in both halves: conftest.CondHalfOn); 2 prompts x 2 images equal
-their solo runs; evaluations equal an independent count of the rows the transformer computes."""
+"""Batched-CFG families added by name (#32 items 2 and 4): Sana, CogVideoX (video), HunyuanDiT, Kolors (an
+SDXL-like UNet on ChatGLM states), on tiny in-code components. For each: no stop is bit-identical to the plain
+pipeline; a stop equals a reference built without shapefirst (the denoiser's forward wrapped by plain test code
+that, from the stop on, runs the conditional half of the batch and returns it in both halves: conftest.CondHalfOn);
+2 prompts x 2 images equal their solo runs; evaluations equal an independent count of the rows the denoiser
+computes."""
 import numpy as np
 import pytest
 import torch
 
 from shapefirst.families import family_of_pipe
 from shapefirst.guidance import GuidanceSchedule, guidance_schedule
-from shapefirst.tiny import tiny_cogvideox_pipeline, tiny_hunyuandit_pipeline, tiny_sana_pipeline
+from shapefirst.tiny import (tiny_cogvideox_pipeline, tiny_hunyuandit_pipeline, tiny_kolors_pipeline,
+                             tiny_sana_pipeline)
 
 from conftest import CondHalfOn
 
 PROMPTS = ["a red circle moving left", "a large blue striped square"]
 STEPS, W = 5, 4.5
-FIRST = {"sana": "patch_embed", "cogvideox": "patch_embed", "hunyuandit": "pos_embed"}  # runs on every row computed
+# the denoiser's first layer: runs on every row computed
+FIRST = {"sana": "patch_embed", "cogvideox": "patch_embed", "hunyuandit": "pos_embed", "kolors": "conv_in"}
 
 
-@pytest.fixture(scope="module", params=["sana", "cogvideox", "hunyuandit"])
+@pytest.fixture(scope="module", params=["sana", "cogvideox", "hunyuandit", "kolors"])
 def fam(request, tmp_path_factory):
     make = {"sana": tiny_sana_pipeline, "cogvideox": tiny_cogvideox_pipeline,
-            "hunyuandit": lambda: tiny_hunyuandit_pipeline(folder=tmp_path_factory.mktemp("hunyuandit"))}
+            "hunyuandit": lambda: tiny_hunyuandit_pipeline(folder=tmp_path_factory.mktemp("hunyuandit")),
+            "kolors": lambda: tiny_kolors_pipeline(folder=tmp_path_factory.mktemp("kolors"))}
     return request.param, make[request.param]()
 
 
@@ -29,11 +33,32 @@ def run(name, pipe, prompts=PROMPTS, per_prompt=1, seed=0):
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * per_prompt)]
     kw = {"sana": dict(height=32, width=32, max_sequence_length=16, complex_human_instruction=None),
           "cogvideox": dict(height=16, width=16, num_frames=9, max_sequence_length=16),
-          "hunyuandit": dict(height=16, width=16, use_resolution_binning=False)}[name]
+          "hunyuandit": dict(height=16, width=16, use_resolution_binning=False),
+          "kolors": dict(height=16, width=16, max_sequence_length=16)}[name]
     count = "num_videos_per_prompt" if name == "cogvideox" else "num_images_per_prompt"
     out = pipe(prompts, num_inference_steps=STEPS, guidance_scale=W, output_type="np", generator=gens,
                **{count: per_prompt}, **kw)
     return out.frames if name == "cogvideox" else out.images
+
+
+class CondHalfNested(CondHalfOn):
+    """conftest.CondHalfOn, also halving the tensors inside dict arguments (a UNet's added_cond_kwargs: Kolors' pooled
+    text and time ids)."""
+
+    def forward(self, *args, **kwargs):
+        if not self.skip(self.calls):
+            return super().forward(*args, **kwargs)
+        rows = (args[0] if args else kwargs["sample"]).shape[0]
+
+        def flat(v):
+            if isinstance(v, dict):
+                return {k: flat(x) for k, x in v.items()}
+            return v[rows // 2:] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
+        self.calls += 1
+        out = self.orig(*[flat(a) for a in args], **{k: flat(v) for k, v in kwargs.items()})
+        main = out[0] if isinstance(out, tuple) else out.sample
+        return (torch.cat([main, main]),) + tuple(out[1:]) if isinstance(out, tuple) else \
+            type(out)(sample=torch.cat([main, main]))
 
 
 class RowCount:
@@ -61,12 +86,13 @@ def test_no_stop_is_bit_identical(fam):
 @pytest.mark.parametrize("stop", [0, 2])
 def test_a_stop_equals_the_reference_and_counts_rows(fam, stop):
     name, pipe = fam
-    ref_wrap = CondHalfOn(pipe.transformer, lambda i: i >= stop)
+    den = pipe.unet if name == "kolors" else pipe.transformer
+    ref_wrap = (CondHalfNested if name == "kolors" else CondHalfOn)(den, lambda i: i >= stop)
     try:
         ref = run(name, pipe)
     finally:
         ref_wrap.close()
-    count = RowCount(getattr(pipe.transformer, FIRST[name]))
+    count = RowCount(getattr(den, FIRST[name]))
     try:
         with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=stop, after="cond")) as hook:
             got = run(name, pipe)
@@ -90,3 +116,47 @@ def test_a_batch_equals_its_solo_runs(fam):
         assert hook.evaluations_per_image() == [2 * 2 + STEPS - 2] * (2 * per)
         solo = [run(name, pipe, [p], per_prompt=per, seed=per * i) for i, p in enumerate(prompts)]
     assert np.abs(both - np.concatenate(solo)).max() <= 1e-4
+
+
+def test_kolors_stop_equals_diffusers_with_the_conditional_half_in_both(tmp_path):
+    """A second reference without shapefirst, diffusers' own: Kolors' step-end callback takes the [uncond, cond]
+    batch's prompt_embeds and add_text_embeds; from the stop on it puts the conditional half in both halves (both
+    rows of each image then compute the conditional branch, and u + w (c - u) = c). Measured against a shapefirst
+    stop (which computes the conditional rows alone, a batch half the size): equal up to that batch size's rounding
+    (3e-7 at most on these images, measured), far below what the stop changes."""
+    pipe = tiny_kolors_pipeline(folder=tmp_path / "kolors")
+
+    def cond_in_both(p, i, t, kw):
+        if i + 1 < 2:
+            return {}
+        half = kw["prompt_embeds"].shape[0] // 2
+        return {k: torch.cat([kw[k][half:], kw[k][half:]]) for k in ("prompt_embeds", "add_text_embeds")}
+
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    ref = pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=W, output_type="np", generator=gens, height=16,
+               width=16, max_sequence_length=16, callback_on_step_end=cond_in_both,
+               callback_on_step_end_tensor_inputs=["prompt_embeds", "add_text_embeds"]).images
+    with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=2, after="cond")) as hook:
+        got = run("kolors", pipe)
+    gap = float(np.abs(got - ref).max())
+    assert gap <= 1e-5 and hook.evaluations_per_image() == [2 * 2 + STEPS - 2] * 2
+    assert float(np.abs(got - run("kolors", pipe)).max()) > 100 * gap  # the stop matters far beyond the rounding
+
+
+def test_generate_runs_kolors_and_a_saved_folder_loads(tmp_path):
+    """shapefirst.generate on the tiny Kolors pipeline equals the pipeline called under the same schedule; the
+    pipeline saved with save_pretrained (ChatGLM's SentencePiece tokenizer.model included) loads through
+    shapefirst.load_pipeline and gives the same images."""
+    from shapefirst.generate import generate
+    from shapefirst.models import load_pipeline
+
+    pipe = tiny_kolors_pipeline(folder=tmp_path / "tok")
+    sched = GuidanceSchedule(W, stop_step=2, after="cond")
+    res = generate(pipe, PROMPTS, sched, steps=STEPS, height=16, width=16, max_sequence_length=16)
+    with guidance_schedule(pipe, sched):
+        direct = run("kolors", pipe)
+    assert np.array_equal(res.images, direct) and res.evaluations_per_image == [2 * 2 + STEPS - 2] * 2
+    pipe.save_pretrained(tmp_path / "kolors", safe_serialization=True)
+    loaded = load_pipeline(str(tmp_path / "kolors"), device="cpu", dtype="float32")
+    again = generate(loaded, PROMPTS, sched, steps=STEPS, height=16, width=16, max_sequence_length=16)
+    assert family_of_pipe(loaded) == "kolors" and np.array_equal(again.images, res.images)

@@ -72,6 +72,7 @@ DECLARED = (
     Family("cogvideox", ("CogVideoXPipeline",), denoisers=("transformer",), attention="joint", tokenizer="t5",
            schedulers=(), video=True),
     Family("hunyuandit", ("HunyuanDiTPipeline",), denoisers=("transformer",), tokenizer="bert+t5", schedulers=()),
+    Family("kolors", ("KolorsPipeline",), tokenizer="chatglm"),  # SDXL's text_time UNet on ChatGLM states
     Family("wan", ("WanPipeline", "WanImageToVideoPipeline"), denoisers=("transformer", "transformer_2"),
            cfg="separate", prediction="flow",
            tokenizer="t5", schedulers=(),

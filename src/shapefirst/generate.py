@@ -64,10 +64,12 @@ def check_prompts(prompts) -> list[str]:
 
 
 def warn_truncated(pipe, prompts: list[str]) -> None:
-    """One warning per prompt that the pipeline's first tokenizer truncates, showing the dropped words."""
+    """One warning per prompt that the pipeline's first tokenizer truncates, showing the dropped words. A tokenizer
+    that declares no length of its own (transformers' huge default model_max_length: Kolors' ChatGLM tokenizer, whose
+    pipeline truncates at its max_sequence_length argument) has nothing to check here."""
 
     tok = getattr(pipe, "tokenizer", None)
-    if tok is None:
+    if tok is None or not isinstance(getattr(tok, "model_max_length", None), int) or tok.model_max_length > 10**6:
         return
     for i, p in enumerate(prompts):
         info = analyze_prompt(tok, p)

@@ -126,7 +126,8 @@ def _check_folder(path: Path, allow_pickle: bool) -> str:
 
 
 # what a component's subfolder must hold, by the library class model_index.json names
-_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("spiece.model",), ("vocab.txt",))
+_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("spiece.model",), ("vocab.txt",),
+                    ("tokenizer.model",))  # the last: SentencePiece models by that name (Kolors' ChatGLM tokenizer)
 
 
 def _check_components(path: Path, index: dict) -> None:
@@ -155,13 +156,16 @@ def _check_components(path: Path, index: dict) -> None:
 
 
 def _check_widths(path: Path) -> None:
-    """SD 1.x/2.x folders: unet/config.json's cross_attention_dim is the text encoder's hidden_size."""
+    """SD 1.x/2.x folders: unet/config.json's cross_attention_dim is the text encoder's hidden_size (a UNet that
+    projects the text states first, encoder_hid_dim_type, takes another width: not checked)."""
     try:
         unet = json.loads((path / "unet" / "config.json").read_text())
         te = json.loads((path / "text_encoder" / "config.json").read_text())
     except (OSError, ValueError):
         return
     if (path / "text_encoder_2").exists():
+        return
+    if unet.get("encoder_hid_dim_type") is not None:  # the UNet projects the text states first (Kolors: text_proj)
         return
     dim, width = unet.get("cross_attention_dim"), te.get("hidden_size", te.get("d_model"))
     if isinstance(dim, int) and isinstance(width, int) and dim != width:
@@ -198,6 +202,8 @@ def check_text_width(pipe) -> None:
     call fails inside attention with a matrix-shape error)."""
     unet, te = getattr(pipe, "unet", None), getattr(pipe, "text_encoder", None)
     if unet is None or te is None or getattr(pipe, "text_encoder_2", None) is not None:
+        return
+    if unet.config.get("encoder_hid_dim_type") is not None:  # it projects the text states first (Kolors: text_proj)
         return
     dim = unet.config.get("cross_attention_dim")
     width = getattr(te.config, "hidden_size", None)

@@ -716,3 +716,54 @@ def tiny_cogview4_pipeline(seed: int = 0):
                             scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_chatglm_tokenizer(folder: str | Path | None = None):
+    """Kolors' ChatGLMTokenizer (diffusers.pipelines.kolors.tokenizer) over a SentencePiece BPE model trained in code
+    (sentencepiece.SentencePieceTrainer, the world's words, <unk> = 0 = padding, <s> = 1, </s> = 2) and written to
+    `folder` (a new temporary folder if None) as tokenizer.model. The tokenizer puts [gMASK] sop before a prompt and
+    pads on the left."""
+    import sentencepiece as spm
+    from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
+
+    folder = _folder(folder, "shapefirst-chatglm-")
+    folder.mkdir(parents=True, exist_ok=True)
+    words = sorted(world_word_counts())
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([" ".join(words)] * 5 + words),
+                                   model_prefix=str(folder / "tokenizer"), vocab_size=400, model_type="bpe",
+                                   hard_vocab_limit=False, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
+                                   pad_id=-1, num_threads=1, minloglevel=2)
+    return ChatGLMTokenizer(str(folder / "tokenizer.model"))
+
+
+def tiny_kolors_pipeline(seed: int = 0, folder: str | Path | None = None, sample_size: int = 8):
+    """KolorsPipeline (batched CFG; an SDXL-like UNet): a tiny ChatGLMModel (diffusers.pipelines.kolors.text_encoder)
+    with tiny_chatglm_tokenizer, a "text_time" UNet whose text_proj maps the ChatGLM states (width 32) to its
+    cross-attention width (64) and whose added conditioning takes the pooled last-token state, a tiny AutoencoderKL,
+    EulerDiscreteScheduler (Kolors'). Call with height=width=16, max_sequence_length=16."""
+    from diffusers import EulerDiscreteScheduler, KolorsPipeline, UNet2DConditionModel
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
+
+    tok = tiny_chatglm_tokenizer(folder)
+    torch.manual_seed(seed)
+    text = ChatGLMModel(ChatGLMConfig(num_layers=2, padded_vocab_size=tok.vocab_size, hidden_size=32,
+                                      ffn_hidden_size=64, kv_channels=8, num_attention_heads=4, seq_length=64,
+                                      multi_query_attention=True, multi_query_group_num=2, original_rope=True)).eval()
+    with torch.no_grad():  # ChatGLMModel leaves its weights uninitialised (torch.empty; its _init_weights is a no-op)
+        for name, param in text.named_parameters():  # norms 1, word embeddings N(0, 1), the rest N(0, 0.1)
+            std = 1.0 if "word_embeddings" in name else 0.1
+            param.copy_(torch.ones_like(param) if param.dim() == 1 else torch.randn_like(param) * std)
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * time_dim + 32, encoder_hid_dim_type="text_proj",
+        encoder_hid_dim=32, cross_attention_dim=64, norm_num_groups=32).eval()
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.014, beta_schedule="scaled_linear", steps_offset=1,
+                                   timestep_spacing="leading", prediction_type="epsilon")
+    pipe = KolorsPipeline(vae=_tiny_vae(4, sample_size).eval(), text_encoder=text, tokenizer=tok, unet=unet,
+                          scheduler=sched, force_zeros_for_empty_prompt=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
