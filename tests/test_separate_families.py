@@ -11,7 +11,8 @@ import torch
 
 from shapefirst.families import family_of_pipe
 from shapefirst.guidance import GuidanceSchedule, guidance_schedule
-from shapefirst.tiny import QWEN_TEMPLATE, tiny_cogview4_pipeline, tiny_lumina2_pipeline, tiny_qwenimage_pipeline
+from shapefirst.tiny import (QWEN_TEMPLATE, tiny_chroma_pipeline, tiny_cogview4_pipeline, tiny_lumina2_pipeline,
+                             tiny_qwenimage_pipeline)
 
 PROMPTS = ["a red circle on the left", "a large blue striped square"]  # different lengths: padding masks matter
 SAME_LENGTH = ["a red circle on the left", "a blue square on the right"]
@@ -35,6 +36,8 @@ SPECS = {
                     height=32, width=32, max_sequence_length=48),
     "cogview4": Spec(tiny_cogview4_pipeline, "patch_embed", ("encoder_hidden_states",), callback=True, height=16,
                      width=16, max_sequence_length=16),
+    "chroma": Spec(tiny_chroma_pipeline, "x_embedder", ("encoder_hidden_states", "txt_ids", "attention_mask"),
+                   height=16, width=16, max_sequence_length=16),
 }
 
 

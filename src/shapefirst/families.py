@@ -99,6 +99,11 @@ DECLARED = (
     Family("cogview4", ("CogView4Pipeline",), denoisers=("transformer",), cfg="separate", prediction="flow",
            attention="joint", tokenizer="glm", schedulers=(),
            branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),)),
+    Family("chroma", ("ChromaPipeline",), denoisers=("transformer",), cfg="separate", prediction="flow",
+           attention="joint", tokenizer="t5", schedulers=(),
+           branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),
+                     ("txt_ids", "text_ids", "negative_text_ids"),
+                     ("attention_mask", "attention_mask", "negative_attention_mask"))),
 )
 BY_NAME = {f.name: f for f in DECLARED}
 FAMILIES = {f.name: f.pipelines for f in DECLARED}  # family name -> pipeline class names

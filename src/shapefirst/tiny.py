@@ -767,3 +767,24 @@ def tiny_kolors_pipeline(seed: int = 0, folder: str | Path | None = None, sample
                           scheduler=sched, force_zeros_for_empty_prompt=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_chroma_pipeline(seed: int = 0, folder: str | Path | None = None):
+    """ChromaPipeline (CFG as separate calls; T5 only, its text attention mask passed to the transformer): a tiny
+    ChromaTransformer2DModel (4 latent channels packed 2x2), a tiny T5 with the world's T5 tokenizer, a tiny
+    AutoencoderKL, FlowMatchEulerDiscreteScheduler. Call with height=width=16, max_sequence_length=16."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    folder = _folder(folder, "shapefirst-chroma-")
+    tok = tiny_t5_tokenizer(folder / "tokenizer", model_max_length=32)
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=16, out_channels=16, num_layers=1,
+                                           num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                           joint_attention_dim=32, axes_dims_rope=(4, 4, 8),
+                                           approximator_num_channels=16, approximator_hidden_dim=32,
+                                           approximator_layers=1).eval()
+    vae = _tiny_vae(4, 8, shift_factor=0.0609, scaling_factor=1.5035).eval()
+    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=_tiny_t5(tok).eval(),
+                          tokenizer=tok, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
