@@ -479,6 +479,7 @@ def plot_spacetime(result: Result, folder: str | Path) -> list[Path]:
     """spacetime.png: the band norms per call (median over the videos) in space and in time, with each band's
     median settling call."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     A = result.arrays
     fig = Figure(figsize=(11, 4), layout="constrained")
@@ -490,6 +491,7 @@ def plot_spacetime(result: Result, folder: str | Path) -> list[Path]:
             ax.plot(np.arange(v.shape[0]), np.median(v, axis=1), color=colors[b], label=SPACETIME_LABELS[b])
             ax.axvline(float(A[f"settle/{b}"].double().median()), color=colors[b], ls=":", lw=1,
                        label=f"{SPACETIME_LABELS[b]} settles (median)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("denoiser call")
         ax.set_ylabel("L2 norm of band (median over videos)")
         ax.set_title(f"x0-hat of the video, {title}")
