@@ -11,6 +11,7 @@ output holds the text part alone); the branch of each separate call read from it
 tokenizers' own ids for the token classes."""
 import inspect
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,9 +43,11 @@ def pipes():
 
 
 def run(pipe, name, prompts=PROMPTS, **kw):
-    """The pipeline's latents (no decoding) for `prompts`, image i seeded with i."""
+    """The pipeline's latents (no decoding) for `prompts` (or the embeddings in `kw`), image i seeded with i."""
+    n = len(prompts) if prompts is not None else kw["prompt_embeds"].shape[0]
+    call = {k: v for k, v in CALL[name].items() if prompts is not None or k != "negative_prompt"}  # embeddings given
     out = pipe(prompts, num_inference_steps=STEPS, output_type="latent",
-               generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))], **{**CALL[name], **kw})
+               generator=[torch.Generator().manual_seed(i) for i in range(n)], **{**call, **kw})
     return out.frames if hasattr(out, "frames") else out.images
 
 
@@ -307,3 +310,287 @@ def test_save_load_keeps_frames(pipes, tmp_path):
     back = AttentionCapture.load(cap.save(tmp_path / "att"))
     assert back.frames == cap.frames and torch.equal(back.token_maps(1), cap.token_maps(1))
     assert torch.equal(back.mass, cap.mass)
+
+
+# -- 2. token classes -------------------------------------------------------------------------------------------
+class TextInputs:
+    """The input ids a text encoder is given (plain torch forward pre-hook): what the pipeline tokenized."""
+
+    def __init__(self, encoder):
+        self.ids = []
+        self.handle = encoder.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        self.ids.append(ids[0].tolist())  # the first prompt's
+
+    def close(self):
+        self.handle.remove()
+
+
+def _encoded_ids(pipe, encoder, prompt, **kw):
+    rec = TextInputs(encoder)
+    try:
+        with torch.no_grad():
+            out = pipe.encode_prompt([prompt], **kw)
+    finally:
+        rec.close()
+    return rec.ids, out
+
+
+@pytest.mark.parametrize("name", ["wan", "flux", "cogvideox"])
+def test_t5_token_classes_follow_the_ids_the_pipeline_encodes(pipes, name):
+    """umT5 / T5: words, then "</s>" (eos), then "<pad>" (pad); no [SOS]. The ids are those the pipeline's T5
+    encoder is given (Flux: its second encoder; Wan: the prompt cleaned of its double space first)."""
+    from shapefirst.tokens import EOS, PAD, SEMANTIC, SOS, denoiser_token_info
+
+    pipe = pipes[name]
+    prompt = "a  red circle, on the left"
+    info = denoiser_token_info(pipe, prompt, max_sequence_length=16)
+    encoder = pipe.text_encoder_2 if name == "flux" else pipe.text_encoder
+    kw = {"prompt_2": None} if name == "flux" else {"do_classifier_free_guidance": False}
+    ids, out = _encoded_ids(pipe, encoder, prompt, max_sequence_length=16, **kw)
+    assert info.ids == ids[0] and len(info.ids) == 16
+    tok = pipe.tokenizer_2 if name == "flux" else pipe.tokenizer
+    eos = info.ids.index(tok.eos_token_id)
+    assert info.eos_index == eos and info.classes[eos] == EOS and SOS not in info.classes
+    assert info.classes[:eos] == [SEMANTIC] * eos and info.classes[eos + 1:] == [PAD] * (15 - eos)
+    assert all(i == tok.pad_token_id for i in info.ids[eos + 1:])
+    assert info.words == ["a", "red", "circle", "on", "the", "left"]
+    assert [info.tokens[p] for p in info.word_positions(2)] == ["▁circle"]
+    assert info.word_positions(2) == [2] and info.word_of_token[3] is None  # "," belongs to no word
+    if name == "wan":  # the pipeline zeroes every embedding after "</s>": exactly the pad positions
+        emb = out[0][0]
+        assert (emb[eos + 1:] == 0).all() and (emb[:eos + 1].abs().sum(-1) > 0).all()
+
+
+def test_bert_and_t5_token_classes_of_hunyuandit(pipes):
+    """HunyuanDiT: 77 BERT positions ([CLS] sos, [SEP] eos, [PAD] pad) then 256 T5 positions, the ids its two
+    encoders are given."""
+    from shapefirst.tokens import EOS, PAD, SEMANTIC, SOS, denoiser_token_info
+
+    pipe = pipes["hunyuandit"]
+    info = denoiser_token_info(pipe, "a red circle")
+    bert, _ = _encoded_ids(pipe, pipe.text_encoder, "a red circle", do_classifier_free_guidance=False)
+    t5, _ = _encoded_ids(pipe, pipe.text_encoder_2, "a red circle", do_classifier_free_guidance=False,
+                         max_sequence_length=256, text_encoder_index=1)
+    assert info.ids == bert[0] + t5[0] and len(info.ids) == 77 + 256
+    assert info.classes[:5] == [SOS, SEMANTIC, SEMANTIC, SEMANTIC, EOS] and info.classes[5:77] == [PAD] * 72
+    assert info.ids[0] == pipe.tokenizer.cls_token_id and info.ids[4] == pipe.tokenizer.sep_token_id
+    assert info.classes[77:81] == [SEMANTIC] * 3 + [EOS] and set(info.classes[81:]) == {PAD}
+    assert info.word_positions(1) == [2, 78] and info.eos_index == 4
+
+
+def gemma_tokenizer():
+    """A tiny Gemma tokenizer built in code (BPE over a few words, "▁" word starts, <bos> prepended, no end token)."""
+    from transformers import GemmaTokenizer
+
+    words = ["a", "red", "circle", "on", "the", "left", "blue", "square", "user", "prompt", "describe"]
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    merges = []
+    for piece in sorted({c for w in words for c in "▁" + w} | {":", "\n"}):
+        vocab.setdefault(piece, len(vocab))
+    for w in words:
+        for s in ("▁" + w, w):
+            cur = s[0]
+            for ch in s[1:]:
+                merges.append((cur, ch))
+                cur += ch
+                vocab.setdefault(cur, len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), add_bos_token=True)
+
+
+@pytest.fixture(scope="module")
+def gemma_sana(pipes):
+    """tiny Sana with a Gemma tokenizer and a Gemma 2 encoder of its vocabulary (tiny_sana_pipeline reads T5 ids)."""
+    from diffusers import SanaPipeline
+    from transformers import Gemma2Config, Gemma2Model
+
+    tok = gemma_tokenizer()
+    torch.manual_seed(0)
+    text = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0,
+                                    bos_token_id=2, eos_token_id=1)).eval()
+    comp = {k: v for k, v in pipes["sana"].components.items()}
+    pipe = SanaPipeline(**{**comp, "tokenizer": tok, "text_encoder": text})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_gemma_token_classes_of_sana(gemma_sana):
+    """Gemma (Sana): <bos> (sos), the lower-cased words, right padding (pad, the pipeline's mask is 0 there), no end
+    token. With the complex human instruction the denoiser sees <bos>, the instruction's last token (template),
+    the words, padding: the ids and the mask encode_prompt keeps."""
+    from shapefirst.tokens import PAD, SEMANTIC, SOS, TEMPLATE, denoiser_token_info
+
+    pipe = gemma_sana
+    info = denoiser_token_info(pipe, "A red Circle", max_sequence_length=8, complex_human_instruction=None)
+    ids, out = _encoded_ids(pipe, pipe.text_encoder, "A red Circle", max_sequence_length=8,
+                            complex_human_instruction=None, do_classifier_free_guidance=False)
+    assert info.ids == ids[0] and info.tokens[:4] == ["<bos>", "a", "▁red", "▁circle"]
+    assert info.classes == [SOS] + [SEMANTIC] * 3 + [PAD] * 4 and info.eos_index is None
+    assert out[1][0].tolist() == [int(c != PAD) for c in info.classes]  # the pipeline's attention mask
+    assert info.words == ["a", "red", "circle"] and info.word_positions(2) == [3]
+
+    # the denoiser sees position 0 and the last 7: the instruction's last token, unless the tokenizer merged the
+    # instruction's final space into the prompt's first word (Sana's default instruction ends "User Prompt: ")
+    for end, classes in (("user prompt:", [SOS, TEMPLATE] + [SEMANTIC] * 3 + [PAD] * 3),
+                         ("user prompt: ", [SOS] + [SEMANTIC] * 3 + [PAD] * 4)):
+        chi = ["describe the user prompt:", end]
+        info = denoiser_token_info(pipe, "a red circle", max_sequence_length=8, complex_human_instruction=chi)
+        ids, out = _encoded_ids(pipe, pipe.text_encoder, "a red circle", max_sequence_length=8,
+                                complex_human_instruction=chi, do_classifier_free_guidance=False)
+        kept = [0] + list(range(len(ids[0]) - 7, len(ids[0])))  # encode_prompt's select_index: [0] + [-7, 0)
+        assert info.ids == [ids[0][i] for i in kept] and info.classes == classes
+        assert out[1][0].tolist() == [int(c != PAD) for c in info.classes]
+        assert info.words == ["a", "red", "circle"] and [info.tokens[p] for p in info.word_positions(1)] == ["▁red"]
+
+
+def test_a_tokenizer_not_handled_is_one_line(pipes, monkeypatch):
+    import dataclasses
+
+    import shapefirst.tokens as tokens
+    from shapefirst.families import family
+
+    fam = dataclasses.replace(family(pipes["wan"]), name="other", tokenizer="glm")
+    monkeypatch.setattr(tokens, "family", lambda pipe: fam)
+    with pytest.raises(ShapefirstError, match="'glm' tokenizer are not handled") as e:
+        tokens.denoiser_token_info(pipes["wan"], "a red circle")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ShapefirstError, match="not handled"):
+        tokens.require_end_token(pipes["wan"], "eos-swap")
+
+
+# -- 3. the [EOS] swap and switch ------------------------------------------------------------------------------------
+def _embeds(pipe, name, prompts):
+    """(prompt_embeds, negative, extra call arguments) as the pipeline makes them, max_sequence_length 16."""
+    with torch.no_grad():
+        if name == "flux":
+            c, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, max_sequence_length=16)
+            u, upooled, _ = pipe.encode_prompt([""] * len(prompts), prompt_2=None, max_sequence_length=16)
+            return c, u, {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": upooled}
+        c, u = pipe.encode_prompt(prompts, negative_prompt=[""] * len(prompts), max_sequence_length=16)
+    return c, u, {}
+
+
+@pytest.mark.parametrize("name", ["wan", "flux", "cogvideox"])
+def test_eos_swap_on_the_pipelines_prompt_embeds(pipes, name):
+    """A's words and B's [EOS] block on T5 prompt_embeds: positions before A's </s> are A's, from it on B's block
+    shifted (tokens.swap_eos; Wan's zeroed padding moves with it); the swap of A with itself is A (bit-identical
+    video); a swap with B differs from both."""
+    from shapefirst.tokens import denoiser_token_info, require_end_token, swapped
+
+    pipe = pipes[name]
+    require_end_token(pipe, "eos-swap")  # T5 has one end token per prompt: no refusal
+    a, b = ["a red circle on the left"], ["a blue square"]
+    ca, u, extra = _embeds(pipe, name, a)
+    cb, _, extra_b = _embeds(pipe, name, b)
+    ia, ib = (denoiser_token_info(pipe, t, max_sequence_length=16) for t in (a[0], b[0]))
+    sw = swapped(ca, [ia], cb, [ib])
+    ea, eb = ia.eos_index, ib.eos_index
+    assert (ea, eb) == (6, 3)
+    assert torch.equal(sw[:, :ea], ca[:, :ea]) and torch.equal(sw[:, ea:], cb[:, eb:eb + 16 - ea])
+    if name == "wan":
+        assert (sw[0, ea + 1:] == 0).all()
+
+    def video(cond):
+        return run(pipe, name, prompts=None, prompt_embeds=cond, negative_prompt_embeds=u, **extra)
+
+    plain = video(ca)
+    assert torch.equal(video(swapped(ca, [ia], ca, [ia])), plain)
+    out = video(sw)
+    assert not torch.allclose(out, plain) and not torch.allclose(out, video(cb))
+
+
+class ReferenceSwitch:
+    """The switch written without shapefirst: a torch forward pre-hook that gives the conditional calls (those given
+    the very `cond` tensor) the switched embeddings from step `a` on, counting the conditional calls as steps."""
+
+    def __init__(self, module, cond, new, a):
+        self.cond, self.new, self.a, self.steps = cond, new, a, 0
+        self.handle = module.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        if kwargs["encoder_hidden_states"] is not self.cond:
+            return None
+        step, self.steps = self.steps, self.steps + 1
+        return (args, {**kwargs, "encoder_hidden_states": self.new}) if step >= self.a else None
+
+    def close(self):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_eos_switch_on_separate_calls_equals_a_reference(pipes, name):
+    """Wan / Flux: the switch from step a (the pipeline's step-end callback) equals diffusers' pipeline with the
+    reference pre-hook, for a = 0 (the full swap), 1 and STEPS (plain A); on Wan through shapefirst.generate too
+    (its guidance hook tells the branches apart by identity: the callback replaces the pipeline's own
+    prompt_embeds, where the reference's pre-hook would hide the branch from it)."""
+    from shapefirst.interventions import eos_switch
+    from shapefirst.tokens import denoiser_token_info, swapped
+
+    pipe = pipes[name]
+    ca, u, extra = _embeds(pipe, name, PROMPTS)
+    cb, _, _ = _embeds(pipe, name, PROMPTS[::-1])
+    ia = [denoiser_token_info(pipe, t, max_sequence_length=16) for t in PROMPTS]
+    ib = ia[::-1]
+    new = swapped(ca, ia, cb, ib)
+    base = dict(prompt_embeds=ca, negative_prompt_embeds=u, **extra)
+    plain = run(pipe, name, prompts=None, **base)
+    for a in (0, 1, STEPS):
+        ref_hook = ReferenceSwitch(pipe.transformer, ca, new, a)
+        try:
+            ref = run(pipe, name, prompts=None, **base)
+        finally:
+            ref_hook.close()
+        assert ref_hook.steps == STEPS
+        with eos_switch(pipe, new, a) as sw:
+            got = run(pipe, name, prompts=None, **{**base, **sw.call_kwargs})
+        assert torch.equal(got, ref), a
+        assert sw.switched == STEPS - a and torch.equal(got, plain) == (a == STEPS)
+    if name == "wan":  # through generate: the guidance hook still finds each call's branch (by identity)
+        size = dict(height=32, width=32, num_frames=5, max_sequence_length=16)
+        ref_hook = ReferenceSwitch(pipe.transformer, ca, new, 1)
+        try:
+            ref = pipe(num_inference_steps=STEPS, guidance_scale=5.0, output_type="np",
+                       generator=[torch.Generator().manual_seed(i) for i in range(2)], **base, **size).frames
+        finally:
+            ref_hook.close()
+        with eos_switch(pipe, new, 1) as sw:
+            got = generate(pipe, None, GuidanceSchedule(5.0), steps=STEPS, seed=0, **base, **size,
+                           **sw.call_kwargs).images
+        assert np.array_equal(got, ref)
+    with pytest.raises(ShapefirstError, match="call_kwargs"):
+        with eos_switch(pipe, new, 1):
+            run(pipe, name, prompts=None, **base)
+
+
+def test_eos_switch_on_cogvideox_is_the_batched_pre_hook(pipes):
+    """CogVideoX (batched CFG): the switch from call 0 is the pipeline given the swapped embeddings, bit for bit."""
+    from shapefirst.interventions import eos_switch
+    from shapefirst.tokens import denoiser_token_info, swapped
+
+    pipe = pipes["cogvideox"]
+    ca, u, _ = _embeds(pipe, "cogvideox", PROMPTS)
+    cb, _, _ = _embeds(pipe, "cogvideox", PROMPTS[::-1])
+    ia = [denoiser_token_info(pipe, t, max_sequence_length=16) for t in PROMPTS]
+    new = swapped(ca, ia, cb, ia[::-1])
+    with eos_switch(pipe, new, 0) as sw:
+        assert sw.call_kwargs == {}
+        got = run(pipe, "cogvideox", prompts=None, prompt_embeds=ca, negative_prompt_embeds=u)
+    assert sw.switched == STEPS
+    assert torch.equal(got, run(pipe, "cogvideox", prompts=None, prompt_embeds=new, negative_prompt_embeds=u))
+
+
+@pytest.mark.parametrize("name,why", [("sana", "Gemma, a decoder-only model"), ("hunyuandit", "BERT and T5")])
+def test_eos_interventions_refuse_with_the_reason(pipes, gemma_sana, name, why):
+    from shapefirst.interventions import keep_first_eos
+    from shapefirst.tokens import denoiser_token_info, require_end_token
+
+    with pytest.raises(ShapefirstError, match=why) as e:
+        require_end_token(pipes[name], "eos-swap")
+    assert "\n" not in str(e.value)
+    if name == "sana":  # a Gemma prompt has no end token at all: the embedding edit says so too
+        info = denoiser_token_info(gemma_sana, "a red circle", max_sequence_length=8, complex_human_instruction=None)
+        with pytest.raises(ShapefirstError, match="appends none"):
+            keep_first_eos(torch.zeros(1, 8, 4), info, 1)

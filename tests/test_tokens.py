@@ -21,7 +21,7 @@ def tok_bang(tmp_path_factory):
 
 
 def test_token_classes_constant():
-    assert TOKEN_CLASSES == ("sos", "semantic", "eos", "eos_pad", "pad")
+    assert TOKEN_CLASSES == ("sos", "semantic", "eos", "eos_pad", "pad", "template")
 
 
 def test_eos_padding_classes(tok):

@@ -5,19 +5,27 @@ the conditional rows get and nothing else, and finds those rows with the one row
 - embedding edits (a prompt's [N, L, D] text embeddings, before the pipeline call): `keep_first_eos` keeps the
   first n tokens of the [EOS] block and zeroes (or pads) the rest; `replace_class` zeroes (or noises) the positions
   of token classes (shapefirst.tokens: sos, semantic, eos, eos_pad, pad);
-- the [EOS] switch (`eos_switch`): from a denoiser call on, the conditional rows' text embeddings become others
-  (a torch forward pre-hook on the denoiser: it sees the pipeline's whole CFG batch);
+- the [EOS] switch (`eos_switch`): from a denoising step on, the conditional rows' text embeddings become others.
+  Batched CFG: a torch forward pre-hook on the denoiser (it sees the pipeline's whole CFG batch, before
+  shapefirst's guidance hook). Guidance as separate calls (Family.cfg "separate": Wan, Flux): the pipeline's own
+  step-end callback returns the new `prompt_embeds` at the end of the step before (from step 0: the new
+  embeddings are the call's prompt_embeds), so every later conditional call is given them by the pipeline itself
+  and shapefirst.separate still tells the branches apart (by identity); pass `switch.call_kwargs` to the pipeline
+  call (the context says so in one line if they were not passed);
 - K/V substitution (`kv_substitution`): the keys and/or values of the cross-attention layers are computed from
   another context for the conditional rows (attention processors, set with `set_attn_processor` and restored on
-  exit, also after an exception; fused QKV projections refused)."""
+  exit, also after an exception; fused QKV projections refused; diffusers' classic `Attention` cross-attention
+  layers only: SD, SDXL, PixArt)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Iterable
 
 import torch
+from diffusers.models.attention_processor import Attention
 
 from .errors import ShapefirstError
+from .families import family
 from .guidance_hook import run_state_of
 from .pipeline import denoiser_of
 from .rows import row_images
@@ -80,12 +88,42 @@ def replace_class(emb: torch.Tensor, info: TokenInfo, cls_set: str | Iterable[st
 class EosSwitch:
     """Forward pre-hook of the denoiser: from call `from_call` on, the conditional rows of
     `encoder_hidden_states` become `cond` ([N, L, D]). Rows: 2N = CFG [uncond, cond] (the second
-    half is replaced); N = no CFG (every row). `call` counts the denoiser calls seen."""
+    half is replaced); N = no CFG (every row). `call` counts the denoiser calls seen.
+    For a family that guides in separate calls (`separate=True`) it is the pipeline's step-end callback instead
+    (`step_end`, with `call_kwargs`): `call` counts the steps, `switched` the steps run with `cond`."""
 
-    def __init__(self, cond: torch.Tensor, from_call: int):
+    def __init__(self, cond: torch.Tensor, from_call: int, separate: bool = False):
         if from_call < 0:
             raise ShapefirstError(f"switch call {from_call} is negative", "pass a call index >= 0")
         self.cond, self.from_call, self.call, self.switched = cond, int(from_call), 0, 0
+        self.separate, self.denoiser_calls = separate, 0
+
+    @property
+    def call_kwargs(self) -> dict:
+        """What the pipeline call must be given (separate calls: the step-end callback, and from step 0 the new
+        embeddings as its prompt_embeds); nothing for batched CFG."""
+        if not self.separate:
+            return {}
+        out = {"callback_on_step_end": self.step_end, "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}
+        return {**out, "prompt_embeds": self.cond} if self.from_call == 0 else out
+
+    def step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        """The pipeline's callback_on_step_end: after step from_call - 1, its prompt_embeds become `cond`."""
+        self.call = step + 1
+        if step >= self.from_call:
+            self.switched += 1
+        if step + 1 != self.from_call:
+            return {}
+        now = callback_kwargs["prompt_embeds"]
+        if self.cond.shape != now.shape:
+            raise ShapefirstError(f"the switch embeddings have shape {tuple(self.cond.shape)}, the pipeline's "
+                                  f"prompt_embeds {tuple(now.shape)}", "make them from the same prompts and "
+                                  "max_sequence_length, one per video")
+        return {"prompt_embeds": self.cond.to(device=now.device, dtype=now.dtype)}
+
+    def count(self, module, args, kwargs):
+        """Forward pre-hook of a separate-call family's denoiser: counts its calls, changes nothing."""
+        self.denoiser_calls += 1
 
     def __call__(self, module, args, kwargs):
         call = self.call
@@ -110,13 +148,19 @@ class EosSwitch:
 
 @contextmanager
 def eos_switch(pipe, cond: torch.Tensor, from_call: int):
-    """`with eos_switch(pipe, swapped_cond, a): generate(...)`: conditional rows become `cond` from call a on."""
-    hook = EosSwitch(cond, from_call)
-    handle = denoiser_of(pipe).register_forward_pre_hook(hook, with_kwargs=True)
+    """`with eos_switch(pipe, swapped_cond, a) as sw: generate(..., **sw.call_kwargs)`: the conditional rows
+    become `cond` from call a on (one call per step; see the module docstring for separate-call families)."""
+    separate = not isinstance(pipe, torch.nn.Module) and family(pipe).cfg == "separate"
+    hook = EosSwitch(cond, from_call, separate)
+    handle = denoiser_of(pipe).register_forward_pre_hook(hook.count if separate else hook, with_kwargs=True)
     try:
         yield hook
     finally:
         handle.remove()
+    if separate and hook.denoiser_calls and not hook.call:
+        raise ShapefirstError(f"{type(pipe).__name__} guides in separate calls: the [EOS] switch is its step-end "
+                              "callback, and the pipeline ran without it", "pass **switch.call_kwargs to the "
+                              "pipeline call (or to shapefirst.generate)")
 
 
 class KVState:
@@ -225,6 +269,11 @@ def kv_substitution(pipe, state: KVState | None = None):
     if not names:
         raise ShapefirstError("the denoiser has no cross-attention layers named '...attn2'",
                               "use a Stable-Diffusion-style UNet")
+    other = sorted({type(m).__name__ for m in (unet.get_submodule(n[:-len(".processor")]) for n in names)
+                    if not isinstance(m, Attention)})
+    if other:
+        raise ShapefirstError(f"K/V substitution reads diffusers' classic Attention layers, and these are {other[0]}",
+                              "run it on SD 1.x/2.x, SDXL or PixArt")
     state = state or KVState(None if isinstance(pipe, torch.nn.Module) else pipe)
     original = dict(unet.attn_processors)
     try:

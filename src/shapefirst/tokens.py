@@ -1,11 +1,13 @@
-"""Token classes of a prompt ([SOS], semantic, [EOS], padding) and embedding interventions on them.
+"""Token classes of a prompt ([SOS], semantic, [EOS], padding, template) and embedding interventions on them.
 
-Classes, derived only from the tokenizer's own ids (never assuming what the padding token is):
-  sos      position 0 when it holds the BOS id (CLIP's <|startoftext|>; T5 has none)
+Classes, derived only from the tokenizer's own ids and attention mask (never assuming what the padding token is):
+  sos      position 0 when it holds the BOS id (CLIP's <|startoftext|>, Gemma's <bos>, BERT's [CLS]; T5 has none)
   semantic the prompt's tokens, everything before the first EOS
-  eos      the first EOS position
+  eos      the first EOS position (CLIP's <|endoftext|>, T5's </s>, BERT's [SEP]); a tokenizer that appends
+           none (Gemma) has no eos: its padding is then told by the attention mask
   eos_pad  later positions holding the EOS id (SD 1.x pads with EOS)
   pad      later positions holding another id (SD 2.x / SDXL-2 pad with "!", T5 with <pad>)
+  template positions of text the pipeline puts around the prompt (Sana's complex human instruction)
 The paper's "[EOS] block" is eos + every position after it (eos_pad or pad).
 
 Families (`prompt_token_infos`, `denoiser_token_info`): the denoiser's text positions are
@@ -20,43 +22,65 @@ Families (`prompt_token_infos`, `denoiser_token_info`): the denoiser's text posi
   SD3         the 77 CLIP positions (tokenizer 1's classes, as SDXL) followed by the T5 positions
               (max_sequence_length, 256 by default); without text_encoder_3 those are zero
               vectors, class pad, token "<zero>", id -1.
+The other families follow their declared tokenizer (families.Family.tokenizer):
+  "t5"        Wan (umT5: the prompt cleaned as the pipeline cleans it, 512 positions; the pipeline zeroes the
+              embeddings after </s>, still class pad), Flux (its T5, `tokenizer_2`: the CLIP tokenizer only makes
+              the pooled vector; 512), CogVideoX (226): the T5 tokenizer is the one whose text encoder is a T5;
+  "gemma"     Sana: Gemma 2's tokenizer, right padding, the prompt lower-cased and stripped; with the complex
+              human instruction (the pipeline's default) the instruction is tokenized before the prompt and the
+              denoiser sees position 0 and the last max_sequence_length - 1 positions: <bos>, the instruction's
+              last token (template; unless the tokenizer merged the instruction's final space into the prompt's
+              first word, as Sana's default "User Prompt: " may be), the prompt, padding. Gemma appends no end
+              token: no eos;
+  "bert+t5"   HunyuanDiT: the 77 BERT positions ([CLS] sos, [SEP] eos, [PAD] pad) followed by the 256 T5 ones.
+Any other tokenizer is refused with one line naming it. `require_end_token` says whether the [EOS]
+interventions can run: they need one end token per prompt that can carry it (CLIP, T5); Gemma and chat-template
+decoder-only encoders have none (their last position sees the whole text causally), and two concatenated
+sequences (SD3, HunyuanDiT) have two.
 """
 from __future__ import annotations
 
+import inspect
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean as wan_prompt_clean
 
 from .errors import ShapefirstError
-from .families import family_of_pipe
+from .families import family, family_of_pipe
 
 SOS = "sos"
 SEMANTIC = "semantic"
 EOS = "eos"
 EOS_PAD = "eos_pad"
 PAD = "pad"
-TOKEN_CLASSES = (SOS, SEMANTIC, EOS, EOS_PAD, PAD)
+TEMPLATE = "template"
+TOKEN_CLASSES = (SOS, SEMANTIC, EOS, EOS_PAD, PAD, TEMPLATE)
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")  # letters/digits, inner apostrophes ("don't")
 
 
-def classify_ids(ids: list[int], bos_id: int | None, eos_id: int, pad_id: int | None) -> list[str]:
+def classify_ids(ids: list[int], bos_id: int | None, eos_id: int | None, pad_id: int | None,
+                 attention_mask: list[int] | None = None) -> list[str]:
     """Class of every position of `ids` (see the module docstring).
 
     Anything before the first EOS (after [SOS]) is semantic, even an id equal to pad_id (a "!" in
-    the text of a "!"-padding tokenizer). With no EOS at all (input truncated without one)
-    everything after [SOS] is semantic. After the first EOS, ids that are neither EOS nor pad
-    (should not happen) are called pad."""
+    the text of a "!"-padding tokenizer). With no EOS at all (input truncated without one, or a
+    tokenizer that appends none) everything after [SOS] is semantic, except the positions the
+    attention mask (when given) leaves out: pad. After the first EOS, ids that are neither EOS nor
+    pad (should not happen) are called pad."""
     ids = list(ids)
     try:
-        eos_index = ids.index(eos_id)
+        eos_index = ids.index(eos_id) if eos_id is not None else None
     except ValueError:
         eos_index = None
     classes: list[str] = []
     for i, t in enumerate(ids):
         if i == 0 and bos_id is not None and t == bos_id:
             classes.append(SOS)
+        elif eos_index is None and attention_mask is not None and not attention_mask[i]:
+            classes.append(PAD)
         elif eos_index is None or i < eos_index:
             classes.append(SEMANTIC)
         elif i == eos_index:
@@ -113,9 +137,10 @@ def _lowercases(tokenizer) -> bool:
 
 
 def _token_units(token: str, byte_decoder: dict | None) -> list | None:
-    """The text units a token covers: bytes for byte-level BPE (CLIP), characters otherwise."""
+    """The text units a token covers: bytes for byte-level BPE (CLIP), characters otherwise (without
+    SentencePiece's "▁" word start or WordPiece's "##" continuation)."""
     t = token[:-4] if token.endswith("</w>") else token
-    t = t[1:] if t.startswith("▁") else t
+    t = t[1:] if t.startswith("▁") else t[2:] if t.startswith("##") and len(t) > 2 else t
     if not t:
         return None
     if byte_decoder is not None:
@@ -154,20 +179,48 @@ def _align(text: str, tokens: list[str], semantic: list[bool], byte_decoder: dic
     return out
 
 
-def analyze_prompt(tokenizer, prompt: str, max_length: int | None = None) -> TokenInfo:
+def special_ids(tokenizer) -> tuple[int | None, int | None]:
+    """(start id, end id) of a tokenizer: its BOS and EOS, or for a tokenizer with neither (BERT) its [CLS] and
+    [SEP]."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None and eos is None and getattr(tokenizer, "cls_token_id", None) is not None:
+        return tokenizer.cls_token_id, getattr(tokenizer, "sep_token_id", None)
+    return bos, eos
+
+
+def _prefix_positions(tokenizer, prefix: str, ids: list[int]) -> int:
+    """How many leading positions of `ids` are the tokens of `prefix` alone (its special start token included)."""
+    alone = list(tokenizer(prefix, truncation=False, verbose=False).input_ids)
+    n = 0
+    while n < min(len(alone), len(ids)) and alone[n] == ids[n]:
+        n += 1
+    return n
+
+
+def analyze_prompt(tokenizer, prompt: str, max_length: int | None = None, prefix: str = "",
+                   padding_side: str | None = None) -> TokenInfo:
     """Tokenize `prompt` as the pipeline does (padding="max_length", truncation) and classify it.
 
-    max_length defaults to tokenizer.model_max_length. truncated: the untruncated sequence (with
-    its special tokens) is longer than max_length; dropped_text is the decoded text of the
-    content tokens that did not fit."""
+    max_length defaults to tokenizer.model_max_length. prefix: text the pipeline puts before the prompt
+    (an instruction): tokenized together with it, its positions are class template. padding_side: the side the
+    pipeline pads on, when it sets one (else the tokenizer's own). truncated: the untruncated sequence (with
+    its special tokens) is longer than max_length; dropped_text is the decoded text of the content tokens that
+    did not fit."""
     max_length = max_length or tokenizer.model_max_length
-    ids = list(tokenizer(prompt, padding="max_length", truncation=True, max_length=max_length).input_ids)
+    side = {} if padding_side is None else {"padding_side": padding_side}
+    enc = tokenizer(prefix + prompt, padding="max_length", truncation=True, max_length=max_length, **side)
+    ids = list(enc.input_ids)
+    mask = list(enc["attention_mask"]) if "attention_mask" in enc else None
     tokens = tokenizer.convert_ids_to_tokens(ids)
-    classes = classify_ids(ids, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    bos, eos = special_ids(tokenizer)
+    classes = classify_ids(ids, bos, eos, tokenizer.pad_token_id, mask)
+    if prefix:
+        n = _prefix_positions(tokenizer, prefix, ids)
+        classes = [TEMPLATE if i < n and c == SEMANTIC else c for i, c in enumerate(classes)]
     n_semantic = classes.count(SEMANTIC)
     eos_index = classes.index(EOS) if EOS in classes else None
 
-    full = tokenizer(prompt, truncation=False, verbose=False).input_ids
+    full = tokenizer(prefix + prompt, truncation=False, verbose=False).input_ids
     truncated = len(full) > max_length
     dropped_text = ""
     if truncated:
@@ -190,6 +243,9 @@ def check_embedding(emb: torch.Tensor, info: TokenInfo, name: str = "emb") -> No
 
 def require_eos(info: TokenInfo, name: str) -> int:
     if info.eos_index is None:
+        if not info.truncated:
+            raise ShapefirstError(f"prompt {name} has no [EOS] token: its tokenizer appends none",
+                                  "use a pipeline whose text encoder has an end token (CLIP, T5)")
         raise ShapefirstError(f"prompt {name} has no [EOS] token (truncated without one)",
                               "use a shorter prompt or a tokenizer that appends EOS")
     return info.eos_index
@@ -222,21 +278,33 @@ def swap_eos(emb_a: torch.Tensor, info_a: TokenInfo, emb_b: torch.Tensor, info_b
 
 
 def _call_default(pipe, name: str):
-    import inspect
-
-    try:
-        p = inspect.signature(type(pipe).__call__).parameters.get(name)
-    except (TypeError, ValueError):
-        return None
-    return None if p is None or p.default is inspect.Parameter.empty else p.default
+    """The default of the pipeline call's argument `name`: from the first class in its MRO whose own `__call__`
+    declares it (a subclass whose `__call__` only forwards *args, **kwargs keeps its base's defaults)."""
+    for cls in type(pipe).__mro__:
+        fn = cls.__dict__.get("__call__")
+        try:
+            p = inspect.signature(fn).parameters.get(name) if fn is not None else None
+        except (TypeError, ValueError):
+            p = None
+        if p is not None:
+            return None if p.default is inspect.Parameter.empty else p.default
+    return None
 
 
 def _t5_max_length(pipe, max_sequence_length: int | None) -> int:
     return int(max_sequence_length or _call_default(pipe, "max_sequence_length") or 120)
 
 
+def _lower_strip(prompt: str) -> str:
+    return prompt.lower().strip()
+
+
+# what a family's pipeline does to the prompt before tokenizing it (others tokenize it as given)
+PROMPT_TEXT = {"pixart": _lower_strip, "sana": _lower_strip, "wan": wan_prompt_clean}
+
+
 def _t5_text(pipe, prompt: str) -> str:
-    return prompt.lower().strip() if family_of_pipe(pipe) == "pixart" else prompt
+    return PROMPT_TEXT.get(family_of_pipe(pipe), str)(prompt)
 
 
 def prompt_token_infos(pipe, prompt: str, max_sequence_length: int | None = None) -> dict[str, TokenInfo]:
@@ -273,16 +341,35 @@ def concat_token_infos(infos: list[TokenInfo]) -> TokenInfo:
                      n_semantic=sum(i.n_semantic for i in infos), eos_index=first.eos_index)
 
 
-def denoiser_token_info(pipe, prompt: str, max_sequence_length: int | None = None) -> TokenInfo:
-    """Token classes of the text positions the denoiser attends to (its encoder_hidden_states),
-    position by position, for SD, SDXL, PixArt and SD3 (see the module docstring)."""
+_PIPELINE_DEFAULT = object()
 
-    fam = family_of_pipe(pipe)
-    if fam in ("sd", "sdxl"):
+
+def denoiser_token_info(pipe, prompt: str, max_sequence_length: int | None = None,
+                        complex_human_instruction=_PIPELINE_DEFAULT) -> TokenInfo:
+    """Token classes of the text positions the denoiser attends to (its encoder_hidden_states),
+    position by position (see the module docstring per family). max_sequence_length and
+    complex_human_instruction (Sana) default to the pipeline call's own defaults."""
+    fam = family(pipe)
+    if fam.name in ("sd", "sdxl"):
         return analyze_prompt(pipe.tokenizer, prompt)
-    if fam == "pixart":
+    if fam.name == "pixart":
         return analyze_prompt(pipe.tokenizer, _t5_text(pipe, prompt), _t5_max_length(pipe, max_sequence_length))
-    # sd3
+    if fam.name == "sd3":
+        return _sd3_token_info(pipe, prompt, max_sequence_length)
+    if fam.tokenizer == "t5":
+        return analyze_prompt(t5_tokenizer(pipe), _t5_text(pipe, prompt), _t5_max_length(pipe, max_sequence_length))
+    if fam.tokenizer == "gemma" and fam.name == "sana":
+        chi = _call_default(pipe, "complex_human_instruction") if complex_human_instruction is _PIPELINE_DEFAULT \
+            else complex_human_instruction
+        return sana_token_info(pipe.tokenizer, _t5_text(pipe, prompt), _t5_max_length(pipe, max_sequence_length), chi)
+    if fam.tokenizer == "bert+t5":  # HunyuanDiT: its encode_prompt's fixed lengths
+        return concat_token_infos([analyze_prompt(pipe.tokenizer, prompt, 77),
+                                   analyze_prompt(pipe.tokenizer_2, prompt, 256)])
+    raise ShapefirstError(f"token classes of {type(pipe).__name__}'s {fam.tokenizer!r} tokenizer are not handled",
+                          "run the token analyses on SD, SDXL, PixArt, SD3, Wan, Flux, CogVideoX, Sana or HunyuanDiT")
+
+
+def _sd3_token_info(pipe, prompt: str, max_sequence_length: int | None) -> TokenInfo:
     clip = analyze_prompt(pipe.tokenizer, prompt)
     n = _t5_max_length(pipe, max_sequence_length)
     if getattr(pipe, "text_encoder_3", None) is None or getattr(pipe, "tokenizer_3", None) is None:
@@ -291,6 +378,60 @@ def denoiser_token_info(pipe, prompt: str, max_sequence_length: int | None = Non
     else:
         t5 = analyze_prompt(pipe.tokenizer_3, prompt, n)
     return concat_token_infos([clip, t5])
+
+
+def t5_tokenizer(pipe):
+    """The tokenizer of the pipeline's T5 text encoder (`tokenizer` with `text_encoder`, `tokenizer_2` with
+    `text_encoder_2`, ...): Wan's and CogVideoX's `tokenizer`, Flux's `tokenizer_2`."""
+    for suffix in ("", "_2", "_3"):
+        enc, tok = getattr(pipe, f"text_encoder{suffix}", None), getattr(pipe, f"tokenizer{suffix}", None)
+        if tok is not None and "T5" in type(enc).__name__:
+            return tok
+    raise ShapefirstError(f"{type(pipe).__name__} has no T5 text encoder with a tokenizer",
+                          "load the pipeline with its T5 text encoder and tokenizer")
+
+
+def select_positions(info: TokenInfo, positions: list[int]) -> TokenInfo:
+    """The TokenInfo of the given positions of `info`, in that order (a pipeline that keeps some positions)."""
+    classes = [info.classes[p] for p in positions]
+    return replace(info, ids=[info.ids[p] for p in positions], tokens=[info.tokens[p] for p in positions],
+                   classes=classes, word_of_token=[info.word_of_token[p] for p in positions],
+                   n_semantic=classes.count(SEMANTIC), eos_index=classes.index(EOS) if EOS in classes else None)
+
+
+def sana_token_info(tokenizer, text: str, max_sequence_length: int, complex_human_instruction) -> TokenInfo:
+    """Sana's text positions (SanaPipeline._get_gemma_prompt_embeds and encode_prompt): right padding; without an
+    instruction, max_sequence_length positions; with one, the instruction (lines joined by newlines) before the
+    prompt, padded to len(instruction tokens) + max_sequence_length - 2, of which the denoiser sees position 0
+    and the last max_sequence_length - 1."""
+    if not complex_human_instruction:
+        return analyze_prompt(tokenizer, text, max_sequence_length, padding_side="right")
+    chi = "\n".join(complex_human_instruction)
+    total = len(tokenizer.encode(chi)) + max_sequence_length - 2
+    info = analyze_prompt(tokenizer, text, total, prefix=chi, padding_side="right")
+    return select_positions(info, [0] + list(range(total - max_sequence_length + 1, total)))
+
+
+END_TOKEN_REFUSALS = {  # Family.tokenizer -> why its text has no single end token that can carry the prompt
+    "gemma": "its text encoder is Gemma, a decoder-only model whose tokenizer appends no end token: no position "
+             "holds the prompt the way T5's </s> or CLIP's [EOS] does (its last word sees the text causally)",
+    "bert+t5": "it attends to its BERT and T5 sequences concatenated, which have two end tokens, not one [EOS] "
+               "block",
+}
+
+
+def require_end_token(pipe, analysis: str) -> None:
+    """The [EOS] interventions (swap, switch, keep-first-EOS) need one end token per prompt that can carry it:
+    one line saying why not for the families whose text has none (END_TOKEN_REFUSALS, SD3's CLIP + T5)."""
+    fam = family(pipe)
+    why = "it attends to its CLIP and T5 sequences concatenated, which have two end tokens, not one [EOS] block" \
+        if fam.name == "sd3" else END_TOKEN_REFUSALS.get(fam.tokenizer)
+    if why is None and fam.tokenizer not in ("clip", "t5"):
+        why = f"token classes of its {fam.tokenizer!r} tokenizer are not handled"
+    if why is not None:
+        raise ShapefirstError(f"{analysis} edits the prompt's [EOS] block, and {type(pipe).__name__} cannot: {why}",
+                              "run it on SD 1.x/2.x, SDXL, PixArt, Wan, Flux or CogVideoX; attention runs on "
+                              "every family")
 
 
 def swapped(emb_words: torch.Tensor, infos_words, emb_eos: torch.Tensor, infos_eos) -> torch.Tensor:

@@ -1,7 +1,10 @@
 """The attention analysis: how much attention each token class receives per denoiser call, per-word
 heat maps, and how early each word's map converges (relative F1 against the final map).
 
-Captures the conditional branch with shapefirst.attention.capture_attention (outputs unchanged).
+Captures the conditional branch with shapefirst.attention.capture_attention (outputs unchanged): cross-attention or,
+for joint-attention families (SD3, Flux, CogVideoX), the image queries' attention on the text tokens renormalised
+over them. A call is a denoising step (Wan and Flux guide in two denoiser calls per step: one capture call). For
+a video the maps are the mean over its latent frames and the stored image is each video's middle frame.
 Memory stays bounded: per-pixel maps are kept (head-mean) only for `map_calls` (default: every
 call for fewer than 17 prompts, else 10 evenly spaced calls + the last); the per-token mass of
 every call is always kept.
@@ -31,7 +34,7 @@ def run_attention(pipe, prompts: list[str], steps: int = 50, seed: int = 0, sche
     n_calls = count_calls(pipe, steps)
     if map_calls is None:
         map_calls = list(range(n_calls)) if len(prompts) <= 16 else spaced(n_calls, 11)
-    infos = [denoiser_token_info(pipe, p) for p in prompts]
+    infos = None
     class_mass = {c: [] for c in TOKEN_CLASSES}
     conv_sem, conv_eos = [], []
     heat = {}
@@ -40,14 +43,17 @@ def run_attention(pipe, prompts: list[str], steps: int = 50, seed: int = 0, sche
         part = prompts[s:s + batch]
         with capture_attention(pipe, keep="mean", calls=map_calls, n_images=len(part)) as cap:
             res = generate(pipe, part, schedule, steps=steps, seed=seed + s)
-        images.append(res.images)
+        frames = res.images
+        images.append(frames[:, frames.shape[1] // 2] if frames.ndim == 5 else frames)  # a video: its middle frame
+        infos = infos or _token_infos(pipe, prompts, cap.mass.shape[-1])
         cm = cap.class_mass(infos[s:s + batch])
         for c in TOKEN_CLASSES:
             class_mass[c].append(cm[c])
         sem = [infos[i].positions(SEMANTIC) or [0] for i in range(s, s + len(part))]
-        eos = [infos[i].positions(EOS) for i in range(s, s + len(part))]
+        eos = [infos[i].positions(EOS) or [0] for i in range(s, s + len(part))]
+        no_eos = torch.tensor([infos[i].eos_index is None for i in range(s, s + len(part))])
         conv_sem.append(cap.convergence(sem))
-        conv_eos.append(cap.convergence(eos))
+        conv_eos.append(cap.convergence(eos).masked_fill(no_eos, float("nan")))  # Gemma: no end token
         heat.update(_heatmaps(cap, infos, s, len(part), map_calls, heatmap_prompts))
     arrays = {f"mass/{c}": torch.cat(v, 1) for c, v in class_mass.items()}
     arrays["convergence/semantic"] = torch.cat(conv_sem, 1)
@@ -70,6 +76,15 @@ def run_attention(pipe, prompts: list[str], steps: int = 50, seed: int = 0, sche
     return Result("attention", data, arrays)
 
 
+def _token_infos(pipe, prompts: list[str], n_tok: int) -> list:
+    """The prompts' token classes at the positions the capture saw: the pipeline call's own max_sequence_length,
+    else (a call given another one, e.g. through a pipeline whose calls default to it) the captured length."""
+    infos = [denoiser_token_info(pipe, p) for p in prompts]
+    if infos and len(infos[0].ids) != n_tok:
+        infos = [denoiser_token_info(pipe, p, max_sequence_length=n_tok) for p in prompts]
+    return infos
+
+
 def _heatmaps(cap, infos, s: int, n: int, map_calls: list[int], heatmap_prompts: int) -> dict:
     """Per-word (and [EOS]-block mean) maps of the batch's first prompts at the first, middle and last call."""
     heat = {}
@@ -78,7 +93,8 @@ def _heatmaps(cap, infos, s: int, n: int, map_calls: list[int], heatmap_prompts:
         for c in (map_calls[0], map_calls[len(map_calls) // 2], map_calls[-1]):
             for w, m in cap.word_maps(c, j, infos[i]).items():
                 heat[f"heat/{i}/{c}/{w}"] = m
-            heat[f"heat/{i}/{c}/[EOS]"] = cap.token_maps(c)[j, infos[i].positions(EOS)].mean(0)
+            if infos[i].eos_index is not None:  # a tokenizer without an end token (Gemma) has no [EOS] map
+                heat[f"heat/{i}/{c}/[EOS]"] = cap.token_maps(c)[j, infos[i].positions(EOS)].mean(0)
     return heat
 
 
@@ -98,7 +114,7 @@ def plot_attention(result: Result, folder: str | Path) -> list[Path]:
     ax.set_ylabel("attention mass (mean over layers, heads, pixels)")
     ax.set_yscale("log")
     ax.legend()
-    ax.set_title("Cross-attention mass per token class")
+    ax.set_title("Attention mass per token class")
     paths.append(save_figure(fig, folder / "attention_class_mass.png"))
 
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
@@ -141,7 +157,7 @@ def plot_attention(result: Result, folder: str | Path) -> list[Path]:
 
 # -- the analysis: settings, run, summary (report + CLI) --------------------------------------
 CLASS_NAMES = {"sos": "[SOS]", "semantic": "word", "eos": "[EOS] (first)",
-               "eos_pad": "[EOS] padding", "pad": "padding"}
+               "eos_pad": "[EOS] padding", "pad": "padding", "template": "template"}
 
 
 def findings(data: dict) -> list[str]:
@@ -182,7 +198,7 @@ def summary(result: Result) -> Summary:
     rows.append(["semantic maps: relative F1 >= 0.9 from call", str(s["semantic_f1_ge_0.9_from_call"])])
     found = findings(result.data)
     return Summary("Which tokens the image attends to",
-                   "Cross-attention mass per token class per call, how early each word's map converges (relative F1 "
+                   "Text-attention mass per token class per call, how early each word's map converges (relative F1 "
                    "against the final map; maps binarised at their mean), and per-word heat maps at the first, middle "
                    "and last captured call. " + " ".join(found), rows, found, ("attention_*.png",))
 

@@ -17,10 +17,15 @@ tokens than A) its last position is repeated.
 
 Switch experiment (direction "[EOS] from B only from call a on"): the denoiser sees A's full
 prompt for calls 0..a-1 and A words + B EOS from call a on. a = 0 is the full swap, a = number
-of calls is plain A. It is a forward pre-hook on the denoiser (`eos_switch`) that counts calls
-and replaces the conditional rows of `encoder_hidden_states` (with CFG the batch is
+of calls is plain A. For batched CFG it is a forward pre-hook on the denoiser (`eos_switch`) that
+counts calls and replaces the conditional rows of `encoder_hidden_states` (with CFG the batch is
 [uncond, cond]: the second half; without CFG every row). The pre-hook runs before shapefirst's
-guidance hook, so it always sees the full batch.
+guidance hook, so it always sees the full batch. For guidance as separate calls (Wan, Flux) a call
+is a step, and the switch is the pipeline's step-end callback (interventions.eos_switch).
+
+Which prompts: those whose text encoder ends each prompt with one end token that can carry it
+(tokens.require_end_token: CLIP's [EOS], T5's </s>); the token positions are the denoiser's
+(tokens.denoiser_token_info: Flux's T5 `tokenizer_2`, Wan's cleaned prompt, PixArt's lower-cased one).
 
 Scores (world pairs, i.e. pairs with labels): per attribute, only over pairs whose A and B differ
 in it, the share of images judged with A's value and with B's value (Wilson 95% CIs); an image
@@ -37,12 +42,12 @@ import torch
 
 from ..errors import ShapefirstError
 from ..interventions import EosSwitch, eos_switch  # noqa: F401 (EosSwitch: public here too)
-from ..generate import batches, count_calls, generate_embeds
+from ..generate import batches, count_calls, generate, generate_embeds
 from ..guidance import GuidanceSchedule
 from ..metrics import ci_dict, default_judge, judged_labels, share, to_uint8
-from ..pipeline import check_token_edits, encode_prompts
+from ..pipeline import embeds_call, encode_prompts
 from ..results import Result, image_grid, save_figure, yerr
-from ..tokens import analyze_prompt, swapped
+from ..tokens import denoiser_token_info, require_end_token, swapped
 from .registry import Analysis, Inputs, Settings, Summary, share_text
 from ..prompts import world_pairs
 
@@ -81,8 +86,9 @@ def _chunk_embeds(pipe, pairs: list[dict], s: int, e: int):
     a_txt, b_txt = [p["a"] for p in pairs[s:e]], [p["b"] for p in pairs[s:e]]
     ca, u = encode_prompts(pipe, a_txt)
     cb, _ = encode_prompts(pipe, b_txt)
-    ia = [analyze_prompt(pipe.tokenizer, t) for t in a_txt]
-    ib = [analyze_prompt(pipe.tokenizer, t) for t in b_txt]
+    n = ca.shape[1]
+    ia = [denoiser_token_info(pipe, t, max_sequence_length=n) for t in a_txt]
+    ib = [denoiser_token_info(pipe, t, max_sequence_length=n) for t in b_txt]
     return ca, cb, u, ia, ib
 
 
@@ -107,8 +113,9 @@ def generate_switch(pipe, pairs, from_call: int, steps: int = 50, seed: int = 0,
     out = []
     for s, e in batches(len(pairs), batch):
         ca, cb, u, ia, ib = _chunk_embeds(pipe, pairs, s, e)
-        with eos_switch(pipe, swapped(ca, ia, cb, ib), from_call):
-            out.append(generate_embeds(pipe, ca, u, steps, seed + s, schedule, infos=ia))
+        with eos_switch(pipe, swapped(ca, ia, cb, ib), from_call) as sw:
+            kw = {**embeds_call(pipe, ca, u, ia), **sw.call_kwargs}  # separate calls: the step-end callback
+            out.append(generate(pipe, None, schedule, steps=steps, seed=seed + s, **kw).images)
     return np.concatenate(out)
 
 
@@ -150,7 +157,7 @@ def run_eos_swap(pipe, pairs, steps: int = 50, seed: int = 0, schedule: Guidance
     calls a of the switch sweep (default DEFAULT_SWITCH_CALLS clipped to the number of calls;
     pass [] to skip it). judge_fn: image -> labels (default: the world's judge when pairs carry
     labels). clip: a metrics.Clip for CLIP scores. keep_images: pairs whose images are stored."""
-    check_token_edits(pipe, "eos-swap")
+    require_end_token(pipe, "eos-swap")
     pairs = normalize_pairs(pairs)
     labelled = all(p["labels_a"] and p["labels_b"] for p in pairs)
     if judge_fn is None and labelled:
@@ -160,7 +167,7 @@ def run_eos_swap(pipe, pairs, steps: int = 50, seed: int = 0, schedule: Guidance
              else switch_calls_for(n_calls, switch_calls))
 
     images = generate_swaps(pipe, pairs, steps, seed, schedule, batch)
-    per_pair = _per_pair(pipe.tokenizer, pairs, seed)
+    per_pair = _per_pair(pipe, pairs, seed)
     k = min(keep_images, len(pairs))
     arrays = {f"images_{c}": to_uint8(images[c][:k]) for c in CONDITIONS}
     scores, notes = {}, []
@@ -182,10 +189,10 @@ def run_eos_swap(pipe, pairs, steps: int = 50, seed: int = 0, schedule: Guidance
     return Result("eos_swap", data, arrays)
 
 
-def _per_pair(tok, pairs, seed) -> list[dict]:
+def _per_pair(pipe, pairs, seed) -> list[dict]:
     out = []
     for i, p in enumerate(pairs):
-        ia, ib = analyze_prompt(tok, p["a"]), analyze_prompt(tok, p["b"])
+        ia, ib = denoiser_token_info(pipe, p["a"]), denoiser_token_info(pipe, p["b"])
         out.append({**p, "seed": seed + i, "n_semantic_a": ia.n_semantic, "n_semantic_b": ib.n_semantic,
                     "eos_index_a": ia.eos_index, "eos_index_b": ib.eos_index,
                     "equal_token_counts": ia.n_semantic == ib.n_semantic})

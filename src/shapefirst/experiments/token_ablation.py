@@ -50,10 +50,10 @@ from ..guidance import GuidanceSchedule
 from ..metrics import l1
 from ..results import Result, yerr
 from ..interventions import KV_MODES, KVState, KVSubstituteProcessor, keep_first_eos, kv_substitution, replace_class  # noqa: F401 (KV names: public here too)
-from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, analyze_prompt
+from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, denoiser_token_info, require_end_token
 from ..generate import batches, generate_embeds
 from ..metrics import ci_dict, default_judge, judged_labels, share, to_uint8
-from ..pipeline import attention_context, check_token_edits, encode_prompts
+from ..pipeline import attention_context, encode_prompts
 from ..results import image_grid, save_figure
 from ..tokens import swapped
 from .registry import Analysis, Inputs, Settings, Summary, share_text
@@ -142,7 +142,7 @@ def run_token_ablation(pipe, prompts, targets=None, steps: int = 50, seed: int =
     image -> labels, default the world's judge). clip: metrics.Clip (score vs the prompt).
     attention_kl: KL of attention maps vs uniform at kl_calls (default first, middle, last call).
     keep_images: prompts whose images are stored (arrays["images"]: [variants, k, H, W, 3] uint8)."""
-    check_token_edits(pipe, "token-ablation")
+    require_end_token(pipe, "token-ablation")
     prompts = check_prompts(prompts)
     if targets is not None:
         targets = [dict(t) for t in targets]
@@ -164,7 +164,7 @@ def run_token_ablation(pipe, prompts, targets=None, steps: int = 50, seed: int =
                                                                    else (0, n_calls // 2, n_calls - 1))})
 
     cond, uncond = encode_prompts(pipe, prompts)
-    infos = [analyze_prompt(pipe.tokenizer, p) for p in prompts]
+    infos = [denoiser_token_info(pipe, p, max_sequence_length=cond.shape[1]) for p in prompts]
     gen = _Generator(pipe, cond, uncond, infos, steps, seed, schedule, batch, kl_calls if kl_on else None)
     images, identical, kl = gen.embedding_variants(names)
     if n >= 2:
