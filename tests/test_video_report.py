@@ -414,3 +414,29 @@ def test_the_flux_report_runs_true_cfg_and_says_why_sections_do_not_apply(budget
     with Image.open(out / "results" / "generate" / "image_000.png") as im:
         first = np.asarray(im.convert("RGB"))
     assert np.abs(sheet[:16, -16:].astype(int) - first.astype(int)).max() <= 1
+
+
+def test_the_cli_reports_on_a_wan_folder_at_the_size_it_is_given(wan, budget, tmp_path):
+    """`shapefirst report --model <Wan folder> --height --width --num-frames --max-sequence-length`: the sizes reach
+    every pipeline call (run.json) and the page names every section; a size that is not one is refused in a line."""
+    from shapefirst.cli import main
+    from shapefirst.tiny import tiny_clip_folder
+
+    folder = tmp_path / "wan"
+    wan.save_pretrained(folder, safe_serialization=True)
+    clip = tiny_clip_folder(tmp_path / "clip")
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(PROMPTS) + "\n")
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text(f"{PROMPTS[0]} || {PROMPTS[1]}\n")
+    size = ["--height", str(WAN_CALL["height"]), "--width", str(WAN_CALL["width"]), "--num-frames",
+            str(WAN_CALL["num_frames"]), "--max-sequence-length", str(WAN_CALL["max_sequence_length"])]
+    args = ["report", "--model", str(folder), "--prompts", str(f), "--pairs", str(pairs), "--clip", str(clip),
+            "--guidance", str(W), "--out", str(tmp_path / "rep")]
+    assert main(args + size) == 0
+    secs = sections((tmp_path / "rep" / "index.html").read_text())
+    assert {"generate", "spacetime", "stages", "frequency", "attention", "sweep"} <= set(secs)
+    info = json.loads((tmp_path / "rep" / "results" / "report.json").read_text())
+    assert info["call"] == WAN_CALL
+    assert main(args[:-1] + [str(tmp_path / "rep2"), "--height", "0"]) == 2
+    assert not (tmp_path / "rep2").exists()

@@ -229,6 +229,14 @@ def report(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
     page_only: bool = typer.Option(False, "--page-only", help="rebuild index.html from saved results, run nothing"),
+    height: Optional[int] = typer.Option(None, help="image or video height of every pipeline call (default: the "
+                                                    "pipeline's)"),
+    width: Optional[int] = typer.Option(None, help="image or video width of every pipeline call (default: the "
+                                                   "pipeline's)"),
+    num_frames: Optional[int] = typer.Option(None, help="frames of a video pipeline (Wan, CogVideoX; default: the "
+                                                        "pipeline's)"),
+    max_sequence_length: Optional[int] = typer.Option(None, help="text tokens of a T5 pipeline (Flux, Wan; "
+                                                                 "default: the pipeline's)"),
     peers: Optional[Path] = typer.Option(None, help="a `benchmarks/peers.py` study folder to show as its own "
                                                      "section (kept under OUT/results/peers); default: the study "
                                                      "shipped for the embedded model at its recommended scale"),
@@ -242,7 +250,7 @@ def report(
     from .prompts import read_pairs, read_prompts
     from .experiments import check_inputs
     from .experiments.registry import Inputs
-    from .report import BUDGETS, build_page, keep_peers, run_report
+    from .report import BUDGETS, build_page, check_call, keep_peers, run_report
 
     if budget not in BUDGETS:
         raise ShapefirstError(f"unknown budget {budget!r}", f"use one of: {', '.join(BUDGETS)}")
@@ -254,6 +262,9 @@ def report(
         typer.echo(f"report -> {build_page(out)}", err=True)
         return
     guidance = _guidance(guidance, model)
+    call = check_call({k: checks.positive(v, f"--{k.replace('_', '-')}", 1) for k, v in
+                       (("height", height), ("width", width), ("num_frames", num_frames),
+                        ("max_sequence_length", max_sequence_length)) if v is not None})
     dev = checks.device(device)
     prompt_list = read_prompts(prompts) if prompts else None
     pair_list = read_pairs(pairs) if pairs else None
@@ -269,7 +280,7 @@ def report(
     with _warnings_to_stderr(), owner.claimed(), console.status("report") as status:
         index = run_report(pipe, out, budget, world=world, clip=scorer, prompts=prompt_list, pairs=pair_list,
                            progress=lambda name: status.update(f"report: {name}"), model_name=model,
-                           guidance=guidance, overwrite=overwrite, peers=peers)
+                           guidance=guidance, overwrite=overwrite, peers=peers, call=call or None)
     typer.echo(f"report -> {index}", err=True)
 
 

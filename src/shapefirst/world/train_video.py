@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import motion
-from .render import RES
+from .render import RES, Scene
 from .train import (ema_updater, generator_at, rng_at, run_recipe, train_loop, write_model_folder)
 from .vocab import world_t5_tokenizer
 
@@ -146,8 +146,6 @@ def combo_index(clips: list[motion.Clip]) -> torch.Tensor:
 def training_captions() -> list[str]:
     """"" (caption dropout) at 0, then caption 1 + combo * n_templates + template."""
     combos = motion.all_combinations()
-    from .render import Scene
-
     return [""] + [motion.Clip(Scene(*combos[c][:5]), combos[c][5]).caption(t) for c in range(len(combos))
                    for t in range(len(motion.TEMPLATES))]
 
