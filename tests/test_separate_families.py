@@ -11,8 +11,8 @@ import torch
 
 from shapefirst.families import family_of_pipe
 from shapefirst.guidance import GuidanceSchedule, guidance_schedule
-from shapefirst.tiny import (QWEN_TEMPLATE, tiny_chroma_pipeline, tiny_cogview4_pipeline, tiny_lumina2_pipeline,
-                             tiny_qwenimage_pipeline)
+from shapefirst.tiny import (QWEN_TEMPLATE, tiny_chroma_pipeline, tiny_cogview4_pipeline, tiny_hunyuanvideo_pipeline,
+                             tiny_lumina2_pipeline, tiny_qwenimage_pipeline)
 
 PROMPTS = ["a red circle on the left", "a large blue striped square"]  # different lengths: padding masks matter
 SAME_LENGTH = ["a red circle on the left", "a blue square on the right"]
@@ -24,9 +24,10 @@ class Spec:
     """How a family's tiny pipeline is called: its text arguments, the call argument of its CFG scale, its first
     layer (runs once per row computed) and its branch arguments (what the reference swaps)."""
 
-    def __init__(self, make, first, branch_args, scale_arg="guidance_scale", callback=False, **call):
+    def __init__(self, make, first, branch_args, scale_arg="guidance_scale", callback=False, video=False, **call):
         self.make, self.first, self.branch_args, self.scale_arg, self.call = make, first, branch_args, scale_arg, call
         self.callback = callback  # its step-end callback takes prompt_embeds and negative_prompt_embeds
+        self.video = video  # it returns .frames and counts num_videos_per_prompt
 
 
 SPECS = {
@@ -38,6 +39,10 @@ SPECS = {
                      width=16, max_sequence_length=16),
     "chroma": Spec(tiny_chroma_pipeline, "x_embedder", ("encoder_hidden_states", "txt_ids", "attention_mask"),
                    height=16, width=16, max_sequence_length=16),
+    "hunyuanvideo": Spec(tiny_hunyuanvideo_pipeline, "x_embedder",
+                         ("encoder_hidden_states", "encoder_attention_mask", "pooled_projections"),
+                         scale_arg="true_cfg_scale", video=True, height=16, width=16, num_frames=5,
+                         max_sequence_length=16),
 }
 
 
@@ -50,8 +55,10 @@ def run(name, pipe, prompts=PROMPTS, per=1, seed=0, neg=NEG, w=W, **kw):
     spec = SPECS[name]
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * per)]
     text = {} if neg is None else {"negative_prompt": [neg] * len(prompts)}
-    return pipe(prompts, num_inference_steps=STEPS, output_type="np", generator=gens, num_images_per_prompt=per,
-                **{spec.scale_arg: w}, **text, **spec.call, **kw).images
+    count = "num_videos_per_prompt" if spec.video else "num_images_per_prompt"
+    out = pipe(prompts, num_inference_steps=STEPS, output_type="np", generator=gens, **{count: per},
+               **{spec.scale_arg: w}, **text, **spec.call, **kw)
+    return out.frames if spec.video else out.images
 
 
 class RowCount:
@@ -128,6 +135,20 @@ def test_the_tiny_qwen_tokenizer_drops_exactly_the_template():
     assert tok.convert_ids_to_tokens(ids[drop:drop + 2]) == ["a", "Ġlarge"]
 
 
+def test_the_tiny_llama3_tokenizer_crops_exactly_the_hunyuanvideo_template():
+    """HunyuanVideoPipeline crops the first crop_start (95) positions of the templated prompt: with the tiny tokenizer
+    those are <|begin_of_text|>, the template's system part and the user header, as with the real tokenizer."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    from shapefirst.tiny import tiny_llama3_tokenizer
+
+    template, crop = DEFAULT_PROMPT_TEMPLATE["template"], DEFAULT_PROMPT_TEMPLATE["crop_start"]
+    tok = tiny_llama3_tokenizer(template)
+    ids = tok(template.format(PROMPTS[1]))["input_ids"]
+    assert crop == 95 and ids[:crop] == tok(template.split("{}")[0])["input_ids"]
+    assert tok.convert_ids_to_tokens(ids[crop:crop + 2]) == ["a", "Ġlarge"]
+
+
 def test_the_family_is_known_by_name(fam):
     name, pipe = fam
     assert family_of_pipe(pipe) == name
@@ -195,7 +216,8 @@ def test_generate_runs_the_family(fam):
     res = generate(pipe, PROMPTS, GuidanceSchedule(W, stop_step=2, after="cond"), steps=STEPS, negative_prompt=NEG,
                    **SPECS[name].call)
     size = SPECS[name].call["height"]
-    assert res.images.shape == (2, size, size, 3) and res.evaluations_per_image == [2 * 2 + STEPS - 2] * 2
+    assert res.images.shape[0] == 2 and res.images.shape[-3:] == (size, size, 3)
+    assert res.evaluations_per_image == [2 * 2 + STEPS - 2] * 2
     with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=2, after="cond")):
         direct = run(name, pipe)
     assert np.array_equal(res.images, direct)

@@ -104,6 +104,13 @@ DECLARED = (
            branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),
                      ("txt_ids", "text_ids", "negative_text_ids"),
                      ("attention_mask", "attention_mask", "negative_attention_mask"))),
+    Family("hunyuanvideo", ("HunyuanVideoPipeline",), denoisers=("transformer",), cfg="separate", prediction="flow",
+           attention="joint", tokenizer="llama+clip", schedulers=(),
+           branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),
+                     ("encoder_attention_mask", "prompt_attention_mask", "negative_prompt_attention_mask"),
+                     ("pooled_projections", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")),
+           scale_local="true_cfg_scale", cfg_local="do_true_cfg", scale_arg="true_cfg_scale", video=True,
+           call_defaults=(("negative_prompt", ""),)),
 )
 BY_NAME = {f.name: f for f in DECLARED}
 FAMILIES = {f.name: f.pipelines for f in DECLARED}  # family name -> pipeline class names

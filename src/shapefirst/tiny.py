@@ -788,3 +788,63 @@ def tiny_chroma_pipeline(seed: int = 0, folder: str | Path | None = None):
                           tokenizer=tok, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_llama3_tokenizer(template: str, model_max_length: int = 512):
+    """A PreTrainedTokenizerFast in Llama 3's layout (byte-level BPE with its pre-tokenizer split, <|begin_of_text|>
+    first, the chat header tokens special, <|end_of_text|> padding) trained in code on `template` around the world's
+    words: on HunyuanVideo's prompt template the part before the prompt comes out as 95 tokens, its crop_start."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    split = QWEN_SPLIT.replace(r"\p{N}|", r"\p{N}{1,3}|")  # Llama 3's: digits in groups of up to three
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    vocab, merges = _trained_bpe(_world_texts(template), special, pre_tokenizer=pre)
+    tk = Tokenizer(BPE(vocab=vocab, merges=merges))
+    tk.pre_tokenizer, tk.decoder = pre, decoders.ByteLevel()
+    tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+                                                      special_tokens=[("<|begin_of_text|>", vocab[special[0]])])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=special[0], eos_token=special[1],
+                                   pad_token=special[1], additional_special_tokens=special[2:],
+                                   model_max_length=model_max_length)
+
+
+def tiny_hunyuanvideo_pipeline(seed: int = 0, folder: str | Path | None = None):
+    """HunyuanVideoPipeline (true CFG as separate calls: true_cfg_scale > 1 and a negative prompt; its guidance_scale
+    is the distilled guidance embedding): a tiny HunyuanVideoTransformer3DModel, a tiny LlamaModel with
+    tiny_llama3_tokenizer on the pipeline's prompt template, a tiny CLIPTextModel (world tokenizer) for the pooled
+    vector, a tiny AutoencoderKLHunyuanVideo (4x temporal, 8x spatial compression), FlowMatchEulerDiscreteScheduler.
+    Call with height=width=16, num_frames=5 (2 latent frames), max_sequence_length=16."""
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                           HunyuanVideoTransformer3DModel)
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import CLIPTextModel, LlamaConfig, LlamaModel
+
+    folder = _folder(folder, "shapefirst-hunyuanvideo-")
+    tok = tiny_llama3_tokenizer(DEFAULT_PROMPT_TEMPLATE["template"])
+    tok2 = load_tokenizer(write_tokenizer(folder / "tokenizer_2"))
+    torch.manual_seed(seed)
+    text = LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                  max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    text2 = _clip_text(tok2, CLIPTextModel).eval()
+    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                 attention_head_dim=10, num_layers=1, num_single_layers=1,
+                                                 num_refiner_layers=1, patch_size=1, patch_size_t=1,
+                                                 guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=32,
+                                                 rope_axes_dim=(2, 4, 4)).eval()
+    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
+                                    down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                                    up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                    layers_per_block=1, act_fn="silu", norm_num_groups=4, scaling_factor=0.476986,
+                                    spatial_compression_ratio=8, temporal_compression_ratio=4,
+                                    mid_block_add_attention=True).eval()
+    pipe = HunyuanVideoPipeline(text_encoder=text, tokenizer=tok, transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=text2,
+                                tokenizer_2=tok2)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
