@@ -335,3 +335,21 @@ def test_lumina2_truncated_steps_are_one_call_under_any_schedule(lumina2, stop):
             assert np.array_equal(got, run("lumina2", lumina2))
     else:
         assert np.array_equal(got, plain)
+
+
+def test_a_lumina2_trajectory_ends_at_the_pipelines_latents(lumina2):
+    """Lumina 2 gives its transformer 1 - t / 1000 and steps its scheduler with minus the transformer's output
+    (Family.time_reversed, negated): mapped back, the recorded x0-hat of the last (unguided) step, x_t - sigma v
+    under Euler flow matching, is exactly where the pipeline lands, its returned latents."""
+    from shapefirst.trace import TrajectoryRecorder
+
+    rec = TrajectoryRecorder()
+    with guidance_schedule(lumina2, GuidanceSchedule(W, stop_step=3, after="cond"), rec):
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        lat = lumina2(PROMPTS, negative_prompt=[NEG] * 2, guidance_scale=W, num_inference_steps=STEPS,
+                      output_type="latent", generator=gens, **SPECS["lumina2"].call).images
+    traj = rec.trajectory
+    assert traj.n_calls == STEPS and traj.guided[:3].all() and not traj.guided[3:].any()
+    sched = lumina2.scheduler.timesteps.double().numpy()
+    assert np.allclose(traj.timesteps, sched, rtol=1e-5)  # the scheduler's timesteps, not 1 - t / 1000
+    assert torch.allclose(traj.arrays["x0"][-1], lat.float(), atol=1e-5)

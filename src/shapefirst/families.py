@@ -17,6 +17,9 @@ Each Family states what the rest of shapefirst needs to know about a kind of dif
   cond_only_local "separate" only: the local of the pipeline's `__call__` that is true at the steps where it makes
                   its conditional call alone (Lumina 2's do_classifier_free_truncation, after its cfg_trunc_ratio):
                   such a step is unguided with the conditional branch kept, whatever the schedule says
+  time_reversed   the denoiser is given 1 - t / num_train_timesteps for the scheduler's timestep t (Lumina 2: its
+                  time runs from noise at 0 to the image at 1); x0-hat maps it back
+  negated         the pipeline steps its scheduler with minus the denoiser's output (Lumina 2); x0-hat negates it
   scale_arg       the call argument that carries the CFG scale (Flux: true_cfg_scale; its guidance_scale is the
                   distilled guidance embedding)
   video           the pipeline returns `.frames` ([N, frames, H, W, 3]) and counts `num_videos_per_prompt`
@@ -55,6 +58,8 @@ class Family:
     scale_local: str | None = None
     cfg_local: str | None = None
     cond_only_local: str | None = None
+    time_reversed: bool = False
+    negated: bool = False
     scale_arg: str = "guidance_scale"
     video: bool = False
     call_defaults: tuple[tuple[str, object], ...] = ()
@@ -95,7 +100,7 @@ DECLARED = (
            attention="joint", tokenizer="gemma", schedulers=(),
            branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),
                      ("encoder_attention_mask", "prompt_attention_mask", "negative_prompt_attention_mask")),
-           cond_only_local="do_classifier_free_truncation"),
+           cond_only_local="do_classifier_free_truncation", time_reversed=True, negated=True),
     Family("cogview4", ("CogView4Pipeline",), denoisers=("transformer",), cfg="separate", prediction="flow",
            attention="joint", tokenizer="glm", schedulers=(),
            branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),)),

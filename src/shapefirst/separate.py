@@ -22,7 +22,10 @@ only by the rounding of u + 1 (c - u) against c). A step where the pipeline make
 whatever the schedule says: the pipeline uses that call's output as its prediction.
 
 Per-image evaluations count the rows computed. Adaptive stops (cosine or shape) and the trajectory
-recorder see both branches at the step's second call. No host read beyond the schedule's own: the row
+recorder see both branches at the step's second call, in the scheduler's conventions: a family whose denoiser runs
+on reversed time or whose output the pipeline negates (`Family.time_reversed`, `Family.negated`: Lumina 2) has its
+timestep and predictions mapped back first. Their combined prediction is u + w (c - u) (a pipeline's own
+renormalisation of it, Lumina 2's and Qwen-Image's, is not mirrored). No host read beyond the schedule's own: the row
 indices are built per pattern of guided images on the denoiser's device and reused."""
 from __future__ import annotations
 
@@ -173,17 +176,25 @@ class SeparateCalls:
 
     def observe(self, st, sample, args, kwargs, uncond, cond) -> None:
         """Adaptive stops and the trajectory recorder, once both branches of the step are known."""
-        ad = st.schedule.adaptive
+        ad, fam = st.schedule.adaptive, st.binding.family
         w = step_scale(st)
+        if fam.negated:
+            uncond, cond = -uncond, -cond
         if ad is not None and ad.criterion == "shape":
-            t = timestep_input(args, kwargs)
-            t = t.reshape(-1)[0] if isinstance(t, torch.Tensor) else torch.tensor(float(t), device=sample.device)
-            st.settle(uncond, cond, sample, t, w)
+            st.settle(uncond, cond, sample, scheduler_time(fam, st.pipe, args, kwargs, sample.device), w)
         else:
             st.settle(uncond, cond)
         if st.recorder is not None:
             g = st.layout.guided.to(uncond.device).view(-1, *[1] * (uncond.dim() - 1))
             kept = cond if st.layout.kept == "cond" else uncond
             combined = torch.where(g, uncond + w * (cond - uncond), kept)
-            st.recorder.record(st.call, timestep_value(timestep_input(args, kwargs)), sample, uncond, cond, combined,
-                               st.guided.clone(), st.layout.kept)
+            t = timestep_value(scheduler_time(fam, st.pipe, args, kwargs, sample.device))
+            st.recorder.record(st.call, t, sample, uncond, cond, combined, st.guided.clone(), st.layout.kept)
+
+
+def scheduler_time(family: Family, pipe, args, kwargs, device) -> torch.Tensor:
+    """The call's timestep (a 0-dim tensor, where it is) as the scheduler counts it: the denoiser's own, or for a
+    `time_reversed` family (1 - d) * num_train_timesteps of the denoiser's d."""
+    t = timestep_input(args, kwargs)
+    t = t.reshape(-1)[0] if isinstance(t, torch.Tensor) else torch.tensor(float(t), device=device)
+    return (1 - t) * pipe.scheduler.config.num_train_timesteps if family.time_reversed else t
