@@ -1,10 +1,12 @@
-"""Separate-call families added by name (#32 items 1-3, 6): Qwen-Image (true CFG), on tiny in-code
-components (nothing from a hub). For each: no stop is bit-identical to the plain pipeline; a stop equals a
-reference built without shapefirst (the pipeline's own step-end callback giving the other branch the kept
-branch's embeddings where it accepts negative_prompt_embeds as a callback tensor; else a plain torch forward
-pre-hook, KeptFrom, that does the same to the denoiser's arguments); 2 prompts x 2 images equal their solo runs;
-evaluations equal an independent count of the rows the denoiser computes (a forward pre-hook on its first layer);
-shapefirst.generate runs the family."""
+"""Separate-call families added by name (#32 items 1-3, 5): Qwen-Image (true CFG), Lumina 2, CogView4, Chroma,
+HunyuanVideo (true CFG, video), on tiny in-code components (nothing from a hub; the tokenizers are trained in code).
+For each: no stop is bit-identical to the plain pipeline; a stop equals a reference built without shapefirst (the
+pipeline's own step-end callback giving the other branch the kept branch's embeddings where it accepts
+negative_prompt_embeds as a callback tensor: CogView4; else a plain torch forward pre-hook, KeptFrom, that does the
+same to the denoiser's arguments); 2 prompts x 2 images equal their solo runs; per-image adaptive stops equal solo
+runs at those stops; evaluations equal an independent count of the rows the denoiser computes (a forward pre-hook on
+its first layer); shapefirst.generate runs the family; the CLI runs a saved Qwen-Image folder. Lumina 2: its own
+cfg_trunc_ratio and a stop at the same step give the same images."""
 import numpy as np
 import pytest
 import torch

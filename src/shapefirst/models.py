@@ -1,8 +1,9 @@
 """Load a text-to-image pipeline: "embedded" (the shipped shapes world), a local diffusers folder,
 or a hub id; detect its family; refuse what shapefirst does not support, with a one-line fix.
 
-The families are declared in shapefirst.families (SD 1.x/2.x, SDXL, PixArt-alpha/sigma, SD3). Schedulers per
-family (FAMILY_SCHEDULERS): all of SCHEDULERS for the DDPM-type families, only "euler" (flow matching) for SD3."""
+The families are declared in shapefirst.families (SD 1.x/2.x, SDXL, PixArt-alpha/sigma, SD3, and the transformer,
+video and separate-call families since). Schedulers per family (FAMILY_SCHEDULERS): all of SCHEDULERS for the
+DDPM-type families, only "euler" (flow matching) for SD3, none for the families that keep their own."""
 from __future__ import annotations
 
 from contextlib import contextmanager
