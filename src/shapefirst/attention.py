@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from .errors import ShapefirstError
 from .families import family
@@ -220,7 +221,7 @@ def _additive(mask, attn, keys: int, rows: int):
     False -> -inf), or None. A classic `Attention` prepares it as its processors do."""
     if mask is None:
         return None
-    if hasattr(attn, "prepare_attention_mask"):
+    if isinstance(attn, Attention) and mask.dim() < 4:
         m = attn.prepare_attention_mask(mask, keys, rows)
         m = m.view(rows, attn.heads, -1, m.shape[-1])
     else:
@@ -336,24 +337,122 @@ def _cogvideox_qk(attn, a: dict, cap) -> QueryKeys:
     return QueryKeys(q, k, slice(0, n_txt), mask, q.shape[-1] ** -0.5)
 
 
-# processor class name -> (the kind of text attention it computes, what its image queries attend over)
+def _qwen_qk(attn, a: dict, cap) -> QueryKeys:
+    """QwenDoubleStreamAttnProcessor2_0: image q/k from to_q / to_k, text k from add_k_proj, per-head norms, each
+    stream rotated by its own frequencies (image_rotary_emb = (image, text)), keys [text; image], the text mask
+    (encoder_hidden_states_mask) on the text keys; SDPA's scale."""
+    x, ctx, rope = a["hidden_states"], a["encoder_hidden_states"], a.get("image_rotary_emb")
+    d = attn.inner_dim // attn.heads
+    q, k, ek = (t.unflatten(-1, (-1, d)) for t in (attn.to_q(x), attn.to_k(x), attn.add_k_proj(ctx)))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    if attn.norm_added_k is not None:
+        ek = attn.norm_added_k(ek)
+    if rope is not None:
+        img_freqs, txt_freqs = rope
+        q, k = apply_rotary_emb_qwen(q, img_freqs, use_real=False), apply_rotary_emb_qwen(k, img_freqs, use_real=False)
+        ek = apply_rotary_emb_qwen(ek, txt_freqs, use_real=False)
+    k = torch.cat([ek, k], dim=1)
+    mask = a.get("encoder_hidden_states_mask")
+    if mask is not None:
+        mask = torch.cat([mask.bool(), torch.ones(x.shape[:2], dtype=torch.bool, device=mask.device)], dim=1)
+    return QueryKeys(q.transpose(1, 2), k.transpose(1, 2), slice(0, ctx.shape[1]),
+                     _additive(mask, attn, k.shape[1], x.shape[0]), d ** -0.5)
+
+
+def _cogview4_qk(attn, a: dict, cap) -> QueryKeys:
+    """CogView4AttnProcessor: [text; image] concatenated, to_q / to_k, per-head norms, the image RoPE (halves
+    layout), and its text mask as the processor builds it (a 0/1 FLOAT mask that SDPA adds to the scores)."""
+    ctx, x = a["encoder_hidden_states"], a["hidden_states"]
+    n_txt = ctx.shape[1]
+    h = torch.cat([ctx, x], dim=1)
+    q, k = attn.to_q(h).unflatten(2, (attn.heads, -1)).transpose(1, 2), attn.to_k(h).unflatten(
+        2, (attn.heads, -1)).transpose(1, 2)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    q = q[:, :, n_txt:]
+    rope = a.get("image_rotary_emb")
+    if rope is not None:
+        q = apply_rotary_emb(q, rope, use_real_unbind_dim=-2)
+        k = torch.cat([k[:, :, :n_txt], apply_rotary_emb(k[:, :, n_txt:], rope, use_real_unbind_dim=-2)], dim=2)
+    mask = a.get("attention_mask")
+    if mask is not None:  # image query rows of (mix mix^T > 0): the key mask itself, as 0/1 added to the scores
+        mix = torch.ones(h.shape[:2], device=q.device)
+        mix[:, :n_txt] = mask.float().to(q.device)
+        mask = (mix > 0).to(q.dtype)[:, None, None, :]
+    return QueryKeys(q, k, slice(0, n_txt), mask, q.shape[-1] ** -0.5)
+
+
+def _lumina2_probs(attn, a: dict, cap) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lumina2AttnProcessor2_0 on a joint layer: row i's sequence is its L_i unmasked caption positions, then the image
+    tokens (Lumina2Transformer2DModel packs them so), padded to the batch's longest with a mask (L_i: the mask's
+    length minus the image tokens). to_q / to_k with grouped key heads, per-head norms, the complex RoPE, the scale
+    attn.scale (times sqrt(log_base(length)) with base_sequence_length). Probabilities on the caption's positions
+    (0 on its padding, which is not in the sequence) [rows, heads, image tokens, caption length]."""
+    x, ctx = a["hidden_states"], a["encoder_hidden_states"]
+    b, s, _ = x.shape
+    q, k = attn.to_q(x), attn.to_k(ctx)
+    d = q.shape[-1] // attn.heads
+    q, k = q.view(b, -1, attn.heads, d), k.view(b, -1, k.shape[-1] // d, d)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    rope = a.get("image_rotary_emb")
+    if rope is not None:
+        q, k = apply_rotary_emb(q, rope, use_real=False), apply_rotary_emb(k, rope, use_real=False)
+    base = a.get("base_sequence_length")
+    scale = math.sqrt(math.log(s, base)) * attn.scale if base is not None else attn.scale
+    k = k.unsqueeze(3).repeat(1, 1, 1, attn.heads // k.shape[2], 1).flatten(2, 3)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    joint = a.get("attention_mask")  # True on row i's L_i + image tokens, or None when every row has them all
+    mask = _additive(joint, attn, s, b)
+    n_cap, n_img = cap.text_length(), cap.image_tokens()
+    lengths = [s - n_img] * b if joint is None else (joint.reshape(b, -1).sum(-1) - n_img).tolist()
+    probs = q.new_zeros((b, attn.heads, n_img, n_cap), dtype=torch.float32)
+    share = q.new_zeros((b, attn.heads, n_img), dtype=torch.float32)
+    for i, n in enumerate(lengths):
+        qk = QueryKeys(q[i:i + 1, :, n:n + n_img], k[i:i + 1], slice(0, n),
+                       None if mask is None else mask[i:i + 1], scale)
+        probs[i, :, :, :n], share[i] = (t[0] for t in text_probs(qk))
+    return probs, share
+
+
+def _lumina2_joint(name: str) -> bool:
+    """Lumina 2's joint layers are `layers.*`; its context refiner (text alone) and noise refiner (image alone) run
+    the same processor."""
+    return not name.split(".")[0].endswith("refiner")
+
+
+# processor class name -> (the kind of text attention it computes, what its image queries attend over: QueryKeys or
+# the (probabilities, text share) themselves, which of its layers attend to text by name or None: all)
 PROCESSOR_KINDS = {
-    "WanAttnProcessor": ("cross", _wan_qk),
-    "HunyuanAttnProcessor2_0": ("cross", _hunyuan_qk),
-    "SanaAttnProcessor2_0": ("cross", _sana_qk),
-    "FluxAttnProcessor": ("joint", _flux_qk),
-    "CogVideoXAttnProcessor2_0": ("joint", _cogvideox_qk),
+    "WanAttnProcessor": ("cross", _wan_qk, None),
+    "HunyuanAttnProcessor2_0": ("cross", _hunyuan_qk, None),
+    "SanaAttnProcessor2_0": ("cross", _sana_qk, None),
+    "FluxAttnProcessor": ("joint", _flux_qk, None),
+    "CogVideoXAttnProcessor2_0": ("joint", _cogvideox_qk, None),
+    "QwenDoubleStreamAttnProcessor2_0": ("joint", _qwen_qk, None),
+    "CogView4AttnProcessor": ("joint", _cogview4_qk, None),
+    "Lumina2AttnProcessor2_0": ("joint", _lumina2_probs, _lumina2_joint),
 }
 
 
 # -- which layers, and how each is read ------------------------------------------------------------------------
-def layer_kind(module) -> str | None:
-    """"cross", "joint" or None (not a text-attention layer shapefirst reads) for one attention module: its
-    processor's entry in PROCESSOR_KINDS (a "cross" processor on a self-attention layer is None), else for a
-    classic diffusers `Attention` its structure (is_cross_attention; SD3's add_k_proj: joint)."""
+def layer_kind(module, name: str = "") -> str | None:
+    """"cross", "joint" or None (not a text-attention layer shapefirst reads) for one attention module named `name`:
+    its processor's entry in PROCESSOR_KINDS (a "cross" processor on a self-attention layer is None, a layer its
+    name rule leaves out too), else for a classic diffusers `Attention` its structure (is_cross_attention; SD3's
+    add_k_proj: joint)."""
     proc = unwrapped(getattr(module, "processor", None))
     listed = PROCESSOR_KINDS.get(type(proc).__name__)
     if listed is not None:
+        if listed[2] is not None and not listed[2](name):
+            return None
         return listed[0] if listed[0] == "joint" or getattr(module, "is_cross_attention", False) else None
     if isinstance(module, Attention):
         return "cross" if module.is_cross_attention else "joint" if is_joint_attention(module) else None
@@ -373,7 +472,7 @@ def text_attention_layers(denoiser, kind: str | None = None) -> list[str]:
     """Names (without ".processor") of the denoiser's text-attention modules of `kind` ("cross" or "joint"; None:
     both), in module order (see layer_kind)."""
     return [name for name, mod in denoiser.named_modules()
-            if (k := layer_kind(mod)) is not None and (kind is None or k == kind)]
+            if (k := layer_kind(mod, name)) is not None and (kind is None or k == kind)]
 
 
 def cross_attention_layers(unet) -> list[str]:
@@ -389,7 +488,8 @@ def read_layer(attn, original, a: dict, cap) -> tuple[torch.Tensor, torch.Tensor
     original = unwrapped(original)
     listed = PROCESSOR_KINDS.get(type(original).__name__)
     if listed is not None:
-        probs, share = text_probs(listed[1](attn, a, cap))
+        got = listed[1](attn, a, cap)
+        probs, share = text_probs(got) if isinstance(got, QueryKeys) else got
         return probs, share if listed[0] == "joint" else None, None
     x, ctx = a["hidden_states"], a.get("encoder_hidden_states")
     if is_joint_attention(attn):
@@ -490,7 +590,7 @@ class AttentionCapture:
         self._mass_sum, self._mass_n = [], []  # per call: per image, the captured branch's mass summed, its layers
         self._share_sum, self._share_n = [], []  # per call: joint attention's text share
         self._cfg = []  # per call: did it run CFG (guidance.cfg_active), None = unknown
-        self._latent_hw = None  # (h, w) of the denoiser's latent input (its last two dimensions)
+        self._latent_hw = None  # (h, w) of the denoiser's latent input (its last two dimensions), if 4-D or 5-D
         self._video = False  # the latent input is 5-D (video): a layer's pixels are frames * h * w
         self._token_hw = None  # (h, w) of a packed latent's token grid (Flux: from img_ids)
         self._patch = 1  # a transformer's spatial patch size: its token grid is the latent grid / patch
@@ -533,13 +633,17 @@ class AttentionCapture:
         patch = patch[-1] if isinstance(patch, (tuple, list)) and patch else patch
         self._patch = int(patch) if isinstance(patch, int) and patch > 0 else 1
         self._token_hw = None
+        self._latent_hw = None
         if isinstance(sample, torch.Tensor) and sample.ndim in (4, 5):
             self._latent_hw, self._video = tuple(sample.shape[-2:]), sample.ndim == 5
             return
-        ids = kwargs.get("img_ids")  # a packed latent (Flux): the token grid from the image ids (0, row, col)
-        if isinstance(ids, torch.Tensor) and ids.shape[-1] == 3:
+        ids, shapes = kwargs.get("img_ids"), kwargs.get("img_shapes")
+        if isinstance(ids, torch.Tensor) and ids.shape[-1] == 3:  # a packed latent (Flux): ids (0, row, col)
             ids = ids.reshape(-1, 3)
             self._token_hw = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+        elif isinstance(shapes, (list, tuple)) and shapes and isinstance(shapes[0], (list, tuple)):
+            first = shapes[0][0] if isinstance(shapes[0][0], (list, tuple)) else shapes[0]  # Qwen: [(frames, h, w)]
+            self._token_hw = (int(first[-2]), int(first[-1]))
 
     def _branch_of(self, kwargs) -> str:
         """Which branch this denoiser call computes (separate.branch_of); "cond" outside a pipeline call."""
@@ -550,6 +654,13 @@ class AttentionCapture:
             return branch_of(self.separate, call, kwargs)
         except ShapefirstError:
             return "?"
+
+    def image_tokens(self) -> int:
+        """The image tokens of the denoiser call in progress: its 4-D latent grid / patch (Lumina 2)."""
+        if self._latent_hw is None:
+            raise ShapefirstError("a joint attention layer needs the image token count, and the denoiser call gave "
+                                  "no 4-D latent", "call the denoiser with a 4-D latent sample")
+        return (self._latent_hw[0] // self._patch) * (self._latent_hw[1] // self._patch)
 
     def text_length(self) -> int:
         """The text length of the denoiser call in progress (its encoder_hidden_states), for layers whose input
@@ -623,10 +734,11 @@ class AttentionCapture:
         labels = self._sub_forward_labels(rows)
         if self.row_labels[c] is None:
             self.row_labels[c], self._row_sum[c], self._row_n[c] = [], torch.zeros(0, n_tok), torch.zeros(0)
-            self._mass_sum[c], self._mass_n[c] = torch.zeros(self.n_images, n_tok), torch.zeros(self.n_images)
         self._sub_offset = len(self.row_labels[c])
         self.row_labels[c] = self.row_labels[c] + labels
-        self._row_sum[c] = torch.cat([self._row_sum[c], torch.zeros(rows, n_tok)])
+        width = max(n_tok, self._row_sum[c].shape[1])  # the branches' texts may differ in length (Qwen-Image)
+        self._row_sum[c] = torch.cat([F.pad(self._row_sum[c], (0, width - self._row_sum[c].shape[1])),
+                                      torch.zeros(rows, width)])
         self._row_n[c] = torch.cat([self._row_n[c], torch.zeros(rows)])
         pos = {}
         for r, label in enumerate(self.row_labels[c]):
@@ -670,10 +782,13 @@ class AttentionCapture:
             self.spatial[layer], self.frames[layer], self.heads[layer] = (h, w), f, heads
         sel, img = self._sub_labels
         row_mass = probs.mean(dim=(1, 2)).cpu()
-        self._row_sum[c][self._sub_offset:self._sub_offset + rows] += row_mass
+        self._row_sum[c][self._sub_offset:self._sub_offset + rows, :n_tok] += row_mass
         self._row_n[c][self._sub_offset:self._sub_offset + rows] += 1
-        self._mass_sum[c][img] += row_mass[sel]
-        self._mass_n[c][img] += 1
+        if len(sel):  # the captured branch's rows (their text length is that branch's)
+            if self._mass_sum[c] is None:
+                self._mass_sum[c], self._mass_n[c] = torch.zeros(self.n_images, n_tok), torch.zeros(self.n_images)
+            self._mass_sum[c][img] += row_mass[sel]
+            self._mass_n[c][img] += 1
         if share is not None:  # joint attention: [rows] text share of this layer
             if self._share_sum[c] is None:
                 self._share_sum[c], self._share_n[c] = torch.zeros(self.n_images), torch.zeros(self.n_images)
@@ -682,9 +797,10 @@ class AttentionCapture:
         if self.keep != "none" and (self.calls is None or c in self.calls):
             kept = probs if self.keep == "per_head" else probs.mean(dim=1)
             full = self.maps.get((c, layer))
-            if full is None:
+            if full is None or (len(sel) and full.shape[-1] != n_tok):  # (a first forward of the other branch)
                 full = torch.full((self.n_images,) + tuple(kept.shape[1:]), float("nan"))
-            full[img] = kept[sel.to(kept.device)].cpu()
+            if len(sel):
+                full[img] = kept[sel.to(kept.device)].cpu()
             self.maps[(c, layer)] = full
 
     # -- aggregation ---------------------------------------------------------------------
@@ -884,7 +1000,7 @@ def _layers_of(pipe, kind: str | None) -> dict[str, tuple[torch.nn.Module, str]]
     """{captured layer name: (its denoiser, its module name)} of `kind` in every denoiser (see _denoisers)."""
     out = {}
     for prefix, den in _denoisers(pipe):
-        if not hasattr(den, "attn_processors") or not hasattr(den, "set_attn_processor"):
+        if not any(hasattr(m, "set_processor") for m in den.modules()):
             raise ShapefirstError(f"{type(den).__name__} has no attention processors",
                                   "pass a supported pipeline or its denoiser (UNet or transformer)")
         for name in text_attention_layers(den, kind):
@@ -923,22 +1039,18 @@ def capture_attention(pipe, keep: str = "mean", layers=None, calls=None, rows: s
     cap = AttentionCapture(keep, rows, calls, n_images, pipe=None if fam is None else pipe, denoiser=dens[0],
                            separate=fam if fam is not None and fam.cfg == "separate" else None)
     cap.layers = list(chosen)
-    originals = [dict(den.attn_processors) for den in dens]
+    modules = [available[name][0].get_submodule(available[name][1]) for name in chosen]
+    originals = [mod.processor for mod in modules]
     handles = []
     try:
-        for den, original in zip(dens, originals):
-            new = dict(original)
-            for name in chosen:
-                d, mod_name = available[name]
-                if d is den:
-                    key = f"{mod_name}.processor"
-                    new[key] = capture_processor(original[key], cap, name)
-            den.set_attn_processor(new)
+        for name, mod, original in zip(chosen, modules, originals):
+            mod.set_processor(capture_processor(original, cap, name))
+        for den in dens:
             handles.append(den.register_forward_pre_hook(cap._pre_hook, with_kwargs=True))
         yield cap
     finally:
         for h in handles:
             h.remove()
-        for den, original in zip(dens, originals):
-            den.set_attn_processor(dict(original))
+        for mod, original in zip(modules, originals):
+            mod.set_processor(original)
         cap.pipe = cap.denoiser = cap._module = None

@@ -49,6 +49,7 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean as wan_prompt_clea
 
 from .errors import ShapefirstError
 from .families import family, family_of_pipe
+from .world.vocab import bytes_to_unicode
 
 SOS = "sos"
 SEMANTIC = "semantic"
@@ -59,6 +60,7 @@ TEMPLATE = "template"
 TOKEN_CLASSES = (SOS, SEMANTIC, EOS, EOS_PAD, PAD, TEMPLATE)
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")  # letters/digits, inner apostrophes ("don't")
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def classify_ids(ids: list[int], bos_id: int | None, eos_id: int | None, pad_id: int | None,
@@ -139,6 +141,10 @@ def _lowercases(tokenizer) -> bool:
 def _token_units(token: str, byte_decoder: dict | None) -> list | None:
     """The text units a token covers: bytes for byte-level BPE (CLIP), characters otherwise (without
     SentencePiece's "▁" word start or WordPiece's "##" continuation)."""
+    byte = _BYTE_TOKEN.fullmatch(token)  # SentencePiece's byte fallback (Gemma): <0x41> is the byte "A"
+    if byte is not None:
+        b = int(byte.group(1), 16)
+        return [b] if byte_decoder is not None else [chr(b)] if b < 128 else None
     t = token[:-4] if token.endswith("</w>") else token
     t = t[1:] if t.startswith("▁") else t[2:] if t.startswith("##") and len(t) > 2 else t
     if not t:
@@ -211,15 +217,12 @@ def analyze_prompt(tokenizer, prompt: str, max_length: int | None = None, prefix
     enc = tokenizer(prefix + prompt, padding="max_length", truncation=True, max_length=max_length, **side)
     ids = list(enc.input_ids)
     mask = list(enc["attention_mask"]) if "attention_mask" in enc else None
-    tokens = tokenizer.convert_ids_to_tokens(ids)
     bos, eos = special_ids(tokenizer)
     classes = classify_ids(ids, bos, eos, tokenizer.pad_token_id, mask)
     if prefix:
         n = _prefix_positions(tokenizer, prefix, ids)
         classes = [TEMPLATE if i < n and c == SEMANTIC else c for i, c in enumerate(classes)]
     n_semantic = classes.count(SEMANTIC)
-    eos_index = classes.index(EOS) if EOS in classes else None
-
     full = tokenizer(prefix + prompt, truncation=False, verbose=False).input_ids
     truncated = len(full) > max_length
     dropped_text = ""
@@ -227,12 +230,29 @@ def analyze_prompt(tokenizer, prompt: str, max_length: int | None = None, prefix
         content = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids
         dropped_text = tokenizer.decode(content[n_semantic:]).strip()
 
+    return _token_info(tokenizer, prompt, ids, classes, truncated, dropped_text)
+
+
+def _byte_decoder(tokenizer) -> dict | None:
+    """The tokenizer's byte decoder (CLIP's), or GPT-2's byte map for a byte-level BPE that shows a space as "Ġ"
+    (Qwen2, GLM); None for the others (SentencePiece, WordPiece)."""
+    dec = getattr(tokenizer, "byte_decoder", None)
+    if dec is not None:
+        return dec
+    probe = tokenizer.convert_ids_to_tokens(tokenizer(" a", add_special_tokens=False).input_ids)
+    return {c: b for b, c in bytes_to_unicode().items()} if probe and probe[0].startswith("Ġ") else None
+
+
+def _token_info(tokenizer, prompt: str, ids: list[int], classes: list[str], truncated: bool = False,
+                dropped_text: str = "") -> TokenInfo:
+    """A TokenInfo of classified ids: the prompt's words, and the word of every semantic token."""
+    tokens = tokenizer.convert_ids_to_tokens(ids)
     text = prompt.lower() if _lowercases(tokenizer) else prompt
     words = [m.group(0) for m in _WORD.finditer(text)]
-    word_of_token = _align(text, tokens, [c == SEMANTIC for c in classes], getattr(tokenizer, "byte_decoder", None))
-    return TokenInfo(prompt=prompt, ids=ids, tokens=tokens, classes=classes, words=words,
+    word_of_token = _align(text, tokens, [c == SEMANTIC for c in classes], _byte_decoder(tokenizer))
+    return TokenInfo(prompt=prompt, ids=list(ids), tokens=tokens, classes=classes, words=words,
                      word_of_token=word_of_token, truncated=truncated, dropped_text=dropped_text,
-                     n_semantic=n_semantic, eos_index=eos_index)
+                     n_semantic=classes.count(SEMANTIC), eos_index=classes.index(EOS) if EOS in classes else None)
 
 
 def check_embedding(emb: torch.Tensor, info: TokenInfo, name: str = "emb") -> None:
@@ -345,10 +365,11 @@ _PIPELINE_DEFAULT = object()
 
 
 def denoiser_token_info(pipe, prompt: str, max_sequence_length: int | None = None,
-                        complex_human_instruction=_PIPELINE_DEFAULT) -> TokenInfo:
+                        complex_human_instruction=_PIPELINE_DEFAULT, system_prompt: str | None = None) -> TokenInfo:
     """Token classes of the text positions the denoiser attends to (its encoder_hidden_states),
-    position by position (see the module docstring per family). max_sequence_length and
-    complex_human_instruction (Sana) default to the pipeline call's own defaults."""
+    position by position, for this prompt alone (see the module docstring per family; a batch whose length
+    depends on its longest prompt: denoiser_token_infos). max_sequence_length, complex_human_instruction (Sana)
+    and system_prompt (Lumina 2) default to the pipeline call's own."""
     fam = family(pipe)
     if fam.name in ("sd", "sdxl"):
         return analyze_prompt(pipe.tokenizer, prompt)
@@ -362,9 +383,19 @@ def denoiser_token_info(pipe, prompt: str, max_sequence_length: int | None = Non
         chi = _call_default(pipe, "complex_human_instruction") if complex_human_instruction is _PIPELINE_DEFAULT \
             else complex_human_instruction
         return sana_token_info(pipe.tokenizer, _t5_text(pipe, prompt), _t5_max_length(pipe, max_sequence_length), chi)
+    if fam.tokenizer == "gemma" and fam.name == "lumina2":
+        head = (pipe.system_prompt if system_prompt is None else system_prompt) + " <Prompt Start> "
+        return analyze_prompt(pipe.tokenizer, prompt, _t5_max_length(pipe, max_sequence_length), prefix=head,
+                              padding_side="right")
     if fam.tokenizer == "bert+t5":  # HunyuanDiT: its encode_prompt's fixed lengths
         return concat_token_infos([analyze_prompt(pipe.tokenizer, prompt, 77),
                                    analyze_prompt(pipe.tokenizer_2, prompt, 256)])
+    if fam.tokenizer == "qwen2":
+        return chat_token_info(pipe.tokenizer, prompt, pipe.prompt_template_encode,
+                               pipe.prompt_template_encode_start_idx, _t5_max_length(pipe, max_sequence_length),
+                               pipe.tokenizer_max_length)
+    if fam.tokenizer == "glm":
+        return glm_token_info(pipe.tokenizer, prompt, _t5_max_length(pipe, max_sequence_length))
     raise ShapefirstError(f"token classes of {type(pipe).__name__}'s {fam.tokenizer!r} tokenizer are not handled",
                           "run the token analyses on SD, SDXL, PixArt, SD3, Wan, Flux, CogVideoX, Sana or HunyuanDiT")
 
@@ -412,11 +443,91 @@ def sana_token_info(tokenizer, text: str, max_sequence_length: int, complex_huma
     return select_positions(info, [0] + list(range(total - max_sequence_length + 1, total)))
 
 
+def pad_positions(info: TokenInfo, n: int, side: str = "right", pad_id: int = -1, token: str = "<zero>") -> TokenInfo:
+    """`info` padded to n positions of class pad on `side` (a pipeline that pads a batch to its longest prompt)."""
+    k = n - len(info.ids)
+    if k <= 0:
+        return info
+    ids, tokens, classes, word_of = [pad_id] * k, [token] * k, [PAD] * k, [None] * k
+    if side == "left":
+        return replace(info, ids=ids + info.ids, tokens=tokens + info.tokens, classes=classes + info.classes,
+                       word_of_token=word_of + info.word_of_token,
+                       eos_index=None if info.eos_index is None else info.eos_index + k)
+    return replace(info, ids=info.ids + ids, tokens=info.tokens + tokens, classes=info.classes + classes,
+                   word_of_token=info.word_of_token + word_of)
+
+
+def denoiser_token_infos(pipe, prompts: list[str], max_sequence_length: int | None = None, **call) -> list[TokenInfo]:
+    """denoiser_token_info of every prompt of ONE pipeline call, padded as the pipeline pads the batch: Qwen-Image to
+    its longest prompt with zero embeddings on the right (masked out), CogView4 to its longest on the left, then to a
+    multiple of 16 (pad ids, attended); the other families pad each prompt to a fixed length already."""
+    infos = [denoiser_token_info(pipe, p, max_sequence_length, **call) for p in prompts]
+    tok = family(pipe).tokenizer
+    if tok == "qwen2":
+        n = max(len(i.ids) for i in infos)
+        return [pad_positions(i, n) for i in infos]
+    if tok == "glm":
+        raw = max(len(i.ids) - i.classes.count(PAD) for i in infos)
+        n = raw + (16 - raw % 16) % 16
+        pad = pipe.tokenizer.pad_token_id
+        return [pad_positions(_unpadded(i), n, "left", pad, pipe.tokenizer.convert_ids_to_tokens(pad)) for i in infos]
+    return infos
+
+
+def _unpadded(info: TokenInfo) -> TokenInfo:
+    """A left-padded TokenInfo without its padding."""
+    k = next((i for i, c in enumerate(info.classes) if c != PAD), len(info.ids))
+    return select_positions(info, list(range(k, len(info.ids))))
+
+
+def chat_token_info(tokenizer, prompt: str, template: str, drop: int, max_sequence_length: int,
+                    tokenizer_max_length: int) -> TokenInfo:
+    """A chat-template encoder's text positions (QwenImagePipeline._get_qwen_prompt_embeds): the prompt put into
+    `template` ("...user\n{}<|im_end|>\n<|im_start|>assistant\n"), tokenized (at most tokenizer_max_length + drop
+    tokens); the pipeline drops the first `drop` positions (the template's system part and "<|im_start|>user\n"),
+    then keeps max_sequence_length. Classes: the prompt's tokens semantic, the first "<|im_end|>" after them eos,
+    every other template position template (a template position the drop leaves in is template too)."""
+    head = template.split("{}", 1)[0]
+    ids = list(tokenizer(template.format(prompt), truncation=True, max_length=tokenizer_max_length + drop).input_ids)
+    n_head = _prefix_positions(tokenizer, head, ids)
+    n_words = _prefix_positions(tokenizer, head + prompt, ids)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    classes = []
+    for i, t in enumerate(ids):
+        if n_head <= i < n_words:
+            classes.append(SEMANTIC)
+        elif i >= n_words and t == end and EOS not in classes:
+            classes.append(EOS)
+        else:
+            classes.append(TEMPLATE)
+    info = _token_info(tokenizer, prompt, ids, classes)
+    return select_positions(info, list(range(drop, len(ids)))[:max_sequence_length])
+
+
+def glm_token_info(tokenizer, prompt: str, max_sequence_length: int) -> TokenInfo:
+    """GLM's text positions (CogView4Pipeline._get_glm_embeds, one prompt): "[gMASK]<sop>" and the prompt, truncated
+    to max_sequence_length, left-padded with the pad id to a multiple of 16 (no mask: the pads are attended). Classes:
+    the tokenizer's special start tokens template, the prompt's tokens semantic, the padding pad; GLM appends no end
+    token."""
+    ids = list(tokenizer(prompt, truncation=True, max_length=max_sequence_length).input_ids)
+    special = set(tokenizer.all_special_ids)
+    classes = [TEMPLATE if t in special else SEMANTIC for t in ids]
+    k = (16 - len(ids) % 16) % 16
+    pad = tokenizer.pad_token_id
+    info = _token_info(tokenizer, prompt, [pad] * k + ids, [PAD] * k + classes)
+    return info
+
+
 END_TOKEN_REFUSALS = {  # Family.tokenizer -> why its text has no single end token that can carry the prompt
     "gemma": "its text encoder is Gemma, a decoder-only model whose tokenizer appends no end token: no position "
              "holds the prompt the way T5's </s> or CLIP's [EOS] does (its last word sees the text causally)",
     "bert+t5": "it attends to its BERT and T5 sequences concatenated, which have two end tokens, not one [EOS] "
                "block",
+    "qwen2": "its text encoder is Qwen2.5-VL, a decoder-only model reading a chat template: its <|im_end|> is "
+             "followed by the template's tail, and every position sees the text before it causally, so no single "
+             "position carries the prompt the way T5's </s> or CLIP's [EOS] does",
+    "glm": "its text encoder is GLM, a decoder-only model whose tokenizer appends no end token (its last word sees "
+           "the text causally)",
 }
 
 

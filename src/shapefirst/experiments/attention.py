@@ -22,7 +22,7 @@ from ..guidance import GuidanceSchedule
 from ..results import Result, save_figure, spaced
 from ..settling import settled_from
 from .registry import Analysis, Inputs, Settings, Summary
-from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, TOKEN_CLASSES, denoiser_token_info
+from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, TOKEN_CLASSES, denoiser_token_infos
 from ..generate import count_calls
 
 
@@ -34,7 +34,7 @@ def run_attention(pipe, prompts: list[str], steps: int = 50, seed: int = 0, sche
     n_calls = count_calls(pipe, steps)
     if map_calls is None:
         map_calls = list(range(n_calls)) if len(prompts) <= 16 else spaced(n_calls, 11)
-    infos = None
+    infos = []
     class_mass = {c: [] for c in TOKEN_CLASSES}
     conv_sem, conv_eos = [], []
     heat = {}
@@ -45,7 +45,7 @@ def run_attention(pipe, prompts: list[str], steps: int = 50, seed: int = 0, sche
             res = generate(pipe, part, schedule, steps=steps, seed=seed + s)
         frames = res.images
         images.append(frames[:, frames.shape[1] // 2] if frames.ndim == 5 else frames)  # a video: its middle frame
-        infos = infos or _token_infos(pipe, prompts, cap.mass.shape[-1])
+        infos += _token_infos(pipe, part, cap.mass.shape[-1])
         cm = cap.class_mass(infos[s:s + batch])
         for c in TOKEN_CLASSES:
             class_mass[c].append(cm[c])
@@ -77,11 +77,12 @@ def run_attention(pipe, prompts: list[str], steps: int = 50, seed: int = 0, sche
 
 
 def _token_infos(pipe, prompts: list[str], n_tok: int) -> list:
-    """The prompts' token classes at the positions the capture saw: the pipeline call's own max_sequence_length,
-    else (a call given another one, e.g. through a pipeline whose calls default to it) the captured length."""
-    infos = [denoiser_token_info(pipe, p) for p in prompts]
+    """The token classes of one pipeline call's prompts at the positions the capture saw (tokens.denoiser_token_infos:
+    padded as that call pads its batch): the pipeline call's own max_sequence_length, else (a call given another one,
+    e.g. through a pipeline whose calls default to it) the captured length."""
+    infos = denoiser_token_infos(pipe, prompts)
     if infos and len(infos[0].ids) != n_tok:
-        infos = [denoiser_token_info(pipe, p, max_sequence_length=n_tok) for p in prompts]
+        infos = denoiser_token_infos(pipe, prompts, max_sequence_length=n_tok)
     return infos
 
 
