@@ -17,10 +17,12 @@ import torch
 
 from shapefirst.attention import AttentionCapture, capture_attention, read_layer, text_attention_layers
 from shapefirst.errors import ShapefirstError
+from shapefirst.tokens import denoiser_token_infos
 from shapefirst.generate import generate
 from shapefirst.guidance import GuidanceSchedule
-from shapefirst.tiny import (tiny_cogvideox_pipeline, tiny_flux_pipeline, tiny_hunyuandit_pipeline,
-                             tiny_sana_pipeline, tiny_wan_pipeline)
+from shapefirst.tiny import (tiny_chroma_pipeline, tiny_cogvideox_pipeline, tiny_cogview4_pipeline,
+                             tiny_flux_pipeline, tiny_hunyuandit_pipeline, tiny_lumina2_pipeline,
+                             tiny_qwenimage_pipeline, tiny_sana_pipeline, tiny_wan_pipeline)
 
 PROMPTS = ["a red circle on the left", "a small blue square"]
 STEPS = 2
@@ -31,10 +33,18 @@ CALL = {  # call arguments of each tiny pipeline (sizes giving a token grid of 2
                  use_resolution_binning=False),
     "cogvideox": dict(height=32, width=32, num_frames=9, max_sequence_length=16),
     "hunyuandit": dict(height=16, width=16, use_resolution_binning=False),
+    "qwenimage": dict(height=16, width=16, max_sequence_length=16, true_cfg_scale=4.0, negative_prompt=""),
+    "lumina2": dict(height=32, width=32, max_sequence_length=48),
+    "cogview4": dict(height=16, width=16, max_sequence_length=16),
+    "chroma": dict(height=16, width=16, max_sequence_length=16),
 }
 MAKE = {"wan": tiny_wan_pipeline, "flux": tiny_flux_pipeline, "sana": tiny_sana_pipeline,
-        "cogvideox": tiny_cogvideox_pipeline, "hunyuandit": tiny_hunyuandit_pipeline}
-KIND = {"wan": "cross", "flux": "joint", "sana": "cross", "cogvideox": "joint", "hunyuandit": "cross"}
+        "cogvideox": tiny_cogvideox_pipeline, "hunyuandit": tiny_hunyuandit_pipeline,
+        "qwenimage": tiny_qwenimage_pipeline, "lumina2": tiny_lumina2_pipeline, "cogview4": tiny_cogview4_pipeline,
+        "chroma": tiny_chroma_pipeline}
+SANA_CALL = {"sana": {"complex_human_instruction": None}}
+KIND = {"wan": "cross", "flux": "joint", "sana": "cross", "cogvideox": "joint", "hunyuandit": "cross",
+        "qwenimage": "joint", "lumina2": "joint", "cogview4": "joint", "chroma": "joint"}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +75,11 @@ class Inputs:
         self.handle.remove()
 
 
+def processors(den):
+    """{module name: its processor} of every attention module (Lumina 2's transformer has no attn_processors)."""
+    return {name: mod.processor for name, mod in den.named_modules() if hasattr(mod, "set_processor")}
+
+
 class TextLength:
     """What a single-stream layer needs from the capture: the text length (here known: max_sequence_length)."""
 
@@ -80,17 +95,17 @@ class TextLength:
 def test_capture_leaves_the_output_bit_identical_and_restores_the_processors(pipes, name):
     pipe = pipes[name]
     den = pipe.transformer
-    before = dict(den.attn_processors)
+    before = processors(den)
     ref = run(pipe, name)
     with capture_attention(pipe, keep="per_head") as cap:
-        inside = den.attn_processors
+        inside = processors(den)
+        assert sorted(k for k in before if inside[k] is not before[k]) == sorted(cap.layers)
         for layer in cap.layers:  # the wrapper has the original processor's signature (diffusers filters by it)
-            orig, wrapped = before[f"{layer}.processor"], inside[f"{layer}.processor"]
-            assert wrapped is not orig
+            orig, wrapped = before[layer], inside[layer]
             assert inspect.signature(wrapped.__call__) == inspect.signature(orig.__call__)
         got = run(pipe, name)
     assert torch.equal(ref, got)
-    after = den.attn_processors
+    after = processors(den)
     assert all(after[k] is before[k] for k in before) and not den._forward_pre_hooks
     assert cap.n_calls == STEPS and cap.layers == text_attention_layers(den, KIND[name])
     assert len(cap.maps) == STEPS * len(cap.layers) and all(cap.complete)
@@ -101,7 +116,8 @@ def test_maps_are_distributions_over_the_text_tokens(pipes, name):
     pipe = pipes[name]
     with capture_attention(pipe, keep="per_head") as cap:
         run(pipe, name)
-    n_text = {"hunyuandit": 77 + 256}.get(name, 16)
+    msl = CALL[name].get("max_sequence_length")
+    n_text = len(denoiser_token_infos(pipe, PROMPTS, msl, **SANA_CALL.get(name, {}))[0].ids)  # the batch's positions
     for (_, layer), m in cap.maps.items():  # [images, heads, frames * h * w, tokens]
         (h, w), f = cap.spatial[layer], cap.frames[layer]
         assert m.shape == (len(PROMPTS), cap.heads[layer], f * h * w, n_text)
@@ -165,11 +181,13 @@ def test_cross_attention_probabilities_reproduce_the_layer_output(pipes, name):
         assert masked.any() and probs[masked].max() < 1e-12 < probs[~masked].min()
 
 
-@pytest.mark.parametrize("name,layer_at", [("flux", 0), ("flux", -1), ("cogvideox", 0)])
+@pytest.mark.parametrize("name,layer_at", [("flux", 0), ("flux", -1), ("cogvideox", 0), ("qwenimage", 0),
+                                           ("cogview4", 0), ("chroma", 0), ("chroma", -1)])
 def test_joint_attention_probabilities_reproduce_the_layer_output(pipes, name, layer_at):
     """Joint attention: with the values of the image tokens zeroed (a forward hook on the value projection), the
     processor's output for the image queries is share * (renormalised text probabilities) @ text values.
-    Flux: a double-stream block (layer_at 0) and a single-stream block (-1, its input [text; image] already)."""
+    Flux / Chroma: a double-stream block (layer_at 0: text values from add_v_proj, as Qwen-Image) and a
+    single-stream block (-1, its input [text; image] already); CogVideoX / CogView4: [text; image] in the processor."""
     pipe = pipes[name]
     layer = text_attention_layers(pipe.transformer, "joint")[layer_at]
     attn = pipe.transformer.get_submodule(layer)
@@ -181,48 +199,104 @@ def test_joint_attention_probabilities_reproduce_the_layer_output(pipes, name, l
         rec.close()
     args, kwargs, _ = rec.calls[0]
     named = dict(zip(("hidden_states", "encoder_hidden_states"), args), **kwargs)
-    n_txt = 16  # max_sequence_length: the T5 positions
-    single = name == "flux" and named.get("encoder_hidden_states") is None
+    ctx = named.get("encoder_hidden_states")
+    n_txt = 16 if ctx is None else ctx.shape[1]  # single-stream: the T5 positions (max_sequence_length)
+    own_text_values = ctx is not None and getattr(attn, "add_v_proj", None) is not None  # a double-stream layer
     values = []
 
     def zero_image_values(module, inputs, v):  # plain torch: what the image tokens carry is removed
         v = v.clone()
-        if module is attn.to_v and (single or name == "cogvideox"):
+        if own_text_values:
+            v.zero_()
+        else:
             v[:, n_txt:] = 0
-        elif module is attn.to_v:
-            v = torch.zeros_like(v)
         values.append(v)
         return v
 
-    handles = [attn.to_v.register_forward_hook(zero_image_values)]
+    handle = attn.to_v.register_forward_hook(zero_image_values)
     try:
         with torch.no_grad():
             out = attn(*args, **kwargs)
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
     with torch.no_grad():
         probs, share, _ = read_layer(attn, attn.processor, named, TextLength(n_txt))
-        if name == "flux" and not single:
-            v_text = attn.add_v_proj(named["encoder_hidden_states"])
-        else:
-            v_text = values[0][:, :n_txt]
+        v_text = attn.add_v_proj(ctx) if own_text_values else values[0][:, :n_txt]
         y = _merge((share.unsqueeze(-1) * probs) @ _value_heads(attn, v_text))
-        if single:
+        if ctx is None:
             got = out[:, n_txt:]  # pre_only: no output projection
         else:
-            got = out[0]
-            y = attn.to_out[0](y)
+            got, y = out[0], attn.to_out[0](y)
     assert ((share > 0) & (share < 1)).all()
     assert torch.allclose(y, got, atol=1e-5), (y - got).abs().max()
     rows = [r for r, label in enumerate(cap.row_labels[0][:probs.shape[0]]) if label.startswith("cond:")]
     assert torch.allclose(cap.maps[(0, layer)], probs[rows].float(), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_lumina2_probabilities_reproduce_the_layer_output(pipes):
+    """Lumina 2's joint layer packs row i as its L_i unmasked caption positions then the image tokens (L_i: the
+    pipeline's own text mask); grouped key/value heads. With the image values zeroed the image queries' output is
+    share * probabilities @ the caption's values (0 probability on the caption's padding, which is not in the
+    sequence); the context and noise refiners (text alone, image alone) are not captured."""
+    pipe = pipes["lumina2"]
+    layers = text_attention_layers(pipe.transformer, "joint")
+    assert layers == ["layers.0.attn"]
+    attn = pipe.transformer.get_submodule(layers[0])
+    rec = Inputs(attn)
+    try:
+        with capture_attention(pipe, keep="per_head", calls=[0]) as cap:
+            run(pipe, "lumina2")
+    finally:
+        rec.close()
+    with torch.no_grad():
+        mask = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, max_sequence_length=48)[1]
+    lengths, n_img, n_cap = mask.sum(1).tolist(), 4, mask.shape[1]  # 32 px -> 4 x 4 latents -> 2 x 2 tokens
+    args, kwargs, _ = rec.calls[0]  # the first call: the prompts' own branch
+    values = []
+
+    def zero_image_values(module, inputs, v):
+        v = v.clone()
+        for i, n in enumerate(lengths):
+            v[i, n:n + n_img] = 0
+        values.append(v)
+        return v
+
+    handle = attn.to_v.register_forward_hook(zero_image_values)
+    try:
+        with torch.no_grad():
+            out = attn(*args, **kwargs)
+    finally:
+        handle.remove()
+    named = dict(zip(("hidden_states", "encoder_hidden_states"), args), **kwargs)
+
+    class Grid(TextLength):
+        def image_tokens(self):
+            return n_img
+
+    with torch.no_grad():
+        probs, share, _ = read_layer(attn, attn.processor, named, Grid(n_cap))
+    d = attn.to_q.out_features // attn.heads
+    v = values[0].unflatten(-1, (-1, d))  # [rows, positions, key heads, d]
+    v = v.repeat_interleave(attn.heads // v.shape[2], dim=2).transpose(1, 2)
+    for i, n in enumerate(lengths):
+        assert probs[i, :, :, n:].abs().max() == 0 and torch.allclose(probs[i].sum(-1), torch.ones(()), atol=1e-5)
+        v_text = torch.zeros(attn.heads, n_cap, d)
+        v_text[:, :n] = v[i, :, :n]
+        with torch.no_grad():
+            y = attn.to_out[0](_merge(((share[i].unsqueeze(-1) * probs[i]) @ v_text).unsqueeze(0)))[0]
+        assert torch.allclose(y, out[i, n:n + n_img], atol=1e-5), (y - out[i, n:n + n_img]).abs().max()
+    assert torch.allclose(cap.maps[(0, layers[0])], probs, atol=1e-6)
+
+
+ENCODE = {"wan": {}, "flux": {"prompt_2": None}, "qwenimage": {}, "cogview4": {"do_classifier_free_guidance": False},
+          "chroma": {"do_classifier_free_guidance": False}}  # each pipeline's encode_prompt, for its prompt_embeds
+
+
+@pytest.mark.parametrize("name", list(ENCODE))
 def test_separate_calls_rows_follow_the_branch_each_call_computes(pipes, name):
-    """Wan / Flux true CFG call the transformer once per branch: a step's two calls are one capture call, and the
-    rows labelled "cond" are those of the call given the prompt's own embeddings (told here by their values)."""
+    """Wan, Flux true CFG, Qwen-Image, CogView4, Chroma call the transformer once per branch: a step's two calls are
+    one capture call, and the rows labelled "cond" are those of the call given the prompt's own embeddings (told
+    here by their values; Qwen-Image's negative text is shorter than the prompts': each branch keeps its length)."""
     pipe = pipes[name]
     den = pipe.transformer
     layer = text_attention_layers(den, KIND[name])[0]
@@ -236,9 +310,9 @@ def test_separate_calls_rows_follow_the_branch_each_call_computes(pipes, name):
         rec.close()
         h.remove()
     with torch.no_grad():
-        prompt_embeds = pipe.encode_prompt(PROMPTS, **({"prompt_2": None} if name == "flux" else {}),
-                                           max_sequence_length=16)[0]
-    is_cond = [torch.allclose(e, prompt_embeds.to(e.dtype), atol=1e-5) for e in seen]
+        prompt_embeds = pipe.encode_prompt(PROMPTS, **ENCODE[name], max_sequence_length=16)[0]
+    is_cond = [e.shape == prompt_embeds.shape and torch.allclose(e, prompt_embeds.to(e.dtype), atol=1e-5)
+               for e in seen]
     assert len(seen) == 2 * STEPS and sum(is_cond) == STEPS  # one call per branch and step
     assert cond.n_calls == uncond.n_calls == STEPS
     order = ["cond" if c else "uncond" for c in is_cond[:2]]
@@ -251,9 +325,12 @@ def test_separate_calls_rows_follow_the_branch_each_call_computes(pipes, name):
             probs, _, _ = read_layer(den.get_submodule(layer), den.get_submodule(layer).processor, named,
                                      TextLength(16))
         assert torch.allclose(cond.maps[(step, layer)], probs, atol=1e-6)
-        assert not torch.allclose(uncond.maps[(step, layer)], probs, atol=1e-3)
+        other = uncond.maps[(step, layer)]
+        assert other.shape != probs.shape or not torch.allclose(other, probs, atol=1e-3)
+    n_uncond = uncond.mass.shape[-1]
     assert torch.allclose(cond.row_mass[1][[cond.cond_row[1]]], cond.mass[1], atol=1e-6)
-    assert torch.allclose(cond.row_mass[1][[uncond.cond_row[1]]], uncond.mass[1], atol=1e-6)
+    assert torch.allclose(cond.row_mass[1][[uncond.cond_row[1]]][:, :n_uncond], uncond.mass[1], atol=1e-6)
+    assert (cond.row_mass[1][[uncond.cond_row[1]]][:, n_uncond:] == 0).all()  # a shorter text: no mass beyond it
 
 
 @pytest.mark.parametrize("after", ["cond", "uncond"])
@@ -446,15 +523,88 @@ def test_gemma_token_classes_of_sana(gemma_sana):
         assert info.words == ["a", "red", "circle"] and [info.tokens[p] for p in info.word_positions(1)] == ["▁red"]
 
 
+def test_chat_template_token_classes_of_qwenimage(pipes):
+    """Qwen-Image: the prompt inside its chat template; the pipeline drops the template's first 34 positions (its
+    system part and "<|im_start|>user\n"), keeps the words (semantic), "<|im_end|>" (eos) and the template's tail
+    "\n<|im_start|>assistant\n" (template), and pads the batch to its longest with zero embeddings masked out (pad):
+    the ids the encoder is given after the drop, and the pipeline's own mask."""
+    from shapefirst.tokens import EOS, PAD, SEMANTIC, TEMPLATE, denoiser_token_infos
+
+    pipe = pipes["qwenimage"]
+    infos = denoiser_token_infos(pipe, PROMPTS, max_sequence_length=16)
+    rec = TextInputs(pipe.text_encoder)
+    try:
+        with torch.no_grad():
+            _, mask = pipe.encode_prompt(PROMPTS, max_sequence_length=16)
+    finally:
+        rec.close()
+    drop = pipe.prompt_template_encode_start_idx
+    first = infos[0]
+    assert first.ids == rec.ids[0][drop:] and len(first.ids) == mask.shape[1]
+    assert first.classes == [SEMANTIC] * 6 + [EOS] + [TEMPLATE] * 4
+    assert first.tokens[6:] == ["<|im_end|>", "Ċ", "<|im_start|>", "assistant", "Ċ"]
+    assert first.words == ["a", "red", "circle", "on", "the", "left"] and first.word_positions(5) == [5]
+    for info, m in zip(infos, mask.tolist()):
+        assert m == [int(c != PAD) for c in info.classes]
+    assert infos[1].classes[4] == EOS and infos[1].classes[-2:] == [PAD, PAD]
+
+
+def test_gemma_token_classes_of_lumina2(pipes):
+    """Lumina 2: <bos> (sos), its system prompt and " <Prompt Start> " before the prompt (template), the words,
+    right padding (pad: the pipeline's mask), no end token; the ids its Gemma encoder is given."""
+    from shapefirst.tokens import PAD, SEMANTIC, SOS, TEMPLATE, denoiser_token_info
+
+    pipe = pipes["lumina2"]
+    info = denoiser_token_info(pipe, "a red circle", max_sequence_length=48)
+    ids, out = _encoded_ids(pipe, pipe.text_encoder, "a red circle", max_sequence_length=48,
+                            do_classifier_free_guidance=False)
+    assert info.ids == ids[0] and out[1][0].tolist() == [int(c != PAD) for c in info.classes]
+    n = info.classes.index(SEMANTIC)
+    assert info.classes[0] == SOS and info.classes[1:n] == [TEMPLATE] * (n - 1) and info.eos_index is None
+    assert info.tokens[n - 2:n + 3] == ["▁<Prompt", "▁Start>", "▁a", "▁red", "▁circle"]
+    assert info.classes[n:n + 3] == [SEMANTIC] * 3 and set(info.classes[n + 3:]) == {PAD}
+
+
+def test_glm_token_classes_of_cogview4(pipes):
+    """CogView4: "[gMASK]<sop>" before the prompt (template), the batch left-padded to its longest and then to a
+    multiple of 16 with the pad id (pad; attended: no mask), no end token; the ids its GLM encoder is given."""
+    from shapefirst.tokens import PAD, SEMANTIC, TEMPLATE, denoiser_token_infos
+
+    pipe = pipes["cogview4"]
+    infos = denoiser_token_infos(pipe, ["a red circle", "a blue square on the left"], max_sequence_length=16)
+    rec = TextInputs(pipe.text_encoder)
+    try:
+        with torch.no_grad():
+            pipe.encode_prompt(["a red circle", "a blue square on the left"], do_classifier_free_guidance=False,
+                               max_sequence_length=16)
+    finally:
+        rec.close()
+    assert infos[0].ids == rec.ids[0] and len(infos[1].ids) == 16
+    assert infos[0].classes == [PAD] * 11 + [TEMPLATE] * 2 + [SEMANTIC] * 3
+    assert infos[1].classes == [PAD] * 8 + [TEMPLATE] * 2 + [SEMANTIC] * 6
+    assert infos[0].tokens[11:13] == ["[gMASK]", "<sop>"] and infos[0].word_positions(2) == [15]
+
+
+def test_t5_token_classes_of_chroma(pipes):
+    """Chroma reads its T5 `tokenizer`: words, "</s>" (eos), "<pad>" (pad); the ids its encoder is given."""
+    from shapefirst.tokens import EOS, PAD, SEMANTIC, denoiser_token_info
+
+    pipe = pipes["chroma"]
+    info = denoiser_token_info(pipe, "a red circle", max_sequence_length=16)
+    ids, _ = _encoded_ids(pipe, pipe.text_encoder, "a red circle", max_sequence_length=16,
+                          do_classifier_free_guidance=False)
+    assert info.ids == ids[0] and info.classes == [SEMANTIC] * 3 + [EOS] + [PAD] * 12
+
+
 def test_a_tokenizer_not_handled_is_one_line(pipes, monkeypatch):
     import dataclasses
 
     import shapefirst.tokens as tokens
     from shapefirst.families import family
 
-    fam = dataclasses.replace(family(pipes["wan"]), name="other", tokenizer="glm")
+    fam = dataclasses.replace(family(pipes["wan"]), name="other", tokenizer="chatglm")
     monkeypatch.setattr(tokens, "family", lambda pipe: fam)
-    with pytest.raises(ShapefirstError, match="'glm' tokenizer are not handled") as e:
+    with pytest.raises(ShapefirstError, match="'chatglm' tokenizer are not handled") as e:
         tokens.denoiser_token_info(pipes["wan"], "a red circle")
     assert "\n" not in str(e.value)
     with pytest.raises(ShapefirstError, match="not handled"):
@@ -582,7 +732,9 @@ def test_eos_switch_on_cogvideox_is_the_batched_pre_hook(pipes):
     assert torch.equal(got, run(pipe, "cogvideox", prompts=None, prompt_embeds=new, negative_prompt_embeds=u))
 
 
-@pytest.mark.parametrize("name,why", [("sana", "Gemma, a decoder-only model"), ("hunyuandit", "BERT and T5")])
+@pytest.mark.parametrize("name,why", [("sana", "Gemma, a decoder-only model"), ("hunyuandit", "BERT and T5"),
+                                      ("lumina2", "Gemma, a decoder-only model"), ("qwenimage", "chat template"),
+                                      ("cogview4", "GLM, a decoder-only model")])
 def test_eos_interventions_refuse_with_the_reason(pipes, gemma_sana, name, why):
     from shapefirst.interventions import keep_first_eos
     from shapefirst.tokens import denoiser_token_info, require_end_token

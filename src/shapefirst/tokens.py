@@ -397,7 +397,8 @@ def denoiser_token_info(pipe, prompt: str, max_sequence_length: int | None = Non
     if fam.tokenizer == "glm":
         return glm_token_info(pipe.tokenizer, prompt, _t5_max_length(pipe, max_sequence_length))
     raise ShapefirstError(f"token classes of {type(pipe).__name__}'s {fam.tokenizer!r} tokenizer are not handled",
-                          "run the token analyses on SD, SDXL, PixArt, SD3, Wan, Flux, CogVideoX, Sana or HunyuanDiT")
+                          "run the token analyses on SD, SDXL, PixArt, SD3, Wan, Flux, Chroma, CogVideoX, Sana, "
+                          "HunyuanDiT, Qwen-Image, Lumina 2 or CogView4")
 
 
 def _sd3_token_info(pipe, prompt: str, max_sequence_length: int | None) -> TokenInfo:
@@ -541,8 +542,8 @@ def require_end_token(pipe, analysis: str) -> None:
         why = f"token classes of its {fam.tokenizer!r} tokenizer are not handled"
     if why is not None:
         raise ShapefirstError(f"{analysis} edits the prompt's [EOS] block, and {type(pipe).__name__} cannot: {why}",
-                              "run it on SD 1.x/2.x, SDXL, PixArt, Wan, Flux or CogVideoX; attention runs on "
-                              "every family")
+                              "run it on SD 1.x/2.x, SDXL, PixArt, Wan, Flux, Chroma or CogVideoX; attention "
+                              "runs on every family")
 
 
 def swapped(emb_words: torch.Tensor, infos_words, emb_eos: torch.Tensor, infos_eos) -> torch.Tensor:
