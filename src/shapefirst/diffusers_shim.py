@@ -1,11 +1,12 @@
 """The one place shapefirst reflects over diffusers' hook internals, for the transformer caches
-(shapefirst.transformer_cache) on pipelines that do not open diffusers' `cache_context` themselves.
+(shapefirst.transformer_cache), on pipelines that open diffusers' `cache_context` themselves or not.
 
 diffusers' cache hooks (FirstBlockCache, TaylorSeer, MagCache, ...) keep their state in StateManagers
 (`diffusers.hooks.hooks`) that need a CacheContext set before every denoiser call; the pipelines that
 support them do it through `CacheMixin.cache_context`. Here: the StateManagers a hook holds (found
-among its attributes) and the context they all get. Tested on diffusers TESTED (pinned in pyproject);
-tests/test_transformer_cache.py fails first if a release changes them."""
+among its attributes), the context they all get, and the context a pipeline has set on them. Tested on
+diffusers TESTED (pinned in pyproject); tests/test_transformer_cache.py and tests/test_separate_caches.py
+fail first if a release changes them."""
 from __future__ import annotations
 
 from diffusers.hooks.hooks import CacheContext, StateManager
@@ -18,8 +19,24 @@ def state_managers(hooks) -> list[StateManager]:
     return [v for h in hooks for v in vars(h).values() if isinstance(v, StateManager)]
 
 
-def open_context(managers: list[StateManager], name: str = "cond_uncond") -> None:
-    """Set the cache context of one denoiser call (diffusers' name for a batched [uncond, cond] call)."""
-    context = CacheContext(name)
+def open_context(managers: list[StateManager], name: str = "cond_uncond") -> CacheContext:
+    """Set the cache context of one denoiser call (diffusers' name for a batched [uncond, cond] call); returns it."""
+    return set_context(managers, CacheContext(name))
+
+
+def set_context(managers: list[StateManager], context: CacheContext) -> CacheContext:
+    """Set `context` on the StateManagers (again, after a reset cleared the one a pipeline had set)."""
     for sm in managers:
         sm.set_context(context)
+    return context
+
+
+def current_context(managers: list[StateManager]) -> CacheContext | None:
+    """The cache context set on the hooks' StateManagers now (a pipeline's own `cache_context`, or the last one
+    open_context set), through StateManager's public `context` property; None when none is set (or no manager)."""
+    for sm in managers:
+        try:
+            return sm.context
+        except ValueError:  # diffusers: "No cache context is set"
+            return None
+    return None

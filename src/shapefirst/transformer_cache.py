@@ -1,29 +1,42 @@
-"""diffusers' transformer caches on a diffusion-transformer pipeline that does not prepare them,
-alone or under a shapefirst guidance schedule.
+"""diffusers' transformer caches on a diffusion-transformer pipeline, alone or under a shapefirst guidance
+schedule: on pipelines that do not prepare them (PixArt, SD3: batched CFG) and on those that call the
+transformer once per branch (Wan 2.1/2.2, Flux with true CFG).
 
 The caches (`diffusers.hooks`, as diffusers 0.42 ships them): FasterCache (Lv et al. 2024; it also
 skips the unconditional branch), Pyramid Attention Broadcast (Zhao et al. 2024), First Block Cache
 (ParaAttention), TaylorSeer (Liu et al. 2025) and MagCache (Ma et al. 2025). diffusers' cache-ready
-pipelines (Flux, CogVideoX, ...) give them two things that PixArt's and SD3's pipelines in 0.42 do
-not: a `cache_context` around every denoiser call (First Block Cache, TaylorSeer and
-MagCache keep their state per context and refuse to run without one) and `pipe.current_timestep`
-(FasterCache and Pyramid Attention Broadcast gate on it). Their transformer models are not
-`CacheMixin` either, so `enable_cache` is missing. `transformer_cache(pipe, TransformerCache(...))`
-applies the cache with diffusers' own `apply_*` function and supplies both with two plain torch
-forward pre-hooks: one on the transformer records each call's timestep (FasterCache and PAB compare
-it on the host, as they do in diffusers' own pipelines: one device read per call for those two), one
-on the first transformer block opens the cache context for the call and starts every cache afresh
-when a new run begins (the scheduler's `timesteps` is a new tensor) or the batch changes.
+pipelines (Flux, Wan, CogVideoX, ...) give them two things that PixArt's and SD3's pipelines in 0.42 do
+not: a `cache_context` around every denoiser call (First Block Cache, TaylorSeer and MagCache keep their
+state per context and refuse to run without one) and `pipe.current_timestep` (FasterCache and Pyramid
+Attention Broadcast gate on it). `transformer_cache(pipe, TransformerCache(...))` applies the cache with
+diffusers' own `apply_*` function to every transformer of the pipeline (Wan 2.2: both experts) and adds
+two plain torch forward pre-hooks per transformer: one records each call's timestep (FasterCache and PAB
+compare it on the host, as in diffusers' own pipelines: one device read per call for those two), one on
+the first transformer block opens a cache context for the call where the pipeline opened none (one
+batched [uncond, cond] call; a pipeline's own "cond"/"uncond" contexts are left as they are) and starts
+every cache afresh when a new run begins (the scheduler's `timesteps` is a new tensor) or the rows a
+context computes change.
 
-Under a guidance stop the denoiser batch drops from 2B rows to B, so a tensor cached from the guided
-calls must not be reused: the caches that only look back a call or a few (First Block Cache, PAB,
-TaylorSeer) start afresh at the stop and compose. Two refuse, with an error at the call where the
-batch changes: FasterCache, because its denoiser hook splits every batch into [uncond, cond] halves
-to skip the unconditional branch (after the stop there is one branch, so "FasterCache + stop" is
-FasterCache alone), and MagCache, whose skip rule is indexed by the step (its `mag_ratios`), which a
-restart at the stop would misalign. Both check the pipeline's guidance schedule at every call (host
-attributes only) and refuse one that stops. On SD3, FasterCache and First Block Cache fail inside
-diffusers 0.42 (UNSUPPORTED says why) and are refused up front.
+Under a guidance stop (`conflict` has the rules):
+- batched CFG: the batch drops from 2B rows to B, so the caches that only look back a call or a few
+  (First Block Cache, PAB, TaylorSeer) start afresh at the stop and compose. FasterCache refuses, because
+  its denoiser hook splits every batch into [uncond, cond] halves to skip the unconditional branch (after
+  the stop there is one branch, so "FasterCache + stop" is FasterCache alone), and so does MagCache, whose
+  skip rule is indexed by the step (its `mag_ratios`), which a restart at the stop would misalign.
+- one call per branch: the pipeline's "cond" context keeps computing the conditional branch on every row
+  and the "uncond" context simply ends at the stop (shapefirst does not make that call), so each context's
+  state stays one branch's, in step order: First Block Cache, TaylorSeer and MagCache compose with a stop
+  that keeps the conditional branch (after="cond"). after="uncond" is refused (the pipeline's first, "cond"
+  context would compute the unconditional branch from the stop on, mixing branches in one state); MagCache
+  also refuses schedules under which the unconditional branch does not run from the first step without
+  gaps (a late start, alternate, per-image adaptive stops: its ratios are indexed by the calls a state has
+  seen), and TaylorSeer refuses `alternate` (its Taylor expansion counts calls as equally spaced steps).
+  FasterCache and PAB are refused on these pipelines altogether: both keep one state per layer rather than
+  per branch context (PAB's unconditional call would reuse the conditional call's attention; FasterCache
+  splits a one-branch batch into halves).
+Each refusal is checked at every call (host attributes only). On SD3, FasterCache and First Block Cache
+fail inside diffusers 0.42 (UNSUPPORTED says why) and are refused up front. MagCache on Wan 2.2 takes one
+`mag_ratios` list per expert (each expert runs part of the steps; calibrate_mag_ratios measures them).
 
     with transformer_cache(pipe, TransformerCache("fbc", threshold=0.1)):
         images = pipe(prompts).images
@@ -34,19 +47,22 @@ import logging
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from diffusers.hooks import HookRegistry
 
-from .diffusers_shim import open_context, state_managers
+from .diffusers_shim import current_context, open_context, set_context, state_managers
 from .errors import ShapefirstError
-from .guidance_hook import session_of
-from .pipeline import denoiser_of, latent_input, timestep_input, timestep_value
+from .families import family
+from .guidance_hook import denoisers_of, session_of
+from .pipeline import latent_input, timestep_input, timestep_value
 
 KINDS = ("faster", "pab", "fbc", "taylorseer", "mag")
 NAMES = {"faster": "FasterCache", "pab": "Pyramid Attention Broadcast", "fbc": "First Block Cache",
          "taylorseer": "TaylorSeer", "mag": "MagCache"}
-# defaults from diffusers' documentation examples for image models, with PixArt's module names
+# defaults from diffusers' documentation examples for image models, with the attention module names of PixArt,
+# SD3, Flux (transformer_blocks.N.attn[12], single_transformer_blocks.N.attn) and Wan (blocks.N.attn1/attn2)
 DEFAULTS = {
     "faster": {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (-1, 681),
                "low_frequency_weight_update_timestep_range": (99, 641),
@@ -56,7 +72,8 @@ DEFAULTS = {
     "fbc": {"threshold": 0.05},
     # diffusers' default patterns are fullmatched against "transformer_blocks.N.attn": PixArt's are attn1/attn2
     "taylorseer": {"cache_interval": 5, "disable_cache_before_step": 3, "max_order": 1,
-                   "taylor_factors_dtype": torch.float32, "cache_identifiers": [r"transformer_blocks\.\d+\.attn\d?"]},
+                   "taylor_factors_dtype": torch.float32,
+                   "cache_identifiers": [r"(single_transformer_blocks|transformer_blocks|blocks)\.\d+\.attn\d?"]},
     "mag": {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2},
 }
 # kind -> (diffusers.hooks config class, its apply function)
@@ -78,13 +95,19 @@ ONE_BATCH = {"faster": "FasterCache skips the unconditional branch itself (its d
                        "into [uncond, cond] halves, and after a stop there is one branch)",
              "mag": "MagCache's skip rule is indexed by the step (mag_ratios), which a restart at the stop would "
                     "misalign"}
+# kinds refused on a pipeline that calls the transformer once per branch, and why
+PER_LAYER = {"faster": "FasterCache splits every transformer call's batch into [uncond, cond] halves and keeps one "
+                       "state per layer",
+             "pab": "Pyramid Attention Broadcast keeps one state per attention layer, not per branch, so the "
+                    "unconditional call would reuse the conditional call's attention"}
 
 
 @dataclass(frozen=True)
 class TransformerCache:
     """One of diffusers' transformer caches. kind: faster | pab | fbc | taylorseer | mag; options:
     fields of its diffusers config over DEFAULTS (FasterCache's attention_weight_callback may be a number).
-    MagCache needs `mag_ratios` measured on the same model and step count (calibrate_mag_ratios)."""
+    MagCache needs `mag_ratios` measured on the same model and step count (calibrate_mag_ratios): one list,
+    or one list per transformer on a pipeline with several (Wan 2.2's two experts)."""
 
     kind: str
     options: dict = field(default_factory=dict)
@@ -95,8 +118,6 @@ class TransformerCache:
         if kind == "mag" and options.get("mag_ratios") is None and not options.get("calibrate"):
             raise ShapefirstError("MagCache needs mag_ratios measured on this model at this step count",
                                   "measure them with shapefirst.transformer_cache.calibrate_mag_ratios(pipe, run)")
-        if kind == "mag" and options.get("mag_ratios") is not None:
-            options.setdefault("num_inference_steps", len(options["mag_ratios"]))
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "options", {**DEFAULTS[kind], **options})
 
@@ -105,11 +126,28 @@ class TransformerCache:
         keep = {k: v for k, v in self.options.items() if k not in DEFAULTS[self.kind] or DEFAULTS[self.kind][k] != v}
         return self.kind + "".join(f" {k}={v}" for k, v in keep.items() if k != "mag_ratios")
 
-    def diffusers_config(self, timestep):
+    def per_denoiser(self, n: int) -> list[dict]:
+        """The options for each of a pipeline's `n` transformers: MagCache's ratios split per transformer (one
+        list each; a single list for a single transformer), its num_inference_steps from their length."""
+        if self.kind != "mag" or self.options.get("mag_ratios") is None:
+            return [dict(self.options) for _ in range(n)]
+        raw = self.options["mag_ratios"]
+        nested = raw.dim() > 1 if isinstance(raw, torch.Tensor) else \
+            bool(len(raw)) and isinstance(raw[0], (list, tuple, torch.Tensor))
+        per = list(raw) if nested else [raw]
+        if len(per) != n:
+            raise ShapefirstError(f"MagCache got {len(per)} mag_ratios list(s) for a pipeline with {n} transformers "
+                                  "(each runs its own share of the steps)",
+                                  "pass one list per transformer, as calibrate_mag_ratios(pipe, run, steps) returns")
+        return [{**self.options, "mag_ratios": [float(x) for x in r], "num_inference_steps": len(r)} for r in per]
+
+    def diffusers_config(self, timestep, options: dict | None = None):
         """The diffusers config; `timestep` is a callable returning the current call's timestep."""
         from diffusers import hooks
 
-        o = dict(self.options)
+        o = dict(self.options if options is None else options)
+        if self.kind == "mag" and o.get("mag_ratios") is not None:
+            o.setdefault("num_inference_steps", len(o["mag_ratios"]))
         if self.kind == "faster" and not callable(o.get("attention_weight_callback")):
             w = float(o["attention_weight_callback"])
             o["attention_weight_callback"] = lambda _module: w
@@ -122,10 +160,39 @@ class TransformerCache:
             raise ShapefirstError(f"bad {self.kind} cache option: {e}", f"see diffusers' {cls.__name__}") from None
 
 
-def _apply(den, cache: TransformerCache, timestep) -> None:
+def _late_start(schedule) -> bool:
+    return bool(schedule.start) or bool(schedule.start_step) or schedule.start_sigma is not None
+
+
+def conflict(kind: str, separate: bool, schedule) -> str | None:
+    """Why cache `kind` cannot run under `schedule` (a shapefirst GuidanceSchedule, or None), on a pipeline
+    with batched CFG or (separate) one transformer call per branch; None when it composes."""
+    if schedule is None or not schedule.stops:
+        return None
+    if not separate:
+        return ONE_BATCH.get(kind)
+    if schedule.after != "cond":
+        return ("after='uncond': from the stop on, the pipeline's first call of each step (its 'cond' cache "
+                "context) computes the unconditional branch, so one cache state would mix both branches")
+    if kind == "mag" and (_late_start(schedule) or schedule.alternate or schedule.adaptive is not None):
+        return ("MagCache indexes its mag_ratios by the calls each branch's state has seen, so the unconditional "
+                "branch must run from the first step without gaps (no late start, alternate or adaptive stop)")
+    if kind == "taylorseer" and schedule.alternate:
+        return ("TaylorSeer's expansion counts a state's calls as equally spaced steps, and alternate makes the "
+                "unconditional branch skip every other step after the stop")
+    return None
+
+
+FIXES = {False: "run {kind} alone, or use fbc, pab or taylorseer with the stop",
+         True: "keep the conditional branch after a plain stop (GuidanceSchedule(w, stop=..., after='cond')), "
+               "or run {kind} alone"}
+
+
+def _apply(den, cache: TransformerCache, timestep, options: dict) -> None:
     from diffusers import hooks
 
-    getattr(hooks, DIFFUSERS[cache.kind][1])(den, cache.diffusers_config(timestep))
+    getattr(hooks, DIFFUSERS[cache.kind][1])(den, cache.diffusers_config(timestep, options))
+    HookRegistry.check_if_exists_or_initialize(den).invalidate_child_registries_cache()
 
 
 def _registries(den) -> list[tuple[torch.nn.Module, HookRegistry]]:
@@ -140,111 +207,183 @@ def _hooks_since(den, before: set) -> list[tuple[torch.nn.Module, HookRegistry, 
     return [(m, reg, n) for m, reg in _registries(den) for n in list(reg.hooks) if (id(m), n) not in before]
 
 
+@dataclass
+class _Part:
+    """One transformer of the pipeline and the cache hooks applied to it."""
+
+    den: torch.nn.Module
+    added: list  # [(module, hook)]
+    managers: list
+
+
 class _Calls:
-    """What the two pre-hooks share: the current timestep, and the cache hooks to start afresh."""
+    """What the pre-hooks share: the current timestep, each transformer's cache hooks to start afresh, the
+    context shapefirst opened last, and the rows each context computed last."""
 
-    def __init__(self, pipe, cache: TransformerCache):
-        self.pipe, self.cache = pipe, cache
-        self.added: list = []  # [(module, hook)] the cache's hooks
-        self.managers: list = []
+    def __init__(self, pipe, cache: TransformerCache, separate: bool):
+        self.pipe, self.cache, self.separate = pipe, cache, separate
+        self.parts: list[_Part] = []
         self.timestep = None
-        self.run_timesteps, self.rows = None, None
+        self.run_timesteps, self.rows, self.opened = None, {}, None
         self.calls = 0
+        self.current = None  # the index of the transformer running now
 
-    def bind(self, added: list) -> None:
-        self.added = added
-        self.managers = state_managers(h for _, h in added)
+    @property
+    def added(self) -> list:
+        """[(module, hook)] every cache hook applied, over all transformers."""
+        return [a for part in self.parts for a in part.added]
 
-    def record_timestep(self, module, args, kwargs) -> None:
-        self.timestep = timestep_input(args, kwargs)
+    def bind(self, den, added: list) -> None:
+        self.parts.append(_Part(den, added, state_managers(h for _, h in added)))
 
-    def refuse_a_stop(self) -> None:
+    def record_timestep(self, index: int, module, args, kwargs) -> None:
+        self.timestep, self.current = timestep_input(args, kwargs), index
+
+    def refuse_a_conflict(self) -> None:
         session = session_of(self.pipe)
         binding = session.binding_of(self.pipe) if session is not None else None
-        if binding is not None and binding.schedule.stops:
+        why = conflict(self.cache.kind, self.separate, binding.schedule if binding is not None else None)
+        if why:
             raise ShapefirstError(f"the {self.cache.kind} cache does not compose with a guidance schedule that "
-                                  f"stops: {ONE_BATCH[self.cache.kind]}",
-                                  f"run {self.cache.kind} alone, or use fbc, pab or taylorseer with the stop")
+                                  f"stops: {why}", FIXES[self.separate].format(kind=self.cache.kind))
 
     def current_timestep(self) -> float:
         return timestep_value(self.timestep)
 
-    def open_call(self, module, args, kwargs) -> None:
-        rows = latent_input(args, kwargs).shape[0]
-        ts = getattr(self.pipe.scheduler, "timesteps", None)
-        if self.cache.kind in ONE_BATCH:
-            self.refuse_a_stop()
-        # FasterCache's own unconditional skip changes the batch it passes on: its hooks expect that
-        if ts is not self.run_timesteps or (rows != self.rows and self.cache.kind not in ONE_BATCH):
-            for m, h in self.added:
+    def reset(self) -> None:
+        for part in self.parts:
+            for m, h in part.added:
                 h.reset_state(m)
-            self.run_timesteps, self.rows = ts, rows
-        open_context(self.managers)  # one batched [uncond, cond] call, as diffusers names it
+        self.rows = {}
+
+    def open_call(self, part: _Part, module, args, kwargs) -> None:
+        rows = latent_input(args, kwargs).shape[0]
+        self.refuse_a_conflict()
+        ts = getattr(self.pipe.scheduler, "timesteps", None)
+        own = current_context(part.managers)
+        mine = own is None or own is self.opened
+        key = (id(part.den), "shapefirst" if mine else own.name)
+        if ts is not self.run_timesteps:
+            self.reset()
+            self.run_timesteps = ts
+        # FasterCache's own unconditional skip changes the batch it passes on: its hooks expect that
+        elif self.rows.get(key, rows) != rows and self.cache.kind not in ONE_BATCH:
+            self.reset()
+        self.rows[key] = rows
+        if mine:  # one batched [uncond, cond] call, as diffusers names it
+            self.opened = open_context(part.managers)
+        else:  # the pipeline's own context (a reset above cleared it)
+            set_context(part.managers, own)
         self.calls += 1
 
 
 def _first_block(den) -> torch.nn.Module:
-    blocks = getattr(den, "transformer_blocks", None)
-    if not isinstance(blocks, torch.nn.ModuleList) or not len(blocks):
-        raise ShapefirstError(f"transformer caches need a diffusion transformer with `transformer_blocks`; "
-                              f"this pipeline's denoiser is a {type(den).__name__}",
-                              "use them on PixArt or SD3 pipelines; for a UNet use shapefirst's late caches "
-                              "(--cache) or the DeepCache package")
-    return blocks[0]
+    for name in ("transformer_blocks", "blocks"):
+        blocks = getattr(den, name, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+            return blocks[0]
+    raise ShapefirstError(f"transformer caches need a diffusion transformer with `transformer_blocks` or `blocks`; "
+                          f"this pipeline's denoiser is a {type(den).__name__}",
+                          "use them on PixArt, SD3, Flux or Wan pipelines; for a UNet use shapefirst's late caches "
+                          "(--cache) or the DeepCache package")
+
+
+def _check(pipe, dens: list, cache: TransformerCache, separate: bool) -> None:
+    for den in dens:
+        _first_block(den)
+        why = UNSUPPORTED.get((type(den).__name__, cache.kind))
+        if why:
+            raise ShapefirstError(f"the {cache.kind} cache does not run on {type(den).__name__} in diffusers 0.42: "
+                                  f"{why}", "use pab, taylorseer or mag on this model")
+        if getattr(den, "is_cache_enabled", False):
+            raise ShapefirstError(f"a diffusers cache is already enabled on this {type(den).__name__}",
+                                  "call its disable_cache() first, or use that cache alone")
+    if separate and cache.kind in PER_LAYER:
+        raise ShapefirstError(f"the {cache.kind} cache does not run on {type(pipe).__name__}, which calls the "
+                              f"transformer once per branch: {PER_LAYER[cache.kind]}",
+                              "use fbc, taylorseer or mag on this pipeline (one state per branch through its "
+                              "cache_context)")
 
 
 @contextmanager
 def transformer_cache(pipe, cache: TransformerCache):
-    """Apply `cache` to the pipeline's transformer for the `with` block; on exit (also on an exception)
-    every hook it added is removed and the transformer runs its plain forward again."""
-    den = denoiser_of(pipe)
-    first = _first_block(den)
-    why = UNSUPPORTED.get((type(den).__name__, cache.kind))
-    if why:
-        raise ShapefirstError(f"the {cache.kind} cache does not run on {type(den).__name__} in diffusers 0.42: {why}",
-                              "use pab, taylorseer or mag on this model")
-    before = _hook_names(den)
-    calls = _Calls(pipe, cache)
+    """Apply `cache` to the pipeline's transformer(s) for the `with` block; on exit (also on an exception)
+    every hook it added is removed and the transformers run their plain forward again."""
+    dens = denoisers_of(pipe)
+    separate = family(pipe).cfg == "separate"
+    _check(pipe, dens, cache, separate)
+    options = cache.per_denoiser(len(dens))
+    before = [_hook_names(den) for den in dens]
+    calls = _Calls(pipe, cache, separate)
     handles = []
     try:
-        _apply(den, cache, calls.current_timestep)
-        calls.bind([(m, reg.hooks[n]) for m, reg, n in _hooks_since(den, before)])
-        handles = [den.register_forward_pre_hook(calls.record_timestep, with_kwargs=True),
-                   first.register_forward_pre_hook(calls.open_call, with_kwargs=True)]
+        for i, den in enumerate(dens):
+            _apply(den, cache, calls.current_timestep, options[i])
+            calls.bind(den, [(m, reg.hooks[n]) for m, reg, n in _hooks_since(den, before[i])])
+            handles += [den.register_forward_pre_hook(partial(calls.record_timestep, i), with_kwargs=True),
+                        _first_block(den).register_forward_pre_hook(partial(calls.open_call, calls.parts[-1]),
+                                                                    with_kwargs=True)]
         yield calls
     finally:
         for h in handles:
             h.remove()
-        for _, reg, n in _hooks_since(den, before):
-            reg.remove_hook(n, recurse=False)
+        for den, names in zip(dens, before):
+            for _, reg, n in _hooks_since(den, names):
+                reg.remove_hook(n, recurse=False)
+            HookRegistry.check_if_exists_or_initialize(den).invalidate_child_registries_cache()
 
 
 class _RatiosLog(logging.Handler):
-    def __init__(self):
+    """diffusers' MagCache calibration results as they are logged, with the transformer that logged them."""
+
+    def __init__(self, calls):
         super().__init__(logging.INFO)
-        self.ratios: list[list[float]] = []
+        self.calls = calls
+        self.ratios: list[tuple[int, list[float]]] = []
 
     def emit(self, record) -> None:
         m = re.search(r"MagCache Calibration Results: \[(.*)\]", record.getMessage())
         if m:
-            self.ratios.append([float(x) for x in m.group(1).split(",") if x.strip()])
+            self.ratios.append((self.calls.current, [float(x) for x in m.group(1).split(",") if x.strip()]))
 
 
-def calibrate_mag_ratios(pipe, run, steps: int) -> list[float]:
+def _steps_per_denoiser(pipe, run, dens: list) -> list[int]:
+    """How many steps each transformer runs in `run()` (distinct timesteps it is called with)."""
+    seen = [set() for _ in dens]
+    handles = [den.register_forward_pre_hook(
+        lambda m, a, k, s=s: s.add(timestep_value(timestep_input(a, k))), with_kwargs=True)
+        for den, s in zip(dens, seen)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return [len(s) for s in seen]
+
+
+def calibrate_mag_ratios(pipe, run, steps: int) -> list:
     """MagCache's calibration as diffusers ships it (calibrate=True: nothing skipped, the per-step
     magnitude ratios logged at the end of the run): `run()` makes one pipeline call of `steps` steps;
-    returns the ratios diffusers logged (read from its logger), to pass as mag_ratios."""
+    returns the ratios diffusers logged (read from its logger), to pass as mag_ratios. On a pipeline with
+    several transformers (Wan 2.2) a first run counts the steps each runs, and the result is one list per
+    transformer (each of its own length)."""
+    dens = denoisers_of(pipe)
+    counts = [steps] if len(dens) == 1 else _steps_per_denoiser(pipe, run, dens)
     log = logging.getLogger("diffusers.hooks.mag_cache")
-    handler, level = _RatiosLog(), log.level
+    level = log.level
+    cache = TransformerCache("mag", calibrate=True, mag_ratios=[[1.0] * n for n in counts])
+    handler = _RatiosLog(None)
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        with transformer_cache(pipe, TransformerCache("mag", calibrate=True, num_inference_steps=steps)):
+        with transformer_cache(pipe, cache) as calls:
+            handler.calls = calls
             run()
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
-    if not handler.ratios or len(handler.ratios[-1]) != steps:
+    got = [[r for i, r in handler.ratios if i == d] for d in range(len(dens))]
+    if any(not g or len(g[-1]) != n for g, n in zip(got, counts)):
         raise ShapefirstError(f"MagCache calibration logged no ratios for a {steps}-step run",
                               f"make run() one pipeline call of {steps} steps")
-    return handler.ratios[-1]
+    return got[0][-1] if len(dens) == 1 else [g[-1] for g in got]
