@@ -32,6 +32,19 @@ from .rows import row_images
 from .tokens import TokenInfo, check_embedding, require_eos
 
 KV_MODES = ("keys", "values", "both")
+EMBEDDING_FAMILIES = ("sd", "sdxl", "pixart", "sd3")
+"""The families whose prompt embeddings shapefirst.pipeline (encode_prompts, embeds_call) makes for the embedding
+analyses (eos-swap, token-ablation); the same list as report.page.EMBEDDING_FAMILIES."""
+
+
+def require_embeddings(pipe, analysis: str) -> None:
+    """One line for a pipeline whose prompt embeddings shapefirst.pipeline does not make yet (the functions here
+    still work on the pipeline's own prompt_embeds: tokens.swapped, eos_switch)."""
+    fam = family(pipe).name
+    if fam not in EMBEDDING_FAMILIES:
+        raise ShapefirstError(f"{analysis} makes its prompt embeddings with shapefirst.pipeline.encode_prompts, which "
+                              f"makes them for {', '.join(EMBEDDING_FAMILIES)} only, not yet for {fam}",
+                              "edit the pipeline's own prompt_embeds with tokens.swapped / interventions.eos_switch")
 
 
 def keep_first_eos(emb: torch.Tensor, info: TokenInfo, n: int, fill: str = "zero",

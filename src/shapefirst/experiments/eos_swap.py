@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ..errors import ShapefirstError
-from ..interventions import EosSwitch, eos_switch  # noqa: F401 (EosSwitch: public here too)
+from ..interventions import EosSwitch, eos_switch, require_embeddings  # noqa: F401 (EosSwitch: public here too)
 from ..generate import batches, count_calls, generate, generate_embeds
 from ..guidance import GuidanceSchedule
 from ..metrics import ci_dict, default_judge, judged_labels, share, to_uint8
@@ -158,6 +158,7 @@ def run_eos_swap(pipe, pairs, steps: int = 50, seed: int = 0, schedule: Guidance
     pass [] to skip it). judge_fn: image -> labels (default: the world's judge when pairs carry
     labels). clip: a metrics.Clip for CLIP scores. keep_images: pairs whose images are stored."""
     require_end_token(pipe, "eos-swap")
+    require_embeddings(pipe, "eos-swap")
     pairs = normalize_pairs(pairs)
     labelled = all(p["labels_a"] and p["labels_b"] for p in pairs)
     if judge_fn is None and labelled:

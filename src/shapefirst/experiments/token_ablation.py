@@ -50,6 +50,7 @@ from ..guidance import GuidanceSchedule
 from ..metrics import l1
 from ..results import Result, yerr
 from ..interventions import KV_MODES, KVState, KVSubstituteProcessor, keep_first_eos, kv_substitution, replace_class  # noqa: F401 (KV names: public here too)
+from ..interventions import require_embeddings
 from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, denoiser_token_info, require_end_token
 from ..generate import batches, generate_embeds
 from ..metrics import ci_dict, default_judge, judged_labels, share, to_uint8
@@ -143,6 +144,7 @@ def run_token_ablation(pipe, prompts, targets=None, steps: int = 50, seed: int =
     attention_kl: KL of attention maps vs uniform at kl_calls (default first, middle, last call).
     keep_images: prompts whose images are stored (arrays["images"]: [variants, k, H, W, 3] uint8)."""
     require_end_token(pipe, "token-ablation")
+    require_embeddings(pipe, "token-ablation")
     prompts = check_prompts(prompts)
     if targets is not None:
         targets = [dict(t) for t in targets]
