@@ -78,19 +78,23 @@ class CacheDitPeer:
         return _cache_dit().summary(self.pipe, logging=False)
 
     def check_call(self, module, args, kwargs) -> None:
-        """Forward pre-hook on each transformer: refuse a call whose CFG layout cache-dit would misread."""
+        """Forward pre-hook on each transformer: refuse a call of the pipeline that cache-dit would misread."""
         self.reached.flag = False
         call = running_call()
-        if call is None or call.pipe is not self.pipe:
-            return
-        fam = family(self.pipe)
-        separate = fam.cfg == "separate" and separate_cfg(fam, call)
+        if call is not None and call.pipe is self.pipe:
+            fam = family(self.pipe)
+            separate = fam.cfg == "separate" and separate_cfg(fam, call)
+            self._check_layout(separate)
+            self._check_schedule(fam, call, separate)
+
+    def _check_layout(self, separate: bool) -> None:
         if separate != self.separate_cfg:
-            name = type(self.pipe).__name__
-            raise ShapefirstError(f"cache-dit treats each {name} transformer call as "
+            raise ShapefirstError(f"cache-dit treats each {type(self.pipe).__name__} transformer call as "
                                   f"{'one branch of a step' if self.separate_cfg else 'a whole step'}, but this "
                                   f"call runs {'CFG as one call per branch' if separate else 'one call per step'}",
                                   f"enter cache_dit_peer(pipe, enable_separate_cfg={separate})")
+
+    def _check_schedule(self, fam, call, separate: bool) -> None:
         session = session_of(self.pipe)
         binding = session.binding_of(self.pipe) if session is not None else None
         if binding is None or not binding.schedule.stops and not _unguided_step(fam, call, separate):
@@ -100,12 +104,12 @@ class CacheDitPeer:
                                   "under this guidance schedule shapefirst skips the unconditional call of unguided "
                                   "steps, which would file the conditional branch under cache-dit's CFG state",
                                   FIX_STOP)
-        if self.config.residual_diff_threshold >= 1.0 or (self.config.steps_computation_mask is not None and
-                                                          self.config.steps_computation_policy == "static"):
+        c = self.config
+        if c.residual_diff_threshold >= 1.0 or (c.steps_computation_mask is not None and
+                                                c.steps_computation_policy == "static"):
             raise ShapefirstError("this cache-dit config reuses its cache without comparing shapes (threshold >= 1 "
                                   "or a static steps mask), and the guidance stop halves the batch",
                                   "keep residual_diff_threshold below 1 and the dynamic steps policy")
-
 
     def check_reached(self, module, args, kwargs, output):
         """Forward hook (first of them) on a transformer that had a hooked forward: did the call reach it?"""
@@ -153,6 +157,14 @@ def _check(cd, pipe, config, dens: list) -> None:
                                       f"{config.Bn_compute_blocks} blocks at every step, and this "
                                       f"{type(den).__name__}'s `{group}` has {n}",
                                       f"pass Fn_compute_blocks={max(n - 1, 1)} or fewer")
+
+
+def _enable(cd, pipe, config) -> None:
+    try:
+        cd.enable_cache(pipe, cache_config=config)
+    except AssertionError as e:  # cache-dit's block adapters assert what they accept
+        raise ShapefirstError(f"cache-dit could not cache {type(pipe).__name__}: {e}",
+                              "use a pipeline whose transformer cache-dit's block adapter accepts") from None
 
 
 class _Restore:
@@ -224,7 +236,7 @@ def cache_dit_peer(pipe, **options):
     restore = _Restore(pipe, dens, peer.reached)
     peer.stand_ins = set(restore.stand_ins)
     try:
-        cd.enable_cache(pipe, cache_config=config)
+        _enable(cd, pipe, config)
         peer.handles = [h for den in dens for h in (
             den.register_forward_pre_hook(peer.check_call, with_kwargs=True),
             den.register_forward_hook(peer.check_reached, with_kwargs=True, prepend=True))]
