@@ -37,14 +37,32 @@ CALL = {  # call arguments of each tiny pipeline (sizes giving a token grid of 2
     "lumina2": dict(height=32, width=32, max_sequence_length=48),
     "cogview4": dict(height=16, width=16, max_sequence_length=16),
     "chroma": dict(height=16, width=16, max_sequence_length=16),
+    "cogvideox_rope": dict(height=32, width=32, num_frames=9, max_sequence_length=16),
 }
+def cogvideox_rope_pipeline():
+    """tiny_cogvideox_pipeline with a transformer that uses the 3-D rotary embedding (CogVideoX 1.5's setting;
+    head width 16 so that its time/height/width split is even), built here."""
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    base = tiny_cogvideox_pipeline()
+    torch.manual_seed(1)
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                              out_channels=4, time_embed_dim=2, text_embed_dim=32, num_layers=1,
+                                              sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+                                              temporal_compression_ratio=4, max_text_seq_length=16,
+                                              use_rotary_positional_embeddings=True)
+    pipe = CogVideoXPipeline(**{**base.components, "transformer": transformer})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 MAKE = {"wan": tiny_wan_pipeline, "flux": tiny_flux_pipeline, "sana": tiny_sana_pipeline,
         "cogvideox": tiny_cogvideox_pipeline, "hunyuandit": tiny_hunyuandit_pipeline,
         "qwenimage": tiny_qwenimage_pipeline, "lumina2": tiny_lumina2_pipeline, "cogview4": tiny_cogview4_pipeline,
-        "chroma": tiny_chroma_pipeline}
+        "chroma": tiny_chroma_pipeline, "cogvideox_rope": cogvideox_rope_pipeline}
 SANA_CALL = {"sana": {"complex_human_instruction": None}}
 KIND = {"wan": "cross", "flux": "joint", "sana": "cross", "cogvideox": "joint", "hunyuandit": "cross",
-        "qwenimage": "joint", "lumina2": "joint", "cogview4": "joint", "chroma": "joint"}
+        "qwenimage": "joint", "lumina2": "joint", "cogview4": "joint", "chroma": "joint", "cogvideox_rope": "joint"}
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +199,8 @@ def test_cross_attention_probabilities_reproduce_the_layer_output(pipes, name):
         assert masked.any() and probs[masked].max() < 1e-12 < probs[~masked].min()
 
 
-@pytest.mark.parametrize("name,layer_at", [("flux", 0), ("flux", -1), ("cogvideox", 0), ("qwenimage", 0),
-                                           ("cogview4", 0), ("chroma", 0), ("chroma", -1)])
+@pytest.mark.parametrize("name,layer_at", [("flux", 0), ("flux", -1), ("cogvideox", 0), ("cogvideox_rope", 0),
+                                           ("qwenimage", 0), ("cogview4", 0), ("chroma", 0), ("chroma", -1)])
 def test_joint_attention_probabilities_reproduce_the_layer_output(pipes, name, layer_at):
     """Joint attention: with the values of the image tokens zeroed (a forward hook on the value projection), the
     processor's output for the image queries is share * (renormalised text probabilities) @ text values.
