@@ -779,3 +779,23 @@ def test_embedding_analyses_say_which_families_they_encode(pipes):
         run_token_ablation(pipes["wan"], PROMPTS, steps=1)
     with pytest.raises(ShapefirstError, match="Gemma"):  # the end token's reason comes first
         run_eos_swap(pipes["sana"], [("a red circle", "a blue square")], steps=1)
+
+
+def test_a_classic_attention_layer_with_another_processor_is_refused(tiny_pipe):
+    """A classic `Attention` text layer whose processor is not one that computes AttnProcessor's queries and keys
+    (here a subclass: it may compute anything) is refused in one line, not read with AttnProcessor's math."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class MyProcessor(AttnProcessor2_0):
+        pass
+
+    unet = tiny_pipe.unet
+    before = dict(unet.attn_processors)
+    unet.set_attn_processor({k: MyProcessor() if k.endswith("attn2.processor") else v for k, v in before.items()})
+    try:
+        with pytest.raises(ShapefirstError, match="MyProcessor") as e:
+            with capture_attention(tiny_pipe):
+                pass
+        assert "\n" not in str(e.value)
+    finally:
+        unet.set_attn_processor(before)

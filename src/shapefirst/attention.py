@@ -443,6 +443,15 @@ PROCESSOR_KINDS = {
 
 
 # -- which layers, and how each is read ------------------------------------------------------------------------
+# processors of diffusers' classic `Attention` that compute AttnProcessor's queries and keys (or SD3's joint ones):
+# read with attention_probs / joint_attention_probs (IP-Adapter's: its text part)
+CLASSIC_PROCESSORS = frozenset({
+    "AttnProcessor", "AttnProcessor2_0", "AttnProcessorNPU", "XFormersAttnProcessor", "SlicedAttnProcessor",
+    "FusedAttnProcessor2_0", "XLAFlashAttnProcessor2_0", "IPAdapterAttnProcessor", "IPAdapterAttnProcessor2_0",
+    "IPAdapterXFormersAttnProcessor", "JointAttnProcessor2_0", "FusedJointAttnProcessor2_0",
+    "XFormersJointAttnProcessor", "KVSubstituteProcessor"})
+
+
 def layer_kind(module, name: str = "") -> str | None:
     """"cross", "joint" or None (not a text-attention layer shapefirst reads) for one attention module named `name`:
     its processor's entry in PROCESSOR_KINDS (a "cross" processor on a self-attention layer is None, a layer its
@@ -454,18 +463,25 @@ def layer_kind(module, name: str = "") -> str | None:
         if listed[2] is not None and not listed[2](name):
             return None
         return listed[0] if listed[0] == "joint" or getattr(module, "is_cross_attention", False) else None
-    if isinstance(module, Attention):
+    if isinstance(module, Attention) and type(proc).__name__ in CLASSIC_PROCESSORS:
         return "cross" if module.is_cross_attention else "joint" if is_joint_attention(module) else None
     return None
 
 
 def _unread_text_layers(denoiser) -> list[str]:
-    """Attention modules of the new diffusers kind (not `Attention`) whose processor shapefirst cannot read,
-    though they attend to text (a cross-attention layer, or a layer with text projections)."""
-    return [f"{name} ({type(mod.processor).__name__})" for name, mod in denoiser.named_modules()
-            if isinstance(mod, AttentionModuleMixin) and not isinstance(mod, Attention)
-            and type(unwrapped(getattr(mod, "processor", None))).__name__ not in PROCESSOR_KINDS
-            and (getattr(mod, "is_cross_attention", False) or getattr(mod, "add_k_proj", None) is not None)]
+    """Attention modules that attend to text (a cross-attention layer, or a layer with text projections) through a
+    processor shapefirst cannot read (neither in PROCESSOR_KINDS nor, on a classic `Attention`, in
+    CLASSIC_PROCESSORS)."""
+    out = []
+    for name, mod in denoiser.named_modules():
+        proc = type(unwrapped(getattr(mod, "processor", None))).__name__
+        if not isinstance(mod, (Attention, AttentionModuleMixin)) or proc in PROCESSOR_KINDS:
+            continue
+        if isinstance(mod, Attention) and proc in CLASSIC_PROCESSORS:
+            continue
+        if getattr(mod, "is_cross_attention", False) or getattr(mod, "add_k_proj", None) is not None:
+            out.append(f"{name} ({proc})")
+    return out
 
 
 def text_attention_layers(denoiser, kind: str | None = None) -> list[str]:
@@ -1005,12 +1021,12 @@ def _layers_of(pipe, kind: str | None) -> dict[str, tuple[torch.nn.Module, str]]
                                   "pass a supported pipeline or its denoiser (UNet or transformer)")
         for name in text_attention_layers(den, kind):
             out[prefix + name] = (den, name)
-        if not any(d is den for d, _ in out.values()):
-            unread = _unread_text_layers(den)
-            if unread:
-                raise ShapefirstError(f"attention capture cannot read the processors of {type(den).__name__}'s text "
-                                      f"layers: {', '.join(unread[:3])}",
-                                      "use diffusers' default attention processors (set_default_attn_processor)")
+        unread = _unread_text_layers(den)
+        if unread:
+            raise ShapefirstError(f"attention capture does not read the processors of {type(den).__name__}'s text "
+                                  f"layers: {', '.join(unread[:3])}", "capture a pipeline whose text layers run a "
+                                  "processor of attention.PROCESSOR_KINDS or CLASSIC_PROCESSORS (a replaced one: put "
+                                  "its default back)")
     return out
 
 
