@@ -9,8 +9,10 @@ original processor's call signature, so a layer passes it exactly the arguments 
 Which layers (`text_attention_layers`): the family's declaration (families.Family.attention) decides:
 "cross" captures the cross-attention layers, "joint" the layers where image and text tokens share one
 softmax. A bare denoiser module (no pipeline) gets both kinds. How a layer's probabilities are read
-follows its processor (`PROCESSOR_KINDS`); a text layer with a processor not listed there (and not a
-classic diffusers `Attention` layer) is refused with one line naming it.
+follows its processor (`PROCESSOR_KINDS`; on a classic diffusers `Attention`, the processors that compute
+AttnProcessor's or SD3's queries and keys, `CLASSIC_PROCESSORS`); a text layer with any other processor
+(HunyuanVideo's, a user's own) is refused with one line naming it. The processors are set per layer
+(`set_processor`; Lumina 2's transformer has no attn_processors) and the same objects are back on exit.
 - cross-attention (the keys are the text tokens):
   SD 1.x/2.x, SDXL the UNet's `attn2` (77 CLIP tokens);
   PixArt, Sana      the blocks' `attn2` to the T5 / Gemma tokens, with the pipeline's encoder attention
@@ -30,7 +32,16 @@ classic diffusers `Attention` layer) is refused with one line naming it.
                     `attn`, whose input is already [text; image] (the text length is the denoiser call's
                     encoder_hidden_states length);
   CogVideoX         `attn1` of each block ([text; video] concatenated in the processor, RoPE on the video
-                    part when the model uses it, norm_q / norm_k per head).
+                    part when the model uses it, norm_q / norm_k per head);
+  Chroma            as Flux, with its text mask;
+  Qwen-Image        `attn` of each block (text keys from add_k_proj, each stream rotated by its own frequencies,
+                    the text mask); its text is the chat-templated prompt after the dropped template head;
+  CogView4          `attn1` ([text; image], the image RoPE; its text mask is a 0/1 FLOAT mask SDPA adds);
+  Lumina 2          `layers.*.attn` (its context and noise refiners see text or image alone: not captured):
+                    row i's sequence is its L_i unmasked caption positions then the image tokens, with grouped
+                    key heads and the complex RoPE; probabilities over the caption's positions (0 on its padding).
+The two branches of a step may have texts of different lengths (Qwen-Image's negative prompt): row_mass pads
+the shorter with 0; the captured branch's maps and mass keep its own length.
 Pipelines with several denoisers (Wan 2.2's `transformer_2`) are captured in all of them; the layers of
 the second are named "transformer_2.<layer>".
 
@@ -39,12 +50,13 @@ frames * h * w, tokens]; `frames[layer]` says how many. `token_maps(call)` avera
 latent frames; `token_maps(call, frame=f)` gives latent frame f.
 
 Calls and rows. A capture call is one denoising step:
-- batched CFG (every family but Wan and Flux): one denoiser call per step, its batch [uncond rows, cond
-  rows]. With the shapefirst guidance hook on the denoiser the labels come from the RunState it shares
-  (`guidance.run_state_of`: the current call's row layout; a guidance stop runs only some rows). Without it:
-  CFG (guidance.cfg_active on the call's latent input) and rows == 2N -> first N uncond, last N cond, with
-  N = n_images or rows // 2; no CFG -> every row is cond of its image; anything else is unlabelled;
-- guidance as separate calls (Family.cfg == "separate": Wan, Flux true CFG): the pipeline calls the denoiser
+- batched CFG (SD, SDXL, PixArt, SD3, Sana, CogVideoX, HunyuanDiT, Kolors): one denoiser call per step, its
+  batch [uncond rows, cond rows]. With the shapefirst guidance hook on the denoiser the labels come from the
+  RunState it shares (`guidance.run_state_of`: the current call's row layout; a guidance stop runs only some
+  rows). Without it: CFG (guidance.cfg_active on the call's latent input) and rows == 2N -> first N uncond, last
+  N cond, with N = n_images or rows // 2; no CFG -> every row is cond of its image; anything else is unlabelled;
+- guidance as separate calls (Family.cfg == "separate": Wan, Flux true CFG, Chroma, Qwen-Image, Lumina 2,
+  CogView4): the pipeline calls the denoiser
   once per branch and step; which branch a call computes is read from what it is given
   (shapefirst.separate.branch_of: the very prompt_embeds or negative_prompt_embeds tensor of the pipeline
   call), and the step's two calls are one capture call (a step ends when a branch comes again). Under a
