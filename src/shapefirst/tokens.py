@@ -32,11 +32,20 @@ The other families follow their declared tokenizer (families.Family.tokenizer):
               last token (template; unless the tokenizer merged the instruction's final space into the prompt's
               first word, as Sana's default "User Prompt: " may be), the prompt, padding. Gemma appends no end
               token: no eos;
-  "bert+t5"   HunyuanDiT: the 77 BERT positions ([CLS] sos, [SEP] eos, [PAD] pad) followed by the 256 T5 ones.
-Any other tokenizer is refused with one line naming it. `require_end_token` says whether the [EOS]
-interventions can run: they need one end token per prompt that can carry it (CLIP, T5); Gemma and chat-template
-decoder-only encoders have none (their last position sees the whole text causally), and two concatenated
-sequences (SD3, HunyuanDiT) have two.
+              Lumina 2: <bos>, its system prompt and " <Prompt Start> " (template), the prompt, right padding;
+  "bert+t5"   HunyuanDiT: the 77 BERT positions ([CLS] sos, [SEP] eos, [PAD] pad) followed by the 256 T5 ones;
+  "qwen2"     Qwen-Image: the prompt in its chat template, the template's first 34 positions dropped as the
+              pipeline drops them: the words, "<|im_end|>" (eos), "\n<|im_start|>assistant\n" (template), and
+              the batch padded to its longest with zero embeddings (pad, masked out);
+  "glm"       CogView4: "[gMASK]<sop>" (template) and the words, the batch left-padded to its longest, then to a
+              multiple of 16 (pad, attended: no mask); no end token.
+A batch whose length follows its longest prompt (Qwen-Image, CogView4): denoiser_token_infos pads it as the
+pipeline does. Chroma reads its T5 `tokenizer` ("t5").
+Any other tokenizer (Kolors' ChatGLM, HunyuanVideo's Llama + CLIP) is refused with one line naming it.
+`require_end_token` says whether the [EOS] interventions can run: they need one end token per prompt that can
+carry it (CLIP, T5); Gemma, GLM and chat-template decoder-only encoders have none (their last position sees the
+whole text causally; Qwen's <|im_end|> is followed by the template's tail), and two concatenated sequences (SD3,
+HunyuanDiT) have two.
 """
 from __future__ import annotations
 
