@@ -37,7 +37,7 @@ def gens(seed, n):
 class CondHalfOn:
     """A reference written without shapefirst: `module.forward` wrapped by plain test code so that on the calls
     `skip(i)` picks, only the conditional half of the [uncond, cond] batch runs and is returned in both halves
-    (what a guidance stop with the conditional branch kept must equal)."""
+    (what a guidance stop with the conditional branch kept must equal). `calls` counts the denoiser's calls."""
 
     def __init__(self, module, skip):
         self.module, self.skip, self.calls, self.orig = module, skip, 0, module.forward
@@ -50,7 +50,9 @@ class CondHalfOn:
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
         rows = x.shape[0]
 
-        def half(v):
+        def half(v):  # also inside dict arguments (a UNet's added_cond_kwargs: SDXL's, Kolors' pooled text, time ids)
+            if isinstance(v, dict):
+                return {k: half(x) for k, x in v.items()}
             return v[rows // 2:] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
         out = self.orig(*[half(a) for a in args], **{k: half(v) for k, v in kwargs.items()})
         if isinstance(out, tuple):
