@@ -100,6 +100,8 @@ def generate(
     width: Optional[int] = typer.Option(None, help="image or video width (default: the pipeline's)"),
     num_frames: Optional[int] = typer.Option(None, help="frames of a video pipeline (Wan, CogVideoX; default: "
                                                         "the pipeline's)"),
+    max_sequence_length: Optional[int] = typer.Option(None, help="text tokens of a T5/LLM pipeline (default: the "
+                                                                 "pipeline's)"),
     batch: int = typer.Option(8, help="images per pipeline call (more images run batch after batch)"),
     out: str = typer.Option("shapefirst-out", help="output folder"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier generate output in --out "
@@ -130,7 +132,8 @@ def generate(
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise ShapefirstError(f"unknown scheduler {scheduler!r}", f"use one of: {', '.join(SCHEDULERS)}")
     size = {k: checks.positive(v, f"--{k.replace('_', '-')}", 1) for k, v in
-            (("height", height), ("width", width), ("num_frames", num_frames)) if v is not None}
+            (("height", height), ("width", width), ("num_frames", num_frames),
+             ("max_sequence_length", max_sequence_length)) if v is not None}
     dev = checks.device(device)
     pick_dtype(dtype, dev or "cpu")
     OutputFolder(out, "generate", overwrite=overwrite, reuse=False).check(dry=True)
@@ -147,12 +150,22 @@ def generate(
             warnings.warn(w)
         res = run_generate(pipe, prompts, schedule, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
                            negative_prompt=negative_prompt, scheduler=scheduler, trace=trace, progress=True,
-                           cache=late, batch=batch, **size)
+                           cache=late, batch=batch, **size, **_exact_size(pipe, size))
     res.save(out, vae=pipe.vae if trace and res.images.ndim == 4 else None,
              extra={"model": model, "load_seconds": load_s}, overwrite=overwrite)
     what = "videos" if res.images.ndim == 5 else "images"
     typer.echo(f"{len(res.images)} {what} -> {out}  ({res.wall_seconds:.2f} s, guidance {schedule.scale:g}, "
                f"{res.evaluations_per_image[0]} denoiser evaluations per image)", err=True)
+
+
+def _exact_size(pipe, size: dict) -> dict:
+    """A size given on the command line is the size made: pipelines that would snap it to their trained aspect-ratio
+    bins (PixArt, HunyuanDiT, Sana: `use_resolution_binning`) are told not to."""
+    import inspect
+
+    given = "height" in size or "width" in size
+    return {"use_resolution_binning": False} if given and \
+        "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters else {}
 
 
 @app.command()

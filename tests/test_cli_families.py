@@ -1,0 +1,47 @@
+"""#32 item 6: `shapefirst generate --model <folder>` on a saved tiny folder of every declared family: one image
+(or one animated WebP for a video family) beside run.json, the size given is the size made, and the evaluations
+per image are the stop's (2 guided steps of 4, then one row)."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import shapefirst.tiny as tiny
+from shapefirst.cli import main
+
+FAMILIES = {  # builder name -> (size, extra CLI arguments)
+    "pixart": (16, []), "sd3": (16, []), "sana": (32, ["--max-sequence-length", "16"]),
+    "hunyuandit": (16, []), "kolors": (16, ["--max-sequence-length", "16"]),
+    "cogvideox": (16, ["--num-frames", "9", "--max-sequence-length", "16"]),
+    "wan": (16, ["--num-frames", "5", "--max-sequence-length", "16"]), "flux": (16, []), "qwenimage": (16, []),
+    "lumina2": (16, []), "cogview4": (16, []), "chroma": (16, []),
+    "hunyuanvideo": (16, ["--num-frames", "5"]),
+}
+VIDEO = {"cogvideox": 9, "wan": 5, "hunyuanvideo": 5}
+
+
+def build(name, folder):
+    make = getattr(tiny, f"tiny_{name}_pipeline")
+    if "folder" in make.__code__.co_varnames:
+        folder.mkdir(parents=True)
+        return make(folder=folder)
+    return make()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_generate_runs_a_saved_folder_of_every_family(name, tmp_path):
+    size, extra = FAMILIES[name]
+    build(name, tmp_path / "src").save_pretrained(tmp_path / "model", safe_serialization=True)
+    out = tmp_path / "out"
+    code = main(["generate", "a red circle moving left", "--model", str(tmp_path / "model"), "--steps", "4",
+                 "--guidance", "4", "--guidance-stop", "0.5", "--after", "cond", "--height", str(size), "--width",
+                 str(size), "--out", str(out), *extra])
+    assert code == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["denoiser_evaluations_per_image"] == [2 * 2 + 2]
+    if name in VIDEO:
+        with Image.open(out / "video_000.webp") as im:
+            assert im.n_frames == VIDEO[name] and im.size == (size, size)
+    else:
+        assert np.asarray(Image.open(out / "image_000.png")).shape == (size, size, 3)
