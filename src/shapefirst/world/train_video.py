@@ -157,9 +157,17 @@ def _object_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
     return 1.0 + (weight - 1.0) * (chroma > 0.02).float()
 
 
+def sampling_ramp(step: int, total: int) -> float:
+    """How much of the posterior's noise the decoder sees: none for the first 30% of the steps (an autoencoder: with
+    the initial std of 1 against means of ~0.04 the decoder learns to ignore the latent and paints the gray
+    background, measured), then rising linearly to all of it at 70%."""
+    return min(1.0, max(0.0, (step / max(total, 1) - 0.3) / 0.4))
+
+
 def train_vae(out: Path, r: VideoRecipe, prog) -> float:
     """Weighted L2 + L1 reconstruction (the object's pixels r.object_weight x) + 1e-6 KL, on r.vae_frames-frame
-    clips; then latents_mean / latents_std per channel from 64 fresh full-length clips."""
+    clips, the posterior's noise brought in by sampling_ramp; then latents_mean / latents_std per channel from 64
+    fresh full-length clips."""
     torch.manual_seed(r.seed + VAE_STAGE)
     vae = make_vae(r).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
@@ -167,7 +175,8 @@ def train_vae(out: Path, r: VideoRecipe, prog) -> float:
     def step_fn(step):
         x = clip_batch(clips_at(r.seed, VAE_STAGE, step, r.vae_batch), r.vae_frames)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator_at(r.seed, VAE_STAGE, step))
+        noise = torch.randn(post.mean.shape, generator=generator_at(r.seed, VAE_STAGE, step))
+        z = post.mean + post.std * noise * sampling_ramp(step, r.vae_steps)
         rec = vae.decode(z).sample
         w = _object_weight(x, r.object_weight)
         loss = (w * (rec - x).pow(2)).mean() + 0.5 * (w * (rec - x).abs()).mean() + 1e-6 * post.kl().mean()
