@@ -61,3 +61,14 @@ class CondHalfOn:
 
     def close(self):
         del self.module.forward
+
+
+def keep_from(step: int, branch: str):
+    """diffusers' public step-end callback: from `step` on, the other branch gets the kept branch's embeddings."""
+    def cb(pipe, i, t, kw):
+        if i + 1 < step:
+            return {}
+        if branch == "cond":
+            return {"negative_prompt_embeds": kw["prompt_embeds"]}
+        return {"prompt_embeds": kw["negative_prompt_embeds"]}
+    return cb

@@ -13,6 +13,8 @@ from shapefirst.guidance import AdaptiveStop, GuidanceSchedule, guidance_schedul
 from shapefirst.cache import LateCache, apply_late_cache
 from shapefirst.tiny import tiny_wan_pipeline
 
+from conftest import keep_from
+
 PROMPTS = ["a red circle moving left", "a large blue striped square moving up"]
 STEPS, W = 6, 5.0
 
@@ -34,17 +36,6 @@ def run(pipe, prompts=PROMPTS, seed=0, callback=None, **kw):
     return pipe(prompts, negative_prompt="", height=16, width=16, num_frames=5, num_inference_steps=STEPS,
                 guidance_scale=kw.pop("guidance_scale", W), max_sequence_length=16, output_type="np", generator=gens,
                 **(extra if callback else {}), **kw).frames
-
-
-def keep_from(step: int, branch: str):
-    """diffusers' public step-end callback: from `step` on, the other branch gets the kept branch's embeddings."""
-    def cb(pipe, i, t, kw):
-        if i + 1 < step:
-            return {}
-        if branch == "cond":
-            return {"negative_prompt_embeds": kw["prompt_embeds"]}
-        return {"prompt_embeds": kw["negative_prompt_embeds"]}
-    return cb
 
 
 class RowCount:

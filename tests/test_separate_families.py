@@ -16,6 +16,8 @@ from shapefirst.guidance import GuidanceSchedule, guidance_schedule
 from shapefirst.tiny import (QWEN_TEMPLATE, tiny_chroma_pipeline, tiny_cogview4_pipeline, tiny_hunyuanvideo_pipeline,
                              tiny_lumina2_pipeline, tiny_qwenimage_pipeline)
 
+from conftest import keep_from
+
 PROMPTS = ["a red circle on the left", "a large blue striped square"]  # different lengths: padding masks matter
 SAME_LENGTH = ["a red circle on the left", "a blue square on the right"]
 NEG = "a green triangle"
@@ -99,17 +101,6 @@ class KeptFrom:
 
     def close(self):
         self.handle.remove()
-
-
-def keep_from(step: int, branch: str):
-    """diffusers' public step-end callback: from `step` on, the other branch gets the kept branch's embeddings."""
-    def cb(pipe, i, t, kw):
-        if i + 1 < step:
-            return {}
-        if branch == "cond":
-            return {"negative_prompt_embeds": kw["prompt_embeds"]}
-        return {"prompt_embeds": kw["negative_prompt_embeds"]}
-    return cb
 
 
 def uncond_args(name, pipe) -> dict:

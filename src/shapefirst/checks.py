@@ -128,32 +128,30 @@ def int_list(text: str, option: str) -> list[int]:
     return unique(vals, option)
 
 
-def fractions(text: str, option: str) -> list[float]:
+def numbers(text: str, option: str, ok, problem: str, fix: str, example: str) -> list[float]:
+    """A comma list of numbers, each passing ok(v) (else "{option} value {v} {problem}; {fix}"), without repeats."""
     try:
         vals = [float(x) for x in text.split(",") if x.strip()]
     except ValueError as e:
         raise ShapefirstError(f"{option} {text!r} is not a comma-separated list of numbers",
-                              "pass e.g. 0.25,0.5") from e
+                              f"pass e.g. {example}") from e
     for v in vals:
-        if not 0 <= v <= 1:
-            raise ShapefirstError(f"{option} value {v} is outside [0, 1]", "pass fractions of the denoiser calls")
+        if not ok(v):
+            raise ShapefirstError(f"{option} value {v} {problem}", fix)
     return unique(vals, option)
+
+
+def fractions(text: str, option: str) -> list[float]:
+    return numbers(text, option, lambda v: 0 <= v <= 1, "is outside [0, 1]", "pass fractions of the denoiser calls",
+                   "0.25,0.5")
 
 
 def noise_levels(text: str, option: str = "--stop-sigmas") -> list[float]:
     """A comma list of noise levels (finite numbers > 0: sigma, or the flow time for flow matching); '' -> []."""
     if not text.strip():
         return []
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise ShapefirstError(f"{option} {text!r} is not a comma-separated list of numbers",
-                              "pass noise levels, e.g. 1.0,2.2 (sigma; flow matching: the flow time)") from e
-    for v in vals:
-        if not (math.isfinite(v) and v > 0):
-            raise ShapefirstError(f"{option} value {v} is not a noise level > 0",
-                                  "pass sigma values, e.g. 1.0,2.2 (the flow time in (0, 1] for flow matching)")
-    return unique(vals, option)
+    return numbers(text, option, lambda v: math.isfinite(v) and v > 0, "is not a noise level > 0",
+                   "pass sigma values, e.g. 1.0,2.2 (the flow time in (0, 1] for flow matching)", "1.0,2.2")
 
 
 def thresholds(text: str, option: str = "--adaptive") -> list[float]:
