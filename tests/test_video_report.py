@@ -275,8 +275,9 @@ def test_the_wan_report_names_every_section_and_says_why_one_does_not_apply(wan_
         assert sec in secs, sec
     assert "Not run on this model: stages judges each call" in secs["stages"]
     assert "Not run on this model: UniPCMultistepScheduler runs flow matching" in secs["frequency"]
-    for sec in ("eos-swap", "token-ablation"):
-        assert "not yet for wan" in secs[sec]
+    for sec in ("eos-swap", "token-ablation"):  # Wan's embeddings come from shapefirst.pipeline: both sections run
+        assert "<img" in secs[sec] and "Not run" not in secs[sec], sec
+    assert "its &lt;/s&gt; alone" in secs["eos-swap"]  # what the swap moves on Wan (pipeline.EOS_BLOCK_NOTES)
     refusal = attention_refusal(pipe)
     if refusal is not None:
         from html import escape
@@ -406,6 +407,8 @@ def test_the_flux_report_runs_true_cfg_and_says_why_sections_do_not_apply(budget
     assert "<img" in secs["stages"] and "Not run" not in secs["stages"]
     assert "Not run on this model: FlowMatchEulerDiscreteScheduler runs flow matching" in secs["frequency"]
     assert "<img" in secs["attention"] or "Not run on this model:" in secs["attention"]
+    for sec in ("eos-swap", "token-ablation"):  # Flux's T5 and pooled CLIP embeddings from shapefirst.pipeline
+        assert "<img" in secs[sec] and "Not run" not in secs[sec], sec
     run = json.loads((out / "results" / "generate" / "run.json").read_text())
     assert run["denoiser_evaluations_per_image"] == [2 * TINY["steps"]] * 2  # both branches: true CFG ran
     with Image.open(out / "results" / "generate" / "trajectory" / "contact_sheet.png") as im:

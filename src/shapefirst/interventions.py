@@ -27,24 +27,11 @@ from diffusers.models.attention_processor import Attention
 from .errors import ShapefirstError
 from .families import family
 from .guidance_hook import run_state_of
-from .pipeline import denoiser_of
+from .pipeline import EMBEDDING_FAMILIES, denoiser_of, require_embeddings  # noqa: F401 (public here too)
 from .rows import row_images
 from .tokens import TokenInfo, check_embedding, require_eos
 
 KV_MODES = ("keys", "values", "both")
-EMBEDDING_FAMILIES = ("sd", "sdxl", "pixart", "sd3")
-"""The families whose prompt embeddings shapefirst.pipeline (encode_prompts, embeds_call) makes for the embedding
-analyses (eos-swap, token-ablation); the same list as report.page.EMBEDDING_FAMILIES."""
-
-
-def require_embeddings(pipe, analysis: str) -> None:
-    """One line for a pipeline whose prompt embeddings shapefirst.pipeline does not make yet (the functions here
-    still work on the pipeline's own prompt_embeds: tokens.swapped, eos_switch)."""
-    fam = family(pipe).name
-    if fam not in EMBEDDING_FAMILIES:
-        raise ShapefirstError(f"{analysis} makes its prompt embeddings with shapefirst.pipeline.encode_prompts, which "
-                              f"makes them for {', '.join(EMBEDDING_FAMILIES)} only, not yet for {fam}",
-                              "edit the pipeline's own prompt_embeds with tokens.swapped / interventions.eos_switch")
 
 
 def keep_first_eos(emb: torch.Tensor, info: TokenInfo, n: int, fill: str = "zero",
@@ -280,8 +267,9 @@ def kv_substitution(pipe, state: KVState | None = None):
         raise ShapefirstError(f"{type(unet).__name__} has no attention processors", "pass a UNet-based pipeline")
     names = cross_attention_processor_names(unet)
     if not names:
-        raise ShapefirstError("the denoiser has no cross-attention layers named '...attn2'",
-                              "use a Stable-Diffusion-style UNet")
+        raise ShapefirstError(f"K/V substitution replaces the keys and values of cross-attention layers ('...attn2'), "
+                              f"and {type(unet).__name__} has none (joint attention reads text and image in one)",
+                              "run it on SD 1.x/2.x, SDXL or PixArt")
     other = sorted({type(m).__name__ for m in (unet.get_submodule(n[:-len(".processor")]) for n in names)
                     if not isinstance(m, Attention)})
     if other:

@@ -2,36 +2,116 @@
 classifier-free guidance, and prompt encoding through each pipeline's public encode_prompt."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .errors import ShapefirstError
 from .families import family, family_of_pipe
 from .pipeline_call import PipelineCall, cfg_of_call, running_call
-from .tokens import PAD, analyze_prompt
+from .tokens import PAD, denoiser_token_info
 
 
-def encode_prompts(pipe, prompts: list[str], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond, uncond) embeddings [N, L, D] as the pipeline makes them (uncond: the empty prompt)."""
+EMBEDDING_FAMILIES = ("sd", "sdxl", "pixart", "sd3", "wan", "cogvideox", "flux", "chroma")
+"""The families whose prompt embeddings encode_prompts makes and embeds_call passes back to the pipeline, edited or
+not: the embedding analyses (eos-swap, token-ablation; interventions.require_embeddings, the report's sections) run
+on these (where tokens.require_end_token lets them)."""
+T5_LENGTH = ("pixart", "sd3", "wan", "cogvideox", "flux", "chroma")  # encode_prompt takes max_sequence_length
+EOS_BLOCK_NOTES = {
+    "wan": "Wan's pipeline zeroes its umT5 states after </s>, so a prompt's [EOS] block is its </s> alone: the swap "
+           "moves B's </s> (the zeros after it are A's and B's alike)",
+    "chroma": "Chroma masks every T5 position after </s> but the first padding one out of the attention, so the "
+              "[EOS] block the transformer sees is </s> and one padding state: the swap moves those two of B's (the "
+              "mask stays A's, which has them at the same positions)",
+    "flux": "Flux's pooled CLIP vector (pooled_projections) stays the words prompt's: the swap moves the T5 [EOS] "
+            "block only, and the pooled vector still carries the whole of A's prompt",
+}
+"""What the [EOS] swap moves on a family where that is not the whole T5 [EOS] block (or not all of the text)."""
+
+
+def require_embeddings(pipe, analysis: str) -> None:
+    """One line for a pipeline whose prompt embeddings encode_prompts does not make (tokens.swapped and
+    interventions.eos_switch still work on the pipeline's own prompt_embeds)."""
+    fam = family_of_pipe(pipe)
+    if fam not in EMBEDDING_FAMILIES:
+        raise ShapefirstError(f"{analysis} makes its prompt embeddings with shapefirst.pipeline.encode_prompts, which "
+                              f"makes them for {', '.join(EMBEDDING_FAMILIES)}, not for {fam}",
+                              "edit the pipeline's own prompt_embeds with tokens.swapped / interventions.eos_switch")
+
+
+def eos_block_note(pipe) -> str | None:
+    """What an [EOS] swap moves on this family where that is not simply B's whole [EOS] block (EOS_BLOCK_NOTES)."""
+    return EOS_BLOCK_NOTES.get(family_of_pipe(pipe))
+
+
+def call_default(pipe, name: str):
+    """The value the pipeline's call takes for argument `name` when it is not given: a default its class gives every
+    call (report.page.with_call_defaults, outputs.CALL_DEFAULTS), else the first `__call__` in its class's MRO that
+    declares it (None when none does, or it has no default)."""
+    from .outputs import CALL_DEFAULTS
+
+    given = getattr(type(pipe), CALL_DEFAULTS, None) or {}
+    if name in given:
+        return given[name]
+    for cls in type(pipe).__mro__:
+        fn = cls.__dict__.get("__call__")
+        param = inspect.signature(fn).parameters.get(name) if callable(fn) else None
+        if param is not None:
+            return None if param.default is inspect.Parameter.empty else param.default
+    return None
+
+
+def encode_prompts(pipe, prompts: list[str], batch: int = 64,
+                   max_sequence_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond) embeddings [N, L, D] as the pipeline makes them (uncond: the empty prompt). T5 families:
+    max_sequence_length positions, default the pipeline call's own (call_default)."""
+    require_embeddings(pipe, "encode_prompts")
     conds, unconds = [], []
     for s in range(0, len(prompts), batch):
-        out = _encode(pipe, list(prompts[s:s + batch]))
-        c, u = _cond_uncond(pipe, out)
-        conds.append(c)
-        unconds.append(u)
+        out = _encode(pipe, list(prompts[s:s + batch]), max_sequence_length)
+        conds.append(out["prompt_embeds"])
+        unconds.append(out["negative_prompt_embeds"])
     return torch.cat(conds), torch.cat(unconds)
 
 
-def _encode(pipe, prompts: list[str]) -> tuple:
-    """The pipeline's encode_prompt with the empty negative prompt (SD3's prompt_2/3 = the prompt)."""
-    more = {"prompt_2": None, "prompt_3": None} if family_of_pipe(pipe) == "sd3" else {}
-    return pipe.encode_prompt(prompt=prompts, device=pipe.device, num_images_per_prompt=1,
-                              do_classifier_free_guidance=True, **more, **_empty_negative(pipe))
+@torch.no_grad()
+def _encode(pipe, prompts: list[str], max_sequence_length: int | None = None) -> dict:
+    """The pipeline's public encode_prompt with the empty negative prompt, as {call argument: tensor} (the names
+    the pipeline's call takes them by), without autograd as in the pipeline's call (a text encoder's attention may
+    take another kernel with autograd on: T5's differs in the last bits). SD3: prompt_2/3 = the prompt. Flux's encode_prompt makes one prompt's
+    embeddings: the empty prompt is encoded as its true CFG encodes its negative_prompt=""."""
+    fam = family_of_pipe(pipe)
+    n = max_sequence_length or call_default(pipe, "max_sequence_length")
+    length = {"max_sequence_length": int(n)} if fam in T5_LENGTH and n else {}
+    dev = {"device": pipe.device}
+    if fam == "flux":
+        c, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, num_images_per_prompt=1, **dev, **length)
+        u, upooled, _ = pipe.encode_prompt(prompt=[""] * len(prompts), prompt_2=None, num_images_per_prompt=1,
+                                           **dev, **length)
+        return {"prompt_embeds": c, "negative_prompt_embeds": u, "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": upooled}
+    per = {"num_videos_per_prompt": 1} if family(pipe).video else {"num_images_per_prompt": 1}
+    more = {"prompt_2": None, "prompt_3": None} if fam == "sd3" else {}
+    out = pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=True, **dev, **per, **length, **more,
+                             **_empty_negative(pipe))
+    names = ENCODE_OUTPUTS.get(fam, ("prompt_embeds", "negative_prompt_embeds"))
+    return {k: v for k, v in zip(names, out) if k is not None}
+
+
+ENCODE_OUTPUTS = {  # what a family's encode_prompt returns, by the names its call takes them (None: not passed)
+    "sdxl": ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+    "sd3": ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+    "pixart": ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask"),
+    "chroma": ("prompt_embeds", None, "prompt_attention_mask", "negative_prompt_embeds", None,
+               "negative_prompt_attention_mask"),
+}
 
 
 def _empty_negative(pipe) -> dict:
     """encode_prompt arguments for the empty negative prompt the pipeline's own call uses: PixArt's
     default is negative_prompt="" (None fails in its caption preprocessing; clean_caption=False as in
-    call_defaults); the others take None (SDXL then zeroes it when force_zeros_for_empty_prompt)."""
+    call_defaults); the others take None (SDXL then zeroes it when force_zeros_for_empty_prompt; Wan, CogVideoX
+    and Chroma encode "")."""
     if family_of_pipe(pipe) == "pixart":
         return {"negative_prompt": "", "clean_caption": False}
     return {"negative_prompt": None}
@@ -39,36 +119,39 @@ def _empty_negative(pipe) -> dict:
 
 def embeds_call(pipe, cond: torch.Tensor, uncond: torch.Tensor, infos: list | None = None) -> dict:
     """Pipeline call arguments for given (cond, uncond) embeddings [N, L, D], edited or not, with what
-    else the family needs from the prompts they were made from (their token infos, tokens.analyze_prompt;
-    an edited embedding keeps its prompt's): SDXL and SD3 their pooled text embeddings (an edit of the
-    token sequence leaves the pooled vector alone), PixArt the attention masks its encode_prompt makes
-    (1 on every position that is not padding; the empty prompt's for uncond)."""
+    else the family needs from the prompts they were made from (their token infos, tokens.denoiser_token_info;
+    an edited embedding keeps its prompt's): SDXL, SD3 and Flux their pooled text embeddings (an edit of the
+    token sequence leaves the pooled vector alone), PixArt and Chroma the attention masks their encode_prompt
+    makes (PixArt: 1 on every position that is not padding; Chroma: also on the first padding position; the empty
+    prompt's for uncond). SD, Wan and CogVideoX need nothing else."""
     out = {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
     fam = family_of_pipe(pipe)
-    if fam == "sd":
+    if fam in ("sd", "wan", "cogvideox"):
         return out
     if infos is None or len(infos) != cond.shape[0]:
         raise ShapefirstError(f"{fam} embeddings need their prompts' token infos (pooled embeddings or mask)",
-                              "pass infos=[tokens.analyze_prompt(pipe.tokenizer, p) for p in prompts]")
-    if fam in ("sdxl", "sd3"):
-        enc = _encode(pipe, [i.prompt for i in infos])
-        return {**out, "pooled_prompt_embeds": enc[2], "negative_pooled_prompt_embeds": enc[3]}
+                              "pass infos=[tokens.denoiser_token_info(pipe, p) for p in prompts]")
+    if fam in ("sdxl", "sd3", "flux"):
+        enc = _encode(pipe, [i.prompt for i in infos], cond.shape[1] if fam == "flux" else None)
+        return {**out, "pooled_prompt_embeds": enc["pooled_prompt_embeds"],
+                "negative_pooled_prompt_embeds": enc["negative_pooled_prompt_embeds"]}
+    empty = denoiser_token_info(pipe, "", max_sequence_length=cond.shape[1])
+    mask = _chroma_mask if fam == "chroma" else _pixart_mask
+    dt = {"dtype": cond.dtype} if fam == "chroma" else {}  # Chroma's mask is in the text encoder's dtype
+    return {**out, "prompt_attention_mask": torch.tensor([mask(i) for i in infos], device=cond.device, **dt),
+            "negative_prompt_attention_mask": torch.tensor([mask(empty)] * cond.shape[0], device=cond.device, **dt)}
 
-    def mask(inf) -> list[int]:
-        return [int(c != PAD) for c in inf.classes]
-    empty = mask(analyze_prompt(pipe.tokenizer, "", max_length=cond.shape[1]))
-    dev = cond.device
-    return {**out, "prompt_attention_mask": torch.tensor([mask(i) for i in infos], device=dev),
-            "negative_prompt_attention_mask": torch.tensor([empty] * cond.shape[0], device=dev)}
+
+def _pixart_mask(info) -> list[int]:
+    """PixArt's text mask: the tokenizer's (1 on every position that is not padding)."""
+    return [int(c != PAD) for c in info.classes]
 
 
-def check_token_edits(pipe, analysis: str) -> None:
-    """The embedding interventions edit one text encoder's token sequence ([SOS], words, [EOS] block);
-    SD3 conditions on the CLIP and T5 sequences concatenated, which have no single [EOS] block."""
-    if family_of_pipe(pipe) == "sd3":
-        raise ShapefirstError(f"{analysis} edits one text encoder's [EOS] block, and SD3 attends to its CLIP and T5 "
-                              "sequences concatenated", "run it on SD 1.x/2.x, SDXL or PixArt; on SD3 run stages "
-                              "and attention")
+def _chroma_mask(info) -> list[int]:
+    """Chroma's text mask (ChromaPipeline._get_t5_prompt_embeds): 1 on the tokenizer's positions and on the first
+    padding position after them."""
+    n = sum(c != PAD for c in info.classes)
+    return [int(i <= n) for i in range(len(info.classes))]
 
 
 def attention_context(pipe, emb: torch.Tensor) -> torch.Tensor:
@@ -81,12 +164,6 @@ def attention_context(pipe, emb: torch.Tensor) -> torch.Tensor:
         return proj(emb.to(device=pipe.device, dtype=denoiser_of(pipe).dtype))
 
 
-def _cond_uncond(pipe, out) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds, negative_prompt_embeds) from a family's encode_prompt output: SD, SDXL and SD3
-    return them first; PixArt returns (embeds, mask, negative embeds, negative mask)."""
-    return (out[0], out[2]) if family_of_pipe(pipe) == "pixart" else (out[0], out[1])
-
-
 PIXART_BINS = {"PixArtAlphaPipeline": (32, 64, 128), "PixArtSigmaPipeline": (32, 64, 128, 256)}
 
 
@@ -95,9 +172,12 @@ def call_defaults(pipe, given: dict | None = None) -> dict:
     rewrites captions with bs4/ftfy unless clean_caption=False (not installed here; diffusers would warn
     at every call), and its resolution binning accepts only its trained sample sizes (a shapes-world
     transformer's 16 is none of them: use_resolution_binning=False); with negative_prompt_embeds its
-    default negative_prompt "" clashes (negative_prompt=None)."""
+    default negative_prompt "" clashes (negative_prompt=None). A family's declared negative_prompt (Flux, Qwen-Image:
+    their true CFG runs only with one) is left out when negative_prompt_embeds are given: the pipeline refuses both,
+    and the embeddings are the negative branch."""
     given = given or {}
-    declared = {k: v for k, v in family(pipe).call_defaults if k not in given}  # families.Family.call_defaults
+    declared = {k: v for k, v in family(pipe).call_defaults  # families.Family.call_defaults
+                if k not in given and not (k == "negative_prompt" and "negative_prompt_embeds" in given)}
     if family_of_pipe(pipe) != "pixart":
         return declared
     out = {"clean_caption": False}

@@ -26,6 +26,11 @@ is a step, and the switch is the pipeline's step-end callback (interventions.eos
 Which prompts: those whose text encoder ends each prompt with one end token that can carry it
 (tokens.require_end_token: CLIP's [EOS], T5's </s>); the token positions are the denoiser's
 (tokens.denoiser_token_info: Flux's T5 `tokenizer_2`, Wan's cleaned prompt, PixArt's lower-cased one).
+Which pipelines: those whose embeddings shapefirst.pipeline makes (pipeline.EMBEDDING_FAMILIES: SD, SDXL, PixArt,
+Wan, CogVideoX, Flux, Chroma; SD3 is refused by its two end tokens). Where the swap moves less than B's whole [EOS]
+block, or not all of the text, the result says what it moves (data["eos_block"], pipeline.EOS_BLOCK_NOTES): Wan
+zeroes its T5 states after </s> (the block is </s> alone), Chroma masks all but </s> and one padding state, and
+Flux's pooled CLIP vector stays A's. A video (Wan, CogVideoX) is judged, scored and stored by its middle frame.
 
 Scores (world pairs, i.e. pairs with labels): per attribute, only over pairs whose A and B differ
 in it, the share of images judged with A's value and with B's value (Wilson 95% CIs); an image
@@ -41,11 +46,12 @@ import numpy as np
 import torch
 
 from ..errors import ShapefirstError
-from ..interventions import EosSwitch, eos_switch, require_embeddings  # noqa: F401 (EosSwitch: public here too)
+from ..families import family
+from ..interventions import EosSwitch, eos_switch  # noqa: F401 (EosSwitch: public here too)
 from ..generate import batches, count_calls, generate, generate_embeds
 from ..guidance import GuidanceSchedule
 from ..metrics import ci_dict, default_judge, judged_labels, share, to_uint8
-from ..pipeline import embeds_call, encode_prompts
+from ..pipeline import call_default, embeds_call, encode_prompts, eos_block_note, require_embeddings
 from ..results import Result, image_grid, save_figure, yerr
 from ..tokens import denoiser_token_info, require_end_token, swapped
 from .registry import Analysis, Inputs, Settings, Summary, share_text
@@ -59,6 +65,11 @@ TOKEN_RULE = ("tokens.swap_eos(mode='block'): keep the words' prompt positions 0
               "if that block runs out (the EOS prompt has more semantic tokens), its last position is repeated")
 SWITCH_DIRECTION = ("calls < a: A's full prompt; calls >= a: A words + B EOS (cond rows only). "
                     "a = 0 is the full swap, a = number of calls is plain A")
+
+
+def middle_frames(images: np.ndarray) -> np.ndarray:
+    """Images [N, H, W, 3] as they are; videos [N, frames, H, W, 3]: each video's middle frame."""
+    return images[:, images.shape[1] // 2] if images.ndim == 5 else images
 
 
 # -- pairs and embeddings -------------------------------------------------------------------
@@ -167,7 +178,7 @@ def run_eos_swap(pipe, pairs, steps: int = 50, seed: int = 0, schedule: Guidance
     calls = ([] if switch_calls is not None and len(list(switch_calls)) == 0
              else switch_calls_for(n_calls, switch_calls))
 
-    images = generate_swaps(pipe, pairs, steps, seed, schedule, batch)
+    images = {c: middle_frames(v) for c, v in generate_swaps(pipe, pairs, steps, seed, schedule, batch).items()}
     per_pair = _per_pair(pipe, pairs, seed)
     k = min(keep_images, len(pairs))
     arrays = {f"images_{c}": to_uint8(images[c][:k]) for c in CONDITIONS}
@@ -176,6 +187,8 @@ def run_eos_swap(pipe, pairs, steps: int = 50, seed: int = 0, schedule: Guidance
         scores = _judged_scores(judge_fn, images, pairs, per_pair)
     elif not labelled:
         notes.append("pairs carry no labels: no judged scores")
+    if eos_block_note(pipe):
+        notes.append(eos_block_note(pipe))
     clip_scores = _clip_scores(clip, images, pairs, per_pair) if clip is not None else None
     switch = None
     if calls:
@@ -186,14 +199,18 @@ def run_eos_swap(pipe, pairs, steps: int = 50, seed: int = 0, schedule: Guidance
                          "schedule": (schedule or GuidanceSchedule()).to_dict(), "n_pairs": len(pairs),
                          "seeds": "pair i uses seed + i in every condition and every switch call",
                          "stored_images": k, "unconditional": "the empty prompt's embedding (unchanged)"},
-            "pairs": per_pair, "scores": scores, "clip": clip_scores, "switch": switch, "notes": notes}
+            "pairs": per_pair, "scores": scores, "clip": clip_scores, "switch": switch, "notes": notes,
+            "eos_block": eos_block_note(pipe)}
+    if family(pipe).video:
+        data["settings"]["video"] = "each video's middle frame is judged, scored and stored"
     return Result("eos_swap", data, arrays)
 
 
 def _per_pair(pipe, pairs, seed) -> list[dict]:
     out = []
     for i, p in enumerate(pairs):
-        ia, ib = denoiser_token_info(pipe, p["a"]), denoiser_token_info(pipe, p["b"])
+        n = call_default(pipe, "max_sequence_length")  # the positions encode_prompts makes
+        ia, ib = (denoiser_token_info(pipe, p[k], max_sequence_length=n) for k in ("a", "b"))
         out.append({**p, "seed": seed + i, "n_semantic_a": ia.n_semantic, "n_semantic_b": ib.n_semantic,
                     "eos_index_a": ia.eos_index, "eos_index_b": ib.eos_index,
                     "equal_token_counts": ia.n_semantic == ib.n_semantic})
@@ -235,7 +252,7 @@ def _switch(pipe, pairs, calls, n_calls, steps, seed, schedule, batch, judge_fn,
     """The switch sweep: B's [EOS] only from call a on, for every a in calls -> (summary, stored images)."""
     per_call, switch_imgs = [], []
     for a in calls:
-        imgs = generate_switch(pipe, pairs, a, steps, seed, schedule, batch)
+        imgs = middle_frames(generate_switch(pipe, pairs, a, steps, seed, schedule, batch))
         entry = {"from_call": a}
         if judge_fn is not None:
             entry["shares"] = _ab_shares(judged_labels(judge_fn, imgs), pairs)
@@ -392,7 +409,9 @@ def summary(result: Result) -> Summary:
                    "Prompt A's word embeddings ([SOS] too, where the tokenizer has one) with prompt B's [EOS] block. "
                    + " ".join(found)
                    + " Switching the [EOS] block only from call a on shows when it stops mattering. "
-                   + result.data["rule"], rows, found, ("eos_swap_*.png",))
+                   + result.data["rule"] + (f". On this model: {result.data['eos_block']}."
+                                            if result.data.get("eos_block") else ""),
+                   rows, found, ("eos_swap_*.png",))
 
 
 ANALYSIS = Analysis("eos-swap", _run, summary, plot_eos_swap, order=40, needs=("pairs",))

@@ -28,7 +28,12 @@ forward pre-hooks on the layer's key / value projections (`to_k`, `to_v`) feed t
 context: keys from one context and values from the other; only the conditional rows get the
 alternative (CFG batch [uncond, cond]: the second half; shapefirst's guidance hook, when it runs
 only some rows, is followed through its shared RunState; without CFG every row). Fused QKV
-projections are refused with a clear error.
+projections are refused with a clear error. A denoiser without diffusers' classic cross-attention layers (Wan's,
+Flux's, CogVideoX's and Chroma's attention) runs every other variant: the result's notes give kv_substitution's
+one-line reason for leaving the eos_sub_* variants out.
+Which pipelines: those whose embeddings shapefirst.pipeline makes (pipeline.EMBEDDING_FAMILIES) and whose text has
+one end token (tokens.require_end_token). A video (Wan, CogVideoX): L1 to plain over every frame; judged, CLIP-scored
+and stored by its middle frame.
 Reduction check: with alternative == original the output is BIT-IDENTICAL to a run with the
 original processor (the same processor on the same values), AttnProcessor2_0 included.
 
@@ -45,18 +50,19 @@ import numpy as np
 import torch
 
 from ..errors import ShapefirstError
+from ..families import family
 from ..generate import check_prompts, count_calls
 from ..guidance import GuidanceSchedule
 from ..metrics import l1
 from ..results import Result, yerr
 from ..interventions import KV_MODES, KVState, KVSubstituteProcessor, keep_first_eos, kv_substitution, replace_class  # noqa: F401 (KV names: public here too)
-from ..interventions import require_embeddings
 from ..tokens import EOS, EOS_PAD, PAD, SEMANTIC, SOS, denoiser_token_info, require_end_token
 from ..generate import batches, generate_embeds
 from ..metrics import ci_dict, default_judge, judged_labels, share, to_uint8
-from ..pipeline import attention_context, encode_prompts
+from ..pipeline import attention_context, encode_prompts, require_embeddings
 from ..results import image_grid, save_figure
 from ..tokens import swapped
+from .eos_swap import middle_frames
 from .registry import Analysis, Inputs, Settings, Summary, share_text
 
 try:  # written separately; the KL metric is skipped when it is absent
@@ -155,10 +161,13 @@ def run_token_ablation(pipe, prompts, targets=None, steps: int = 50, seed: int =
     n_eos = _check_n_eos(n_eos)
     n = len(prompts)
     n_calls = count_calls(pipe, steps)
-    names = variant_names(n_eos, n)
+    kv_refusal = _kv_refusal(pipe) if n >= 2 else None
+    names = [v for v in variant_names(n_eos, n) if kv_refusal is None or v not in KV_VARIANTS]
     notes = []
     if n < 2:
         notes.append("one prompt: no K/V substitution variants (they need another prompt's [EOS] block)")
+    if kv_refusal is not None:
+        notes.append(f"no K/V substitution variants: {kv_refusal}")
     kl_on = attention_kl and _capture_attention is not None
     if attention_kl and not kl_on:
         notes.append("shapefirst.attention is not available: no attention KL")
@@ -169,11 +178,11 @@ def run_token_ablation(pipe, prompts, targets=None, steps: int = 50, seed: int =
     infos = [denoiser_token_info(pipe, p, max_sequence_length=cond.shape[1]) for p in prompts]
     gen = _Generator(pipe, cond, uncond, infos, steps, seed, schedule, batch, kl_calls if kl_on else None)
     images, identical, kl = gen.embedding_variants(names)
-    if n >= 2:
+    if n >= 2 and kv_refusal is None:
         images.update(gen.kv_variants())
     scores, judged_all = _scores(names, images, kl, prompts, targets, judge_fn, clip)
     k = min(keep_images, n)
-    arrays = {"images": torch.stack([to_uint8(images[v][:k]) for v in names])}
+    arrays = {"images": torch.stack([to_uint8(middle_frames(images[v])[:k]) for v in names])}
     data = {"variants": names, "prompts": prompts, "targets": targets, "scores": scores, "judged": judged_all or None,
             "identical_to": identical, "n_eos": [_n_label(x) for x in n_eos],
             "settings": {"steps": steps, "denoiser_calls": n_calls, "seed": seed, "batch": batch,
@@ -192,7 +201,19 @@ def run_token_ablation(pipe, prompts, targets=None, steps: int = 50, seed: int =
             "token_info": [{"prompt": p, "n_semantic": i.n_semantic, "eos_index": i.eos_index}
                            for p, i in zip(prompts, infos)],
             "notes": notes}
+    if family(pipe).video:
+        data["settings"]["video"] = "L1 to plain over every frame; each video's middle frame judged, scored, stored"
     return Result("token_ablation", data, arrays)
+
+
+def _kv_refusal(pipe) -> str | None:
+    """Why K/V substitution cannot run on this pipeline's denoiser (kv_substitution's one line), or None."""
+    try:
+        with kv_substitution(pipe):
+            pass
+    except ShapefirstError as e:
+        return str(e)
+    return None
 
 
 class _Generator:
@@ -258,14 +279,14 @@ def _scores(names, images, kl, prompts, targets, judge_fn, clip):
     for name in names:
         sc = {"l1_to_plain": ci_dict(l1(images[name], images["plain"]))}
         if targets is not None:
-            judged = judged_all[name] = judged_labels(judge_fn, images[name])
+            judged = judged_all[name] = judged_labels(judge_fn, middle_frames(images[name]))
             attrs = sorted({a for t in targets for a in t})
             sc["judged"] = {a: share(sum(j.get(a) == t.get(a) for j, t in zip(judged, targets) if a in t),
                                      sum(a in t for t in targets)) for a in attrs}
             sc["judged"]["all"] = share(sum(all(j.get(a) == v for a, v in t.items()) for j, t in zip(judged, targets)),
                                         len(prompts))
         if clip is not None:
-            sc["clip"] = ci_dict(clip.clip_score(images[name], prompts).double().numpy())
+            sc["clip"] = ci_dict(clip.clip_score(middle_frames(images[name]), prompts).double().numpy())
         if name in kl:
             sc["kl_to_uniform"] = kl[name]
         scores[name] = sc

@@ -15,7 +15,8 @@ Every family runs the report (image and video, batched and separate-call CFG). A
 the model is one line on the page saying why (results/report.json keeps it): stages on a video (it judges single
 images), frequency on flow matching (its forward process is the DDPM one), attention where
 shapefirst.attention.capture_attention refuses the denoiser (its own line), eos-swap and token-ablation where
-shapefirst.pipeline cannot edit the family's prompt embeddings; an analysis that raises a ShapefirstError while it
+the family's text has no [EOS] block to edit (tokens.require_end_token) or shapefirst.pipeline does not make its
+prompt embeddings (pipeline.EMBEDDING_FAMILIES); an analysis that raises a ShapefirstError while it
 runs is that line too (a section saved with other settings is still refused before anything runs).
 `call` gives every pipeline call of the report the same arguments (a video's height, width and frames): the report
 runs a pipeline sharing the model's components whose calls default to them (with_call_defaults), and they are part
@@ -38,6 +39,8 @@ from ..experiments.frequency import plot_spacetime, run_spacetime, spacetime_sum
 from ..experiments.registry import Inputs, figures_of
 from ..experiments.stages import check_pipeline as check_stages
 from ..families import family
+from ..pipeline import require_embeddings
+from ..tokens import require_end_token
 from ..trace import Trajectory
 from ..results import Result, atomic_write_text
 from ..experiments import run_analysis
@@ -69,9 +72,6 @@ BUDGETS = {
 }
 
 
-EMBEDDING_FAMILIES = ("sd", "sdxl", "pixart", "sd3")
-"""The families whose prompt embeddings shapefirst.pipeline (encode_prompts, embeds_call) makes and edits: the
-[EOS] swap and the token ablation need them."""
 CALL_KEYS = ("height", "width", "num_frames", "max_sequence_length")
 """The call arguments the report passes to every pipeline call (`call`): sizes, never guidance or prompts."""
 
@@ -182,7 +182,6 @@ def with_call_defaults(pipe, call: dict):
 
 def not_applicable(name: str, pipe) -> str | None:
     """Why analysis `name` does not apply to this pipeline (one line), or None when it runs."""
-    fam = family(pipe)
     try:
         if name == "stages":
             check_stages(pipe)
@@ -193,9 +192,12 @@ def not_applicable(name: str, pipe) -> str | None:
                 pass
     except ShapefirstError as e:
         return str(e)
-    if name in ("eos-swap", "token-ablation") and fam.name not in EMBEDDING_FAMILIES:
-        return (f"{name} edits prompt embeddings through shapefirst.pipeline (encode_prompts, embeds_call), which "
-                f"makes them for {', '.join(EMBEDDING_FAMILIES)} only, not yet for {fam.name}")
+    if name in ("eos-swap", "token-ablation"):
+        try:  # the reason the family's text has no [EOS] block to edit first, then pipeline.EMBEDDING_FAMILIES
+            require_end_token(pipe, name)
+            require_embeddings(pipe, name)
+        except ShapefirstError as e:
+            return str(e)
     return None
 
 
