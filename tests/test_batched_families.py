@@ -31,7 +31,8 @@ def fam(request, tmp_path_factory):
 
 def run(name, pipe, prompts=PROMPTS, per_prompt=1, seed=0):
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * per_prompt)]
-    kw = {"sana": dict(height=32, width=32, max_sequence_length=16, complex_human_instruction=None),
+    kw = {"sana": dict(height=32, width=32, max_sequence_length=16, complex_human_instruction=None,
+                       use_resolution_binning=False),
           "cogvideox": dict(height=16, width=16, num_frames=9, max_sequence_length=16),
           "hunyuandit": dict(height=16, width=16, use_resolution_binning=False),
           "kolors": dict(height=16, width=16, max_sequence_length=16)}[name]

@@ -23,6 +23,11 @@ Each Family states what the rest of shapefirst needs to know about a kind of dif
   scale_arg       the call argument that carries the CFG scale (Flux: true_cfg_scale; its guidance_scale is the
                   distilled guidance embedding)
   video           the pipeline returns `.frames` ([N, frames, H, W, 3]) and counts `num_videos_per_prompt`
+  latent_layout   how the denoiser's latents are laid out per image and reach the VAE (shapefirst.video_strip):
+                  "image" [C, H, W]; "packed" [tokens, 4C], 2x2 latent patches as tokens (Flux, Chroma);
+                  "packed_frame" packed tokens decoded as a one-frame video by a VAE with a frame axis (Qwen-Image:
+                  [C, 1, H, W], its first decoded frame kept); "video" [C, F, H, W] (Wan, HunyuanVideo);
+                  "video_frames" [F, C, H, W] (CogVideoX)
   call_defaults   call arguments shapefirst.generate supplies unless given (Flux: a negative prompt, without which
                   it runs no true CFG)
   prediction      how x0-hat follows from a prediction: "scheduler" (epsilon / v / sample from the
@@ -63,6 +68,7 @@ class Family:
     scale_arg: str = "guidance_scale"
     video: bool = False
     call_defaults: tuple[tuple[str, object], ...] = ()
+    latent_layout: str = "image"
 
 
 DECLARED = (
@@ -75,27 +81,27 @@ DECLARED = (
            schedulers=("euler",)),
     Family("sana", ("SanaPipeline",), denoisers=("transformer",), prediction="flow", tokenizer="gemma", schedulers=()),
     Family("cogvideox", ("CogVideoXPipeline",), denoisers=("transformer",), attention="joint", tokenizer="t5",
-           schedulers=(), video=True),
+           schedulers=(), video=True, latent_layout="video_frames"),
     Family("hunyuandit", ("HunyuanDiTPipeline",), denoisers=("transformer",), tokenizer="bert+t5", schedulers=()),
     Family("kolors", ("KolorsPipeline",), tokenizer="chatglm"),  # SDXL's text_time UNet on ChatGLM states
     Family("wan", ("WanPipeline", "WanImageToVideoPipeline"), denoisers=("transformer", "transformer_2"),
            cfg="separate", prediction="flow",
            tokenizer="t5", schedulers=(),
            branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),),
-           scale_local="current_guidance_scale", video=True),
+           scale_local="current_guidance_scale", video=True, latent_layout="video"),
     Family("flux", ("FluxPipeline",), denoisers=("transformer",), cfg="separate", prediction="flow", attention="joint",
            tokenizer="t5", schedulers=(),
            branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),
                      ("pooled_projections", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
                      ("txt_ids", "text_ids", "negative_text_ids")),
            scale_local="true_cfg_scale", cfg_local="do_true_cfg", scale_arg="true_cfg_scale",
-           call_defaults=(("negative_prompt", ""),)),
+           call_defaults=(("negative_prompt", ""),), latent_layout="packed"),
     Family("qwenimage", ("QwenImagePipeline",), denoisers=("transformer",), cfg="separate", prediction="flow",
            attention="joint", tokenizer="qwen2", schedulers=(),
            branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),
                      ("encoder_hidden_states_mask", "prompt_embeds_mask", "negative_prompt_embeds_mask")),
            scale_local="true_cfg_scale", cfg_local="do_true_cfg", scale_arg="true_cfg_scale",
-           call_defaults=(("negative_prompt", ""),)),
+           call_defaults=(("negative_prompt", ""),), latent_layout="packed_frame"),
     Family("lumina2", ("Lumina2Pipeline",), denoisers=("transformer",), cfg="separate", prediction="flow",
            attention="joint", tokenizer="gemma", schedulers=(),
            branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),
@@ -108,14 +114,14 @@ DECLARED = (
            attention="joint", tokenizer="t5", schedulers=(),
            branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),
                      ("txt_ids", "text_ids", "negative_text_ids"),
-                     ("attention_mask", "attention_mask", "negative_attention_mask"))),
+                     ("attention_mask", "attention_mask", "negative_attention_mask")), latent_layout="packed"),
     Family("hunyuanvideo", ("HunyuanVideoPipeline",), denoisers=("transformer",), cfg="separate", prediction="flow",
            attention="joint", tokenizer="llama+clip", schedulers=(),
            branches=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),
                      ("encoder_attention_mask", "prompt_attention_mask", "negative_prompt_attention_mask"),
                      ("pooled_projections", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")),
            scale_local="true_cfg_scale", cfg_local="do_true_cfg", scale_arg="true_cfg_scale", video=True,
-           call_defaults=(("negative_prompt", ""),)),
+           call_defaults=(("negative_prompt", ""),), latent_layout="video"),
 )
 BY_NAME = {f.name: f for f in DECLARED}
 FAMILIES = {f.name: f.pipelines for f in DECLARED}  # family name -> pipeline class names

@@ -38,7 +38,8 @@ from .errors import ShapefirstError
 from .families import family
 from .pipeline_call import running_call
 from .results import atomic_write_bytes, atomic_write_text, png_bytes, spaced, strict_dumps
-from .video_strip import MAX_CALLS, MAX_FRAMES, MAX_SIDE, decode_latents, layout_for, write_animation, write_strip
+from .video_strip import (MAX_CALLS, MAX_FRAMES, MAX_SIDE, VIDEO_LAYOUTS, decode_latents, layout_for, write_animation,
+                          write_strip)
 
 FIELDS = ("x_t", "uncond", "cond", "combined", "x0")
 
@@ -162,9 +163,11 @@ def predicted_x0(scheduler, t, x_t: torch.Tensor, pred: torch.Tensor) -> torch.T
 
 @dataclass
 class Trajectory:
-    """Per-call arrays, each [calls, images, *latent] (latent: C, H, W for images; C, F, H, W for Wan videos;
-    F, C, H, W for CogVideoX; tokens, 4C for Flux's packed latents: `layout`); `guided` is [calls, images] bool.
-    `meta` holds the family, the layout and the call's pixel height, width and frames where known.
+    """Per-call arrays, each [calls, images, *latent] (latent: C, H, W for images; C, F, H, W for Wan and
+    HunyuanVideo videos; F, C, H, W for CogVideoX; tokens, 4C for Flux's, Chroma's and Qwen-Image's packed latents:
+    `layout`, the family's declared Family.latent_layout); `guided` is [calls, images] bool.
+    `meta` holds the family, the layout, the pipeline's vae_scale_factor and the call's pixel height, width and
+    frames where known.
 
     uncond/cond rows that were not computed at a call (unguided, or no CFG) are NaN."""
 
@@ -201,8 +204,8 @@ class Trajectory:
 
     @property
     def layout(self) -> str:
-        """How each image's latents are laid out (shapefirst.video_strip: "image", "packed", "video",
-        "video_frames"): recorded with the trajectory, else told from the arrays' dimensions."""
+        """How each image's latents are laid out (shapefirst.video_strip: "image", "packed", "packed_frame", "video",
+        "video_frames"): recorded with the trajectory, else the family's declaration or the arrays' dimensions."""
         if self.meta.get("layout"):
             return self.meta["layout"]
         x = self.arrays.get("x0", next(iter(self.arrays.values()), None))
@@ -210,21 +213,22 @@ class Trajectory:
 
     @property
     def is_video(self) -> bool:
-        return self.layout in ("video", "video_frames")
+        return self.layout in VIDEO_LAYOUTS
 
     # -- decoding and pictures -----------------------------------------------------------
     @torch.no_grad()
     def decode(self, vae, which: str = "x0", calls: list[int] | None = None, batch: int = 64) -> torch.Tensor:
         """Decode latents as the pipeline decodes them (shapefirst.video_strip.decode_latents: latents /
-        scaling_factor + shift_factor, SD3's and Flux's shift; Wan's latents_mean/latents_std; Flux's packed tokens
-        unpacked). Images: [len(calls), images, 3, H, W]; videos: [len(calls), videos, frames, 3, H, W]; in [0, 1]."""
+        scaling_factor + shift_factor, SD3's, Flux's, Chroma's and Lumina 2's shift; Wan's and Qwen-Image's
+        latents_mean/latents_std; packed tokens unpacked, Qwen-Image's through its VAE's frame axis).
+        Images: [len(calls), images, 3, H, W]; videos: [len(calls), videos, frames, 3, H, W]; in [0, 1]."""
         calls = list(range(self.n_calls)) if calls is None else list(calls)
         lat = self.arrays[which][calls]
         flat = lat.flatten(0, 1)
         layout = self.layout
-        step = batch if layout in ("image", "packed") else max(1, min(batch, 4))  # a video decodes all its frames
-        h, w = self.meta.get("height"), self.meta.get("width")
-        outs = [decode_latents(vae, flat[i:i + step], layout, h, w) for i in range(0, flat.shape[0], step)]
+        step = max(1, min(batch, 4)) if layout in VIDEO_LAYOUTS else batch  # a video decodes all its frames
+        h, w, scale = self.meta.get("height"), self.meta.get("width"), self.meta.get("vae_scale_factor")
+        outs = [decode_latents(vae, flat[i:i + step], layout, h, w, scale) for i in range(0, flat.shape[0], step)]
         img = torch.cat(outs)
         return img.view(len(calls), lat.shape[1], *img.shape[1:])
 
@@ -332,13 +336,26 @@ class TrajectoryRecorder:
         sch = self.scheduler
         meta = {"scheduler": type(sch).__name__, "prediction_type": sch.config.get("prediction_type", "flow"),
                 "n_calls": len(self._calls), **self.call_meta}
-        meta["layout"] = layout_for(meta.get("family"), arrays["x0"].dim() - 2) if "x0" in arrays else None
+        meta["layout"] = _recorded_layout(meta.get("family"), arrays)
         return Trajectory([c["t"] for c in self._calls], arrays, guided, meta)
 
 
+def _recorded_layout(family_name: str | None, arrays: dict) -> str | None:
+    """The layout of the recorded latents (video_strip.layout_for); None when the family's declaration does not fit
+    them (decoding the trajectory then refuses in one line, saying why; recording and saving still work)."""
+    x = arrays.get("x0", arrays.get("x_t"))
+    if x is None:
+        return None
+    try:
+        return layout_for(family_name, x.dim() - 2)
+    except ShapefirstError:
+        return None
+
+
 def _call_meta(pipe) -> dict:
-    """The family and the pixel height, width and frames of the pipeline call in progress (its `__call__`'s locals,
-    after the pipeline filled in its defaults), for decoding: Flux's packed latents need the height and width."""
+    """The family, the pipeline's vae_scale_factor and the pixel height, width and frames of the pipeline call in
+    progress (its `__call__`'s locals, after the pipeline filled in its defaults), for decoding: packed latents need
+    the height, width and scale factor."""
     try:
         name = family(pipe).name
     except ShapefirstError:
@@ -348,4 +365,6 @@ def _call_meta(pipe) -> dict:
     for key in ("height", "width", "num_frames"):
         v = call.local(key) if call is not None and call.pipe is pipe else None
         sizes[key] = int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else None
-    return {"family": name, **sizes}
+    scale = getattr(pipe, "vae_scale_factor", None)
+    scale = int(scale) if isinstance(scale, (int, np.integer)) and not isinstance(scale, bool) and scale > 0 else None
+    return {"family": name, "vae_scale_factor": scale, **sizes}

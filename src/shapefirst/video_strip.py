@@ -2,17 +2,28 @@
 latents, a strip (rows = denoiser calls, columns = frames) and an animation (one animation frame per video frame,
 the calls side by side: watch the video play at every drawn call at once).
 
-Latent layouts a trajectory holds per image (`Trajectory.meta["layout"]`, set by the recorder from the family):
-  "image"         [C, H, W]     SD, SDXL, PixArt, SD3, Sana, HunyuanDiT
-  "packed"        [tokens, 4C]  Flux: 2x2 latent patches as tokens, unpacked with the call's height and width
+Latent layouts a trajectory holds per image (`Trajectory.meta["layout"]`): the family's declaration,
+shapefirst.families.Family.latent_layout, recorded with the trajectory:
+  "image"         [C, H, W]     SD, SDXL, PixArt, SD3, Sana, HunyuanDiT, Kolors, CogView4, Lumina 2
+  "packed"        [tokens, 4C]  Flux, Chroma: 2x2 latent patches as tokens, unpacked with the call's height and width
                                 as FluxPipeline unpacks them (latent side 2 * (pixels // (2 * vae scale factor)))
-  "video"         [C, F, H, W]  Wan (WanPipeline passes its latents to the transformer as they are)
+  "packed_frame"  [tokens, 4C]  Qwen-Image: unpacked as "packed" to [C, 1, H, W] for its VAE's frame axis
+                                (AutoencoderKLQwenImage), the first decoded frame kept, as QwenImagePipeline does
+  "video"         [C, F, H, W]  Wan, HunyuanVideo (their pipelines pass the latents to the transformer as they are)
   "video_frames"  [F, C, H, W]  CogVideoX (its pipeline keeps frames before channels; decode_latents permutes)
+A pipeline of no declared family gets its layout from the latents' dimensions (2: packed, 3: image, 4: video); a
+declared family's latents of other dimensions are refused (they are not what its pipeline decodes).
+The vae scale factor that unpacks packed tokens is the pipeline's own `vae_scale_factor` (recorded), else the
+VAE's: 2 ** (len(block_out_channels) - 1), or 2 ** len(temperal_downsample) for Qwen-Image's VAE.
 Normalisation, from the VAE's config, as the pipelines decode: a VAE with `latents_mean` and `latents_std`
-(AutoencoderKLWan) gets z = x / (1 / std) + mean per channel (WanPipeline's formula); any other
-z = x / scaling_factor + shift_factor (shift 0 where the VAE has none). The VAE's output is mapped to [0, 1] with
+(AutoencoderKLWan, AutoencoderKLQwenImage) gets z = x / (1 / std) + mean per channel (WanPipeline's and
+QwenImagePipeline's formula); any other z = x / scaling_factor + shift_factor (shift 0 where the VAE has none: the
+pipelines that divide by scaling_factor alone, CogView4, Sana, HunyuanDiT, Kolors, HunyuanVideo, CogVideoX, come
+with VAEs that have no shift_factor or 0.0). The VAE's output is mapped to [0, 1] with
 (x / 2 + 0.5).clamp(0, 1), as diffusers' image and video processors postprocess it.
-This module imports no other shapefirst module but errors and results (trace.py delegates to it).
+Sana and HunyuanDiT with resolution binning: the trajectory decodes at the size the model generated (the binned
+one); Sana's pipeline then resizes its output to the size asked for, which a decoded x0-hat does not do.
+This module imports no other shapefirst module but errors, families and results (trace.py delegates to it).
 """
 from __future__ import annotations
 
@@ -24,11 +35,15 @@ import numpy as np
 import torch
 
 from .errors import ShapefirstError
+from .families import BY_NAME
 from .results import atomic_write_bytes, png_bytes, spaced
 
-LAYOUTS = ("image", "packed", "video", "video_frames")
-FRAMES_FIRST = ("cogvideox",)
-"""Families whose video latents are [frames, channels, H, W] per video (the others: [channels, frames, H, W])."""
+LAYOUT_DIMS = {"image": 3, "packed": 2, "packed_frame": 2, "video": 4, "video_frames": 4}
+"""Each layout's dimensions per image (see the module docstring)."""
+LAYOUTS = tuple(LAYOUT_DIMS)
+VIDEO_LAYOUTS = ("video", "video_frames")
+BY_DIMS = {2: "packed", 3: "image", 4: "video"}
+"""The layout of a pipeline of no declared family, from its latents' dimensions per image."""
 
 MAX_CALLS = 10
 """Calls drawn by default (evenly spaced, first and last included)."""
@@ -40,24 +55,38 @@ picture, not a 10-gigapixel file. Tiny test videos are drawn at their own size."
 
 
 def layout_for(family_name: str | None, dims: int) -> str:
-    """The layout of latents with `dims` dimensions per image, for a family (see the module docstring)."""
-    if dims == 2:
-        return "packed"
-    if dims == 3:
-        return "image"
-    if dims == 4:
-        return "video_frames" if family_name in FRAMES_FIRST else "video"
+    """The layout of latents with `dims` dimensions per image: the family's declared latent_layout
+    (shapefirst.families), or for a pipeline of no declared family the one its dimensions tell (BY_DIMS)."""
+    fam = BY_NAME.get(family_name) if family_name else None
+    if fam is not None:
+        if LAYOUT_DIMS[fam.latent_layout] != dims:
+            raise ShapefirstError(f"{fam.name}'s latents are laid out {fam.latent_layout!r} "
+                                  f"({LAYOUT_DIMS[fam.latent_layout]} dimensions per image), these have {dims}",
+                                  "record the trajectory through the pipeline's own call (generate(trace=True) or "
+                                  "TrajectoryRecorder)")
+        return fam.latent_layout
+    if dims in BY_DIMS:
+        return BY_DIMS[dims]
     raise ShapefirstError(f"latents with {dims} dimensions per image have no known layout",
                           "record a trajectory of an image (C, H, W) or video (C, F, H, W) pipeline")
 
 
 def vae_scale(vae) -> int:
-    """The VAE's spatial compression, as FluxPipeline computes it: 2 ** (len(block_out_channels) - 1)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    """The VAE's spatial compression, as the pipelines compute their vae_scale_factor: 2 ** (len(block_out_channels)
+    - 1) (Flux, Chroma), or 2 ** len(temperal_downsample) (Qwen-Image's AutoencoderKLQwenImage)."""
+    cfg = vae.config
+    if getattr(cfg, "block_out_channels", None):
+        return 2 ** (len(cfg.block_out_channels) - 1)
+    if getattr(cfg, "temperal_downsample", None) is not None:
+        return 2 ** len(cfg.temperal_downsample)
+    raise ShapefirstError(f"{type(vae).__name__} states no spatial compression (block_out_channels or "
+                          "temperal_downsample)", "record the trajectory with shapefirst's TrajectoryRecorder (it "
+                          "keeps the pipeline's vae_scale_factor)")
 
 
 def unpack(latents: torch.Tensor, height: int | None, width: int | None, scale: int) -> torch.Tensor:
-    """Flux's packed tokens [N, tokens, 4C] -> latents [N, C, h, w] (its 2x2 patches put back in place). Without the
+    """Packed tokens [N, tokens, 4C] (Flux, Chroma, Qwen-Image) -> latents [N, C, h, w] (the 2x2 patches put back in
+    place, as their pipelines' _unpack_latents). Without the
     call's pixel size a square latent is assumed (tokens must be a square number then)."""
     n, tokens, d = latents.shape
     if height and width:
@@ -87,18 +116,23 @@ def normalise_for_vae(vae, z: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor, layout: str, height: int | None = None,
-                   width: int | None = None) -> torch.Tensor:
+                   width: int | None = None, scale: int | None = None) -> torch.Tensor:
     """Latents [N, ...] in `layout` -> images [N, 3, H, W] or videos [N, frames, 3, H, W], float32 in [0, 1] on the
-    CPU. height/width: the call's pixel size (only "packed" needs it)."""
+    CPU. height/width: the call's pixel size and scale: the pipeline's vae_scale_factor (packed layouts only; scale
+    None: the VAE's, vae_scale)."""
     if layout not in LAYOUTS:
         raise ShapefirstError(f"unknown latent layout {layout!r}", f"use one of {LAYOUTS}")
     p = next(vae.parameters())
     z = latents.to(p.device, p.dtype)
-    if layout == "packed":
-        z = unpack(z, height, width, vae_scale(vae))
+    if layout in ("packed", "packed_frame"):
+        z = unpack(z, height, width, scale or vae_scale(vae))
+    if layout == "packed_frame":
+        z = z.unsqueeze(2)  # [N, C, 1, H, W], as QwenImagePipeline._unpack_latents
     elif layout == "video_frames":
         z = z.permute(0, 2, 1, 3, 4)  # [N, C, F, H, W], as CogVideoXPipeline.decode_latents
     out = vae.decode(normalise_for_vae(vae, z)).sample.float().cpu()
+    if layout == "packed_frame":
+        out = out[:, :, 0]  # the one frame, as QwenImagePipeline
     out = (out / 2 + 0.5).clamp(0, 1)
     return out.permute(0, 2, 1, 3, 4).contiguous() if out.dim() == 5 else out
 
