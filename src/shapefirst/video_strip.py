@@ -21,8 +21,10 @@ QwenImagePipeline's formula); any other z = x / scaling_factor + shift_factor (s
 pipelines that divide by scaling_factor alone, CogView4, Sana, HunyuanDiT, Kolors, HunyuanVideo, CogVideoX, come
 with VAEs that have no shift_factor or 0.0). The VAE's output is mapped to [0, 1] with
 (x / 2 + 0.5).clamp(0, 1), as diffusers' image and video processors postprocess it.
-Sana and HunyuanDiT with resolution binning: the trajectory decodes at the size the model generated (the binned
-one); Sana's pipeline then resizes its output to the size asked for, which a decoded x0-hat does not do.
+Resolution binning: PixArt and Sana generate at a binned size and then resize and crop their output to the size
+asked for (resize_and_crop_tensor); a decoded x0-hat is the picture at the generated size, not resized (pass
+use_resolution_binning=False for the pipeline's output at that size). HunyuanDiT's binning changes the size it
+generates and returns alike.
 This module imports no other shapefirst module but errors, families and results (trace.py delegates to it).
 """
 from __future__ import annotations
