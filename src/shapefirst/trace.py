@@ -22,6 +22,9 @@ channels; the pipeline guides all 2C and gives the scheduler the first C): the r
 first C channels of uncond/cond/combined, and x0 uses them.
 Inpainting UNets (SD inpaint: 9 input channels = 4 latent + 1 mask + 4 masked-image latent, 4 output
 channels): x_t is the input's first C channels, C the prediction's (the latents themselves).
+x0 is the model's prediction as the formulas above give it: a scheduler that clips it before stepping
+(clip_sample, DDPMScheduler's default; or thresholding) steps with the clipped one, so its last step lands on
+x0.clamp(-clip_sample_range, clip_sample_range) (tests/test_family_trajectories.py, on HunyuanDiT).
 Saved as safetensors (stacked arrays [calls, images, ...]) + JSON metadata.
 """
 from __future__ import annotations
