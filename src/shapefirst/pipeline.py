@@ -1,5 +1,11 @@
 """Pipeline helpers every family shares: the denoiser, its latent input, whether a call runs
-classifier-free guidance, and prompt encoding through each pipeline's public encode_prompt."""
+classifier-free guidance, and prompt encoding through each pipeline's public encode_prompt.
+
+Prompt embeddings (encode_prompts, embeds_call) are made for EMBEDDING_FAMILIES, the one list the embedding analyses
+(eos-swap, token-ablation), interventions and the report read: SD, SDXL, PixArt, SD3, and the T5 families Wan and
+CogVideoX (prompt_embeds alone; Wan's zero-padded), Flux (T5 prompt_embeds and the pooled CLIP vector; its true CFG's
+empty negative prompt encoded the same way) and Chroma (T5 with its attention masks). Each is the pipeline's own
+output bit for bit, so a call given them makes the pipeline's own image (tests/test_family_embeddings.py)."""
 from __future__ import annotations
 
 import inspect
@@ -55,7 +61,10 @@ def call_default(pipe, name: str):
         return given[name]
     for cls in type(pipe).__mro__:
         fn = cls.__dict__.get("__call__")
-        param = inspect.signature(fn).parameters.get(name) if callable(fn) else None
+        try:
+            param = inspect.signature(fn).parameters.get(name) if callable(fn) else None
+        except (TypeError, ValueError):  # a callable without a signature Python can read
+            param = None
         if param is not None:
             return None if param.default is inspect.Parameter.empty else param.default
     return None
@@ -78,8 +87,9 @@ def encode_prompts(pipe, prompts: list[str], batch: int = 64,
 def _encode(pipe, prompts: list[str], max_sequence_length: int | None = None) -> dict:
     """The pipeline's public encode_prompt with the empty negative prompt, as {call argument: tensor} (the names
     the pipeline's call takes them by), without autograd as in the pipeline's call (a text encoder's attention may
-    take another kernel with autograd on: T5's differs in the last bits). SD3: prompt_2/3 = the prompt. Flux's encode_prompt makes one prompt's
-    embeddings: the empty prompt is encoded as its true CFG encodes its negative_prompt=""."""
+    take another kernel with autograd on: T5's differs in the last bits). SD3: prompt_2/3 = the prompt. Flux's
+    encode_prompt makes one prompt's embeddings: the empty prompt is encoded as its true CFG encodes its
+    negative_prompt=""."""
     fam = family_of_pipe(pipe)
     n = max_sequence_length or call_default(pipe, "max_sequence_length")
     length = {"max_sequence_length": int(n)} if fam in T5_LENGTH and n else {}
