@@ -1,6 +1,7 @@
 """diffusers' transformer caches on a diffusion-transformer pipeline, alone or under a shapefirst guidance
-schedule: on pipelines that do not prepare them (PixArt, SD3: batched CFG) and on those that call the
-transformer once per branch (Wan 2.1/2.2, Flux with true CFG).
+schedule: on pipelines with batched CFG (PixArt, SD3, Sana, HunyuanDiT, CogVideoX) and on those that call the
+transformer once per branch (Wan 2.1/2.2, Flux with true CFG, Qwen-Image, Lumina 2, CogView4, Chroma,
+HunyuanVideo), whether the pipeline prepares them or not.
 
 The caches (`diffusers.hooks`, as diffusers 0.42 ships them): FasterCache (Lv et al. 2024; it also
 skips the unconditional branch), Pyramid Attention Broadcast (Zhao et al. 2024), First Block Cache
@@ -13,9 +14,19 @@ diffusers' own `apply_*` function to every transformer of the pipeline (Wan 2.2:
 two plain torch forward pre-hooks per transformer: one records each call's timestep (FasterCache and PAB
 compare it on the host, as in diffusers' own pipelines: one device read per call for those two), one on
 the first transformer block opens a cache context for the call where the pipeline opened none (one
-batched [uncond, cond] call; a pipeline's own "cond"/"uncond" contexts are left as they are) and starts
+batched [uncond, cond] call; on a pipeline that calls the transformer once per branch without contexts of
+its own, Lumina 2 and Chroma, the call's branch, "cond" or "uncond", told by the family's branch argument
+as shapefirst.separate tells it; a pipeline's own "cond"/"uncond" contexts are left as they are) and starts
 every cache afresh when a new run begins (the scheduler's `timesteps` is a new tensor) or the rows a
 context computes change.
+
+Blocks: First Block Cache and MagCache take the blocks of a transformer's child ModuleLists named as in
+BLOCK_LISTS (diffusers' own list; Lumina 2's refiners run before its `layers` and are never cached) and read
+each block's outputs through diffusers' block metadata; BLOCK_OUTPUTS declares it for the block classes
+diffusers 0.42 has none for (Sana, HunyuanDiT, Lumina 2, Chroma), a class with none is refused. First Block
+Cache needs two blocks (a head and a tail) that return the same layout: Chroma's single blocks return the
+joint text+image stream as one tensor where its double blocks return (text, image), which it cannot
+subtract, and is refused there.
 
 Under a guidance stop (`conflict` has the rules):
 - batched CFG: the batch drops from 2B rows to B, so the caches that only look back a call or a few
@@ -35,8 +46,9 @@ Under a guidance stop (`conflict` has the rules):
   per branch context (PAB's unconditional call would reuse the conditional call's attention; FasterCache
   splits a one-branch batch into halves).
 Each refusal is checked at every call (host attributes only). On SD3, FasterCache and First Block Cache
-fail inside diffusers 0.42 (UNSUPPORTED says why) and are refused up front. MagCache on Wan 2.2 takes one
-`mag_ratios` list per expert (each expert runs part of the steps; calibrate_mag_ratios measures them).
+fail inside diffusers 0.42, and FasterCache on HunyuanDiT (UNSUPPORTED says why): refused up front.
+MagCache on Wan 2.2 takes one `mag_ratios` list per expert (each expert runs part of the steps;
+calibrate_mag_ratios measures them).
 
     with transformer_cache(pipe, TransformerCache("fbc", threshold=0.1)):
         images = pipe(prompts).images
@@ -52,17 +64,20 @@ from functools import partial
 import torch
 from diffusers.hooks import HookRegistry
 
-from .diffusers_shim import current_context, open_context, set_context, state_managers
+from .diffusers_shim import block_outputs, current_context, declare_block, open_context, set_context, state_managers
 from .errors import ShapefirstError
-from .families import family
+from .families import Family, family
 from .guidance_hook import denoisers_of, session_of
 from .pipeline import latent_input, timestep_input, timestep_value
+from .pipeline_call import running_call
+from .separate import branch_of
 
 KINDS = ("faster", "pab", "fbc", "taylorseer", "mag")
 NAMES = {"faster": "FasterCache", "pab": "Pyramid Attention Broadcast", "fbc": "First Block Cache",
          "taylorseer": "TaylorSeer", "mag": "MagCache"}
 # defaults from diffusers' documentation examples for image models, with the attention module names of PixArt,
-# SD3, Flux (transformer_blocks.N.attn[12], single_transformer_blocks.N.attn) and Wan (blocks.N.attn1/attn2)
+# SD3, Flux (transformer_blocks.N.attn[12], single_transformer_blocks.N.attn), Wan and HunyuanDiT
+# (blocks.N.attn1/attn2) and Lumina 2 (layers.N.attn: its noise_refiner/context_refiner are not cached)
 DEFAULTS = {
     "faster": {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (-1, 681),
                "low_frequency_weight_update_timestep_range": (99, 641),
@@ -73,7 +88,8 @@ DEFAULTS = {
     # diffusers' default patterns are fullmatched against "transformer_blocks.N.attn": PixArt's are attn1/attn2
     "taylorseer": {"cache_interval": 5, "disable_cache_before_step": 3, "max_order": 1,
                    "taylor_factors_dtype": torch.float32,
-                   "cache_identifiers": [r"(single_transformer_blocks|transformer_blocks|blocks)\.\d+\.attn\d?"]},
+                   "cache_identifiers": [
+                       r"(single_transformer_blocks|transformer_blocks|blocks|layers)\.\d+\.attn\d?"]},
     "mag": {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2},
 }
 # kind -> (diffusers.hooks config class, its apply function)
@@ -83,6 +99,16 @@ DIFFUSERS = {"faster": ("FasterCacheConfig", "apply_faster_cache"),
              "taylorseer": ("TaylorSeerCacheConfig", "apply_taylorseer_cache"),
              "mag": ("MagCacheConfig", "apply_mag_cache")}
 NEEDS_TIMESTEP = ("faster", "pab")
+BLOCK_KINDS = ("fbc", "mag")  # the caches that skip whole blocks, reading their outputs through block metadata
+# the child ModuleLists diffusers 0.42's block caches take as a transformer's blocks, in the order they are
+# registered (= run: transformer_blocks before single_transformer_blocks), as diffusers.hooks._common names them
+BLOCK_LISTS = ("blocks", "transformer_blocks", "single_transformer_blocks", "layers", "visual_transformer_blocks",
+               "temporal_transformer_blocks")
+# block class -> (index of its hidden states in its output, of its text states or None for one tensor), for the
+# classes diffusers 0.42 has no block metadata for (read from their forward: Chroma's double block returns
+# (encoder_hidden_states, hidden_states) as Flux's does, the others one tensor)
+BLOCK_OUTPUTS = {"SanaTransformerBlock": (0, None), "HunyuanDiTBlock": (0, None), "Lumina2TransformerBlock": (0, None),
+                 "ChromaTransformerBlock": (1, 0), "ChromaSingleTransformerBlock": (0, None)}
 # (denoiser class, kind): why diffusers 0.42's cache fails on it (found on tiny pipelines,
 # tests/test_transformer_cache.py)
 UNSUPPORTED = {
@@ -90,6 +116,9 @@ UNSUPPORTED = {
                                          "[uncond, cond] inputs, so the time embedding's batch mismatches",
     ("SD3Transformer2DModel", "fbc"): "First Block Cache subtracts the text states of SD3's last joint block, "
                                       "which returns none (context_pre_only)",
+    ("HunyuanDiT2DModel", "faster"): "FasterCache does not split HunyuanDiT's image_meta_size, style, text masks "
+                                     "and T5 states with the other [uncond, cond] inputs, so the time embedding's "
+                                     "batch mismatches",
 }
 ONE_BATCH = {"faster": "FasterCache skips the unconditional branch itself (its denoiser hook splits every batch "
                        "into [uncond, cond] halves, and after a stop there is one branch)",
@@ -220,10 +249,10 @@ class _Calls:
     """What the pre-hooks share: the current timestep, each transformer's cache hooks to start afresh, the
     context shapefirst opened last, and the rows each context computed last."""
 
-    def __init__(self, pipe, cache: TransformerCache, separate: bool):
-        self.pipe, self.cache, self.separate = pipe, cache, separate
+    def __init__(self, pipe, cache: TransformerCache, fam: Family):
+        self.pipe, self.cache, self.fam, self.separate = pipe, cache, fam, fam.cfg == "separate"
         self.parts: list[_Part] = []
-        self.timestep = None
+        self.timestep, self.given = None, {}
         self.run_timesteps, self.rows, self.opened = None, {}, None
         self.calls = 0
         self.current = None  # the index of the transformer running now
@@ -238,6 +267,16 @@ class _Calls:
 
     def record_timestep(self, index: int, module, args, kwargs) -> None:
         self.timestep, self.current = timestep_input(args, kwargs), index
+        if self.separate:  # the argument that tells the call's branch (shapefirst.separate.branch_of)
+            arg = self.fam.branches[0][0]
+            self.given = {arg: kwargs.get(arg)}
+
+    def context_name(self) -> str:
+        """The cache context of a call the pipeline opened none for: one batched [uncond, cond] call, or on a
+        pipeline that calls the transformer once per branch, that branch ("cond" / "uncond": the pipeline call's
+        embeddings it was given); outside a pipeline call, one context."""
+        call = running_call() if self.separate else None
+        return "cond_uncond" if call is None else branch_of(self.fam, call, self.given)
 
     def refuse_a_conflict(self) -> None:
         session = session_of(self.pipe)
@@ -262,7 +301,8 @@ class _Calls:
         ts = getattr(self.pipe.scheduler, "timesteps", None)
         own = current_context(part.managers)
         mine = own is None or own is self.opened
-        key = (id(part.den), "shapefirst" if mine else own.name)
+        name = self.context_name() if mine else own.name
+        key = (id(part.den), name)
         if ts is not self.run_timesteps:
             self.reset()
             self.run_timesteps = ts
@@ -270,27 +310,73 @@ class _Calls:
         elif self.rows.get(key, rows) != rows and self.cache.kind not in ONE_BATCH:
             self.reset()
         self.rows[key] = rows
-        if mine:  # one batched [uncond, cond] call, as diffusers names it
-            self.opened = open_context(part.managers)
+        if mine:  # one batched [uncond, cond] call, as diffusers names it, or the call's branch
+            self.opened = open_context(part.managers, name)
         else:  # the pipeline's own context (a reset above cleared it)
             set_context(part.managers, own)
         self.calls += 1
 
 
+def _blocks(den) -> list[torch.nn.Module]:
+    """The transformer's blocks as diffusers' block caches take them (BLOCK_LISTS), in the order they run."""
+    return [b for name, m in den.named_children() if name in BLOCK_LISTS and isinstance(m, torch.nn.ModuleList)
+            for b in m]
+
+
 def _first_block(den) -> torch.nn.Module:
-    for name in ("transformer_blocks", "blocks"):
-        blocks = getattr(den, name, None)
-        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
-            return blocks[0]
-    raise ShapefirstError(f"transformer caches need a diffusion transformer with `transformer_blocks` or `blocks`; "
-                          f"this pipeline's denoiser is a {type(den).__name__}",
-                          "use them on PixArt, SD3, Flux or Wan pipelines; for a UNet use shapefirst's late caches "
+    blocks = _blocks(den)
+    if blocks:
+        return blocks[0]
+    raise ShapefirstError(f"transformer caches need a diffusion transformer with `transformer_blocks`, `blocks` or "
+                          f"another of diffusers' block lists ({', '.join(BLOCK_LISTS)}); this pipeline's denoiser "
+                          f"is a {type(den).__name__}",
+                          "use them on a diffusion-transformer pipeline; for a UNet use shapefirst's late caches "
                           "(--cache) or the DeepCache package")
+
+
+def _block_layouts(den, kind: str) -> list[tuple[int, int | None]]:
+    """Where each block of the transformer returns its outputs (diffusers' metadata, else BLOCK_OUTPUTS, declared
+    to diffusers here); a block class with neither is refused."""
+    layouts = []
+    for block in _blocks(den):
+        cls = type(block)
+        if block_outputs(cls) is None and cls.__name__ in BLOCK_OUTPUTS:
+            declare_block(cls, *BLOCK_OUTPUTS[cls.__name__])
+        layout = block_outputs(cls)
+        if layout is None:
+            raise ShapefirstError(f"the {kind} cache skips whole blocks and reads their outputs through diffusers' "
+                                  f"block metadata, which diffusers 0.42 has none for on {cls.__name__} "
+                                  f"({type(den).__name__})", "use taylorseer (or pab on batched CFG) on this model")
+        layouts.append(layout)
+    return layouts
+
+
+def _check_blocks(den, kind: str) -> None:
+    """First Block Cache and MagCache: every block's output layout known; First Block Cache also needs a head and
+    a tail block returning the same layout (it subtracts the head's outputs from the tail's)."""
+    layouts = _block_layouts(den, kind)
+    if kind != "fbc":
+        return
+    name = type(den).__name__
+    if len(layouts) < 2:
+        raise ShapefirstError(f"First Block Cache needs two transformer blocks (a head whose residual decides and "
+                              f"a tail whose residual is reused); this {name} has {len(layouts)}",
+                              "use taylorseer or mag on this model")
+    if (layouts[0][1] is None) != (layouts[-1][1] is None):
+        raise ShapefirstError(f"First Block Cache subtracts the first block's outputs from the last block's, but "
+                              f"{name}'s first block returns {_layout(layouts[0])} and its last "
+                              f"{_layout(layouts[-1])}", "use taylorseer or mag on this model")
+
+
+def _layout(layout: tuple[int, int | None]) -> str:
+    return "one tensor (a joint text+image stream)" if layout[1] is None else "image and text states apart"
 
 
 def _check(pipe, dens: list, cache: TransformerCache, separate: bool) -> None:
     for den in dens:
         _first_block(den)
+        if cache.kind in BLOCK_KINDS:
+            _check_blocks(den, cache.kind)
         why = UNSUPPORTED.get((type(den).__name__, cache.kind))
         if why:
             raise ShapefirstError(f"the {cache.kind} cache does not run on {type(den).__name__} in diffusers 0.42: "
@@ -310,11 +396,12 @@ def transformer_cache(pipe, cache: TransformerCache):
     """Apply `cache` to the pipeline's transformer(s) for the `with` block; on exit (also on an exception)
     every hook it added is removed and the transformers run their plain forward again."""
     dens = denoisers_of(pipe)
-    separate = family(pipe).cfg == "separate"
+    fam = family(pipe)
+    separate = fam.cfg == "separate"
     _check(pipe, dens, cache, separate)
     options = cache.per_denoiser(len(dens))
     before = [_hook_names(den) for den in dens]
-    calls = _Calls(pipe, cache, separate)
+    calls = _Calls(pipe, cache, fam)
     handles = []
     try:
         for i, den in enumerate(dens):
