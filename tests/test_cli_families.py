@@ -45,3 +45,27 @@ def test_generate_runs_a_saved_folder_of_every_family(name, tmp_path):
             assert im.n_frames == VIDEO[name] and im.size == (size, size)
     else:
         assert np.asarray(Image.open(out / "image_000.png")).shape == (size, size, 3)
+
+
+@pytest.mark.parametrize("analysis", ["eos-swap", "attention"])
+def test_analyze_runs_on_a_saved_wan_folder_at_the_size_it_is_given(analysis, tmp_path):
+    """`shapefirst analyze NAME --model <Wan folder> --height --width --num-frames --max-sequence-length`: every
+    call of the analysis makes that size (the saved frames are 16 x 16 here, Wan's default is 480 x 832)."""
+    from shapefirst.tiny import tiny_clip_folder
+
+    build("wan", tmp_path / "src").save_pretrained(tmp_path / "model", safe_serialization=True)
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("a red circle moving left || a blue square\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving left\n")
+    source = ["--pairs", str(pairs)] if analysis == "eos-swap" else ["--prompts", str(prompts)]
+    code = main(["analyze", analysis, "--model", str(tmp_path / "model"), *source, "--n", "1", "--steps", "2",
+                 "--guidance", "4", "--clip", str(tiny_clip_folder(tmp_path / "clip")), "--height", "16", "--width",
+                 "16", "--num-frames", "5", "--max-sequence-length", "16", "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert (tmp_path / "out" / analysis / "results.json").exists()
+    if analysis == "eos-swap":  # its images (a video's middle frame) are at the size given
+        from safetensors.torch import load_file
+
+        arrays = load_file(str(tmp_path / "out" / analysis / "arrays.safetensors"))
+        assert tuple(arrays["images_swap"].shape) == (1, 16, 16, 3)

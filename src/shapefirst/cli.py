@@ -18,6 +18,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 MODEL_HELP = "'embedded' (the shipped shapes world), a local diffusers folder, or a hub id"
 GUIDANCE_HELP = "classifier-free guidance scale w (default: the embedded model's recommended scale, else 7.5)"
+HEIGHT = typer.Option(None, help="image or video height of every pipeline call (default: the pipeline's)")
+WIDTH = typer.Option(None, help="image or video width of every pipeline call (default: the pipeline's)")
+NUM_FRAMES = typer.Option(None, help="frames of a video pipeline (Wan, CogVideoX, HunyuanVideo; default: the "
+                                     "pipeline's)")
+MAX_SEQUENCE_LENGTH = typer.Option(None, help="text tokens of a T5/LLM pipeline (default: the pipeline's)")
 STOP_SIGMAS_HELP = ("guidance stops in noise level (sigma; the flow time for flow matching), comma list: rows "
                     "'stop_sigma=S', the same noise level at every scheduler and step count")
 ADAPTIVE_SHAPE_HELP = ("per-image stop once its x0-hat's low band changes by less than TOL per call "
@@ -96,12 +101,10 @@ def generate(
                                                        "where the model's family takes it, else its own)"),
     seed: int = typer.Option(0, help="image i uses torch.Generator('cpu').manual_seed(seed + i)"),
     images_per_prompt: int = typer.Option(1, help="images per prompt"),
-    height: Optional[int] = typer.Option(None, help="image or video height (default: the pipeline's)"),
-    width: Optional[int] = typer.Option(None, help="image or video width (default: the pipeline's)"),
-    num_frames: Optional[int] = typer.Option(None, help="frames of a video pipeline (Wan, CogVideoX; default: "
-                                                        "the pipeline's)"),
-    max_sequence_length: Optional[int] = typer.Option(None, help="text tokens of a T5/LLM pipeline (default: the "
-                                                                 "pipeline's)"),
+    height: Optional[int] = HEIGHT,
+    width: Optional[int] = WIDTH,
+    num_frames: Optional[int] = NUM_FRAMES,
+    max_sequence_length: Optional[int] = MAX_SEQUENCE_LENGTH,
     batch: int = typer.Option(8, help="images per pipeline call (more images run batch after batch)"),
     out: str = typer.Option("shapefirst-out", help="output folder"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier generate output in --out "
@@ -131,9 +134,7 @@ def generate(
     late = LateCache.parse(cache)  # one spec (a sweep takes a comma list: --caches)
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise ShapefirstError(f"unknown scheduler {scheduler!r}", f"use one of: {', '.join(SCHEDULERS)}")
-    size = {k: checks.positive(v, f"--{k.replace('_', '-')}", 1) for k, v in
-            (("height", height), ("width", width), ("num_frames", num_frames),
-             ("max_sequence_length", max_sequence_length)) if v is not None}
+    size = _size(height, width, num_frames, max_sequence_length)
     dev = checks.device(device)
     pick_dtype(dtype, dev or "cpu")
     OutputFolder(out, "generate", overwrite=overwrite, reuse=False).check(dry=True)
@@ -156,6 +157,14 @@ def generate(
     what = "videos" if res.images.ndim == 5 else "images"
     typer.echo(f"{len(res.images)} {what} -> {out}  ({res.wall_seconds:.2f} s, guidance {schedule.scale:g}, "
                f"{res.evaluations_per_image[0]} denoiser evaluations per image)", err=True)
+
+
+def _size(height, width, num_frames, max_sequence_length) -> dict:
+    """The size options given (HEIGHT, WIDTH, NUM_FRAMES, MAX_SEQUENCE_LENGTH), each checked to be a positive
+    integer."""
+    return {k: checks.positive(v, f"--{k.replace('_', '-')}", 1) for k, v in
+            (("height", height), ("width", width), ("num_frames", num_frames),
+             ("max_sequence_length", max_sequence_length)) if v is not None}
 
 
 def _exact_size(pipe, size: dict) -> dict:
@@ -185,11 +194,16 @@ def analyze(
                                                               "made with other settings"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
+    height: Optional[int] = HEIGHT,
+    width: Optional[int] = WIDTH,
+    num_frames: Optional[int] = NUM_FRAMES,
+    max_sequence_length: Optional[int] = MAX_SEQUENCE_LENGTH,
 ):
     """Run one of the paper's analyses; writes results.json, arrays.safetensors and figures."""
     out = checks.out_path(out)
     from .experiments import Inputs, get, run_analysis
     from .models import load_pipeline
+    from .report import check_call, with_call_defaults
     from .outputs import OutputFolder
     from .prompts import read_pairs, read_prompts
 
@@ -199,6 +213,7 @@ def analyze(
     checks.batch_size(batch)
     checks.seed(seed, n)
     guidance = _guidance(guidance, model)
+    call = check_call(_size(height, width, num_frames, max_sequence_length))
     dev = checks.device(device)
     prompt_list = read_prompts(prompts) if prompts else None
     pair_list = read_pairs(pairs) if pairs else None
@@ -207,6 +222,7 @@ def analyze(
     parent = OutputFolder(out, "analyze").check()
     scorer = _scorer(clip, model)
     pipe = load_pipeline(model, device=dev, allow_pickle=allow_pickle)
+    pipe = with_call_defaults(pipe, call) if call else pipe  # the size every call of the analysis makes
     with _warnings_to_stderr(), parent.claimed([name]):
         res = run_analysis(name, pipe, out, n=n, steps=steps, seed=seed, guidance=guidance, prompts=prompt_list,
                            pairs=pair_list, clip=scorer, world=world, batch=batch, overwrite=overwrite)
@@ -242,14 +258,10 @@ def report(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow pickle weights (trusted files only)"),
     page_only: bool = typer.Option(False, "--page-only", help="rebuild index.html from saved results, run nothing"),
-    height: Optional[int] = typer.Option(None, help="image or video height of every pipeline call (default: the "
-                                                    "pipeline's)"),
-    width: Optional[int] = typer.Option(None, help="image or video width of every pipeline call (default: the "
-                                                   "pipeline's)"),
-    num_frames: Optional[int] = typer.Option(None, help="frames of a video pipeline (Wan, CogVideoX; default: the "
-                                                        "pipeline's)"),
-    max_sequence_length: Optional[int] = typer.Option(None, help="text tokens of a T5 pipeline (Flux, Wan; "
-                                                                 "default: the pipeline's)"),
+    height: Optional[int] = HEIGHT,
+    width: Optional[int] = WIDTH,
+    num_frames: Optional[int] = NUM_FRAMES,
+    max_sequence_length: Optional[int] = MAX_SEQUENCE_LENGTH,
     peers: Optional[Path] = typer.Option(None, help="a `benchmarks/peers.py` study folder to show as its own "
                                                      "section (kept under OUT/results/peers); default: the study "
                                                      "shipped for the embedded model at its recommended scale"),
@@ -275,9 +287,7 @@ def report(
         typer.echo(f"report -> {build_page(out)}", err=True)
         return
     guidance = _guidance(guidance, model)
-    call = check_call({k: checks.positive(v, f"--{k.replace('_', '-')}", 1) for k, v in
-                       (("height", height), ("width", width), ("num_frames", num_frames),
-                        ("max_sequence_length", max_sequence_length)) if v is not None})
+    call = check_call(_size(height, width, num_frames, max_sequence_length))
     dev = checks.device(device)
     prompt_list = read_prompts(prompts) if prompts else None
     pair_list = read_pairs(pairs) if pairs else None
