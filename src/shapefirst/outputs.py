@@ -27,11 +27,9 @@ from pathlib import Path
 from .errors import ShapefirstError
 from .checks import out_path
 from .results import atomic_write_text
+from .pipeline_call import CALL_DEFAULTS
 
 MARKER = ".shapefirst.json"
-CALL_DEFAULTS = "shapefirst_call_defaults"
-"""The class attribute (a dict) of a pipeline class whose calls default to these arguments: part of its
-fingerprint, so results made at another size are never reused."""
 
 
 def version() -> str:

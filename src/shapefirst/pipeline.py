@@ -8,13 +8,12 @@ empty negative prompt encoded the same way) and Chroma (T5 with its attention ma
 output bit for bit, so a call given them makes the pipeline's own image (tests/test_family_embeddings.py)."""
 from __future__ import annotations
 
-import inspect
 
 import torch
 
 from .errors import ShapefirstError
 from .families import family, family_of_pipe
-from .pipeline_call import PipelineCall, cfg_of_call, running_call
+from .pipeline_call import PipelineCall, call_default, cfg_of_call, running_call  # noqa: F401 (call_default: public here too)
 from .tokens import PAD, denoiser_token_info
 
 
@@ -48,26 +47,6 @@ def require_embeddings(pipe, analysis: str) -> None:
 def eos_block_note(pipe) -> str | None:
     """What an [EOS] swap moves on this family where that is not simply B's whole [EOS] block (EOS_BLOCK_NOTES)."""
     return EOS_BLOCK_NOTES.get(family_of_pipe(pipe))
-
-
-def call_default(pipe, name: str):
-    """The value the pipeline's call takes for argument `name` when it is not given: a default its class gives every
-    call (report.page.with_call_defaults, outputs.CALL_DEFAULTS), else the first `__call__` in its class's MRO that
-    declares it (None when none does, or it has no default)."""
-    from .outputs import CALL_DEFAULTS
-
-    given = getattr(type(pipe), CALL_DEFAULTS, None) or {}
-    if name in given:
-        return given[name]
-    for cls in type(pipe).__mro__:
-        fn = cls.__dict__.get("__call__")
-        try:
-            param = inspect.signature(fn).parameters.get(name) if callable(fn) else None
-        except (TypeError, ValueError):  # a callable without a signature Python can read
-            param = None
-        if param is not None:
-            return None if param.default is inspect.Parameter.empty else param.default
-    return None
 
 
 def encode_prompts(pipe, prompts: list[str], batch: int = 64,

@@ -99,3 +99,28 @@ def calls_of_run(pipe) -> int | None:
         return n
     ts = getattr(pipe.scheduler, "timesteps", None)
     return len(ts) if ts is not None else None
+
+
+CALL_DEFAULTS = "shapefirst_call_defaults"
+"""The class attribute (a dict) of a pipeline class whose calls default to these arguments (report.page.
+with_call_defaults): part of its fingerprint (outputs.model_fingerprint), so results made at another size are never
+reused."""
+
+
+def call_default(pipe, name: str):
+    """The value the pipeline's call takes for argument `name` when it is not given: a default its class gives every
+    call (report.page.with_call_defaults, CALL_DEFAULTS), else the first `__call__` in its class's MRO that declares
+    it (a subclass whose `__call__` only forwards *args, **kwargs keeps its base's defaults; None when none does, or
+    it has no default)."""
+    given = getattr(type(pipe), CALL_DEFAULTS, None) or {}
+    if name in given:
+        return given[name]
+    for cls in type(pipe).__mro__:
+        fn = cls.__dict__.get("__call__")
+        try:
+            param = inspect.signature(fn).parameters.get(name) if callable(fn) else None
+        except (TypeError, ValueError):  # a callable without a signature Python can read
+            param = None
+        if param is not None:
+            return None if param.default is inspect.Parameter.empty else param.default
+    return None

@@ -49,7 +49,6 @@ HunyuanDiT) have two.
 """
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import asdict, dataclass, replace
 
@@ -58,6 +57,7 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean as wan_prompt_clea
 
 from .errors import ShapefirstError
 from .families import family, family_of_pipe
+from .pipeline_call import call_default
 from .world.vocab import bytes_to_unicode
 
 SOS = "sos"
@@ -306,22 +306,8 @@ def swap_eos(emb_a: torch.Tensor, info_a: TokenInfo, emb_b: torch.Tensor, info_b
     return out
 
 
-def _call_default(pipe, name: str):
-    """The default of the pipeline call's argument `name`: from the first class in its MRO whose own `__call__`
-    declares it (a subclass whose `__call__` only forwards *args, **kwargs keeps its base's defaults)."""
-    for cls in type(pipe).__mro__:
-        fn = cls.__dict__.get("__call__")
-        try:
-            p = inspect.signature(fn).parameters.get(name) if fn is not None else None
-        except (TypeError, ValueError):
-            p = None
-        if p is not None:
-            return None if p.default is inspect.Parameter.empty else p.default
-    return None
-
-
 def _t5_max_length(pipe, max_sequence_length: int | None) -> int:
-    return int(max_sequence_length or _call_default(pipe, "max_sequence_length") or 120)
+    return int(max_sequence_length or call_default(pipe, "max_sequence_length") or 120)
 
 
 def _lower_strip(prompt: str) -> str:
@@ -389,7 +375,7 @@ def denoiser_token_info(pipe, prompt: str, max_sequence_length: int | None = Non
     if fam.tokenizer == "t5":
         return analyze_prompt(t5_tokenizer(pipe), _t5_text(pipe, prompt), _t5_max_length(pipe, max_sequence_length))
     if fam.tokenizer == "gemma" and fam.name == "sana":
-        chi = _call_default(pipe, "complex_human_instruction") if complex_human_instruction is _PIPELINE_DEFAULT \
+        chi = call_default(pipe, "complex_human_instruction") if complex_human_instruction is _PIPELINE_DEFAULT \
             else complex_human_instruction
         return sana_token_info(pipe.tokenizer, _t5_text(pipe, prompt), _t5_max_length(pipe, max_sequence_length), chi)
     if fam.tokenizer == "gemma" and fam.name == "lumina2":
