@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.hooks import HookRegistry
 
 from .errors import ShapefirstError
 from .families import family
@@ -196,8 +197,9 @@ class _Restore:
             elif "forward" in vars(m):
                 del m.forward
         for den, keys, children in zip(self.dens, self.keys, self.children):
-            for k in set(vars(den)) - keys - {"_diffusers_hook"}:
-                delattr(den, k)
+            for k in set(vars(den)) - keys:
+                if not isinstance(vars(den)[k], HookRegistry):  # diffusers' own hook registry stays
+                    delattr(den, k)
             if [n for n, _ in den.named_children()] != children:
                 _reorder(den, children)
         if self.call is None and "__call__" in vars(self.cls):

@@ -7,12 +7,13 @@ support them do it through `CacheMixin.cache_context`. Here: the StateManagers a
 among its attributes), the context they all get, and the context a pipeline has set on them; and the
 block metadata diffusers' block caches (First Block Cache, MagCache) read a transformer block's outputs
 with (`TransformerBlockRegistry` in diffusers.hooks._helpers: where a block class returns its hidden
-states and its text states), read for a class and declared for a class diffusers has none for. Tested on
+states and its text states), read only: shapefirst never adds to diffusers' process-wide registry, so a block class
+diffusers has no metadata for is refused for the block caches. Tested on
 diffusers TESTED (pinned in pyproject); tests/test_transformer_cache.py and tests/test_separate_caches.py
 fail first if a release changes them."""
 from __future__ import annotations
 
-from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import CacheContext, StateManager
 
 TESTED = ">=0.42.1,<0.43"
@@ -54,12 +55,3 @@ def block_outputs(cls: type) -> tuple[int, int | None] | None:
     except ValueError:  # diffusers: "Model class ... not registered."
         return None
     return meta.return_hidden_states_index, meta.return_encoder_hidden_states_index
-
-
-def declare_block(cls: type, hidden: int, encoder: int | None) -> None:
-    """Give diffusers the metadata of a block class it has none for (never replaces diffusers' own): `forward`
-    takes `hidden_states` (and `encoder_hidden_states` where `encoder` is not None) and returns them at these
-    indices (one tensor where `encoder` is None)."""
-    if block_outputs(cls) is None:
-        TransformerBlockRegistry.register(cls, TransformerBlockMetadata(return_hidden_states_index=hidden,
-                                                                        return_encoder_hidden_states_index=encoder))

@@ -22,11 +22,10 @@ context computes change.
 
 Blocks: First Block Cache and MagCache take the blocks of a transformer's child ModuleLists named as in
 BLOCK_LISTS (diffusers' own list; Lumina 2's refiners run before its `layers` and are never cached) and read
-each block's outputs through diffusers' block metadata; BLOCK_OUTPUTS declares it for the block classes
-diffusers 0.42 has none for (Sana, HunyuanDiT, Lumina 2, Chroma), a class with none is refused. First Block
-Cache needs two blocks (a head and a tail) that return the same layout: Chroma's single blocks return the
-joint text+image stream as one tensor where its double blocks return (text, image), which it cannot
-subtract, and is refused there.
+each block's outputs through diffusers' own block metadata (read only); a block class diffusers 0.42 has none
+for (Sana's, HunyuanDiT's, Lumina 2's and Chroma's blocks) is refused for them in one line, TaylorSeer (and PAB on
+batched CFG) still runs there. First Block Cache needs two blocks (a head and a tail) that return the same
+layout.
 
 Under a guidance stop (`conflict` has the rules):
 - batched CFG: the batch drops from 2B rows to B, so the caches that only look back a call or a few
@@ -64,7 +63,7 @@ from functools import partial
 import torch
 from diffusers.hooks import HookRegistry
 
-from .diffusers_shim import block_outputs, current_context, declare_block, open_context, set_context, state_managers
+from .diffusers_shim import block_outputs, current_context, open_context, set_context, state_managers
 from .errors import ShapefirstError
 from .families import Family, family
 from .guidance_hook import denoisers_of, session_of
@@ -104,11 +103,6 @@ BLOCK_KINDS = ("fbc", "mag")  # the caches that skip whole blocks, reading their
 # registered (= run: transformer_blocks before single_transformer_blocks), as diffusers.hooks._common names them
 BLOCK_LISTS = ("blocks", "transformer_blocks", "single_transformer_blocks", "layers", "visual_transformer_blocks",
                "temporal_transformer_blocks")
-# block class -> (index of its hidden states in its output, of its text states or None for one tensor), for the
-# classes diffusers 0.42 has no block metadata for (read from their forward: Chroma's double block returns
-# (encoder_hidden_states, hidden_states) as Flux's does, the others one tensor)
-BLOCK_OUTPUTS = {"SanaTransformerBlock": (0, None), "HunyuanDiTBlock": (0, None), "Lumina2TransformerBlock": (0, None),
-                 "ChromaTransformerBlock": (1, 0), "ChromaSingleTransformerBlock": (0, None)}
 # (denoiser class, kind): why diffusers 0.42's cache fails on it (found on tiny pipelines,
 # tests/test_transformer_cache.py)
 UNSUPPORTED = {
@@ -335,13 +329,11 @@ def _first_block(den) -> torch.nn.Module:
 
 
 def _block_layouts(den, kind: str) -> list[tuple[int, int | None]]:
-    """Where each block of the transformer returns its outputs (diffusers' metadata, else BLOCK_OUTPUTS, declared
-    to diffusers here); a block class with neither is refused."""
+    """Where each block of the transformer returns its outputs (diffusers' own block metadata, read only: shapefirst
+    does not add to diffusers' registry); a block class diffusers has none for is refused."""
     layouts = []
     for block in _blocks(den):
         cls = type(block)
-        if block_outputs(cls) is None and cls.__name__ in BLOCK_OUTPUTS:
-            declare_block(cls, *BLOCK_OUTPUTS[cls.__name__])
         layout = block_outputs(cls)
         if layout is None:
             raise ShapefirstError(f"the {kind} cache skips whole blocks and reads their outputs through diffusers' "
