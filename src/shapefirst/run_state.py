@@ -39,6 +39,7 @@ from .pipeline_call import PipelineCall, calls_of_run, guidance_weight_of_call
 from .rows import cfg_layout, plain_layout
 from .schedules import AdaptiveStop
 from .trace import predicted_x0
+from .video_strip import unpack
 from .families import SUPPORTED
 
 
@@ -177,6 +178,9 @@ class RunState:
         u = uncond.float()
         combined = u + float(weight) * (cond.float() - u)  # what the sampler follows (unguided rows: c - c == 0)
         x0 = predicted_x0(self.pipe.scheduler, timestep.to(u.device), x_t.float(), combined)
+        if x0.dim() == 3:  # packed 2x2 patches [N, tokens, 4C] (Flux, Chroma, Qwen-Image): the band is spatial
+            call = self.pipeline_call
+            x0 = unpack(x0, call.local("height"), call.local("width"), getattr(self.pipe, "vae_scale_factor", 8))
         low = split_bands(x0, ad.radius)[0]
         prev, streak = self.shape_low, self.shape_streak
         if prev is None or prev.shape != low.shape or streak is None:
