@@ -122,6 +122,8 @@ DECLARED = (
                      ("pooled_projections", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")),
            scale_local="true_cfg_scale", cfg_local="do_true_cfg", scale_arg="true_cfg_scale", video=True,
            call_defaults=(("negative_prompt", ""),), latent_layout="video"),
+    Family("auraflow", ("AuraFlowPipeline",), denoisers=("transformer",), prediction="flow", attention="joint",
+           tokenizer="t5", schedulers=()),
 )
 BY_NAME = {f.name: f for f in DECLARED}
 FAMILIES = {f.name: f.pipelines for f in DECLARED}  # family name -> pipeline class names

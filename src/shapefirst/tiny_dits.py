@@ -1,0 +1,54 @@
+"""Tiny batched-CFG image pipelines built in code (random weights, offline tokenizers), for the tests of the families
+declared in shapefirst.families beside shapefirst.tiny's (#32 item 2). One builder per pipeline:
+  tiny_auraflow_pipeline     AuraFlowPipeline (AuraFlowTransformer2DModel, UMT5EncoderModel, AutoencoderKL)
+Each uses the real pipeline and model classes configured tiny; tokenizers are the world's (shapefirst.world.vocab).
+Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import torch
+
+from .tiny import _tiny_vae
+from .world.vocab import world_t5_tokenizer
+
+
+def _scaled(module: torch.nn.Module, factors: dict[str, float]) -> torch.nn.Module:
+    """Multiply the parameters whose name contains a key by its factor. Random DiTs with adaLN modulation start with
+    gates near 0 (a small timestep embedding through small random projections), so the text barely reaches the image
+    tokens and guidance changes next to nothing; scaled up, a stop changes the images measurably."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            for key, factor in factors.items():
+                if key in name:
+                    param.mul_(factor)
+    return module
+
+
+def _tiny_umt5(tok, d_model: int = 32):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
+                                       num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                       decoder_start_token_id=tok.pad_token_id)).eval()
+
+
+def tiny_auraflow_pipeline(seed: int = 0):
+    """AuraFlowPipeline (batched CFG, joint attention over text and image tokens, flow matching; the transformer gets
+    t / 1000): a tiny AuraFlowTransformer2DModel (one MMDiT and one single-stream block), a tiny UMT5EncoderModel with
+    the world's T5 tokenizer, a tiny AutoencoderKL (2x compression), FlowMatchEulerDiscreteScheduler. The timestep
+    embedding and the blocks' modulations are scaled up (_scaled: the text then changes the prediction by about 0.2,
+    not 7e-5). Call with height=width=16 (8x8 latents, 16 image tokens), max_sequence_length=16."""
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    tok = world_t5_tokenizer(model_max_length=64)
+    torch.manual_seed(seed)
+    transformer = AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
+                                             num_single_dit_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                             joint_attention_dim=32, caption_projection_dim=16, out_channels=4,
+                                             pos_embed_max_size=64).eval()
+    _scaled(transformer, {"time_step_proj.linear_2": 10.0, "norm1.linear": 3.0, "norm1_context.linear": 3.0})
+    pipe = AuraFlowPipeline(tokenizer=tok, text_encoder=_tiny_umt5(tok), vae=_tiny_vae(4, 8),
+                            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,101 @@
+"""Batched-CFG image families declared by name (#32 item 2, second set): AuraFlow, on tiny in-code components
+(shapefirst.tiny_dits). For each: no stop is bit-identical to the plain pipeline; a stop equals a reference built
+without shapefirst (the denoiser's forward wrapped by plain test code that, from the stop on, runs the conditional
+half of the batch and returns it in both halves: conftest.CondHalfOn) and its evaluations equal an independent count
+of the rows the denoiser's first layer sees (conftest.RowCount); 2 prompts x 2 images equal their solo runs;
+shapefirst.generate equals the pipeline called under the same schedule, and its trajectory's last call decodes to
+the pipeline's own images."""
+import numpy as np
+import pytest
+import torch
+
+from shapefirst.families import family, family_of_pipe
+from shapefirst.guidance import GuidanceSchedule, guidance_schedule
+from shapefirst.tiny_dits import tiny_auraflow_pipeline
+
+from conftest import CondHalfOn, RowCount
+
+PROMPTS = ["a red circle moving left", "a large blue striped square"]
+STEPS, W = 5, 4.5
+TOL = 1e-4
+
+# family -> (tiny builder, call arguments, the denoiser's first layer: it runs on every row computed)
+SPECS = {
+    "auraflow": (tiny_auraflow_pipeline, dict(height=16, width=16, max_sequence_length=16), "pos_embed"),
+}
+
+
+@pytest.fixture(scope="module", params=list(SPECS))
+def fam(request):
+    return request.param, SPECS[request.param][0]()
+
+
+def run(name, pipe, prompts=PROMPTS, per_prompt=1, seed=0):
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * per_prompt)]
+    return pipe(prompts, num_inference_steps=STEPS, guidance_scale=W, output_type="np", generator=gens,
+                num_images_per_prompt=per_prompt, **SPECS[name][1]).images
+
+
+def test_the_family_is_known_by_name(fam):
+    name, pipe = fam
+    assert family_of_pipe(pipe) == name and family(pipe).cfg == "batched"
+
+
+def test_no_stop_is_bit_identical(fam):
+    name, pipe = fam
+    plain = run(name, pipe)
+    with guidance_schedule(pipe, GuidanceSchedule(W)) as hook:
+        got = run(name, pipe)
+    assert np.array_equal(got, plain) and hook.evaluations_per_image() == [2 * STEPS] * 2
+
+
+@pytest.mark.parametrize("stop", [0, 2])
+def test_a_stop_equals_the_reference_and_counts_rows(fam, stop):
+    name, pipe = fam
+    den = pipe.transformer
+    ref_wrap = CondHalfOn(den, lambda i: i >= stop)
+    try:
+        ref = run(name, pipe)
+    finally:
+        ref_wrap.close()
+    count = RowCount(getattr(den, SPECS[name][2]))
+    try:
+        with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=stop, after="cond")) as hook:
+            got = run(name, pipe)
+    finally:
+        count.handle.remove()
+    want = 2 * stop + STEPS - stop
+    assert np.array_equal(got, ref)
+    assert hook.evaluations_per_image() == [want] * 2 and count.rows == 2 * want
+    assert float(np.abs(got - run(name, pipe)).max()) > 100 * TOL  # the stop changes the images far beyond TOL
+
+
+def test_a_batch_equals_its_solo_runs(fam):
+    """2 prompts x 2 images under a stop equal each prompt's own run (4 seeds)."""
+    name, pipe = fam
+    with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=2, after="cond")) as hook:
+        both = run(name, pipe, PROMPTS, per_prompt=2)
+        assert hook.evaluations_per_image() == [2 * 2 + STEPS - 2] * 4
+        solo = [run(name, pipe, [p], per_prompt=2, seed=2 * i) for i, p in enumerate(PROMPTS)]
+    assert np.abs(both - np.concatenate(solo)).max() <= TOL
+
+
+def test_generate_runs_it_and_its_trajectory_decodes_to_the_images(fam):
+    """shapefirst.generate equals the pipeline called under the same schedule; its trajectory (trace=True) is the
+    family's declared layout, guided at the calls before the stop, and its last call's x0-hat, decoded as the pipeline
+    decodes its latents, is the pipeline's images (within TOL); the first call's decodes to another picture."""
+    from shapefirst.generate import generate
+
+    name, pipe = fam
+    sched = GuidanceSchedule(W, stop_step=2, after="cond")
+    res = generate(pipe, PROMPTS, sched, steps=STEPS, trace=True, **SPECS[name][1])
+    with guidance_schedule(pipe, sched):
+        direct = run(name, pipe)
+    assert np.array_equal(res.images, direct) and res.evaluations_per_image == [2 * 2 + STEPS - 2] * 2
+    traj = res.trajectory
+    assert traj.layout == family(pipe).latent_layout and traj.n_calls == STEPS
+    assert traj.guided[:2].all() and not traj.guided[2:].any()
+    last = traj.decode(pipe.vae, "x0", [STEPS - 1])[0].movedim(-3, -1).numpy()
+    assert last.shape == direct.shape and float(np.abs(last - direct).max()) <= TOL
+    first = traj.decode(pipe.vae, "x0", [0])[0].movedim(-3, -1).numpy()
+    assert float(np.abs(first - direct).max()) > 0.01
