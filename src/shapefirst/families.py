@@ -124,6 +124,8 @@ DECLARED = (
            call_defaults=(("negative_prompt", ""),), latent_layout="video"),
     Family("auraflow", ("AuraFlowPipeline",), denoisers=("transformer",), prediction="flow", attention="joint",
            tokenizer="t5", schedulers=()),
+    Family("cogview3plus", ("CogView3PlusPipeline",), denoisers=("transformer",), attention="joint", tokenizer="t5",
+           schedulers=()),
 )
 BY_NAME = {f.name: f for f in DECLARED}
 FAMILIES = {f.name: f.pipelines for f in DECLARED}  # family name -> pipeline class names

@@ -1,6 +1,7 @@
 """Tiny batched-CFG image pipelines built in code (random weights, offline tokenizers), for the tests of the families
 declared in shapefirst.families beside shapefirst.tiny's (#32 item 2). One builder per pipeline:
   tiny_auraflow_pipeline     AuraFlowPipeline (AuraFlowTransformer2DModel, UMT5EncoderModel, AutoencoderKL)
+  tiny_cogview3plus_pipeline CogView3PlusPipeline (CogView3PlusTransformer2DModel, T5EncoderModel, AutoencoderKL)
 Each uses the real pipeline and model classes configured tiny; tokenizers are the world's (shapefirst.world.vocab).
 Nothing is downloaded.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import _tiny_vae
+from .tiny import _tiny_t5_encoder, _tiny_vae
 from .world.vocab import world_t5_tokenizer
 
 
@@ -50,5 +51,25 @@ def tiny_auraflow_pipeline(seed: int = 0):
     _scaled(transformer, {"time_step_proj.linear_2": 10.0, "norm1.linear": 3.0, "norm1_context.linear": 3.0})
     pipe = AuraFlowPipeline(tokenizer=tok, text_encoder=_tiny_umt5(tok), vae=_tiny_vae(4, 8),
                             transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_cogview3plus_pipeline(seed: int = 0):
+    """CogView3PlusPipeline (batched CFG; without a negative prompt its unconditional embeddings are zeros; SDXL-like
+    size and crop conditions): a tiny CogView3PlusTransformer2DModel, a tiny T5 with the world's T5 tokenizer, a tiny
+    AutoencoderKL (2x compression), CogVideoXDDIMScheduler (v-prediction, its SNR shift); the blocks' modulations
+    scaled up (_scaled). Call with height=width=16, max_sequence_length=16."""
+    from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline, CogView3PlusTransformer2DModel
+
+    tok = world_t5_tokenizer(model_max_length=64)
+    torch.manual_seed(seed)
+    transformer = CogView3PlusTransformer2DModel(patch_size=2, in_channels=4, num_layers=1, attention_head_dim=4,
+                                                 num_attention_heads=2, out_channels=4, text_embed_dim=32,
+                                                 time_embed_dim=8, condition_dim=2, pos_embed_max_size=8,
+                                                 sample_size=8).eval()
+    _scaled(transformer, {"norm1.linear": 3.0})  # a stop at call 2 of 5 then moves pixels by 9e-3, not 3e-3
+    pipe = CogView3PlusPipeline(tokenizer=tok, text_encoder=_tiny_t5_encoder(tok), vae=_tiny_vae(4, 8),
+                                transformer=transformer, scheduler=CogVideoXDDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
