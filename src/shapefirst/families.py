@@ -126,6 +126,8 @@ DECLARED = (
            tokenizer="t5", schedulers=()),
     Family("cogview3plus", ("CogView3PlusPipeline",), denoisers=("transformer",), attention="joint", tokenizer="t5",
            schedulers=()),
+    Family("latte", ("LattePipeline",), denoisers=("transformer",), tokenizer="t5", schedulers=(), video=True,
+           call_defaults=(("clean_caption", False),), latent_layout="video_per_frame"),
 )
 BY_NAME = {f.name: f for f in DECLARED}
 FAMILIES = {f.name: f.pipelines for f in DECLARED}  # family name -> pipeline class names

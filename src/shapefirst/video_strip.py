@@ -11,6 +11,8 @@ shapefirst.families.Family.latent_layout, recorded with the trajectory:
                                 (AutoencoderKLQwenImage), the first decoded frame kept, as QwenImagePipeline does
   "video"         [C, F, H, W]  Wan, HunyuanVideo (their pipelines pass the latents to the transformer as they are)
   "video_frames"  [F, C, H, W]  CogVideoX (its pipeline keeps frames before channels; decode_latents permutes)
+  "video_per_frame" [C, F, H, W] Latte, AnimateDiff: decoded frame by frame by an image VAE (AutoencoderKL), as their
+                                decode_latents ([N * F, C, H, W] through the VAE, frames back in place)
 A pipeline of no declared family gets its layout from the latents' dimensions (2: packed, 3: image, 4: video); a
 declared family's latents of other dimensions are refused (they are not what its pipeline decodes).
 The vae scale factor that unpacks packed tokens is the pipeline's own `vae_scale_factor` (recorded), else the
@@ -40,10 +42,10 @@ from .errors import ShapefirstError
 from .families import BY_NAME
 from .results import atomic_write_bytes, png_bytes, spaced
 
-LAYOUT_DIMS = {"image": 3, "packed": 2, "packed_frame": 2, "video": 4, "video_frames": 4}
+LAYOUT_DIMS = {"image": 3, "packed": 2, "packed_frame": 2, "video": 4, "video_frames": 4, "video_per_frame": 4}
 """Each layout's dimensions per image (see the module docstring)."""
 LAYOUTS = tuple(LAYOUT_DIMS)
-VIDEO_LAYOUTS = ("video", "video_frames")
+VIDEO_LAYOUTS = ("video", "video_frames", "video_per_frame")
 BY_DIMS = {2: "packed", 3: "image", 4: "video"}
 """The layout of a pipeline of no declared family, from its latents' dimensions per image."""
 
@@ -132,10 +134,15 @@ def decode_latents(vae, latents: torch.Tensor, layout: str, height: int | None =
         z = z.unsqueeze(2)  # [N, C, 1, H, W], as QwenImagePipeline._unpack_latents
     elif layout == "video_frames":
         z = z.permute(0, 2, 1, 3, 4)  # [N, C, F, H, W], as CogVideoXPipeline.decode_latents
+    elif layout == "video_per_frame":
+        n, frames = z.shape[0], z.shape[2]
+        z = z.permute(0, 2, 1, 3, 4).flatten(0, 1)  # [N * F, C, H, W], as LattePipeline.decode_latents
     out = vae.decode(normalise_for_vae(vae, z)).sample.float().cpu()
     if layout == "packed_frame":
         out = out[:, :, 0]  # the one frame, as QwenImagePipeline
     out = (out / 2 + 0.5).clamp(0, 1)
+    if layout == "video_per_frame":
+        return out.unflatten(0, (n, frames))  # [N, F, 3, H, W]
     return out.permute(0, 2, 1, 3, 4).contiguous() if out.dim() == 5 else out
 
 
