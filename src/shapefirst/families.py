@@ -128,6 +128,8 @@ DECLARED = (
            schedulers=()),
     Family("latte", ("LattePipeline",), denoisers=("transformer",), tokenizer="t5", schedulers=(), video=True,
            call_defaults=(("clean_caption", False),), latent_layout="video_per_frame"),
+    Family("bria", ("BriaPipeline",), denoisers=("transformer",), prediction="flow", attention="joint", tokenizer="t5",
+           schedulers=(), latent_layout="packed"),
 )
 BY_NAME = {f.name: f for f in DECLARED}
 FAMILIES = {f.name: f.pipelines for f in DECLARED}  # family name -> pipeline class names

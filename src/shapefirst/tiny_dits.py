@@ -2,6 +2,7 @@
 declared in shapefirst.families beside shapefirst.tiny's (#32 item 2). One builder per pipeline:
   tiny_auraflow_pipeline     AuraFlowPipeline (AuraFlowTransformer2DModel, UMT5EncoderModel, AutoencoderKL)
   tiny_cogview3plus_pipeline CogView3PlusPipeline (CogView3PlusTransformer2DModel, T5EncoderModel, AutoencoderKL)
+  tiny_bria_pipeline         BriaPipeline (BriaTransformer2DModel on packed 2x2 latent patches, T5EncoderModel)
 Each uses the real pipeline and model classes configured tiny; tokenizers are the world's (shapefirst.world.vocab).
 Nothing is downloaded.
 """
@@ -71,5 +72,26 @@ def tiny_cogview3plus_pipeline(seed: int = 0):
     _scaled(transformer, {"norm1.linear": 3.0})  # a stop at call 2 of 5 then moves pixels by 9e-3, not 3e-3
     pipe = CogView3PlusPipeline(tokenizer=tok, text_encoder=_tiny_t5_encoder(tok), vae=_tiny_vae(4, 8),
                                 transformer=transformer, scheduler=CogVideoXDDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_bria_pipeline(seed: int = 0):
+    """BriaPipeline (batched CFG on Flux-like packed latents, [tokens, 4C]; each prompt encoded alone and padded with
+    zeros; without a negative prompt its unconditional embeddings are zeros): a tiny BriaTransformer2DModel, a tiny
+    T5 with the world's T5 tokenizer, a tiny AutoencoderKL (2x compression, so the pipeline's vae_scale_factor,
+    2 ** len(block_out_channels), is 4: Bria's is twice its VAE's compression) with a shift factor,
+    FlowMatchEulerDiscreteScheduler. Call with height=width=16 (8x8 latents, 16 packed tokens),
+    max_sequence_length=16."""
+    from diffusers import BriaPipeline, BriaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    tok = world_t5_tokenizer(model_max_length=64)
+    torch.manual_seed(seed)
+    transformer = BriaTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                         axes_dims_rope=[2, 2, 4]).eval()
+    vae = _tiny_vae(4, 8, shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = BriaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                        text_encoder=_tiny_t5_encoder(tok), tokenizer=tok)
     pipe.set_progress_bar_config(disable=True)
     return pipe
