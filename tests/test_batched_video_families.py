@@ -1,4 +1,4 @@
-"""Batched-CFG video families declared by name (#32 item 2): Latte, on tiny in-code components
+"""Batched-CFG video families declared by name (#32 item 2): Latte and LTX-Video, on tiny in-code components
 (shapefirst.tiny_videos). For each: no stop is bit-identical to the plain pipeline; a stop equals a reference built
 without shapefirst (conftest.CondHalfOn: the denoiser's forward wrapped by plain test code that, from the stop on, runs
 the conditional half of the batch and returns it in both halves); evaluations equal an independent count of the rows
@@ -14,7 +14,7 @@ from PIL import Image
 
 from shapefirst.families import family
 from shapefirst.guidance import GuidanceSchedule, guidance_schedule
-from shapefirst.tiny_videos import tiny_latte_pipeline
+from shapefirst.tiny_videos import tiny_latte_pipeline, tiny_ltx_pipeline
 from shapefirst.trace import TrajectoryRecorder
 from shapefirst.video_strip import LAYOUT_DIMS, VIDEO_LAYOUTS
 
@@ -34,6 +34,7 @@ class Spec:
     per: str = "num_videos_per_prompt"  # the call argument counting videos per prompt
     frames: int = 2  # frames of each output video
     batch_prompts: tuple = tuple(PROMPTS)  # the prompts of the batch-vs-solo check
+    per_video: tuple = ()  # (call argument, value) pairs the pipeline takes as a list, one value per video
 
 
 SPECS = {
@@ -42,6 +43,11 @@ SPECS = {
     "latte": Spec(tiny_latte_pipeline, dict(height=16, width=16, video_length=2, clean_caption=False),
                   "video_per_frame", "caption_projection", per="num_images_per_prompt",
                   batch_prompts=(PROMPTS[0],) * 2),
+    # LTX's packed tokens [tokens, C]; proj_in (its first layer) sees one row per CFG row. With a timestep-conditioned
+    # VAE, LTXPipeline makes one decode_timestep per prompt, not per video (diffusers 0.42.1: more than one video per
+    # prompt fails in its decode with a size mismatch), so it is given one per video (its default value, 0)
+    "ltx": Spec(tiny_ltx_pipeline, dict(height=32, width=32, num_frames=9, max_sequence_length=16), "packed_video",
+                "proj_in", frames=9, per_video=(("decode_timestep", 0.0),), batch_prompts=(PROMPTS[0],) * 2),
 }
 
 
@@ -56,8 +62,9 @@ def gens(n, seed=0):
 
 def run(name, pipe, prompts=PROMPTS, per=1, seed=0):
     spec = SPECS[name]
-    out = pipe(prompts, num_inference_steps=STEPS, guidance_scale=W, output_type="np",
-               generator=gens(len(prompts) * per, seed), **{spec.per: per}, **spec.call)
+    n = len(prompts) * per
+    out = pipe(prompts, num_inference_steps=STEPS, guidance_scale=W, output_type="np", generator=gens(n, seed),
+               **{spec.per: per}, **spec.call, **{k: [v] * n for k, v in spec.per_video})
     return out.frames
 
 
@@ -99,10 +106,11 @@ def test_a_stop_equals_the_reference_and_counts_rows(fam, stop):
 
 
 def test_a_batch_equals_its_solo_runs(fam):
-    """2 prompts x 2 videos under a stop equal each prompt's own 2-video run (seeded alike). Latte batches one prompt
-    twice: its encode_prompt tiles the T5 masks ([m0, m1, m0, m1]) while it repeats the embeddings per video ([p0,
-    p0, p1, p1]), so with 2 prompts x 2 videos two videos get the other prompt's mask (plain pipeline, measured: 2.4e-3
-    between that batch and its solo runs; 0.0 with mask_feature=False or one prompt twice)."""
+    """2 prompts x 2 videos under a stop equal each prompt's own 2-video run (seeded alike). Latte and LTX batch one
+    prompt twice: their encode_prompt tiles the T5 masks ([m0, m1, m0, m1]) while it repeats the embeddings per video
+    ([p0, p0, p1, p1]), so with 2 prompts x 2 videos two videos get the other prompt's mask (plain pipelines, measured
+    between that batch and its solo runs: Latte 2.4e-3, LTX 0.059; 0.0 with one prompt twice, and 1e-6 on LTX with
+    2 prompts x 1 video)."""
     name, pipe = fam
     prompts = list(SPECS[name].batch_prompts)
     with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=2, after="cond")) as hook:
@@ -161,3 +169,17 @@ def test_the_trajectory_decodes_to_the_pipelines_frames(fam, tmp_path):
     for v in range(2):
         row = arr[(v * STEPS + STEPS - 1) * h:(v * STEPS + STEPS) * h]
         assert np.abs(row.astype(int) - np.concatenate(list(q(ref[v])), axis=1).astype(int)).max() <= 1
+
+
+def test_packed_video_tokens_that_do_not_fit_the_call_are_refused():
+    """LTX's packed tokens unpack with the call's height and width: a count that does not make whole latent frames of
+    that size, or a call size not recorded, is one ShapefirstError."""
+    from shapefirst.errors import ShapefirstError
+    from shapefirst.video_strip import decode_latents
+
+    vae = tiny_ltx_pipeline().vae
+    good = decode_latents(vae, torch.zeros(1, 3 * 8 * 8, 8), "packed_video", 32, 32)
+    assert good.shape == (1, 9, 3, 32, 32)
+    for tokens, size in ((3 * 8 * 8 + 1, 32), (3 * 8 * 8, None)):
+        with pytest.raises(ShapefirstError, match="packed video tokens"):
+            decode_latents(vae, torch.zeros(1, tokens, 8), "packed_video", size, size)

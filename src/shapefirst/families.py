@@ -130,6 +130,8 @@ DECLARED = (
            call_defaults=(("clean_caption", False),), latent_layout="video_per_frame"),
     Family("bria", ("BriaPipeline",), denoisers=("transformer",), prediction="flow", attention="joint", tokenizer="t5",
            schedulers=(), latent_layout="packed"),
+    Family("ltx", ("LTXPipeline",), denoisers=("transformer",), prediction="flow", tokenizer="t5", schedulers=(),
+           video=True, latent_layout="packed_video"),
 )
 BY_NAME = {f.name: f for f in DECLARED}
 FAMILIES = {f.name: f.pipelines for f in DECLARED}  # family name -> pipeline class names

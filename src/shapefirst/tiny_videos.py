@@ -2,6 +2,8 @@
 weights and offline tokenizers, for the tests (tests/test_batched_video_families.py). One builder per pipeline:
   tiny_latte_pipeline   LattePipeline: a tiny LatteTransformer3DModel (spatial and temporal blocks, learned sigma),
                         a tiny T5 with the world's T5 tokenizer, an image AutoencoderKL that decodes frame by frame
+  tiny_ltx_pipeline     LTXPipeline: a tiny LTXVideoTransformer3DModel on packed tokens, a tiny T5, a tiny
+                        AutoencoderKLLTXVideo (timestep-conditioned decoder, non-trivial latents_mean/std)
 The helpers (tiny VAE, T5) are shapefirst.tiny's. Nothing is downloaded.
 """
 from __future__ import annotations
@@ -28,5 +30,38 @@ def tiny_latte_pipeline(seed: int = 0):
     sched = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
     pipe = LattePipeline(tokenizer=tok, text_encoder=_tiny_t5_encoder(tok), vae=_tiny_vae(4, 8).eval(),
                          transformer=transformer, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_ltx_pipeline(seed: int = 0):
+    """LTXPipeline (text-to-video, batched CFG, cross-attention to T5 states, flow matching): a tiny
+    LTXVideoTransformer3DModel (patch size 1: one token per latent voxel, [tokens, 8] per video), a tiny T5 with the
+    world's T5 tokenizer, a tiny AutoencoderKLLTXVideo (8 latent channels, 4x spatial and temporal compression, a
+    timestep-conditioned decoder as LTX-Video 0.9.1 and later ship; its latents_mean/std buffers set to random
+    values so that denormalising matters), FlowMatchEulerDiscreteScheduler with LTX-Video's dynamic shifting and
+    shift_terminal. Call with height=width=32 (LTX takes multiples of 32), num_frames=9 (3 latent frames of 8x8),
+    max_sequence_length=16."""
+    from diffusers import (AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline,
+                           LTXVideoTransformer3DModel)
+
+    torch.manual_seed(seed)
+    tok = world_t5_tokenizer(model_max_length=32)
+    transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                             num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                             num_layers=1, caption_channels=32).eval()
+    vae = AutoencoderKLLTXVideo(latent_channels=8, block_out_channels=(8, 8, 8, 8),
+                                decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                decoder_layers_per_block=(1, 1, 1, 1, 1),
+                                spatio_temporal_scaling=(True, True, False, False),
+                                decoder_spatio_temporal_scaling=(True, True, False, False), patch_size=1,
+                                patch_size_t=1, timestep_conditioning=True, scaling_factor=1.0).eval()
+    with torch.no_grad():
+        vae.latents_mean.copy_(0.1 * torch.randn(8))
+        vae.latents_std.copy_(0.5 + torch.rand(8))
+    sched = FlowMatchEulerDiscreteScheduler(base_image_seq_len=1024, base_shift=0.95, max_image_seq_len=4096,
+                                            max_shift=2.05, shift_terminal=0.1, use_dynamic_shifting=True)
+    pipe = LTXPipeline(tokenizer=tok, text_encoder=_tiny_t5_encoder(tok), vae=vae, transformer=transformer,
+                       scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -13,6 +13,11 @@ shapefirst.families.Family.latent_layout, recorded with the trajectory:
   "video_frames"  [F, C, H, W]  CogVideoX (its pipeline keeps frames before channels; decode_latents permutes)
   "video_per_frame" [C, F, H, W] Latte, AnimateDiff: decoded frame by frame by an image VAE (AutoencoderKL), as their
                                 decode_latents ([N * F, C, H, W] through the VAE, frames back in place)
+  "packed_video"  [tokens, C]   LTX-Video: one token per latent voxel (its transformer's patch size 1), unpacked to
+                                [C, F, H, W] with H, W the call's height and width over the VAE's
+                                spatial_compression_ratio, then denormalised with the VAE's latents_mean/latents_std
+                                buffers and scaling_factor and decoded at the pipeline's default decode_timestep 0
+                                (LTXPipeline's _unpack_latents, _denormalize_latents and decode)
 A pipeline of no declared family gets its layout from the latents' dimensions (2: packed, 3: image, 4: video); a
 declared family's latents of other dimensions are refused (they are not what its pipeline decodes).
 The vae scale factor that unpacks packed tokens is the pipeline's own `vae_scale_factor` (recorded), else the
@@ -42,10 +47,11 @@ from .errors import ShapefirstError
 from .families import BY_NAME
 from .results import atomic_write_bytes, png_bytes, spaced
 
-LAYOUT_DIMS = {"image": 3, "packed": 2, "packed_frame": 2, "video": 4, "video_frames": 4, "video_per_frame": 4}
+LAYOUT_DIMS = {"image": 3, "packed": 2, "packed_frame": 2, "video": 4, "video_frames": 4, "video_per_frame": 4,
+               "packed_video": 2}
 """Each layout's dimensions per image (see the module docstring)."""
 LAYOUTS = tuple(LAYOUT_DIMS)
-VIDEO_LAYOUTS = ("video", "video_frames", "video_per_frame")
+VIDEO_LAYOUTS = ("video", "video_frames", "video_per_frame", "packed_video")
 BY_DIMS = {2: "packed", 3: "image", 4: "video"}
 """The layout of a pipeline of no declared family, from its latents' dimensions per image."""
 
@@ -105,6 +111,24 @@ def unpack(latents: torch.Tensor, height: int | None, width: int | None, scale: 
     return x.reshape(n, d // 4, h, w)
 
 
+def decode_packed_video(vae, latents: torch.Tensor, height: int | None, width: int | None) -> torch.Tensor:
+    """LTX-Video's packed tokens [N, tokens, C] -> the VAE's output [N, 3, frames, H, W], as LTXPipeline decodes them
+    (see "packed_video" in the module docstring)."""
+    n, tokens, c = latents.shape
+    scale = getattr(vae, "spatial_compression_ratio", None)
+    h, w = (int(height) // scale, int(width) // scale) if height and width and scale else (0, 0)
+    if c != vae.config.latent_channels or not h * w or tokens % (h * w):
+        raise ShapefirstError(f"{tokens} packed video tokens of width {c} do not make "
+                              f"{vae.config.latent_channels}-channel latent frames of {h}x{w}",
+                              "record it with shapefirst's TrajectoryRecorder (it keeps the call's height and width); "
+                              "transformers with a patch size above 1 are not read")
+    z = latents.reshape(n, tokens // (h * w), h, w, c).permute(0, 4, 1, 2, 3)
+    shape = (1, c, 1, 1, 1)
+    z = z * vae.latents_std.view(shape).to(z) / vae.config.scaling_factor + vae.latents_mean.view(shape).to(z)
+    temb = torch.zeros(n, device=z.device, dtype=z.dtype) if vae.config.timestep_conditioning else None
+    return vae.decode(z, temb).sample
+
+
 def normalise_for_vae(vae, z: torch.Tensor) -> torch.Tensor:
     """Latents as the denoiser sees them -> the VAE's input (see the module docstring); channels are dim 1."""
     cfg = vae.config
@@ -137,7 +161,10 @@ def decode_latents(vae, latents: torch.Tensor, layout: str, height: int | None =
     elif layout == "video_per_frame":
         n, frames = z.shape[0], z.shape[2]
         z = z.permute(0, 2, 1, 3, 4).flatten(0, 1)  # [N * F, C, H, W], as LattePipeline.decode_latents
-    out = vae.decode(normalise_for_vae(vae, z)).sample.float().cpu()
+    if layout == "packed_video":
+        out = decode_packed_video(vae, z, height, width).float().cpu()
+    else:
+        out = vae.decode(normalise_for_vae(vae, z)).sample.float().cpu()
     if layout == "packed_frame":
         out = out[:, :, 0]  # the one frame, as QwenImagePipeline
     out = (out / 2 + 0.5).clamp(0, 1)
