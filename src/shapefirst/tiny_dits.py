@@ -3,6 +3,8 @@ declared in shapefirst.families beside shapefirst.tiny's (#32 item 2). One build
   tiny_auraflow_pipeline     AuraFlowPipeline (AuraFlowTransformer2DModel, UMT5EncoderModel, AutoencoderKL)
   tiny_cogview3plus_pipeline CogView3PlusPipeline (CogView3PlusTransformer2DModel, T5EncoderModel, AutoencoderKL)
   tiny_bria_pipeline         BriaPipeline (BriaTransformer2DModel on packed 2x2 latent patches, T5EncoderModel)
+  tiny_lumina_pipeline       LuminaPipeline (Lumina-Next: LuminaNextDiT2DModel, Gemma2Model); not a declared family
+                             (its CFG batch is [cond, uncond]): built to show that it is refused
 Each uses the real pipeline and model classes configured tiny; tokenizers are the world's (shapefirst.world.vocab).
 Nothing is downloaded.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import _tiny_t5_encoder, _tiny_vae
+from .tiny import _tiny_t5_encoder, _tiny_vae, tiny_gemma_tokenizer
 from .world.vocab import world_t5_tokenizer
 
 
@@ -93,5 +95,31 @@ def tiny_bria_pipeline(seed: int = 0):
     vae = _tiny_vae(4, 8, shift_factor=0.0609, scaling_factor=1.5035)
     pipe = BriaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                         text_encoder=_tiny_t5_encoder(tok), tokenizer=tok)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_lumina_pipeline(seed: int = 0):
+    """LuminaPipeline (Lumina-Next; its CFG batch is [cond, uncond], so shapefirst does not serve it): a tiny
+    LuminaNextDiT2DModel (learned sigma), a tiny Gemma2Model with shapefirst.tiny's Gemma tokenizer, a tiny
+    AutoencoderKL with 8x compression (the pipeline's fixed vae_scale_factor), FlowMatchEulerDiscreteScheduler. Call
+    with height=width=32 (4x4 latents) and clean_caption=False (its default True wants Beautiful Soup)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
+    from transformers import Gemma2Config, Gemma2Model
+
+    tok = tiny_gemma_tokenizer()
+    torch.manual_seed(seed)
+    text = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                    pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                    eos_token_id=tok.eos_token_id)).eval()
+    transformer = LuminaNextDiT2DModel(sample_size=4, patch_size=2, in_channels=4, hidden_size=16, num_layers=1,
+                                       num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+                                       cross_attention_dim=16).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=32).eval()
+    pipe = LuminaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                          text_encoder=text, tokenizer=tok)
     pipe.set_progress_bar_config(disable=True)
     return pipe
