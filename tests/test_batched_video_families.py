@@ -1,4 +1,4 @@
-"""Batched-CFG video families declared by name (#32 item 2): Latte and LTX-Video, on tiny in-code components
+"""Batched-CFG video families declared by name (#32 item 2): Latte, LTX-Video and Mochi, on tiny in-code components
 (shapefirst.tiny_videos). For each: no stop is bit-identical to the plain pipeline; a stop equals a reference built
 without shapefirst (conftest.CondHalfOn: the denoiser's forward wrapped by plain test code that, from the stop on, runs
 the conditional half of the batch and returns it in both halves); evaluations equal an independent count of the rows
@@ -14,7 +14,7 @@ from PIL import Image
 
 from shapefirst.families import family
 from shapefirst.guidance import GuidanceSchedule, guidance_schedule
-from shapefirst.tiny_videos import tiny_latte_pipeline, tiny_ltx_pipeline
+from shapefirst.tiny_videos import tiny_latte_pipeline, tiny_ltx_pipeline, tiny_mochi_pipeline
 from shapefirst.trace import TrajectoryRecorder
 from shapefirst.video_strip import LAYOUT_DIMS, VIDEO_LAYOUTS
 
@@ -48,6 +48,9 @@ SPECS = {
     # prompt fails in its decode with a size mismatch), so it is given one per video (its default value, 0)
     "ltx": Spec(tiny_ltx_pipeline, dict(height=32, width=32, num_frames=9, max_sequence_length=16), "packed_video",
                 "proj_in", frames=9, per_video=(("decode_timestep", 0.0),), batch_prompts=(PROMPTS[0],) * 2),
+    # Mochi's latents [C, F, H, W]; time_embed (timestep and text first) sees one row per CFG row
+    "mochi": Spec(tiny_mochi_pipeline, dict(height=16, width=16, num_frames=7, max_sequence_length=16), "video",
+                  "time_embed", frames=7, batch_prompts=(PROMPTS[0],) * 2),
 }
 
 
@@ -106,11 +109,11 @@ def test_a_stop_equals_the_reference_and_counts_rows(fam, stop):
 
 
 def test_a_batch_equals_its_solo_runs(fam):
-    """2 prompts x 2 videos under a stop equal each prompt's own 2-video run (seeded alike). Latte and LTX batch one
-    prompt twice: their encode_prompt tiles the T5 masks ([m0, m1, m0, m1]) while it repeats the embeddings per video
-    ([p0, p0, p1, p1]), so with 2 prompts x 2 videos two videos get the other prompt's mask (plain pipelines, measured
-    between that batch and its solo runs: Latte 2.4e-3, LTX 0.059; 0.0 with one prompt twice, and 1e-6 on LTX with
-    2 prompts x 1 video)."""
+    """2 prompts x 2 videos under a stop equal each prompt's own 2-video run (seeded alike). Latte, LTX and Mochi batch
+    one prompt twice: their encode_prompt tiles the T5 masks ([m0, m1, m0, m1]) while it repeats the embeddings per
+    video ([p0, p0, p1, p1]), so with 2 prompts x 2 videos two videos get the other prompt's mask (plain pipelines,
+    measured between that batch and its solo runs: Latte 2.4e-3, LTX 0.059, Mochi 0.106; 0.0 with one prompt twice,
+    and at most 1e-6 with 2 prompts x 1 video)."""
     name, pipe = fam
     prompts = list(SPECS[name].batch_prompts)
     with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=2, after="cond")) as hook:
@@ -146,12 +149,16 @@ def q(x: np.ndarray) -> np.ndarray:
     return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
 
 
-def test_the_trajectory_decodes_to_the_pipelines_frames(fam, tmp_path):
+def test_the_trajectory_decodes_to_the_pipelines_frames(fam, tmp_path, request):
     """Recorded under a stop (calls 0 and 1 guided), the last call's x0-hat decoded as the family's layout says equals
     the pipeline's own frames within TOL; the first call's is another video; the strip's last row per video is its
-    frames."""
+    frames. Mochi: expected to fail until shapefirst.trace reads inverted sigmas (see
+    test_mochis_x0_from_its_inverted_sigma_decodes_to_its_frames)."""
     name, pipe = fam
     spec = SPECS[name]
+    if pipe.scheduler.config.get("invert_sigmas"):
+        why = "trace.predicted_x0 takes the inverted sigma s for the noise level (x_t - s v, not x_t + (1 - s) v)"
+        request.applymarker(pytest.mark.xfail(raises=AssertionError, strict=True, reason=why))
     rec = TrajectoryRecorder()
     with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=2, after="cond"), rec):
         ref = run(name, pipe)
@@ -183,3 +190,23 @@ def test_packed_video_tokens_that_do_not_fit_the_call_are_refused():
     for tokens, size in ((3 * 8 * 8 + 1, 32), (3 * 8 * 8, None)):
         with pytest.raises(ShapefirstError, match="packed video tokens"):
             decode_latents(vae, torch.zeros(1, tokens, 8), "packed_video", size, size)
+
+
+def test_mochis_x0_from_its_inverted_sigma_decodes_to_its_frames():
+    """Mochi's scheduler runs on inverted sigmas (invert_sigmas=True): call i gives the transformer t = 1000 s_i and
+    the Euler step x + (s_(i+1) - s_i) v ends at s = 1, so the clean video is x_t + (1 - s_i) v (the noise level is
+    1 - s_i). That x0, made here from the recorded x_t and combined prediction of the last call, decodes (layout
+    "video", the VAE's latents_mean/std) to the pipeline's frames; the recorded x0-hat (x_t - s_i v) does not."""
+    from shapefirst.trace import Trajectory
+
+    pipe = tiny_mochi_pipeline()
+    rec = TrajectoryRecorder()
+    with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=2, after="cond"), rec):
+        ref = run("mochi", pipe)
+    traj = rec.trajectory
+    s = pipe.scheduler.sigmas[:STEPS].double()
+    assert np.allclose(traj.timesteps, (1000 * s).numpy()) and float(s[-1]) < 1  # t = 1000 s: s is not the noise
+    x0 = traj.arrays["x_t"][-1] + (1 - float(s[-1])) * traj.arrays["combined"][-1]
+    hand = Trajectory(traj.timesteps[-1:], {"x0": x0[None]}, traj.guided[-1:], traj.meta)
+    assert float(np.abs(hwc(hand.decode(pipe.vae)[0]) - ref).max()) <= TOL
+    assert float(np.abs(hwc(traj.decode(pipe.vae, "x0", [STEPS - 1])[0]) - ref).max()) > 0.01

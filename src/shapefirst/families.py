@@ -132,6 +132,8 @@ DECLARED = (
            schedulers=(), latent_layout="packed"),
     Family("ltx", ("LTXPipeline",), denoisers=("transformer",), prediction="flow", tokenizer="t5", schedulers=(),
            video=True, latent_layout="packed_video"),
+    Family("mochi", ("MochiPipeline",), denoisers=("transformer",), prediction="flow", attention="joint",
+           tokenizer="t5", schedulers=(), video=True, latent_layout="video"),
 )
 BY_NAME = {f.name: f for f in DECLARED}
 FAMILIES = {f.name: f.pipelines for f in DECLARED}  # family name -> pipeline class names

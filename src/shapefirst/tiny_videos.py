@@ -4,6 +4,8 @@ weights and offline tokenizers, for the tests (tests/test_batched_video_families
                         a tiny T5 with the world's T5 tokenizer, an image AutoencoderKL that decodes frame by frame
   tiny_ltx_pipeline     LTXPipeline: a tiny LTXVideoTransformer3DModel on packed tokens, a tiny T5, a tiny
                         AutoencoderKLLTXVideo (timestep-conditioned decoder, non-trivial latents_mean/std)
+  tiny_mochi_pipeline   MochiPipeline: a tiny MochiTransformer3DModel (joint attention), a tiny T5, a tiny
+                        AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler with inverted sigmas as Mochi 1 ships it
 The helpers (tiny VAE, T5) are shapefirst.tiny's. Nothing is downloaded.
 """
 from __future__ import annotations
@@ -63,5 +65,30 @@ def tiny_ltx_pipeline(seed: int = 0):
                                             max_shift=2.05, shift_terminal=0.1, use_dynamic_shifting=True)
     pipe = LTXPipeline(tokenizer=tok, text_encoder=_tiny_t5_encoder(tok), vae=vae, transformer=transformer,
                        scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_mochi_pipeline(seed: int = 0):
+    """MochiPipeline (text-to-video, batched CFG, joint attention over video and T5 tokens, flow matching): a tiny
+    MochiTransformer3DModel, a tiny T5 with the world's T5 tokenizer, a tiny AutoencoderKLMochi (12 latent channels,
+    8x spatial and 6x temporal compression; its latents_mean/latents_std config set to random values so that
+    denormalising matters), FlowMatchEulerDiscreteScheduler(invert_sigmas=True) as mochi-1-preview ships it (the
+    transformer gets 1000 (1 - noise level) and the scheduler steps toward sigma 1). Call with height=width=16,
+    num_frames=7 (2 latent frames of 2x2), max_sequence_length=16."""
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+
+    torch.manual_seed(seed)
+    tok = world_t5_tokenizer(model_max_length=32)
+    transformer = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                          pooled_projection_dim=16, in_channels=12, out_channels=None,
+                                          qk_norm="rms_norm", text_embed_dim=32, time_embed_dim=4,
+                                          activation_fn="swiglu", max_sequence_length=16).eval()
+    mean, std = (0.1 * torch.randn(12)).tolist(), (0.5 + torch.rand(12)).tolist()
+    vae = AutoencoderKLMochi(latent_channels=12, out_channels=3, encoder_block_out_channels=(32, 32, 32, 32),
+                             decoder_block_out_channels=(32, 32, 32, 32), layers_per_block=(1, 1, 1, 1, 1),
+                             latents_mean=mean, latents_std=std).eval()
+    pipe = MochiPipeline(tokenizer=tok, text_encoder=_tiny_t5_encoder(tok), vae=vae, transformer=transformer,
+                         scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True))
     pipe.set_progress_bar_config(disable=True)
     return pipe
