@@ -54,7 +54,8 @@ class CondHalfOn:
             if isinstance(v, dict):
                 return {k: half(x) for k, x in v.items()}
             return v[rows // 2:] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
-        out = self.orig(*[half(a) for a in args], **{k: half(v) for k, v in kwargs.items()})
+        shared = ("txt_ids", "img_ids")  # Flux-style positional ids: [tokens, 3] for every row
+        out = self.orig(*[half(a) for a in args], **{k: v if k in shared else half(v) for k, v in kwargs.items()})
         if isinstance(out, tuple):
             return (torch.cat([out[0], out[0]]),) + tuple(out[1:])
         return type(out)(sample=torch.cat([out.sample, out.sample]))
@@ -72,3 +73,14 @@ def keep_from(step: int, branch: str):
             return {"negative_prompt_embeds": kw["prompt_embeds"]}
         return {"prompt_embeds": kw["negative_prompt_embeds"]}
     return cb
+
+
+class RowCount:
+    """An independent count: the rows a module (a denoiser's first layer) sees, by a plain torch forward pre-hook."""
+
+    def __init__(self, module):
+        self.rows = 0
+        self.handle = module.register_forward_pre_hook(self.count)
+
+    def count(self, module, args):
+        self.rows += args[0].shape[0]

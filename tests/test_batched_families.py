@@ -13,7 +13,7 @@ from shapefirst.guidance import GuidanceSchedule, guidance_schedule
 from shapefirst.tiny import (tiny_cogvideox_pipeline, tiny_hunyuandit_pipeline, tiny_kolors_pipeline,
                              tiny_sana_pipeline)
 
-from conftest import CondHalfOn
+from conftest import CondHalfOn, RowCount
 
 PROMPTS = ["a red circle moving left", "a large blue striped square"]
 STEPS, W = 5, 4.5
@@ -42,35 +42,6 @@ def run(name, pipe, prompts=PROMPTS, per_prompt=1, seed=0):
     return out.frames if name == "cogvideox" else out.images
 
 
-class CondHalfNested(CondHalfOn):
-    """conftest.CondHalfOn, also halving the tensors inside dict arguments (a UNet's added_cond_kwargs: Kolors' pooled
-    text and time ids)."""
-
-    def forward(self, *args, **kwargs):
-        if not self.skip(self.calls):
-            return super().forward(*args, **kwargs)
-        rows = (args[0] if args else kwargs["sample"]).shape[0]
-
-        def flat(v):
-            if isinstance(v, dict):
-                return {k: flat(x) for k, x in v.items()}
-            return v[rows // 2:] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
-        self.calls += 1
-        out = self.orig(*[flat(a) for a in args], **{k: flat(v) for k, v in kwargs.items()})
-        main = out[0] if isinstance(out, tuple) else out.sample
-        return (torch.cat([main, main]),) + tuple(out[1:]) if isinstance(out, tuple) else \
-            type(out)(sample=torch.cat([main, main]))
-
-
-class RowCount:
-    def __init__(self, module):
-        self.rows = 0
-        self.handle = module.register_forward_pre_hook(self.count)
-
-    def count(self, module, args):
-        self.rows += args[0].shape[0]
-
-
 def test_the_family_is_known_by_name(fam):
     name, pipe = fam
     assert family_of_pipe(pipe) == name
@@ -88,7 +59,7 @@ def test_no_stop_is_bit_identical(fam):
 def test_a_stop_equals_the_reference_and_counts_rows(fam, stop):
     name, pipe = fam
     den = pipe.unet if name == "kolors" else pipe.transformer
-    ref_wrap = (CondHalfNested if name == "kolors" else CondHalfOn)(den, lambda i: i >= stop)
+    ref_wrap = CondHalfOn(den, lambda i: i >= stop)
     try:
         ref = run(name, pipe)
     finally:

@@ -149,3 +149,23 @@ def test_lumina_next_is_refused_its_cfg_batch_is_conditional_first():
                     lambda: generate(pipe, PROMPTS, GuidanceSchedule(W, stop_step=1), steps=2, height=32, width=32)):
         with pytest.raises(ShapefirstError, match="LuminaPipeline.* is not supported"):
             attempt()
+
+
+def test_bria_ids_are_not_cut_as_rows_when_the_tokens_equal_the_cfg_rows():
+    """Bria's txt_ids are [tokens, 3] for every row: 8 images (16 CFG rows) with 16 text tokens under a stop equal the
+    reference (before shapefirst.rows.SHARED_ARGS they were cut as rows: a torch shape error)."""
+    pipe = tiny_bria_pipeline()
+    den = pipe.transformer
+
+    def go():
+        gens = [torch.Generator().manual_seed(i) for i in range(8)]
+        return pipe(PROMPTS, num_inference_steps=3, guidance_scale=W, output_type="np", generator=gens,
+                    num_images_per_prompt=4, height=16, width=16, max_sequence_length=16).images
+    ref_wrap = CondHalfOn(den, lambda i: i >= 1)
+    try:
+        ref = go()
+    finally:
+        ref_wrap.close()
+    with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=1, after="cond")) as hook:
+        got = go()
+    assert np.array_equal(got, ref) and hook.evaluations_per_image() == [2 + 2] * 8

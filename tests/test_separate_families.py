@@ -16,7 +16,7 @@ from shapefirst.guidance import GuidanceSchedule, guidance_schedule
 from shapefirst.tiny import (QWEN_TEMPLATE, tiny_chroma_pipeline, tiny_cogview4_pipeline, tiny_hunyuanvideo_pipeline,
                              tiny_lumina2_pipeline, tiny_qwenimage_pipeline)
 
-from conftest import keep_from
+from conftest import RowCount, keep_from
 
 PROMPTS = ["a red circle on the left", "a large blue striped square"]  # different lengths: padding masks matter
 SAME_LENGTH = ["a red circle on the left", "a blue square on the right"]
@@ -63,17 +63,6 @@ def run(name, pipe, prompts=PROMPTS, per=1, seed=0, neg=NEG, w=W, **kw):
     out = pipe(prompts, num_inference_steps=STEPS, output_type="np", generator=gens, **{count: per},
                **{spec.scale_arg: w}, **text, **spec.call, **kw)
     return out.frames if spec.video else out.images
-
-
-class RowCount:
-    """An independent count: the rows the denoiser's first layer sees (a torch forward pre-hook)."""
-
-    def __init__(self, module):
-        self.rows = 0
-        self.handle = module.register_forward_pre_hook(self.count)
-
-    def count(self, module, args):
-        self.rows += args[0].shape[0]
 
 
 class KeptFrom:

@@ -13,13 +13,18 @@ import torch
 from .errors import ShapefirstError
 
 
+# denoiser arguments that never carry the batch: the positional ids of Flux-style transformers (Flux, Chroma, Bria),
+# [tokens, 3] shared by every row; one whose token count happens to equal the rows must not be cut as rows
+SHARED_ARGS = ("txt_ids", "img_ids")
+
+
 def rows_of(x: Any, rows: int, idx: torch.Tensor) -> Any:
-    """Slice every tensor whose first dimension is the CFG batch; recurse into dicts, lists, tuples.
-    `idx` lives on the denoiser's device (a no-op `.to` for tensors there)."""
+    """Slice every tensor whose first dimension is the CFG batch; recurse into dicts, lists, tuples (a dict's
+    SHARED_ARGS are passed as they are). `idx` lives on the denoiser's device (a no-op `.to` for tensors there)."""
     if isinstance(x, torch.Tensor):
         return x[idx.to(x.device)] if x.dim() > 0 and x.shape[0] == rows else x
     if isinstance(x, dict):
-        return {k: rows_of(v, rows, idx) for k, v in x.items()}
+        return {k: v if k in SHARED_ARGS else rows_of(v, rows, idx) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return type(x)(rows_of(v, rows, idx) for v in x)
     return x
