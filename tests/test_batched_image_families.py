@@ -102,29 +102,24 @@ def test_generate_runs_it_and_its_trajectory_decodes_to_the_images(fam):
     traj = res.trajectory
     assert traj.layout == family(pipe).latent_layout and traj.n_calls == STEPS
     assert traj.guided[:2].all() and not traj.guided[2:].any()
-    if name == "bria":  # its vae_scale_factor is twice its VAE's compression: see test_bria_unpacks_with_its_vaes_own
-        traj.meta["vae_scale_factor"] = vae_scale(pipe.vae)
     last = traj.decode(pipe.vae, "x0", [STEPS - 1])[0].movedim(-3, -1).numpy()
     assert last.shape == direct.shape and float(np.abs(last - direct).max()) <= TOL
     first = traj.decode(pipe.vae, "x0", [0])[0].movedim(-3, -1).numpy()
     assert float(np.abs(first - direct).max()) > 0.01
 
 
-def test_bria_unpacks_with_its_vaes_own_compression():
-    """BriaPipeline's vae_scale_factor is 2 ** len(block_out_channels), twice its VAE's compression (Flux's is
-    2 ** (len - 1)), and it unpacks its tokens to a latent side of 2 * (pixels // vae_scale_factor). A trajectory
-    records the pipeline's vae_scale_factor and unpacks as Flux does, so decoding a Bria trajectory as recorded is
-    refused in one line (16 tokens do not make a 4x4 latent); with the VAE's own compression it decodes to the
-    pipeline's images (the generic test above). A limitation of shapefirst.video_strip.unpack, not of the recorded
-    x0-hat."""
+def test_bria_trajectory_decodes_as_recorded():
+    """BriaPipeline's vae_scale_factor is twice its VAE's compression (Flux's equals it): packed tokens are unpacked by
+    their count and the call's aspect ratio, so a Bria trajectory decodes as recorded, to the pipeline's images, also
+    non-square."""
     from shapefirst.generate import generate
 
     pipe = tiny_bria_pipeline()
     assert pipe.vae_scale_factor == 2 * vae_scale(pipe.vae)
-    res = generate(pipe, PROMPTS, GuidanceSchedule(W, stop_step=2, after="cond"), steps=STEPS, trace=True,
-                   **SPECS["bria"][1])
-    with pytest.raises(ShapefirstError, match="16 packed tokens of width 16 do not make a 4x4 latent"):
-        res.trajectory.decode(pipe.vae, "x0", [STEPS - 1])
+    call = {**SPECS["bria"][1], "height": 32, "width": 16}
+    res = generate(pipe, PROMPTS, GuidanceSchedule(W, stop_step=2, after="cond"), steps=STEPS, trace=True, **call)
+    last = res.trajectory.decode(pipe.vae, "x0", [STEPS - 1])[0].movedim(-3, -1).numpy()
+    assert last.shape == res.images.shape and float(np.abs(last - res.images).max()) <= TOL
 
 
 def test_lumina_next_is_refused_its_cfg_batch_is_conditional_first():

@@ -180,7 +180,7 @@ class RunState:
         x0 = predicted_x0(self.pipe.scheduler, timestep.to(u.device), x_t.float(), combined)
         if x0.dim() == 3:  # packed 2x2 patches [N, tokens, 4C] (Flux, Chroma, Qwen-Image): the band is spatial
             call = self.pipeline_call
-            x0 = unpack(x0, call.local("height"), call.local("width"), getattr(self.pipe, "vae_scale_factor", 8))
+            x0 = unpack(x0, call.local("height"), call.local("width"))
         low = split_bands(x0, ad.radius)[0]
         prev, streak = self.shape_low, self.shape_streak
         if prev is None or prev.shape != low.shape or streak is None:

@@ -18,10 +18,13 @@ shapefirst.families.Family.latent_layout, recorded with the trajectory:
                                 spatial_compression_ratio, then denormalised with the VAE's latents_mean/latents_std
                                 buffers and scaling_factor and decoded at the pipeline's default decode_timestep 0
                                 (LTXPipeline's _unpack_latents, _denormalize_latents and decode)
+  "video_frames_out" [C, F, H, W] Allegro: latents as "video", but its VAE (AutoencoderKLAllegro, tiled) returns
+                                frames before channels; cropped to the call's height and width as AllegroPipeline
+                                crops them (its crop to num_frames is not made: the VAE's frames, 4 per latent frame)
 A pipeline of no declared family gets its layout from the latents' dimensions (2: packed, 3: image, 4: video); a
 declared family's latents of other dimensions are refused (they are not what its pipeline decodes).
-The vae scale factor that unpacks packed tokens is the pipeline's own `vae_scale_factor` (recorded), else the
-VAE's: 2 ** (len(block_out_channels) - 1), or 2 ** len(temperal_downsample) for Qwen-Image's VAE.
+Packed 2x2 tokens are unpacked by their count and the call's aspect ratio (recorded height and width), whatever
+the pipeline's own `vae_scale_factor` convention (Bria's is twice its VAE's compression).
 Normalisation, from the VAE's config, as the pipelines decode: a VAE with `latents_mean` and `latents_std`
 (AutoencoderKLWan, AutoencoderKLQwenImage) gets z = x / (1 / std) + mean per channel (WanPipeline's and
 QwenImagePipeline's formula); any other z = x / scaling_factor + shift_factor (shift 0 where the VAE has none: the
@@ -48,10 +51,10 @@ from .families import BY_NAME
 from .results import atomic_write_bytes, png_bytes, spaced
 
 LAYOUT_DIMS = {"image": 3, "packed": 2, "packed_frame": 2, "video": 4, "video_frames": 4, "video_per_frame": 4,
-               "packed_video": 2}
+               "packed_video": 2, "video_frames_out": 4}
 """Each layout's dimensions per image (see the module docstring)."""
 LAYOUTS = tuple(LAYOUT_DIMS)
-VIDEO_LAYOUTS = ("video", "video_frames", "video_per_frame", "packed_video")
+VIDEO_LAYOUTS = ("video", "video_frames", "video_per_frame", "packed_video", "video_frames_out")
 BY_DIMS = {2: "packed", 3: "image", 4: "video"}
 """The layout of a pipeline of no declared family, from its latents' dimensions per image."""
 
@@ -94,20 +97,20 @@ def vae_scale(vae) -> int:
                           "keeps the pipeline's vae_scale_factor)")
 
 
-def unpack(latents: torch.Tensor, height: int | None, width: int | None, scale: int) -> torch.Tensor:
-    """Packed tokens [N, tokens, 4C] (Flux, Chroma, Qwen-Image) -> latents [N, C, h, w] (the 2x2 patches put back in
-    place, as their pipelines' _unpack_latents). Without the
-    call's pixel size a square latent is assumed (tokens must be a square number then)."""
+def unpack(latents: torch.Tensor, height: int | None, width: int | None, scale: int | None = None) -> torch.Tensor:
+    """Packed tokens [N, tokens, 4C] (Flux, Chroma, Bria, Qwen-Image) -> latents [N, C, h, w] (the 2x2 patches put
+    back in place, as their pipelines' _unpack_latents). The latent's sides follow from the token count and the call's
+    aspect ratio (height / width; square without them), so no pipeline's own vae_scale_factor convention is needed
+    (Bria's is twice its VAE's compression, Flux's equal to it); `scale` is accepted and not needed."""
     n, tokens, d = latents.shape
-    if height and width:
-        h, w = 2 * (int(height) // (scale * 2)), 2 * (int(width) // (scale * 2))
-    else:
-        side = math.isqrt(tokens)
-        h = w = 2 * side
-    if d % 4 or (h // 2) * (w // 2) != tokens:
-        raise ShapefirstError(f"{tokens} packed tokens of width {d} do not make a {h}x{w} latent",
+    ratio = (int(height) / int(width)) if height and width else 1.0
+    rows = max(1, round(math.sqrt(tokens * ratio)))
+    cols = tokens // rows
+    h, w = 2 * rows, 2 * cols
+    if d % 4 or rows * cols != tokens:
+        raise ShapefirstError(f"{tokens} packed tokens of width {d} do not make a latent of aspect {ratio:g}",
                               "record it with shapefirst's TrajectoryRecorder (it keeps the call's height and width)")
-    x = latents.reshape(n, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    x = latents.reshape(n, rows, cols, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(n, d // 4, h, w)
 
 
@@ -153,7 +156,7 @@ def decode_latents(vae, latents: torch.Tensor, layout: str, height: int | None =
     p = next(vae.parameters())
     z = latents.to(p.device, p.dtype)
     if layout in ("packed", "packed_frame"):
-        z = unpack(z, height, width, scale or vae_scale(vae))
+        z = unpack(z, height, width)
     if layout == "packed_frame":
         z = z.unsqueeze(2)  # [N, C, 1, H, W], as QwenImagePipeline._unpack_latents
     elif layout == "video_frames":
@@ -167,6 +170,8 @@ def decode_latents(vae, latents: torch.Tensor, layout: str, height: int | None =
         out = vae.decode(normalise_for_vae(vae, z)).sample.float().cpu()
     if layout == "packed_frame":
         out = out[:, :, 0]  # the one frame, as QwenImagePipeline
+    elif layout == "video_frames_out":
+        out = out.permute(0, 2, 1, 3, 4)[..., :height, :width]  # [N, 3, F, H, W] cropped, as AllegroPipeline
     out = (out / 2 + 0.5).clamp(0, 1)
     if layout == "video_per_frame":
         return out.unflatten(0, (n, frames))  # [N, F, 3, H, W]
