@@ -134,6 +134,8 @@ DECLARED = (
            video=True, latent_layout="packed_video"),
     Family("mochi", ("MochiPipeline",), denoisers=("transformer",), prediction="flow", attention="joint",
            tokenizer="t5", schedulers=(), video=True, latent_layout="video"),
+    Family("allegro", ("AllegroPipeline",), denoisers=("transformer",), tokenizer="t5", schedulers=(), video=True,
+           call_defaults=(("clean_caption", False),), latent_layout="video_frames_out"),
 )
 BY_NAME = {f.name: f for f in DECLARED}
 FAMILIES = {f.name: f.pipelines for f in DECLARED}  # family name -> pipeline class names

@@ -6,6 +6,8 @@ weights and offline tokenizers, for the tests (tests/test_batched_video_families
                         AutoencoderKLLTXVideo (timestep-conditioned decoder, non-trivial latents_mean/std)
   tiny_mochi_pipeline   MochiPipeline: a tiny MochiTransformer3DModel (joint attention), a tiny T5, a tiny
                         AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler with inverted sigmas as Mochi 1 ships it
+  tiny_allegro_pipeline AllegroPipeline: a tiny AllegroTransformer3DModel, a tiny T5, a tiny AutoencoderKLAllegro
+                        (tiled decoding only: one tile of 24 frames at 144x144 pixels), Euler ancestral
 The helpers (tiny VAE, T5) are shapefirst.tiny's. Nothing is downloaded.
 """
 from __future__ import annotations
@@ -90,5 +92,35 @@ def tiny_mochi_pipeline(seed: int = 0):
                              latents_mean=mean, latents_std=std).eval()
     pipe = MochiPipeline(tokenizer=tok, text_encoder=_tiny_t5_encoder(tok), vae=vae, transformer=transformer,
                          scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_allegro_pipeline(seed: int = 0, sample_size: int = 144):
+    """AllegroPipeline (text-to-video, batched CFG, cross-attention to T5 states): a tiny AllegroTransformer3DModel,
+    a tiny T5 with the world's T5 tokenizer, a tiny AutoencoderKLAllegro (4 latent channels, 8x spatial and 4x
+    temporal compression) with tiling and slicing enabled, as diffusers' Allegro needs (it decodes only in tiles of
+    24 frames and sample_size pixels, with fixed overlaps of 8 frames and 120 x 80 pixels, so sample_size 128 is the
+    least that leaves a stride; and one video at a time), EulerAncestralDiscreteScheduler (ancestral noise from each
+    video's generator). Call with height=width=sample_size, num_frames=24 (6 latent frames of sample_size / 8
+    squared: exactly one tile), max_sequence_length=16. The default 144 makes the transformer's rotary tables 6 and
+    9 positions long (patch size 2), a length no CFG batch of 1 to 4 videos has (128 makes them 8 long: the rows of 4
+    videos; see tests/test_batched_video_families.py)."""
+    from diffusers import (AllegroPipeline, AllegroTransformer3DModel, AutoencoderKLAllegro,
+                           EulerAncestralDiscreteScheduler)
+
+    torch.manual_seed(seed)
+    tok = world_t5_tokenizer(model_max_length=32)
+    side = sample_size // 8
+    transformer = AllegroTransformer3DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                                            out_channels=4, num_layers=1, cross_attention_dim=24, sample_width=side,
+                                            sample_height=side, sample_frames=6, caption_channels=32).eval()
+    vae = AutoencoderKLAllegro(block_out_channels=(4, 4, 4, 4), latent_channels=4, layers_per_block=1,
+                               norm_num_groups=2, temporal_compression_ratio=4, sample_size=sample_size).eval()
+    vae.enable_tiling()  # its only decoding path
+    vae.enable_slicing()  # its tiled decoding takes one video at a time
+    sched = EulerAncestralDiscreteScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    pipe = AllegroPipeline(tokenizer=tok, text_encoder=_tiny_t5_encoder(tok), vae=vae, transformer=transformer,
+                           scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     return pipe
