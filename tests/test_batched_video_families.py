@@ -15,8 +15,8 @@ from PIL import Image
 
 from shapefirst.families import family
 from shapefirst.guidance import GuidanceSchedule, guidance_schedule
-from shapefirst.tiny_videos import (tiny_allegro_pipeline, tiny_latte_pipeline, tiny_ltx_pipeline,
-                                    tiny_mochi_pipeline)
+from shapefirst.tiny_videos import (tiny_allegro_pipeline, tiny_animatediff_pipeline, tiny_latte_pipeline,
+                                    tiny_ltx_pipeline, tiny_mochi_pipeline)
 from shapefirst.trace import TrajectoryRecorder
 from shapefirst.video_strip import LAYOUT_DIMS, VIDEO_LAYOUTS
 
@@ -247,3 +247,27 @@ def test_allegro_rotary_tables_as_long_as_the_cfg_batch_survive_a_stop():
     with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=2, after="cond")):
         got = pipe(prompts, generator=gens(4), **kw).frames
     assert torch.equal(got, ref)
+
+
+def test_animatediff_is_refused_in_one_line_its_text_rows_are_per_frame():
+    """AnimateDiff is not served: its pipeline repeats the prompt embeddings per frame before the UNet
+    (prompt_embeds.repeat_interleave(num_frames)), so the UNetMotionModel gets 2 x videos rows of latents but
+    2 x videos x frames rows of text (seen here by a plain torch pre-hook); a stop runs some latent rows alone and
+    would have to cut the text rows per frame, which the batched path does not do. shapefirst refuses the pipeline in
+    one line before any denoiser call."""
+    from shapefirst.errors import ShapefirstError
+
+    pipe = tiny_animatediff_pipeline()
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda m, args, kw: seen.append((args[0].shape[0], kw["encoder_hidden_states"].shape[0])), with_kwargs=True)
+    call = dict(num_inference_steps=2, guidance_scale=W, output_type="np", height=16, width=16, num_frames=3)
+    try:
+        pipe(PROMPTS, generator=gens(2), **call)
+        assert seen == [(2 * 2, 2 * 2 * 3)] * 2
+        with pytest.raises(ShapefirstError, match="'AnimateDiffPipeline' is not supported"):
+            with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=1, after="cond")):
+                pipe(PROMPTS, generator=gens(2), **call)
+    finally:
+        hook.remove()
+    assert len(seen) == 2  # refused before the UNet ran

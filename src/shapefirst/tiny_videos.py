@@ -8,13 +8,15 @@ weights and offline tokenizers, for the tests (tests/test_batched_video_families
                         AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler with inverted sigmas as Mochi 1 ships it
   tiny_allegro_pipeline AllegroPipeline: a tiny AllegroTransformer3DModel, a tiny T5, a tiny AutoencoderKLAllegro
                         (tiled decoding only: one tile of 24 frames at 144x144 pixels), Euler ancestral
+  tiny_animatediff_pipeline  AnimateDiffPipeline: shapefirst.tiny's SD components with a tiny MotionAdapter (the
+                        pipeline makes the UNetMotionModel from the UNet and the adapter), DDIM
 The helpers (tiny VAE, T5) are shapefirst.tiny's. Nothing is downloaded.
 """
 from __future__ import annotations
 
 import torch
 
-from .tiny import _tiny_t5_encoder, _tiny_vae, world_t5_tokenizer
+from .tiny import _tiny_t5_encoder, _tiny_vae, tiny_sd_pipeline, world_t5_tokenizer
 
 
 def tiny_latte_pipeline(seed: int = 0):
@@ -122,5 +124,25 @@ def tiny_allegro_pipeline(seed: int = 0, sample_size: int = 144):
     sched = EulerAncestralDiscreteScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
     pipe = AllegroPipeline(tokenizer=tok, text_encoder=_tiny_t5_encoder(tok), vae=vae, transformer=transformer,
                            scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_animatediff_pipeline(seed: int = 0):
+    """AnimateDiffPipeline (text-to-video, batched CFG, an SD UNet with motion modules): shapefirst.tiny's SD 1.x
+    components (CLIP text encoder with the world's tokenizer, UNet2DConditionModel, AutoencoderKL) and a tiny
+    MotionAdapter (one temporal transformer per UNet layer, 2 heads); the pipeline makes its UNetMotionModel from the
+    UNet and the adapter (UNetMotionModel.from_unet2d); an image VAE that it runs frame by frame; DDIM as AnimateDiff
+    is commonly run (linear betas, steps_offset 1). Call with height=width=16, num_frames=3."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
+
+    sd = tiny_sd_pipeline(seed=seed)
+    torch.manual_seed(seed)
+    adapter = MotionAdapter(block_out_channels=(32, 32), motion_layers_per_block=1, motion_norm_num_groups=2,
+                            motion_num_attention_heads=2, motion_max_seq_length=8)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False,
+                          steps_offset=1)
+    pipe = AnimateDiffPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+                               motion_adapter=adapter, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     return pipe
