@@ -113,6 +113,11 @@ UNSUPPORTED = {
     ("HunyuanDiT2DModel", "faster"): "FasterCache does not split HunyuanDiT's image_meta_size, style, text masks "
                                      "and T5 states with the other [uncond, cond] inputs, so the time embedding's "
                                      "batch mismatches",
+    ("CogView3PlusTransformer2DModel", "faster"): "FasterCache does not split CogView3Plus's original_size, "
+                                                  "target_size and crop_coords with the other [uncond, cond] "
+                                                  "inputs, so the time embedding's batch mismatches",
+    ("BriaTransformer2DModel", "faster"): "FasterCache splits every tensor argument into batch halves, and Bria's "
+                                          "positional ids are [tokens, 3] for every row",
 }
 ONE_BATCH = {"faster": "FasterCache skips the unconditional branch itself (its denoiser hook splits every batch "
                        "into [uncond, cond] halves, and after a stop there is one branch)",
