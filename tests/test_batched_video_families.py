@@ -1,11 +1,12 @@
-"""Batched-CFG video families declared by name (#32 item 2): Latte, LTX-Video, Mochi and Allegro, on tiny in-code
-components (shapefirst.tiny_videos). For each: no stop is bit-identical to the plain pipeline; a stop equals a
-reference built without shapefirst (conftest.CondHalfOn: the denoiser's forward wrapped by plain test code that, from
-the stop on, runs the conditional half of the batch and returns it in both halves); evaluations equal an independent
-count of the rows a layer that runs once per row sees (conftest.RowCount); 2 x 2 videos equal their solo runs;
-shapefirst.generate runs it; and a recorded trajectory's last call decodes (its family's declared latent_layout) to
-the pipeline's own frames, the strip ending with them. Where a pipeline or shapefirst falls short, the test says so
-and is marked as an expected failure (strict: it fails once the shortfall is gone)."""
+"""Batched-CFG video families declared by name (#32 item 2): Latte, LTX-Video, Mochi, Allegro and EasyAnimate, on
+tiny in-code components (shapefirst.tiny_videos); AnimateDiff, not served, refused in one line. For each family: no
+stop is bit-identical to the plain pipeline; a stop equals a reference built without shapefirst (conftest.CondHalfOn:
+the denoiser's forward wrapped by plain test code that, from the stop on, runs the conditional half of the batch and
+returns it in both halves); evaluations equal an independent count of the rows a layer that runs once per row sees
+(conftest.RowCount); 2 x 2 videos equal their solo runs; shapefirst.generate runs it; and a recorded trajectory's last
+call decodes (its family's declared latent_layout) to the pipeline's own frames, the strip ending with them. Where a
+pipeline or shapefirst falls short, the test says so and is marked as an expected failure (strict: it fails once the
+shortfall is gone)."""
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,8 +16,8 @@ from PIL import Image
 
 from shapefirst.families import family
 from shapefirst.guidance import GuidanceSchedule, guidance_schedule
-from shapefirst.tiny_videos import (tiny_allegro_pipeline, tiny_animatediff_pipeline, tiny_latte_pipeline,
-                                    tiny_ltx_pipeline, tiny_mochi_pipeline)
+from shapefirst.tiny_videos import (tiny_allegro_pipeline, tiny_animatediff_pipeline, tiny_easyanimate_pipeline,
+                                    tiny_latte_pipeline, tiny_ltx_pipeline, tiny_mochi_pipeline)
 from shapefirst.trace import TrajectoryRecorder
 from shapefirst.video_strip import LAYOUT_DIMS, VIDEO_LAYOUTS
 
@@ -38,6 +39,7 @@ class Spec:
     batch_prompts: tuple = tuple(PROMPTS)  # the prompts of the batch-vs-solo check
     per_video: tuple = ()  # (call argument, value) pairs the pipeline takes as a list, one value per video
     one_per_prompt: bool = False  # the pipeline makes one video per prompt whatever its count argument says
+    per_prompt_args: tuple = ()  # (call argument, value) pairs the pipeline needs as a list, one value per prompt
 
 
 SPECS = {
@@ -59,6 +61,11 @@ SPECS = {
     "allegro": Spec(tiny_allegro_pipeline, dict(height=144, width=144, num_frames=24, max_sequence_length=16,
                                                 clean_caption=False), "video_frames_out", "caption_projection",
                     frames=24, one_per_prompt=True),
+    # EasyAnimate counts videos with num_images_per_prompt and needs a negative prompt per prompt (one text for
+    # several prompts is encoded once and then reshaped to the batch: its hidden size gets split); time_proj sees one
+    # row per CFG row
+    "easyanimate": Spec(tiny_easyanimate_pipeline, dict(height=16, width=16, num_frames=5), "video", "time_proj",
+                        per="num_images_per_prompt", frames=5, per_prompt_args=(("negative_prompt", ""),)),
 }
 
 
@@ -75,7 +82,8 @@ def run(name, pipe, prompts=PROMPTS, per=1, seed=0):
     spec = SPECS[name]
     n = len(prompts) * per
     out = pipe(prompts, num_inference_steps=STEPS, guidance_scale=W, output_type="np", generator=gens(n, seed),
-               **{spec.per: per}, **spec.call, **{k: [v] * n for k, v in spec.per_video})
+               **{spec.per: per}, **spec.call, **{k: [v] * n for k, v in spec.per_video},
+               **{k: [v] * len(prompts) for k, v in spec.per_prompt_args})
     return out.frames
 
 
@@ -139,9 +147,10 @@ def test_a_batch_equals_its_solo_runs(fam):
 
 
 def test_generate_runs_it(fam, request):
-    """shapefirst.generate equals the pipeline called under the same schedule, with its evaluations. Latte: generate
-    passes a video family num_videos_per_prompt, which LattePipeline does not take (it counts num_images_per_prompt):
-    expected to fail with that TypeError until generate takes the count's name from the family."""
+    """shapefirst.generate equals the pipeline called under the same schedule, with its evaluations (EasyAnimate given
+    negative_prompt="", which generate passes once per prompt). Latte and EasyAnimate: generate passes a video family
+    num_videos_per_prompt, which they do not take (they count num_images_per_prompt): expected to fail with that
+    TypeError until generate takes the count's name from the family."""
     from shapefirst.generate import generate
 
     name, pipe = fam
@@ -150,7 +159,7 @@ def test_generate_runs_it(fam, request):
         request.applymarker(pytest.mark.xfail(raises=TypeError, strict=True, reason=why))
     sched = GuidanceSchedule(W, stop_step=2, after="cond")
     call = {k: v for k, v in SPECS[name].call.items() if k not in dict(family(pipe).call_defaults)}
-    res = generate(pipe, PROMPTS, sched, steps=STEPS, **call)
+    res = generate(pipe, PROMPTS, sched, steps=STEPS, **call, **dict(SPECS[name].per_prompt_args))
     with guidance_schedule(pipe, sched):
         direct = run(name, pipe)
     assert np.array_equal(res.images, direct) and res.evaluations_per_image == [2 * 2 + STEPS - 2] * 2

@@ -10,13 +10,16 @@ weights and offline tokenizers, for the tests (tests/test_batched_video_families
                         (tiled decoding only: one tile of 24 frames at 144x144 pixels), Euler ancestral
   tiny_animatediff_pipeline  AnimateDiffPipeline: shapefirst.tiny's SD components with a tiny MotionAdapter (the
                         pipeline makes the UNetMotionModel from the UNet and the adapter), DDIM
+  tiny_easyanimate_pipeline  EasyAnimatePipeline: a tiny EasyAnimateTransformer3DModel, a tiny
+                        Qwen2VLForConditionalGeneration with shapefirst.tiny's Qwen2 BPE and a text-only chat
+                        template, a tiny AutoencoderKLMagvit
 The helpers (tiny VAE, T5) are shapefirst.tiny's. Nothing is downloaded.
 """
 from __future__ import annotations
 
 import torch
 
-from .tiny import _tiny_t5_encoder, _tiny_vae, tiny_sd_pipeline, world_t5_tokenizer
+from .tiny import _tiny_t5_encoder, _tiny_vae, tiny_qwen2_tokenizer, tiny_sd_pipeline, world_t5_tokenizer
 
 
 def tiny_latte_pipeline(seed: int = 0):
@@ -144,5 +147,50 @@ def tiny_animatediff_pipeline(seed: int = 0):
                           steps_offset=1)
     pipe = AnimateDiffPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
                                motion_adapter=adapter, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+QWEN2VL_TEXT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                         "{{ c['text'] }}{% endfor %}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+"""Qwen2-VL's chat template for text-only messages (its system line, image and video parts left out):
+"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", what EasyAnimatePipeline encodes."""
+
+
+def tiny_easyanimate_pipeline(seed: int = 0):
+    """EasyAnimatePipeline (EasyAnimate V5.1 text-to-video, batched CFG, joint attention over video and text tokens,
+    flow matching): a tiny EasyAnimateTransformer3DModel, a tiny Qwen2VLForConditionalGeneration (random weights;
+    the pipeline takes its second-to-last hidden states) with shapefirst.tiny's Qwen2 BPE and QWEN2VL_TEXT_TEMPLATE,
+    a tiny AutoencoderKLMagvit (8x spatial, 4x temporal compression), FlowMatchEulerDiscreteScheduler. Call with
+    height=width=16, num_frames=5 (2 latent frames of 2x2); its prompts are padded to 256 tokens."""
+    from diffusers import (AutoencoderKLMagvit, EasyAnimatePipeline, EasyAnimateTransformer3DModel,
+                           FlowMatchEulerDiscreteScheduler)
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    tok = tiny_qwen2_tokenizer(model_max_length=256)
+    tok.chat_template = QWEN2VL_TEXT_TEMPLATE
+    n = len(tok)
+    torch.manual_seed(seed)
+    transformer = EasyAnimateTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                                out_channels=4, time_embed_dim=2, text_embed_dim=16, num_layers=1,
+                                                sample_width=16, sample_height=16, patch_size=2).eval()
+    vae = AutoencoderKLMagvit(down_block_types=("SpatialDownBlock3D",) + ("SpatialTemporalDownBlock3D",) * 3,
+                              up_block_types=("SpatialUpBlock3D",) + ("SpatialTemporalUpBlock3D",) * 3,
+                              block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
+                              norm_num_groups=2, spatial_group_norm=False).eval()
+    ids = dict(bos_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+               pad_token_id=tok.pad_token_id)
+    # the vision tower's token ids lie past the text vocabulary: no prompt holds them
+    config = Qwen2VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=n, rope_theta=1e6,
+                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}, **ids),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=1),
+        vocab_size=n, image_token_id=n + 1, video_token_id=n + 2, vision_start_token_id=n + 3,
+        vision_end_token_id=n + 4, **ids)
+    text = Qwen2VLForConditionalGeneration(config).eval()
+    pipe = EasyAnimatePipeline(vae=vae, text_encoder=text, tokenizer=tok, transformer=transformer,
+                               scheduler=FlowMatchEulerDiscreteScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
