@@ -24,6 +24,8 @@ from shapefirst.tiny import (tiny_chroma_pipeline, tiny_cogvideox_pipeline, tiny
                              tiny_flux_pipeline, tiny_hunyuandit_pipeline, tiny_lumina2_pipeline,
                              tiny_qwenimage_pipeline, tiny_sana_pipeline, tiny_wan_pipeline)
 
+from shapefirst.tiny_dits import tiny_cogview3plus_pipeline
+
 PROMPTS = ["a red circle on the left", "a small blue square"]
 STEPS = 2
 CALL = {  # call arguments of each tiny pipeline (sizes giving a token grid of 2 x 2 or more)
@@ -38,6 +40,7 @@ CALL = {  # call arguments of each tiny pipeline (sizes giving a token grid of 2
     "cogview4": dict(height=16, width=16, max_sequence_length=16),
     "chroma": dict(height=16, width=16, max_sequence_length=16),
     "cogvideox_rope": dict(height=32, width=32, num_frames=9, max_sequence_length=16),
+    "cogview3plus": dict(height=32, width=32, max_sequence_length=16),
 }
 def cogvideox_rope_pipeline():
     """tiny_cogvideox_pipeline with a transformer that uses the 3-D rotary embedding (CogVideoX 1.5's setting;
@@ -59,10 +62,12 @@ def cogvideox_rope_pipeline():
 MAKE = {"wan": tiny_wan_pipeline, "flux": tiny_flux_pipeline, "sana": tiny_sana_pipeline,
         "cogvideox": tiny_cogvideox_pipeline, "hunyuandit": tiny_hunyuandit_pipeline,
         "qwenimage": tiny_qwenimage_pipeline, "lumina2": tiny_lumina2_pipeline, "cogview4": tiny_cogview4_pipeline,
-        "chroma": tiny_chroma_pipeline, "cogvideox_rope": cogvideox_rope_pipeline}
+        "chroma": tiny_chroma_pipeline, "cogvideox_rope": cogvideox_rope_pipeline,
+        "cogview3plus": tiny_cogview3plus_pipeline}
 SANA_CALL = {"sana": {"complex_human_instruction": None}}
 KIND = {"wan": "cross", "flux": "joint", "sana": "cross", "cogvideox": "joint", "hunyuandit": "cross",
-        "qwenimage": "joint", "lumina2": "joint", "cogview4": "joint", "chroma": "joint", "cogvideox_rope": "joint"}
+        "qwenimage": "joint", "lumina2": "joint", "cogview4": "joint", "chroma": "joint", "cogvideox_rope": "joint",
+        "cogview3plus": "joint"}
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +205,8 @@ def test_cross_attention_probabilities_reproduce_the_layer_output(pipes, name):
 
 
 @pytest.mark.parametrize("name,layer_at", [("flux", 0), ("flux", -1), ("cogvideox", 0), ("cogvideox_rope", 0),
-                                           ("qwenimage", 0), ("cogview4", 0), ("chroma", 0), ("chroma", -1)])
+                                           ("qwenimage", 0), ("cogview4", 0), ("chroma", 0), ("chroma", -1),
+                                           ("cogview3plus", 0)])
 def test_joint_attention_probabilities_reproduce_the_layer_output(pipes, name, layer_at):
     """Joint attention: with the values of the image tokens zeroed (a forward hook on the value projection), the
     processor's output for the image queries is share * (renormalised text probabilities) @ text values.
