@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import shapefirst.tiny as tiny
+import shapefirst.tiny_dits as tiny_dits
 from shapefirst.cli import main
 
 FAMILIES = {  # builder name -> (size, extra CLI arguments)
@@ -17,12 +18,14 @@ FAMILIES = {  # builder name -> (size, extra CLI arguments)
     "wan": (16, ["--num-frames", "5", "--max-sequence-length", "16"]), "flux": (16, []), "qwenimage": (16, []),
     "lumina2": (16, []), "cogview4": (16, []), "chroma": (16, []),
     "hunyuanvideo": (16, ["--num-frames", "5"]),
+    "auraflow": (16, ["--max-sequence-length", "16"]), "cogview3plus": (16, ["--max-sequence-length", "16"]),
+    "bria": (16, ["--max-sequence-length", "16"]),
 }
 VIDEO = {"cogvideox": 9, "wan": 5, "hunyuanvideo": 5}
 
 
 def build(name, folder):
-    make = getattr(tiny, f"tiny_{name}_pipeline")
+    make = next(getattr(m, f"tiny_{name}_pipeline") for m in (tiny, tiny_dits) if hasattr(m, f"tiny_{name}_pipeline"))
     if "folder" in make.__code__.co_varnames:
         folder.mkdir(parents=True)
         return make(folder=folder)
