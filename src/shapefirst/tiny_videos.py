@@ -1,19 +1,19 @@
-"""Tiny video pipelines of the batched-CFG families declared by name in issue #32 (item 2), built in code with random
-weights and offline tokenizers, for the tests (tests/test_batched_video_families.py). One builder per pipeline:
-  tiny_latte_pipeline   LattePipeline: a tiny LatteTransformer3DModel (spatial and temporal blocks, learned sigma),
-                        a tiny T5 with the world's T5 tokenizer, an image AutoencoderKL that decodes frame by frame
-  tiny_ltx_pipeline     LTXPipeline: a tiny LTXVideoTransformer3DModel on packed tokens, a tiny T5, a tiny
-                        AutoencoderKLLTXVideo (timestep-conditioned decoder, non-trivial latents_mean/std)
-  tiny_mochi_pipeline   MochiPipeline: a tiny MochiTransformer3DModel (joint attention), a tiny T5, a tiny
-                        AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler with inverted sigmas as Mochi 1 ships it
-  tiny_allegro_pipeline AllegroPipeline: a tiny AllegroTransformer3DModel, a tiny T5, a tiny AutoencoderKLAllegro
-                        (tiled decoding only: one tile of 24 frames at 144x144 pixels), Euler ancestral
-  tiny_animatediff_pipeline  AnimateDiffPipeline: shapefirst.tiny's SD components with a tiny MotionAdapter (the
-                        pipeline makes the UNetMotionModel from the UNet and the adapter), DDIM
+"""Tiny video pipelines of the batched-CFG families of issue #32 (item 2), built in code with random weights and
+offline tokenizers, for the tests (tests/test_batched_video_families.py). One builder per pipeline:
+  tiny_latte_pipeline        LattePipeline: a tiny LatteTransformer3DModel (spatial and temporal blocks, learned
+                             sigma), a tiny T5 with the world's T5 tokenizer, an image AutoencoderKL run frame by frame
+  tiny_ltx_pipeline          LTXPipeline: a tiny LTXVideoTransformer3DModel on packed tokens, a tiny T5, a tiny
+                             AutoencoderKLLTXVideo (timestep-conditioned decoder, non-trivial latents_mean/std)
+  tiny_mochi_pipeline        MochiPipeline: a tiny MochiTransformer3DModel (joint attention), a tiny T5, a tiny
+                             AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler with inverted sigmas as Mochi 1 ships
+  tiny_allegro_pipeline      AllegroPipeline: a tiny AllegroTransformer3DModel, a tiny T5, a tiny AutoencoderKLAllegro
+                             (tiled decoding only: one tile of 24 frames at 144x144 pixels), Euler ancestral
+  tiny_animatediff_pipeline  AnimateDiffPipeline (not served: the tests show why): shapefirst.tiny's SD components
+                             with a tiny MotionAdapter (the pipeline makes its UNetMotionModel from them), DDIM
   tiny_easyanimate_pipeline  EasyAnimatePipeline: a tiny EasyAnimateTransformer3DModel, a tiny
-                        Qwen2VLForConditionalGeneration with shapefirst.tiny's Qwen2 BPE and a text-only chat
-                        template, a tiny AutoencoderKLMagvit
-The helpers (tiny VAE, T5) are shapefirst.tiny's. Nothing is downloaded.
+                             Qwen2VLForConditionalGeneration with shapefirst.tiny's Qwen2 BPE and a text-only chat
+                             template, a tiny AutoencoderKLMagvit
+The helpers (tiny VAE, T5, Qwen2 BPE, SD components) are shapefirst.tiny's. Nothing is downloaded.
 """
 from __future__ import annotations
 
