@@ -84,3 +84,25 @@ class RowCount:
 
     def count(self, module, args):
         self.rows += args[0].shape[0]
+
+
+class CondFromStep:
+    """The separate-call reference without shapefirst: plain torch forward hooks on the transformer(s) that, from step
+    `k` on, return the step's conditional prediction for its unconditional call too (each step calls cond, then
+    uncond); the unconditional call still runs, so a cache sees every call."""
+
+    def __init__(self, modules, k: int):
+        self.k, self.calls, self.cond = k, 0, None
+        self.handles = [m.register_forward_hook(self.hook) for m in modules]
+
+    def hook(self, module, args, out):
+        step, second = divmod(self.calls, 2)
+        self.calls += 1
+        if not second:
+            self.cond = out[0]
+            return None
+        return (self.cond.clone(),) + tuple(out[1:]) if step >= self.k else None
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()

@@ -21,7 +21,7 @@ from shapefirst.errors import ShapefirstError
 from shapefirst.guidance import GuidanceSchedule, guidance_schedule
 from shapefirst.transformer_cache import TransformerCache, calibrate_mag_ratios, transformer_cache
 
-from conftest import CondHalfOn
+from conftest import CondFromStep, CondHalfOn
 
 PROMPTS = ["a red circle moving left", "a large blue striped square"]
 NEG = "a green triangle"
@@ -168,31 +168,10 @@ class Fam:
 
 
 
-class CondFromStep:
-    """The separate-call reference without shapefirst: a plain torch forward hook on the transformer that, from step
-    `k` on, returns the step's conditional prediction for its unconditional call too (each step calls cond, then
-    uncond); the unconditional call still runs, so its cache context sees every call."""
-
-    def __init__(self, den, k: int):
-        self.k, self.calls, self.cond = k, 0, None
-        self.handle = den.register_forward_hook(self.hook)
-
-    def hook(self, module, args, out):
-        step, second = divmod(self.calls, 2)
-        self.calls += 1
-        if not second:
-            self.cond = out[0]
-            return None
-        return (self.cond.clone(),) + tuple(out[1:]) if step >= self.k else None
-
-    def close(self) -> None:
-        self.handle.remove()
-
-
 def reference(fam: Fam):
     """The stop's images with the cache on and no shapefirst schedule (see the module docstring)."""
     den = fam.pipe.transformer
-    ref = CondHalfOn(den, lambda i: i >= STOP) if fam.name in BATCHED else CondFromStep(den, STOP)
+    ref = CondHalfOn(den, lambda i: i >= STOP) if fam.name in BATCHED else CondFromStep([den], STOP)
     try:
         return fam.run()
     finally:

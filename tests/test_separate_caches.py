@@ -25,6 +25,8 @@ from shapefirst.guidance import AdaptiveStop, GuidanceSchedule, guidance_schedul
 from shapefirst.tiny import tiny_flux_pipeline, tiny_wan_pipeline
 from shapefirst.transformer_cache import TransformerCache, calibrate_mag_ratios, transformer_cache
 
+from conftest import CondFromStep
+
 PROMPTS = ["a red circle moving left", "a large blue striped square moving up"]
 STEPS, W = 8, 5.0
 STOP = {"wan": 3, "wan22": 5, "flux": 3}  # Wan 2.2: the low-noise expert runs steps 4.. (boundary_ratio 0.8)
@@ -84,28 +86,6 @@ class Count:
             h.remove()
 
 
-class CondFromStep:
-    """The reference without shapefirst: plain torch forward hooks on the transformer(s) that, from step `k` on,
-    return the step's conditional prediction for its unconditional call too (both pipelines call cond, then
-    uncond); the unconditional call still runs, so the cache sees every call."""
-
-    def __init__(self, pipe, k: int):
-        self.k, self.calls, self.cond = k, 0, None
-        self.handles = [d.register_forward_hook(self.hook) for d in dens(pipe)]
-
-    def hook(self, module, args, out):
-        step, second = divmod(self.calls, 2)
-        self.calls += 1
-        if not second:
-            self.cond = out[0]
-            return None
-        return (self.cond.clone(),) + tuple(out[1:]) if step >= self.k else None
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 @pytest.fixture(scope="module")
 def ratios(pipes):
     return {name: calibrate_mag_ratios(pipe, lambda p=pipe: run(p), STEPS) for name, pipe in pipes.items()}
@@ -128,7 +108,7 @@ def test_a_cache_skips_alone_and_under_a_stop_equals_the_reference(pipes, ratios
             alone = run(pipe)
             alone_calls, alone_work = count.calls, count.work
             count.zero()
-            ref_hook = CondFromStep(pipe, k)
+            ref_hook = CondFromStep(dens(pipe), k)
             try:
                 ref = run(pipe)
             finally:

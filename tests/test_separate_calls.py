@@ -13,7 +13,7 @@ from shapefirst.guidance import AdaptiveStop, GuidanceSchedule, guidance_schedul
 from shapefirst.cache import LateCache, apply_late_cache
 from shapefirst.tiny import tiny_wan_pipeline
 
-from conftest import keep_from
+from conftest import CondFromStep, keep_from
 
 PROMPTS = ["a red circle moving left", "a large blue striped square moving up"]
 STEPS, W = 6, 5.0
@@ -150,33 +150,16 @@ def run_flux(pipe, prompts=PROMPTS, seed=0, **kw):
                 num_inference_steps=STEPS, max_sequence_length=16, output_type="np", generator=gens, **kw).images
 
 
-class CondFromStep:
-    """A reference without shapefirst: a plain torch forward hook on Flux's transformer that, from step `k` on,
-    returns the step's conditional prediction for its negative call too (Flux calls cond, then uncond)."""
-
-    def __init__(self, pipe, k: int):
-        self.k, self.calls, self.cond = k, 0, None
-        self.handle = pipe.transformer.register_forward_hook(self.hook)
-
-    def hook(self, module, args, out):
-        step, second = divmod(self.calls, 2)
-        self.calls += 1
-        if not second:
-            self.cond = out[0]
-            return None
-        return (self.cond.clone(),) + tuple(out[1:]) if step >= self.k else None
-
-
 @pytest.mark.parametrize("stop", [0, 3])
 def test_flux_true_cfg_stop_equals_a_plain_reference(flux, stop):
     plain = run_flux(flux)
     with guidance_schedule(flux, GuidanceSchedule(W)) as hook:
         assert np.array_equal(run_flux(flux), plain) and hook.evaluations_per_image() == [2 * STEPS] * 2
-    ref_hook = CondFromStep(flux, stop)
+    ref_hook = CondFromStep([flux.transformer], stop)
     try:
         ref = run_flux(flux)
     finally:
-        ref_hook.handle.remove()
+        ref_hook.close()
     with guidance_schedule(flux, GuidanceSchedule(W, stop_step=stop, after="cond")) as hook:
         got = run_flux(flux)
         assert hook.evaluations_per_image() == [2 * stop + STEPS - stop] * 2
