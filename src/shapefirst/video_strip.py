@@ -114,9 +114,9 @@ def unpack(latents: torch.Tensor, height: int | None, width: int | None, scale: 
     return x.reshape(n, d // 4, h, w)
 
 
-def decode_packed_video(vae, latents: torch.Tensor, height: int | None, width: int | None) -> torch.Tensor:
-    """LTX-Video's packed tokens [N, tokens, C] -> the VAE's output [N, 3, frames, H, W], as LTXPipeline decodes them
-    (see "packed_video" in the module docstring)."""
+def unpack_video(vae, latents: torch.Tensor, height: int | None, width: int | None) -> torch.Tensor:
+    """LTX-Video's packed tokens [N, tokens, C] -> latents [N, C, frames, h, w], as LTXPipeline._unpack_latents
+    (patch size 1): h, w the call's height and width over the VAE's spatial_compression_ratio, frames the rest."""
     n, tokens, c = latents.shape
     scale = getattr(vae, "spatial_compression_ratio", None)
     h, w = (int(height) // scale, int(width) // scale) if height and width and scale else (0, 0)
@@ -125,10 +125,16 @@ def decode_packed_video(vae, latents: torch.Tensor, height: int | None, width: i
                               f"{vae.config.latent_channels}-channel latent frames of {h}x{w}",
                               "record it with shapefirst's TrajectoryRecorder (it keeps the call's height and width); "
                               "transformers with a patch size above 1 are not read")
-    z = latents.reshape(n, tokens // (h * w), h, w, c).permute(0, 4, 1, 2, 3)
-    shape = (1, c, 1, 1, 1)
+    return latents.reshape(n, tokens // (h * w), h, w, c).permute(0, 4, 1, 2, 3)
+
+
+def decode_packed_video(vae, latents: torch.Tensor, height: int | None, width: int | None) -> torch.Tensor:
+    """LTX-Video's packed tokens [N, tokens, C] -> the VAE's output [N, 3, frames, H, W], as LTXPipeline decodes them
+    (see "packed_video" in the module docstring)."""
+    z = unpack_video(vae, latents, height, width)
+    shape = (1, z.shape[1], 1, 1, 1)
     z = z * vae.latents_std.view(shape).to(z) / vae.config.scaling_factor + vae.latents_mean.view(shape).to(z)
-    temb = torch.zeros(n, device=z.device, dtype=z.dtype) if vae.config.timestep_conditioning else None
+    temb = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype) if vae.config.timestep_conditioning else None
     return vae.decode(z, temb).sample
 
 
