@@ -54,7 +54,7 @@ class CondHalfOn:
             if isinstance(v, dict):
                 return {k: half(x) for k, x in v.items()}
             return v[rows // 2:] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
-        shared = ("txt_ids", "img_ids")  # Flux-style positional ids: [tokens, 3] for every row
+        shared = ("txt_ids", "img_ids", "image_rotary_emb")  # per position, never per row (shapefirst.rows.SHARED_ARGS)
         out = self.orig(*[half(a) for a in args], **{k: v if k in shared else half(v) for k, v in kwargs.items()})
         if isinstance(out, tuple):
             return (torch.cat([out[0], out[0]]),) + tuple(out[1:])

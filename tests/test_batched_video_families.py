@@ -148,15 +148,11 @@ def test_a_batch_equals_its_solo_runs(fam):
 
 def test_generate_runs_it(fam, request):
     """shapefirst.generate equals the pipeline called under the same schedule, with its evaluations (EasyAnimate given
-    negative_prompt="", which generate passes once per prompt). Latte and EasyAnimate: generate passes a video family
-    num_videos_per_prompt, which they do not take (they count num_images_per_prompt): expected to fail with that
-    TypeError until generate takes the count's name from the family."""
+    negative_prompt="", which generate passes once per prompt). Latte and EasyAnimate count videos with
+    num_images_per_prompt: generate reads the name from the signature (pipeline_call.per_prompt_argument)."""
     from shapefirst.generate import generate
 
     name, pipe = fam
-    if SPECS[name].per != "num_videos_per_prompt":
-        why = f"generate passes num_videos_per_prompt; {name} takes {SPECS[name].per}"
-        request.applymarker(pytest.mark.xfail(raises=TypeError, strict=True, reason=why))
     sched = GuidanceSchedule(W, stop_step=2, after="cond")
     call = {k: v for k, v in SPECS[name].call.items() if k not in dict(family(pipe).call_defaults)}
     res = generate(pipe, PROMPTS, sched, steps=STEPS, **call, **dict(SPECS[name].per_prompt_args))
@@ -176,13 +172,9 @@ def q(x: np.ndarray) -> np.ndarray:
 def test_the_trajectory_decodes_to_the_pipelines_frames(fam, tmp_path, request):
     """Recorded under a stop (calls 0 and 1 guided), the last call's x0-hat decoded as the family's layout says equals
     the pipeline's own frames within TOL; the first call's is another video; the strip (drawn at the first and last
-    call) ends with each video's frames. Mochi: expected to fail until shapefirst.trace reads inverted sigmas (see
-    test_mochis_x0_from_its_inverted_sigma_decodes_to_its_frames)."""
+    call) ends with each video's frames. Mochi's inverted sigmas are read as the signal's share (shapefirst.trace)."""
     name, pipe = fam
     spec = SPECS[name]
-    if pipe.scheduler.config.get("invert_sigmas"):
-        why = "trace.predicted_x0 takes the inverted sigma s for the noise level (x_t - s v, not x_t + (1 - s) v)"
-        request.applymarker(pytest.mark.xfail(raises=AssertionError, strict=True, reason=why))
     rec = TrajectoryRecorder()
     with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=2, after="cond"), rec):
         ref = run(name, pipe)
@@ -220,7 +212,7 @@ def test_mochis_x0_from_its_inverted_sigma_decodes_to_its_frames():
     """Mochi's scheduler runs on inverted sigmas (invert_sigmas=True): call i gives the transformer t = 1000 s_i and
     the Euler step x + (s_(i+1) - s_i) v ends at s = 1, so the clean video is x_t + (1 - s_i) v (the noise level is
     1 - s_i). That x0, made here from the recorded x_t and combined prediction of the last call, decodes (layout
-    "video", the VAE's latents_mean/std) to the pipeline's frames; the recorded x0-hat (x_t - s_i v) does not."""
+    "video", the VAE's latents_mean/std) to the pipeline's frames, and the recorded x0-hat is that x0."""
     from shapefirst.trace import Trajectory
 
     pipe = tiny_mochi_pipeline()
@@ -233,17 +225,14 @@ def test_mochis_x0_from_its_inverted_sigma_decodes_to_its_frames():
     x0 = traj.arrays["x_t"][-1] + (1 - float(s[-1])) * traj.arrays["combined"][-1]
     hand = Trajectory(traj.timesteps[-1:], {"x0": x0[None]}, traj.guided[-1:], traj.meta)
     assert float(np.abs(hwc(hand.decode(pipe.vae)[0]) - ref).max()) <= TOL
-    assert float(np.abs(hwc(traj.decode(pipe.vae, "x0", [STEPS - 1])[0]) - ref).max()) > 0.01
+    assert torch.allclose(traj.arrays["x0"][-1].float(), x0.float(), atol=1e-5)  # shapefirst.trace reads it so
 
 
-@pytest.mark.xfail(raises=IndexError, strict=True, reason="rows_of cuts Allegro's rotary tables as long as the batch")
 def test_allegro_rotary_tables_as_long_as_the_cfg_batch_survive_a_stop():
-    """A known limit of the batched path, on Allegro: a stop runs the kept rows alone, cutting every tensor of the
-    denoiser's arguments whose first dimension is the CFG batch (shapefirst.rows.rows_of, into tuples too).
-    Allegro passes its rotary frequency tables as image_rotary_emb, one row per latent frame, row and column of
-    patches; at 128 x 128 pixels they are 8 long, as the CFG batch of 4 videos, so a stop cuts them and the
-    transformer fails (IndexError) where the reference without shapefirst runs. Expected to fail until the hook
-    leaves per-position arguments whole."""
+    """A stop runs the kept rows alone, cutting the denoiser's arguments whose first dimension is the CFG batch
+    (shapefirst.rows.rows_of), but never the per-position ones (rows.SHARED_ARGS): Allegro's rotary frequency tables
+    (image_rotary_emb) are 8 long at 128 x 128 pixels, as the CFG batch of 4 videos, and stay whole (cut, the
+    transformer failed with an IndexError)."""
     pipe = tiny_allegro_pipeline(sample_size=128)
     prompts = [p for p in PROMPTS for _ in range(2)]
     kw = dict(num_inference_steps=STEPS, guidance_scale=W, output_type="latent", height=128, width=128,

@@ -22,6 +22,7 @@ import torch
 from .cache import LateCache, late_cache
 from .errors import ShapefirstError
 from .families import family
+from .pipeline_call import per_prompt_argument
 from .guidance import GuidanceSchedule, guidance_schedule
 from .models import scheduler_for
 from .pipeline import call_defaults, embeds_call
@@ -268,7 +269,7 @@ def _one_call(pipe, prompts, prompts_list, schedule, steps, seed, images_per_pro
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
     recorder = TrajectoryRecorder() if trace else None
     fam = family(pipe)
-    per_prompt = "num_videos_per_prompt" if fam.video else "num_images_per_prompt"
+    per_prompt = per_prompt_argument(pipe)
     text = _text_kwargs(prompts_list if prompts is not None else None, negative_prompt, n_prompts)
     given = {**pipe_kwargs, **text}
     kwargs = dict(num_inference_steps=steps, generator=gens, output_type="np", **{fam.scale_arg: schedule.scale},

@@ -13,7 +13,7 @@ import torch
 
 from .errors import ShapefirstError
 from .families import family, family_of_pipe
-from .pipeline_call import PipelineCall, call_default, cfg_of_call, running_call  # noqa: F401 (call_default: public here too)
+from .pipeline_call import PipelineCall, call_default, cfg_of_call, per_prompt_argument, running_call  # noqa: F401 (call_default: public here too)
 from .tokens import PAD, denoiser_token_info
 
 
@@ -79,7 +79,7 @@ def _encode(pipe, prompts: list[str], max_sequence_length: int | None = None) ->
                                            **dev, **length)
         return {"prompt_embeds": c, "negative_prompt_embeds": u, "pooled_prompt_embeds": pooled,
                 "negative_pooled_prompt_embeds": upooled}
-    per = {"num_videos_per_prompt": 1} if family(pipe).video else {"num_images_per_prompt": 1}
+    per = {per_prompt_argument(pipe, "encode_prompt"): 1}
     more = {"prompt_2": None, "prompt_3": None} if fam == "sd3" else {}
     out = pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=True, **dev, **per, **length, **more,
                              **_empty_negative(pipe))

@@ -124,3 +124,19 @@ def call_default(pipe, name: str):
         if param is not None:
             return None if param.default is inspect.Parameter.empty else param.default
     return None
+
+
+def per_prompt_argument(pipe, method: str = "__call__") -> str:
+    """The argument a pipeline's `__call__` (or `encode_prompt`) counts outputs per prompt with, from the first class
+    in its MRO whose own method names one (a subclass forwarding *args, **kwargs keeps its base's): video pipelines
+    take `num_videos_per_prompt`, some (Latte, EasyAnimate) `num_images_per_prompt` like the image ones."""
+    for cls in type(pipe).__mro__:
+        fn = cls.__dict__.get(method)
+        try:
+            params = inspect.signature(fn).parameters if callable(fn) else {}
+        except (TypeError, ValueError):
+            params = {}
+        for name in ("num_videos_per_prompt", "num_images_per_prompt"):
+            if name in params:
+                return name
+    return "num_images_per_prompt"

@@ -13,9 +13,10 @@ import torch
 from .errors import ShapefirstError
 
 
-# denoiser arguments that never carry the batch: the positional ids of Flux-style transformers (Flux, Chroma, Bria),
-# [tokens, 3] shared by every row; one whose token count happens to equal the rows must not be cut as rows
-SHARED_ARGS = ("txt_ids", "img_ids")
+# denoiser arguments that never carry the batch, whose first dimension is positions, not rows: the positional ids of
+# Flux-style transformers (Flux, Chroma, Bria: [tokens, 3]) and rotary tables (Allegro, HunyuanDiT, CogVideoX); one
+# whose length happens to equal the CFG rows must not be cut as rows
+SHARED_ARGS = ("txt_ids", "img_ids", "image_rotary_emb")
 
 
 def rows_of(x: Any, rows: int, idx: torch.Tensor) -> Any:

@@ -39,8 +39,8 @@ from .pipeline_call import PipelineCall, calls_of_run, guidance_weight_of_call
 from .rows import cfg_layout, plain_layout
 from .schedules import AdaptiveStop
 from .trace import predicted_x0
-from .video_strip import unpack
-from .families import SUPPORTED
+from .video_strip import unpack, unpack_video
+from .families import SUPPORTED, family
 
 
 class RunState:
@@ -170,6 +170,15 @@ class RunState:
         settle = settle & self.layout.guided.to(settle.device)
         self.stopped = settle if self.stopped is None else self.stopped | settle
 
+    def _unpacked(self, x0: torch.Tensor) -> torch.Tensor:
+        """Packed x0-hat [N, tokens, D] -> its spatial layout: LTX-Video's video tokens [N, C, F, h, w]
+        (video_strip.unpack_video), else 2x2 patches [N, C, h, w] (Flux, Chroma, Bria, Qwen-Image)."""
+        call = self.pipeline_call
+        height, width = call.local("height"), call.local("width")
+        if family(self.pipe).latent_layout == "packed_video":
+            return unpack_video(self.pipe.vae, x0, height, width)
+        return unpack(x0, height, width)
+
     def _shape_settled(self, ad: AdaptiveStop, uncond, cond, x_t, timestep, weight) -> torch.Tensor | None:
         """The shape criterion's per-call update (see settle); None before `min_call`."""
         if x_t is None or timestep is None or weight is None:
@@ -178,9 +187,8 @@ class RunState:
         u = uncond.float()
         combined = u + float(weight) * (cond.float() - u)  # what the sampler follows (unguided rows: c - c == 0)
         x0 = predicted_x0(self.pipe.scheduler, timestep.to(u.device), x_t.float(), combined)
-        if x0.dim() == 3:  # packed 2x2 patches [N, tokens, 4C] (Flux, Chroma, Qwen-Image): the band is spatial
-            call = self.pipeline_call
-            x0 = unpack(x0, call.local("height"), call.local("width"))
+        if x0.dim() == 3:  # packed tokens: the band is spatial, so put them back in place first
+            x0 = self._unpacked(x0)
         low = split_bands(x0, ad.radius)[0]
         prev, streak = self.shape_low, self.shape_streak
         if prev is None or prev.shape != low.shape or streak is None:

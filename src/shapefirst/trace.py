@@ -122,8 +122,15 @@ def flow_sigma(scheduler, t):
     raw_i, raw_found = _nearest(ts, tt, tt.abs().clamp(min=1.0))
     scaled_i, scaled_found = _nearest(ts / n_train, tt, tt.abs().clamp(min=1.0 / n_train))
     last = len(sig) - 1
-    return torch.where(raw_found, sig.take(raw_i.clamp(max=last)),
-                       torch.where(scaled_found, sig.take(scaled_i.clamp(max=last)), plain))
+    out = torch.where(raw_found, sig.take(raw_i.clamp(max=last)),
+                      torch.where(scaled_found, sig.take(scaled_i.clamp(max=last)), plain))
+    return 1 - out if _inverted(scheduler) else out
+
+
+def _inverted(scheduler) -> bool:
+    """A flow scheduler whose sigmas run the other way (Mochi's `invert_sigmas`): its sigma s is the signal's share,
+    the noise level is 1 - s, and the model predicts the negated velocity."""
+    return bool(scheduler.config.get("invert_sigmas", False))
 
 
 def _nearest(ts: torch.Tensor, t: torch.Tensor, scale: torch.Tensor):
@@ -151,7 +158,7 @@ def predicted_x0(scheduler, t, x_t: torch.Tensor, pred: torch.Tensor) -> torch.T
         return c.view(-1, *[1] * (x_t.dim() - 1)) if c.dim() else c
 
     if is_flow_matching(scheduler):
-        return x_t - coef(flow_sigma(scheduler, t)) * pred
+        return x_t - coef(flow_sigma(scheduler, t)) * (-pred if _inverted(scheduler) else pred)
     kind = scheduler.config.prediction_type
     if kind == "sample":
         return pred
