@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from shapefirst.errors import ShapefirstError
 from shapefirst.families import family
 from shapefirst.guidance import GuidanceSchedule, guidance_schedule
 from shapefirst.tiny_videos import (tiny_allegro_pipeline, tiny_animatediff_pipeline, tiny_easyanimate_pipeline,
@@ -269,3 +270,28 @@ def test_animatediff_is_refused_in_one_line_its_text_rows_are_per_frame():
     finally:
         hook.remove()
     assert len(seen) == 2  # refused before the UNet ran
+
+
+def test_what_the_video_families_refuse_is_one_line():
+    """Late caches, transformer caches and attention capture where they cannot run on these families say so in one
+    line before the pipeline runs (checked by hand that each would otherwise fail inside diffusers or read nothing):
+    Latte's First Block Cache and MagCache (its blocks reshape the video differently), LTX-Video's attention capture
+    (its attn2 runs LTX's own processor) and late cache (no classic cross-attention), Mochi's attention capture."""
+    from shapefirst.attention import capture_attention
+    from shapefirst.cache import LateCache, late_cache
+    from shapefirst.transformer_cache import TransformerCache, transformer_cache
+
+    latte, ltx, mochi = tiny_latte_pipeline(), tiny_ltx_pipeline(), tiny_mochi_pipeline()
+    cases = [(lambda: transformer_cache(latte, TransformerCache("fbc")), "Latte's spatial and temporal blocks"),
+             (lambda: transformer_cache(latte, TransformerCache("mag", mag_ratios=[1.0] * STEPS)),
+              "Latte's spatial and temporal blocks"),
+             (lambda: capture_attention(ltx), "finds no text-attention layer it can read in LTXVideoTransformer3D"),
+             (lambda: capture_attention(mochi), "MochiTransformer3DModel has no attention processors")]
+    for make, why in cases:
+        with pytest.raises(ShapefirstError, match=why) as e:
+            with make():
+                pass
+        assert "\n" not in str(e.value)
+    with pytest.raises(ShapefirstError, match="no separate cross-attention modules") as e:
+        with guidance_schedule(ltx, GuidanceSchedule(W, stop=0.5, after="cond")), late_cache(ltx, LateCache("kept")):
+            pass

@@ -1058,6 +1058,10 @@ def capture_attention(pipe, keep: str = "mean", layers=None, calls=None, rows: s
     available = _layers_of(pipe, None if fam is None else fam.attention)
     chosen = list(available) if layers is None else [name[:-len(".processor")] if name.endswith(".processor")
                                                      else name for name in layers]
+    if not available:  # e.g. LTX-Video's attn2 runs its own processor, not a classic one and not a mirrored one
+        dens = ", ".join(type(den).__name__ for _, den in _denoisers(pipe))
+        raise ShapefirstError(f"attention capture finds no text-attention layer it can read in {dens}",
+                              "capture a pipeline of the families README's table marks for attention capture")
     unknown = sorted(set(chosen) - set(available))
     if unknown or not chosen:
         kind = "text-attention" if fam is None else f"{fam.attention}-attention"

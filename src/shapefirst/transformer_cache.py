@@ -116,6 +116,12 @@ UNSUPPORTED = {
     ("CogView3PlusTransformer2DModel", "faster"): "FasterCache does not split CogView3Plus's original_size, "
                                                   "target_size and crop_coords with the other [uncond, cond] "
                                                   "inputs, so the time embedding's batch mismatches",
+    ("LatteTransformer3DModel", "fbc"): "Latte's spatial and temporal blocks see the video reshaped differently "
+                                        "(rows x frames, then rows x patches), so First Block Cache's first-block "
+                                        "residual and its tail do not line up",
+    ("LatteTransformer3DModel", "mag"): "Latte's spatial and temporal blocks see the video reshaped differently "
+                                        "(rows x frames, then rows x patches), so MagCache's block residuals do not "
+                                        "line up",
     ("BriaTransformer2DModel", "faster"): "FasterCache splits every tensor argument into batch halves, and Bria's "
                                           "positional ids are [tokens, 3] for every row",
 }
