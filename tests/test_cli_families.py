@@ -9,6 +9,7 @@ from PIL import Image
 
 import shapefirst.tiny as tiny
 import shapefirst.tiny_dits as tiny_dits
+import shapefirst.tiny_videos as tiny_videos
 from shapefirst.cli import main
 
 FAMILIES = {  # builder name -> (size, extra CLI arguments)
@@ -20,12 +21,15 @@ FAMILIES = {  # builder name -> (size, extra CLI arguments)
     "hunyuanvideo": (16, ["--num-frames", "5"]),
     "auraflow": (16, ["--max-sequence-length", "16"]), "cogview3plus": (16, ["--max-sequence-length", "16"]),
     "bria": (16, ["--max-sequence-length", "16"]),
+    "ltx": (32, ["--num-frames", "9", "--max-sequence-length", "16"]),
+    "mochi": (16, ["--num-frames", "7", "--max-sequence-length", "16"]),
 }
-VIDEO = {"cogvideox": 9, "wan": 5, "hunyuanvideo": 5}
+VIDEO = {"cogvideox": 9, "wan": 5, "hunyuanvideo": 5, "ltx": 9, "mochi": 7}
 
 
 def build(name, folder):
-    make = next(getattr(m, f"tiny_{name}_pipeline") for m in (tiny, tiny_dits) if hasattr(m, f"tiny_{name}_pipeline"))
+    builder = f"tiny_{name}_pipeline"
+    make = next(getattr(m, builder) for m in (tiny, tiny_dits, tiny_videos) if hasattr(m, builder))
     if "folder" in make.__code__.co_varnames:
         folder.mkdir(parents=True)
         return make(folder=folder)
