@@ -54,7 +54,7 @@ class CondHalfOn:
             if isinstance(v, dict):
                 return {k: half(x) for k, x in v.items()}
             return v[rows // 2:] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
-        shared = ("txt_ids", "img_ids", "image_rotary_emb")  # per position, never per row (shapefirst.rows.SHARED_ARGS)
+        shared = ("txt_ids", "img_ids", "image_rotary_emb")  # per position (rows.SHARED_ARGS)
         out = self.orig(*[half(a) for a in args], **{k: v if k in shared else half(v) for k, v in kwargs.items()})
         if isinstance(out, tuple):
             return (torch.cat([out[0], out[0]]),) + tuple(out[1:])
@@ -106,3 +106,23 @@ class CondFromStep:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def stop_against_reference(pipe, den, first_layer, go, stop: int, scale: float, steps: int):
+    """The batched-CFG contract of a stop: run go() under CondHalfOn from `stop` on (the reference without shapefirst),
+    then under GuidanceSchedule(stop_step=stop, after="cond") with RowCount on the denoiser's first layer. Returns
+    (reference, output, evaluations per image, rows counted, the rows a stop should compute per image)."""
+    from shapefirst.guidance import GuidanceSchedule, guidance_schedule
+
+    ref_wrap = CondHalfOn(den, lambda i: i >= stop)
+    try:
+        ref = go()
+    finally:
+        ref_wrap.close()
+    count = RowCount(first_layer)
+    try:
+        with guidance_schedule(pipe, GuidanceSchedule(scale, stop_step=stop, after="cond")) as hook:
+            got = go()
+    finally:
+        count.handle.remove()
+    return ref, got, hook.evaluations_per_image(), count.rows, 2 * stop + steps - stop

@@ -13,7 +13,7 @@ from shapefirst.guidance import GuidanceSchedule, guidance_schedule
 from shapefirst.tiny import (tiny_cogvideox_pipeline, tiny_hunyuandit_pipeline, tiny_kolors_pipeline,
                              tiny_sana_pipeline)
 
-from conftest import CondHalfOn, RowCount
+from conftest import stop_against_reference
 
 PROMPTS = ["a red circle moving left", "a large blue striped square"]
 STEPS, W = 5, 4.5
@@ -59,20 +59,10 @@ def test_no_stop_is_bit_identical(fam):
 def test_a_stop_equals_the_reference_and_counts_rows(fam, stop):
     name, pipe = fam
     den = pipe.unet if name == "kolors" else pipe.transformer
-    ref_wrap = CondHalfOn(den, lambda i: i >= stop)
-    try:
-        ref = run(name, pipe)
-    finally:
-        ref_wrap.close()
-    count = RowCount(getattr(den, FIRST[name]))
-    try:
-        with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=stop, after="cond")) as hook:
-            got = run(name, pipe)
-    finally:
-        count.handle.remove()
-    want = 2 * stop + STEPS - stop
+    ref, got, evals, rows, want = stop_against_reference(pipe, den, getattr(den, FIRST[name]),
+                                                          lambda: run(name, pipe), stop, W, STEPS)
     assert np.array_equal(got, ref)
-    assert hook.evaluations_per_image() == [want] * 2 and count.rows == 2 * want
+    assert evals == [want] * 2 and rows == 2 * want
 
 
 def test_a_batch_equals_its_solo_runs(fam):

@@ -18,7 +18,7 @@ from shapefirst.video_strip import vae_scale
 from shapefirst.tiny_dits import (tiny_auraflow_pipeline, tiny_bria_pipeline, tiny_cogview3plus_pipeline,
                                   tiny_lumina_pipeline)
 
-from conftest import CondHalfOn, RowCount
+from conftest import CondHalfOn, stop_against_reference
 
 PROMPTS = ["a red circle moving left", "a large blue striped square"]
 STEPS, W = 5, 4.5
@@ -60,20 +60,10 @@ def test_no_stop_is_bit_identical(fam):
 def test_a_stop_equals_the_reference_and_counts_rows(fam, stop):
     name, pipe = fam
     den = pipe.transformer
-    ref_wrap = CondHalfOn(den, lambda i: i >= stop)
-    try:
-        ref = run(name, pipe)
-    finally:
-        ref_wrap.close()
-    count = RowCount(getattr(den, SPECS[name][2]))
-    try:
-        with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=stop, after="cond")) as hook:
-            got = run(name, pipe)
-    finally:
-        count.handle.remove()
-    want = 2 * stop + STEPS - stop
+    ref, got, evals, rows, want = stop_against_reference(pipe, den, getattr(den, SPECS[name][2]),
+                                                          lambda: run(name, pipe), stop, W, STEPS)
     assert np.array_equal(got, ref)
-    assert hook.evaluations_per_image() == [want] * 2 and count.rows == 2 * want
+    assert evals == [want] * 2 and rows == 2 * want
     assert float(np.abs(got - run(name, pipe)).max()) > 10 * TOL  # the stop changes the images beyond TOL
 
 

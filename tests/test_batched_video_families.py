@@ -22,7 +22,7 @@ from shapefirst.tiny_videos import (tiny_allegro_pipeline, tiny_animatediff_pipe
 from shapefirst.trace import TrajectoryRecorder
 from shapefirst.video_strip import LAYOUT_DIMS, VIDEO_LAYOUTS
 
-from conftest import CondHalfOn, RowCount
+from conftest import CondHalfOn, stop_against_reference
 
 PROMPTS = ["a red circle moving left", "a large blue striped square"]
 STEPS, W = 4, 4.5
@@ -108,20 +108,10 @@ def test_no_stop_is_bit_identical(fam):
 def test_a_stop_equals_the_reference_and_counts_rows(fam, stop):
     name, pipe = fam
     den = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
-    ref_wrap = CondHalfOn(den, lambda i: i >= stop)
-    try:
-        ref = run(name, pipe)
-    finally:
-        ref_wrap.close()
-    count = RowCount(den.get_submodule(SPECS[name].counter))
-    try:
-        with guidance_schedule(pipe, GuidanceSchedule(W, stop_step=stop, after="cond")) as hook:
-            got = run(name, pipe)
-    finally:
-        count.handle.remove()
-    want = 2 * stop + STEPS - stop
+    ref, got, evals, rows, want = stop_against_reference(pipe, den, den.get_submodule(SPECS[name].counter),
+                                                          lambda: run(name, pipe), stop, W, STEPS)
     assert np.array_equal(got, ref)
-    assert hook.evaluations_per_image() == [want] * 2 and count.rows == 2 * want
+    assert evals == [want] * 2 and rows == 2 * want
     assert float(np.abs(got - run(name, pipe)).max()) > 1e-5  # the stop changes the videos (random text: a little)
 
 
