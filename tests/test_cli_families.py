@@ -23,8 +23,10 @@ FAMILIES = {  # builder name -> (size, extra CLI arguments)
     "bria": (16, ["--max-sequence-length", "16"]),
     "ltx": (32, ["--num-frames", "9", "--max-sequence-length", "16"]),
     "mochi": (16, ["--num-frames", "7", "--max-sequence-length", "16"]),
+    "latte": (16, ["--num-frames", "2"]),  # Latte takes it as video_length
+    "easyanimate": (16, ["--num-frames", "5"]),
 }
-VIDEO = {"cogvideox": 9, "wan": 5, "hunyuanvideo": 5, "ltx": 9, "mochi": 7}
+VIDEO = {"cogvideox": 9, "wan": 5, "hunyuanvideo": 5, "ltx": 9, "mochi": 7, "latte": 2, "easyanimate": 5}
 
 
 def build(name, folder):

@@ -151,7 +151,7 @@ def generate(
             warnings.warn(w)
         res = run_generate(pipe, prompts, schedule, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
                            negative_prompt=negative_prompt, scheduler=scheduler, trace=trace, progress=True,
-                           cache=late, batch=batch, **size, **_exact_size(pipe, size))
+                           cache=late, batch=batch, **_exact_size(pipe, size))
     res.save(out, vae=pipe.vae if trace and res.images.ndim == 4 else None,
              extra={"model": model, "load_seconds": load_s}, overwrite=overwrite)
     what = "videos" if res.images.ndim == 5 else "images"
@@ -168,13 +168,18 @@ def _size(height, width, num_frames, max_sequence_length) -> dict:
 
 
 def _exact_size(pipe, size: dict) -> dict:
-    """A size given on the command line is the size made: pipelines that would snap it to their trained aspect-ratio
-    bins (PixArt, HunyuanDiT, Sana: `use_resolution_binning`) are told not to."""
+    """The size options as the pipeline takes them: `--num-frames` under its own name (Latte: video_length), and a
+    size given is the size made: pipelines that would snap it to their trained aspect-ratio bins (PixArt,
+    HunyuanDiT, Sana: `use_resolution_binning`) are told not to."""
     import inspect
 
-    given = "height" in size or "width" in size
-    return {"use_resolution_binning": False} if given and \
-        "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters else {}
+    from .pipeline_call import frames_argument
+
+    out = {frames_argument(pipe) if k == "num_frames" else k: v for k, v in size.items()}
+    if ("height" in size or "width" in size) and \
+            "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters:
+        out["use_resolution_binning"] = False
+    return out
 
 
 @app.command()

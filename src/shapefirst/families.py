@@ -137,7 +137,8 @@ DECLARED = (
     Family("allegro", ("AllegroPipeline",), denoisers=("transformer",), tokenizer="t5", schedulers=(), video=True,
            call_defaults=(("clean_caption", False),), latent_layout="video_frames_out"),
     Family("easyanimate", ("EasyAnimatePipeline",), denoisers=("transformer",), prediction="flow", attention="joint",
-           tokenizer="qwen2vl", schedulers=(), video=True, latent_layout="video"),
+           tokenizer="qwen2vl", schedulers=(), video=True, latent_layout="video",
+           call_defaults=(("negative_prompt", ""),)),  # it fails without one
 )
 BY_NAME = {f.name: f for f in DECLARED}
 FAMILIES = {f.name: f.pipelines for f in DECLARED}  # family name -> pipeline class names

@@ -272,8 +272,11 @@ def _one_call(pipe, prompts, prompts_list, schedule, steps, seed, images_per_pro
     per_prompt = per_prompt_argument(pipe)
     text = _text_kwargs(prompts_list if prompts is not None else None, negative_prompt, n_prompts)
     given = {**pipe_kwargs, **text}
+    defaults = call_defaults(pipe, given)
+    if prompts is not None and isinstance(defaults.get("negative_prompt"), str):  # one per prompt, as a caller's
+        defaults["negative_prompt"] = [defaults["negative_prompt"]] * n_prompts  # (EasyAnimate needs one each)
     kwargs = dict(num_inference_steps=steps, generator=gens, output_type="np", **{fam.scale_arg: schedule.scale},
-                  **{per_prompt: images_per_prompt}, **pipe_kwargs, **call_defaults(pipe, given), **text)
+                  **{per_prompt: images_per_prompt}, **pipe_kwargs, **defaults, **text)
     bar = _Progress(n_calls) if progress else None
     if bar is not None:
         kwargs["callback_on_step_end"] = bar

@@ -140,3 +140,18 @@ def per_prompt_argument(pipe, method: str = "__call__") -> str:
             if name in params:
                 return name
     return "num_images_per_prompt"
+
+
+def frames_argument(pipe) -> str:
+    """The argument a video pipeline's `__call__` takes its frame count with: `num_frames`, or Latte's `video_length`
+    (from the first class in its MRO whose own `__call__` names one)."""
+    for cls in type(pipe).__mro__:
+        fn = cls.__dict__.get("__call__")
+        try:
+            params = inspect.signature(fn).parameters if callable(fn) else {}
+        except (TypeError, ValueError):
+            params = {}
+        for name in ("num_frames", "video_length"):
+            if name in params:
+                return name
+    return "num_frames"
