@@ -103,6 +103,25 @@ def processors(den):
     return {name: mod.processor for name, mod in den.named_modules() if hasattr(mod, "set_processor")}
 
 
+def with_values_edited(attn, args, kwargs, edit):
+    """The attention layer's output with its value projection edited in place by edit(v) (a plain torch forward
+    hook on to_v, on a copy), and the edited values."""
+    values = []
+
+    def hook(module, inputs, v):
+        v = v.clone()
+        edit(v)
+        values.append(v)
+        return v
+
+    handle = attn.to_v.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return attn(*args, **kwargs), values
+    finally:
+        handle.remove()
+
+
 class TextLength:
     """What a single-stream layer needs from the capture: the text length (here known: max_sequence_length)."""
 
@@ -226,23 +245,14 @@ def test_joint_attention_probabilities_reproduce_the_layer_output(pipes, name, l
     ctx = named.get("encoder_hidden_states")
     n_txt = 16 if ctx is None else ctx.shape[1]  # single-stream: the T5 positions (max_sequence_length)
     own_text_values = ctx is not None and getattr(attn, "add_v_proj", None) is not None  # a double-stream layer
-    values = []
 
-    def zero_image_values(module, inputs, v):  # plain torch: what the image tokens carry is removed
-        v = v.clone()
+    def zero_image_values(v):  # plain torch: what the image tokens carry is removed
         if own_text_values:
             v.zero_()
         else:
             v[:, n_txt:] = 0
-        values.append(v)
-        return v
 
-    handle = attn.to_v.register_forward_hook(zero_image_values)
-    try:
-        with torch.no_grad():
-            out = attn(*args, **kwargs)
-    finally:
-        handle.remove()
+    out, values = with_values_edited(attn, args, kwargs, zero_image_values)
     with torch.no_grad():
         probs, share, _ = read_layer(attn, attn.processor, named, TextLength(n_txt))
         v_text = attn.add_v_proj(ctx) if own_text_values else values[0][:, :n_txt]
@@ -276,21 +286,12 @@ def test_lumina2_probabilities_reproduce_the_layer_output(pipes):
         mask = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, max_sequence_length=48)[1]
     lengths, n_img, n_cap = mask.sum(1).tolist(), 4, mask.shape[1]  # 32 px -> 4 x 4 latents -> 2 x 2 tokens
     args, kwargs, _ = rec.calls[0]  # the first call: the prompts' own branch
-    values = []
 
-    def zero_image_values(module, inputs, v):
-        v = v.clone()
+    def zero_image_values(v):
         for i, n in enumerate(lengths):
             v[i, n:n + n_img] = 0
-        values.append(v)
-        return v
 
-    handle = attn.to_v.register_forward_hook(zero_image_values)
-    try:
-        with torch.no_grad():
-            out = attn(*args, **kwargs)
-    finally:
-        handle.remove()
+    out, values = with_values_edited(attn, args, kwargs, zero_image_values)
     named = dict(zip(("hidden_states", "encoder_hidden_states"), args), **kwargs)
 
     class Grid(TextLength):

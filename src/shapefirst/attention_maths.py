@@ -258,19 +258,24 @@ def _flux_qk(attn, a: dict, cap) -> QueryKeys:
     return QueryKeys(q, k, slice(0, n_txt), mask, attn.head_dim ** -0.5)
 
 
-def _cogvideox_qk(attn, a: dict, cap) -> QueryKeys:
-    """CogVideoXAttnProcessor2_0: [text; video] concatenated, to_q / to_k, per-head norm_q / norm_k, the RoPE on
-    the video part (of the key too unless cross-attention), the mask prepared as the processor does; SDPA's
-    scale."""
-    ctx = a["encoder_hidden_states"]
-    n_txt = ctx.shape[1]
-    x = torch.cat([ctx, a["hidden_states"]], dim=1)
+def _joint_heads(attn, x: torch.Tensor, n_txt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The heads of a [text; image] sequence as CogVideoX's and CogView4's processors make them: to_q / to_k, their
+    per-head norms; the image queries [B, heads, image, d] and every key [B, heads, text + image, d]."""
     q, k = _heads(attn.to_q(x), attn.heads), _heads(attn.to_k(x), attn.heads)
     if attn.norm_q is not None:
         q = attn.norm_q(q)
     if attn.norm_k is not None:
         k = attn.norm_k(k)
-    q = q[:, :, n_txt:]
+    return q[:, :, n_txt:], k
+
+
+def _cogvideox_qk(attn, a: dict, cap) -> QueryKeys:
+    """CogVideoXAttnProcessor2_0: [text; video] concatenated, to_q / to_k, per-head norm_q / norm_k, the RoPE on
+    the video part (of the key too unless cross-attention), the mask prepared as the processor does; SDPA's
+    scale."""
+    n_txt = a["encoder_hidden_states"].shape[1]
+    x = torch.cat([a["encoder_hidden_states"], a["hidden_states"]], dim=1)
+    q, k = _joint_heads(attn, x, n_txt)
     rope = a.get("image_rotary_emb")
     if rope is not None:
         q = apply_rotary_emb(q, rope)
@@ -311,13 +316,7 @@ def _cogview4_qk(attn, a: dict, cap) -> QueryKeys:
     ctx, x = a["encoder_hidden_states"], a["hidden_states"]
     n_txt = ctx.shape[1]
     h = torch.cat([ctx, x], dim=1)
-    q, k = attn.to_q(h).unflatten(2, (attn.heads, -1)).transpose(1, 2), attn.to_k(h).unflatten(
-        2, (attn.heads, -1)).transpose(1, 2)
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    q = q[:, :, n_txt:]
+    q, k = _joint_heads(attn, h, n_txt)
     rope = a.get("image_rotary_emb")
     if rope is not None:
         q = apply_rotary_emb(q, rope, use_real_unbind_dim=-2)

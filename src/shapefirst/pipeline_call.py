@@ -107,51 +107,47 @@ with_call_defaults): part of its fingerprint (outputs.model_fingerprint), so res
 reused."""
 
 
-def call_default(pipe, name: str):
-    """The value the pipeline's call takes for argument `name` when it is not given: a default its class gives every
-    call (report.page.with_call_defaults, CALL_DEFAULTS), else the first `__call__` in its class's MRO that declares
-    it (a subclass whose `__call__` only forwards *args, **kwargs keeps its base's defaults; None when none does, or
-    it has no default)."""
-    given = getattr(type(pipe), CALL_DEFAULTS, None) or {}
-    if name in given:
-        return given[name]
-    for cls in type(pipe).__mro__:
-        fn = cls.__dict__.get("__call__")
-        try:
-            param = inspect.signature(fn).parameters.get(name) if callable(fn) else None
-        except (TypeError, ValueError):  # a callable without a signature Python can read
-            param = None
-        if param is not None:
-            return None if param.default is inspect.Parameter.empty else param.default
-    return None
-
-
-def per_prompt_argument(pipe, method: str = "__call__") -> str:
-    """The argument a pipeline's `__call__` (or `encode_prompt`) counts outputs per prompt with, from the first class
-    in its MRO whose own method names one (a subclass forwarding *args, **kwargs keeps its base's): video pipelines
-    take `num_videos_per_prompt`, some (Latte, EasyAnimate) `num_images_per_prompt` like the image ones."""
+def _own_parameters(pipe, method: str = "__call__"):
+    """The parameters of `method` as each class in the pipeline's MRO defines it itself, nearest first (a subclass
+    whose method only forwards *args, **kwargs is passed over by the callers that look for a name)."""
     for cls in type(pipe).__mro__:
         fn = cls.__dict__.get(method)
         try:
-            params = inspect.signature(fn).parameters if callable(fn) else {}
-        except (TypeError, ValueError):
-            params = {}
-        for name in ("num_videos_per_prompt", "num_images_per_prompt"):
+            yield inspect.signature(fn).parameters if callable(fn) else {}
+        except (TypeError, ValueError):  # a callable without a signature Python can read
+            yield {}
+
+
+def call_default(pipe, name: str):
+    """The value the pipeline's call takes for argument `name` when it is not given: a default its class gives every
+    call (report.page.with_call_defaults, CALL_DEFAULTS), else the first `__call__` in its class's MRO that declares
+    it (None when none does, or it has no default)."""
+    given = getattr(type(pipe), CALL_DEFAULTS, None) or {}
+    if name in given:
+        return given[name]
+    for params in _own_parameters(pipe):
+        if name in params:
+            return None if params[name].default is inspect.Parameter.empty else params[name].default
+    return None
+
+
+def named_argument(pipe, names: tuple[str, ...], method: str = "__call__", default: str | None = None) -> str:
+    """Which of `names` (the alternatives diffusers' pipelines use for one argument) the pipeline's `method` takes,
+    from the first class in its MRO whose own method names one; `default` (else names[0]) when none does."""
+    for params in _own_parameters(pipe, method):
+        for name in names:
             if name in params:
                 return name
-    return "num_images_per_prompt"
+    return default or names[0]
+
+
+def per_prompt_argument(pipe, method: str = "__call__") -> str:
+    """The argument a pipeline's `__call__` (or `encode_prompt`) counts outputs per prompt with: video pipelines take
+    `num_videos_per_prompt`, some (Latte, EasyAnimate) `num_images_per_prompt` like the image ones."""
+    return named_argument(pipe, ("num_videos_per_prompt", "num_images_per_prompt"), method, "num_images_per_prompt")
 
 
 def frames_argument(pipe) -> str:
-    """The argument a video pipeline's `__call__` takes its frame count with: `num_frames`, or Latte's `video_length`
-    (from the first class in its MRO whose own `__call__` names one)."""
-    for cls in type(pipe).__mro__:
-        fn = cls.__dict__.get("__call__")
-        try:
-            params = inspect.signature(fn).parameters if callable(fn) else {}
-        except (TypeError, ValueError):
-            params = {}
-        for name in ("num_frames", "video_length"):
-            if name in params:
-                return name
-    return "num_frames"
+    """The argument a video pipeline's `__call__` takes its frame count with: `num_frames`, or Latte's
+    `video_length`."""
+    return named_argument(pipe, ("num_frames", "video_length"))

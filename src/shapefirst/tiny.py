@@ -586,16 +586,9 @@ def tiny_qwenimage_pipeline(seed: int = 0):
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
                                  temperal_downsample=[False, True], latents_mean=[0.0] * 4,
                                  latents_std=[1.0] * 4).eval()
-    ids = dict(bos_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-               pad_token_id=tok.pad_token_id)
-    # the vision tower's token ids lie past the text vocabulary: no prompt holds them
     config = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=n, rope_theta=1e6,
-                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}, **ids),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
-        hidden_size=16, vocab_size=n, image_token_id=n + 1, video_token_id=n + 2, vision_start_token_id=n + 3,
-        vision_end_token_id=n + 4, **ids)
+        hidden_size=16, **qwen_vl_text_config(tok, n))
     text = Qwen2_5_VLForConditionalGeneration(config).eval()
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text, tokenizer=tok,
                              transformer=transformer)
@@ -647,23 +640,16 @@ def tiny_lumina2_pipeline(seed: int = 0):
     8x compression (the pipeline's fixed vae_scale_factor), FlowMatchEulerDiscreteScheduler. Call with
     height=width=32 (4x4 latents, 4 image tokens), max_sequence_length=48 (the system prompt takes 27 positions,
     <bos> included)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
-    from transformers import Gemma2Config, Gemma2Model
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
 
     tok = tiny_gemma_tokenizer()
     torch.manual_seed(seed)
-    text = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                    pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                    eos_token_id=tok.eos_token_id)).eval()
+    text = tiny_gemma2_encoder(tok)
     transformer = Lumina2Transformer2DModel(sample_size=4, patch_size=2, in_channels=4, hidden_size=16, num_layers=1,
                                             num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1,
                                             multiple_of=16, norm_eps=1e-5, scaling_factor=1.0,
                                             axes_dim_rope=[4, 2, 2], axes_lens=[64, 16, 16], cap_feat_dim=16).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False,
-                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035).eval()
+    vae = tiny_vae_8x(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
     pipe = Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                            text_encoder=text, tokenizer=tok)
     pipe.set_progress_bar_config(disable=True)
@@ -848,3 +834,34 @@ def tiny_hunyuanvideo_pipeline(seed: int = 0, folder: str | Path | None = None):
                                 tokenizer_2=tok2)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_gemma2_encoder(tok):
+    """A tiny Gemma2Model (width 16, 2 layers) for a Gemma tokenizer (Lumina 2, Lumina-Next)."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    return Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                    pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                    eos_token_id=tok.eos_token_id)).eval()
+
+
+def tiny_vae_8x(**config):
+    """A tiny AutoencoderKL with 8x compression (4 levels of 8 channels, 4 latent channels), for 32-pixel images."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=32, **config).eval()
+
+
+def qwen_vl_text_config(tok, n: int) -> dict:
+    """The text side of a tiny Qwen2-VL / Qwen2.5-VL config (its mrope sections, the chat template's end token) for a
+    tokenizer of n tokens; the vision tower's token ids lie past the text vocabulary, so no prompt holds them."""
+    ids = dict(bos_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+               pad_token_id=tok.pad_token_id)
+    text = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=n, rope_theta=1e6,
+                rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}, **ids)
+    return dict(text_config=text, vocab_size=n, image_token_id=n + 1, video_token_id=n + 2,
+                vision_start_token_id=n + 3, vision_end_token_id=n + 4, **ids)

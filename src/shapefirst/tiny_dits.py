@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import _tiny_t5_encoder, _tiny_vae, tiny_gemma_tokenizer
+from .tiny import _tiny_t5_encoder, _tiny_vae, tiny_gemma2_encoder, tiny_gemma_tokenizer, tiny_vae_8x
 from .world.vocab import world_t5_tokenizer
 
 
@@ -104,21 +104,15 @@ def tiny_lumina_pipeline(seed: int = 0):
     LuminaNextDiT2DModel (learned sigma), a tiny Gemma2Model with shapefirst.tiny's Gemma tokenizer, a tiny
     AutoencoderKL with 8x compression (the pipeline's fixed vae_scale_factor), FlowMatchEulerDiscreteScheduler. Call
     with height=width=32 (4x4 latents) and clean_caption=False (its default True wants Beautiful Soup)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
-    from transformers import Gemma2Config, Gemma2Model
+    from diffusers import FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
 
     tok = tiny_gemma_tokenizer()
     torch.manual_seed(seed)
-    text = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                    pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                    eos_token_id=tok.eos_token_id)).eval()
+    text = tiny_gemma2_encoder(tok)
     transformer = LuminaNextDiT2DModel(sample_size=4, patch_size=2, in_channels=4, hidden_size=16, num_layers=1,
                                        num_attention_heads=2, num_kv_heads=1, multiple_of=16,
                                        cross_attention_dim=16).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=32).eval()
+    vae = tiny_vae_8x()
     pipe = LuminaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                           text_encoder=text, tokenizer=tok)
     pipe.set_progress_bar_config(disable=True)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import _tiny_t5_encoder, _tiny_vae, tiny_qwen2_tokenizer, tiny_sd_pipeline, world_t5_tokenizer
+from .tiny import (_tiny_t5_encoder, _tiny_vae, qwen_vl_text_config, tiny_qwen2_tokenizer, tiny_sd_pipeline,
+                   world_t5_tokenizer)
 
 
 def tiny_latte_pipeline(seed: int = 0):
@@ -179,16 +180,8 @@ def tiny_easyanimate_pipeline(seed: int = 0):
                               up_block_types=("SpatialUpBlock3D",) + ("SpatialTemporalUpBlock3D",) * 3,
                               block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
                               norm_num_groups=2, spatial_group_norm=False).eval()
-    ids = dict(bos_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-               pad_token_id=tok.pad_token_id)
-    # the vision tower's token ids lie past the text vocabulary: no prompt holds them
-    config = Qwen2VLConfig(
-        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=n, rope_theta=1e6,
-                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}, **ids),
-        vision_config=dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=1),
-        vocab_size=n, image_token_id=n + 1, video_token_id=n + 2, vision_start_token_id=n + 3,
-        vision_end_token_id=n + 4, **ids)
+    config = Qwen2VLConfig(vision_config=dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=1),
+                           **qwen_vl_text_config(tok, n))
     text = Qwen2VLForConditionalGeneration(config).eval()
     pipe = EasyAnimatePipeline(vae=vae, text_encoder=text, tokenizer=tok, transformer=transformer,
                                scheduler=FlowMatchEulerDiscreteScheduler())

@@ -315,7 +315,7 @@ def make_vae(r: Recipe):
                          layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=render.RES)
 
 
-def _object_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
+def object_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
     """1 on the gray background, `weight` on the object (where the render has chroma)."""
     chroma = x.amax(1, keepdim=True) - x.amin(1, keepdim=True)
     return 1.0 + (weight - 1.0) * (chroma > 0.02).float()
@@ -339,7 +339,7 @@ def train_vae(out: Path, r: Recipe, prog, refine: bool = False) -> float:
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator_at(r.seed, stage, step))
         rec = vae.decode(z).sample
-        w = _object_weight(x, 10.0) if refine else 1.0
+        w = object_weight(x, 10.0) if refine else 1.0
         loss = (w * (rec - x).pow(2)).mean() + 0.5 * (w * (rec - x).abs()).mean() + 1e-6 * post.kl().mean()
         loss.backward()
         return loss.item()

@@ -104,12 +104,14 @@ def fp16_megabytes(r: DitRecipe) -> dict:
     return mb
 
 
-def _tokenizer(out: Path):
+def tokenizer_at(out: Path, model_max_length: int = 120, extra_words: tuple[str, ...] = ()):
+    """The recipe's T5 tokenizer in out/tokenizer (the world's, with `extra_words`), written aside then renamed on the
+    first call, loaded from there."""
     from transformers import AutoTokenizer
 
     if not (out / "tokenizer" / "tokenizer_config.json").exists():  # written aside, then renamed
         shutil.rmtree(out / ".tokenizer.tmp", ignore_errors=True)
-        world_t5_tokenizer(out / ".tokenizer.tmp", model_max_length=120)
+        world_t5_tokenizer(out / ".tokenizer.tmp", model_max_length=model_max_length, extra_words=extra_words)
         (out / ".tokenizer.tmp").replace(out / "tokenizer")
     return AutoTokenizer.from_pretrained(str(out / "tokenizer"))
 
@@ -244,7 +246,7 @@ def train_dit(out: str | Path, recipe: DitRecipe | None = None, dest: str | Path
 
 
 def _stages(out: Path, r: DitRecipe, prog, done) -> None:
-    tok = _tokenizer(out)
+    tok = tokenizer_at(out)
     if not (out / "text_encoder" / "config.json").exists():
         done("t5", train_t5(out, tok, r, prog))
     copy_folder(model_path() / "vae", out / "vae_refined")  # the shipped VAE as it is

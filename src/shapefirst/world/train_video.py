@@ -13,7 +13,6 @@ WanPipeline folder plus `recipe.json` (with `recommended.call`: height, width, n
 """
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from . import motion
 from .render import RES, Scene
-from .train import (ema_updater, generator_at, rng_at, run_recipe, train_loop, write_model_folder)
-from .vocab import world_t5_tokenizer
+from .train import ema_updater, generator_at, object_weight, rng_at, run_recipe, train_loop, write_model_folder
+from .train_dit import tokenizer_at as dit_tokenizer_at
 
 MOTION_WORDS = ("moving", "standing", "still", "left", "right", "up", "down")
 # stage numbers of this recipe's randomness (train.py uses 1-7, train_dit.py 11-13)
@@ -117,13 +116,8 @@ def encode_text(text, tok, caps: list[str], max_tokens: int) -> torch.Tensor:
 
 
 def tokenizer_at(out: Path):
-    from transformers import AutoTokenizer
-
-    if not (out / "tokenizer" / "tokenizer_config.json").exists():  # written aside, then renamed
-        shutil.rmtree(out / ".tokenizer.tmp", ignore_errors=True)
-        world_t5_tokenizer(out / ".tokenizer.tmp", model_max_length=512, extra_words=MOTION_WORDS)
-        (out / ".tokenizer.tmp").replace(out / "tokenizer")
-    return AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    """The recipe's tokenizer: the world's T5 tokenizer with the motion words (train_dit.tokenizer_at)."""
+    return dit_tokenizer_at(out, model_max_length=512, extra_words=MOTION_WORDS)
 
 
 # ----------------------------------------------------------------------------- data
@@ -152,11 +146,6 @@ def training_captions() -> list[str]:
 
 # ----------------------------------------------------------------------------- stages
 
-def _object_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
-    chroma = x.amax(1, keepdim=True) - x.amin(1, keepdim=True)
-    return 1.0 + (weight - 1.0) * (chroma > 0.02).float()
-
-
 def sampling_ramp(step: int, total: int) -> float:
     """How much of the posterior's noise the decoder sees: none for the first 30% of the steps (an autoencoder: with
     the initial std of 1 against means of ~0.04 the decoder learns to ignore the latent and paints the gray
@@ -178,7 +167,7 @@ def train_vae(out: Path, r: VideoRecipe, prog) -> float:
         noise = torch.randn(post.mean.shape, generator=generator_at(r.seed, VAE_STAGE, step))
         z = post.mean + post.std * noise * sampling_ramp(step, r.vae_steps)
         rec = vae.decode(z).sample
-        w = _object_weight(x, r.object_weight)
+        w = object_weight(x, r.object_weight)
         loss = (w * (rec - x).pow(2)).mean() + 0.5 * (w * (rec - x).abs()).mean() + 1e-6 * post.kl().mean()
         loss.backward()
         return loss.item()
