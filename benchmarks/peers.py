@@ -19,7 +19,8 @@ below are also that guider's.
 On a transformer model (`--model FOLDER`, e.g. the shapes world trained with `shapefirst train --arch dit`) the
 UNet-only peers (tgate, DeepCache, SD's callback) are left out and `--tcaches faster,pab,fbc,taylorseer,mag` adds
 diffusers' transformer caches as diffusers 0.42 ships them (shapefirst.transformer_cache), each alone and, where it
-composes, under shapefirst's stop at every level.
+composes, under shapefirst's stop at every level; `--cache-dit` adds the cache-dit package's cache at its defaults
+(shapefirst.cache_dit_peer), alone and under the stop.
 
 Needs `pip install tgate==1.0.0` (it pulls DeepCache 0.1.1; both run with diffusers 0.42). Two phases, so that
 quality can run on a busy machine and timing alone:
@@ -200,6 +201,18 @@ def tcache(kind: str, scale: float, schedule: GuidanceSchedule | None = None, **
     return under_schedule(cache, scale, schedule)
 
 
+def cachedit(scale: float, schedule: GuidanceSchedule | None = None):
+    """The `cache-dit` package's cache at its own defaults (shapefirst.cache_dit_peer: enabled per run, restored
+    after), alone or under shapefirst's stop (batched CFG composes; a separate-call pipeline is refused there)."""
+    @contextmanager
+    def cache(pipe, *_):
+        from shapefirst.cache_dit_peer import cache_dit_peer
+
+        with cache_dit_peer(pipe):
+            yield
+    return under_schedule(cache, scale, schedule)
+
+
 def aligned_stop(f: float, steps: int, interval: int) -> int:
     """The first unguided call nearest f * steps that DeepCache refreshes (a multiple of its interval)."""
     return max(interval, interval * int(math.floor(f * steps / interval + 0.5)))
@@ -253,14 +266,25 @@ def configs(pipe, args) -> list[Config]:
             main += [Config(f"shapefirst shape-settled tol={t} {a}" + (f" +{c.label}" if c else ""), shape, sch, n,
                             cache=c) for c in [None] + caches]
     main += tcache_configs(args) if args.tcaches else []
+    if args.cache_dit:
+        main.append(Config("cache-dit DBCache (cache-dit defaults)", GuidanceSchedule(w), sch, n, run=cachedit(w)))
+        for f in args.levels:
+            for a in args.after:
+                stop = GuidanceSchedule(w, stop=f, after=a)
+                main.append(Config(f"cache-dit + shapefirst stop={f} {a}", stop, sch, n, run=cachedit(w, stop)))
     # DeepCache alone, and with the stop at every level (aligned to its refreshes)
     for d in args.deepcache if unet else []:
         main.append(Config(f"DeepCache interval={d} (DeepCache)", GuidanceSchedule(w), sch, n, run=deepcache(d, w)))
-        for k in dict.fromkeys(aligned_stop(f, n, d) for f in args.levels):
+        stops = [k for i, k in args.deepcache_stops if i == d] if args.deepcache_stops else \
+            dict.fromkeys(aligned_stop(f, n, d) for f in args.levels)
+        for k in stops:
             for a in args.after:
                 both = GuidanceSchedule(w, stop_step=k, after=a)
                 main.append(Config(f"shapefirst stop_step={k} {a} + DeepCache interval={d}", both, sch, n,
                                    run=deepcache(d, w, both)))
+    for s_min in args.ngms:  # AUTOMATIC1111's Negative Guidance minimum sigma, its default (every other step)
+        main.append(Config(f"A1111 NGMS sigma<={s_min:g} every other step (cond)",
+                           GuidanceSchedule.a1111_ngms(w, s_min), sch, n))
     extra += [Config("full, image by image", GuidanceSchedule(w), sch, n, run=one_by_one(w))] if unet else []
     main.append(Config(f"Guidance Interval sigma(0.28,5.42] calls [{gi0},{gi1}) (cond)",
                        GuidanceSchedule(w, start_step=gi0, stop_step=gi1, after="cond"), sch, n))
@@ -388,6 +412,19 @@ def ship(out: Path, guidance: float) -> Path:
     return SHIPPED_STUDY
 
 
+def deepcache_stops(spec: str) -> list[tuple[int, int]]:
+    """'3:12,5:10' -> [(3, 12), (5, 10)]; each stop a call DeepCache refreshes (a multiple of its interval)."""
+    try:
+        pairs = [tuple(int(v) for v in x.split(":")) for x in spec.split(",") if x]
+    except ValueError:
+        pairs = [()]
+    bad = [p for p in pairs if len(p) != 2 or p[0] < 1 or p[1] % p[0]]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{spec!r}: give INTERVAL:STOP pairs with each stop a multiple of its "
+                                         f"interval (DeepCache refreshes there), e.g. 3:12,5:10")
+    return pairs
+
+
 def kinds(spec: str) -> list[str]:
     from shapefirst.transformer_cache import KINDS
 
@@ -420,9 +457,18 @@ def main():
                          "(each branch of --after kept after it)")
     ap.add_argument("--deepcache", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                     help="cache intervals of the DeepCache package; the i-th also with shapefirst's stop at level i")
+    ap.add_argument("--deepcache-stops", type=deepcache_stops, default=[],
+                    help="INTERVAL:STOP_CALL pairs (e.g. 3:12,3:15,5:10): shapefirst's stops under DeepCache "
+                         "(default: each interval with the stops of --levels, aligned to its refreshes)")
+    ap.add_argument("--ngms", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
+                    help="AUTOMATIC1111's Negative Guidance minimum sigma values (its every-other-step default); "
+                         "its 'all steps' option is the stop at that sigma with the conditional branch (Step AG)")
     ap.add_argument("--tcaches", type=kinds, default=[],
                     help="diffusers' transformer caches (faster,pab,fbc,taylorseer,mag; PixArt/SD3 models): each "
                          "alone and, where it composes, under shapefirst's stop at every level")
+    ap.add_argument("--cache-dit", action="store_true",
+                    help="the cache-dit package's cache at its defaults (transformer models), alone and under "
+                         "shapefirst's stop at every level")
     ap.add_argument("--model", default="embedded",
                     help="embedded, or a shapes-world model folder (`shapefirst train`, also --arch dit)")
     ap.add_argument("--only", type=lambda s: [x for x in s.split(";") if x], default=[],

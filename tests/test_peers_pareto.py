@@ -242,7 +242,8 @@ def test_the_benchmark_runs_diffusers_transformer_caches_on_pixart_alone_and_und
     pipe = tiny_pixart_pipeline(folder=tmp_path)
     args = argparse.Namespace(guidance=4.5, steps=6, scheduler="ddim", levels=[0.5], after=["cond"], caches=[],
                               adaptive=[], shape=[], deepcache=[3],
-                              tcaches=mod.kinds("faster,fbc,mag"), only=[], skip=[])
+                              tcaches=mod.kinds("faster,fbc,mag"), only=[], skip=[], ngms=[], deepcache_stops=[],
+                              cache_dit=False)
     cfgs = {c.name: c for c in mod.configs(pipe, args)}
     assert not [n for n in cfgs if "T-GATE" in n or "DeepCache" in n or "Callback" in n or "image by image" in n]
     combos = [n for n in cfgs if "+ shapefirst" in n]
@@ -256,3 +257,48 @@ def test_the_benchmark_runs_diffusers_transformer_caches_on_pixart_alone_and_und
     assert np.array_equal(a.images, b.images) and a.evaluations_per_image == [12, 12]
     with pytest.raises(argparse.ArgumentTypeError, match="unknown transformer cache"):
         mod.kinds("fbc,deepcache")
+
+
+def test_the_benchmark_runs_cache_dit_alone_and_under_the_stop_on_the_transformer_world():
+    """--cache-dit on the shipped transformer world: cache-dit at its defaults alone and under the stop, with the
+    stop's evaluations (the hook's), images differing from full guidance only where its cache skips."""
+    import argparse
+
+    from shapefirst.models import load_pipeline
+
+    mod = bench_module()
+    pipe = load_pipeline("embedded-dit")
+    args = argparse.Namespace(guidance=3.0, steps=20, scheduler="ddim", levels=[0.5], after=["cond"], caches=[],
+                              adaptive=[], shape=[], deepcache=[3], tcaches=[], only=["cache-dit"], skip=[],
+                              ngms=[], deepcache_stops=[], cache_dit=True)
+    cfgs = {c.name: c for c in mod.configs(pipe, args)}
+    assert list(cfgs) == ["full", "cache-dit DBCache (cache-dit defaults)", "cache-dit + shapefirst stop=0.5 cond"]
+    prompt = ["a large red striped circle on the left"]
+    plain = mod.run_pipe(pipe, prompt, 0, 20, "ddim", 3.0)
+    alone = cfgs["cache-dit DBCache (cache-dit defaults)"].run(pipe, prompt, 0, 20, "ddim")
+    both = cfgs["cache-dit + shapefirst stop=0.5 cond"].run(pipe, prompt, 0, 20, "ddim")
+    assert alone.evaluations_per_image == [40] and both.evaluations_per_image == [10 * 2 + 10]
+    assert not np.array_equal(alone.images, plain.images) and not np.array_equal(both.images, alone.images)
+    assert np.array_equal(mod.run_pipe(pipe, prompt, 0, 20, "ddim", 3.0).images, plain.images)  # restored
+
+
+def test_the_benchmark_names_ngms_and_places_stops_under_deepcache_where_asked(tiny_pipe):
+    """--ngms: AUTOMATIC1111's rule (every other call below the sigma, conditional branch); --deepcache-stops
+    INTERVAL:STOP pairs, each stop a call the interval refreshes (others refused)."""
+    import argparse
+
+    from shapefirst.guidance import GuidanceSchedule
+
+    mod = bench_module()
+    args = argparse.Namespace(guidance=3.0, steps=20, scheduler="dpm++", levels=[0.5], after=["cond"], caches=[],
+                              adaptive=[], shape=[], deepcache=[3, 5], tcaches=[], skip=[], ngms=[2.214],
+                              deepcache_stops=mod.deepcache_stops("3:12,3:15,5:10"), cache_dit=False,
+                              only=["NGMS", "+ DeepCache"])
+    cfgs = {c.name: c for c in mod.configs(tiny_pipe, args)}
+    assert [n for n in cfgs if "DeepCache" in n] == ["shapefirst stop_step=12 cond + DeepCache interval=3",
+                                                      "shapefirst stop_step=15 cond + DeepCache interval=3",
+                                                      "shapefirst stop_step=10 cond + DeepCache interval=5"]
+    assert cfgs["A1111 NGMS sigma<=2.214 every other step (cond)"].schedule == GuidanceSchedule.a1111_ngms(3.0, 2.214)
+    for bad in ("3:13", "5", "x:3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="INTERVAL:STOP"):
+            mod.deepcache_stops(bad)
