@@ -30,6 +30,8 @@ quality can run on a busy machine and timing alone:
     python benchmarks/peers.py merge --out /work/bench/peers --dest benchmarks/results/peers_w3
     python benchmarks/peers.py table --out benchmarks/results/peers_w3    # print, draw pareto.png
     python benchmarks/peers.py ship --out benchmarks/results/peers_w3     # the report's default section
+    python benchmarks/peers.py e2e --scheduler dpm++ --steps 20 --n 40 --only "NAME" --dest STUDY  # ALONE: the line
+        # a user sees: full guidance at --base ddim:50 (quality from --base-study) against NAME at this solver
     shapefirst report --page-only --out REPORT --peers /work/bench/peers  # the study as a report section
 All phases resume (one JSON line per finished configuration). `merge` keeps a run's rows (by name, a rerun
 replacing the kept row) and its per-image judgments (judged.safetensors) in the repository's study, so the
@@ -46,6 +48,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -312,6 +315,39 @@ def tcache_configs(args) -> list[Config]:
     return out
 
 
+def end_to_end(pipe, prompts, cfgs: list[Config], args) -> str:
+    """The line a user sees: full guidance at --base (the usual start, e.g. DDIM 50) against each configuration
+    at this study's solver. Time: per batch of --n prompts, the configuration, the base and the base again (its
+    noise: the base against itself), adjacent; medians of the ratios (a warm-up run of each first, untimed).
+    Quality: all five right per prompt, paired (same prompts, image i seed i), from --base-study's full row and
+    --dest's row of the configuration."""
+    from shapefirst.metrics import mean_ci
+    from shapefirst.peers import judged
+
+    sch, steps = args.base.split(":")
+    base = Config("full", GuidanceSchedule(args.guidance), sch, int(steps))
+    qb, _ = read_study(args.base_study)
+    q, _ = read_study(args.dest)
+    jb = judged(args.base_study, qb["full"])
+    lines = [f"| {sch} {steps} full guidance against | time ratio (median) | saved | base against itself "
+             "| all five right | Δ all five vs base [95% CI] (n) |", "|---|---|---|---|---|---|"]
+    for cfg in [c for c in cfgs if c.name != "full"]:
+        cfg.generate(pipe, prompts[:args.batch], 0), base.generate(pipe, prompts[:args.batch], 0)  # warm-up
+        ratios, noise = [], []
+        for i in range(0, len(prompts), args.batch):
+            part = prompts[i:i + args.batch]
+            r, f, f2 = (c.generate(pipe, part, i) for c in (cfg, base, base))
+            ratios.append(r.wall_seconds / f.wall_seconds)
+            noise.append(f2.wall_seconds / f.wall_seconds)
+        ja = judged(args.dest, q[cfg.name]) if cfg.name in q else None
+        d = mean_ci(ja["all"] - jb["all"]) if ja is not None and jb is not None else None
+        lines.append(f"| {cfg.steps} {cfg.scheduler} {cfg.name} | {statistics.median(ratios):.3f} "
+                     f"| {1 - statistics.median(ratios):.1%} | {statistics.median(noise):.3f} | "
+                     + (f"{ja['all'].mean():.1%} (base {jb['all'].mean():.1%}) | {100 * d[0]:+.1f} "
+                        f"[{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] ({len(ja['all'])}) |" if d else "- | - |"))
+    return "\n".join(lines)
+
+
 def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}")
@@ -437,7 +473,7 @@ def kinds(spec: str) -> list[str]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("phase", choices=["quality", "timing", "merge", "table", "ship"])
+    ap.add_argument("phase", choices=["quality", "timing", "merge", "table", "ship", "e2e"])
     ap.add_argument("--out", type=Path, default=Path("peers-out"))
     ap.add_argument("--dest", type=Path, default=Path("benchmarks/results/peers_w3"),
                     help="merge: the kept study (in the repository) that a run's rows and judgments go into")
@@ -479,6 +515,10 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--allow-busy", action="store_true", help="time even beside other work (flagged)")
     ap.add_argument("--tolerance", type=float, default=0.01)
+    ap.add_argument("--base", default="ddim:50",
+                    help="e2e: the solver:steps a user starts from, with full guidance (timed against each --only row)")
+    ap.add_argument("--base-study", type=Path, default=Path("benchmarks/results/peers_w3"),
+                    help="e2e: the kept study whose 'full' row is --base (its per-image judgments pair the quality)")
     args = ap.parse_args()
     args.guidance = default_guidance(args.model) if args.guidance is None else args.guidance
     torch.set_num_threads(args.threads or os.cpu_count())  # pinned: a timing does not depend on torch's guess
@@ -502,8 +542,12 @@ def main():
     from shapefirst.metrics import Clip
     pipe = load_pipeline(args.model)
     prompts, targets = world_prompts(args.n, 0)
-    timing = args.phase == "timing"
+    timing = args.phase in ("timing", "e2e")
     busy = check_alone(args.allow_busy) if timing else None
+    if args.phase == "e2e":
+        print(f"# end to end: {machine()}" + (f"; FLAGGED, NOT A MEASUREMENT: {busy}" if busy else ""), flush=True)
+        print(end_to_end(pipe, prompts, configs(pipe, args), args))
+        return
     if busy:
         print(f"# FLAGGED, NOT A MEASUREMENT: {busy}", flush=True)
     # batch 8: the plot's axis

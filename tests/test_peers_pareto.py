@@ -302,3 +302,27 @@ def test_the_benchmark_names_ngms_and_places_stops_under_deepcache_where_asked(t
     for bad in ("3:13", "5", "x:3"):
         with pytest.raises(argparse.ArgumentTypeError, match="INTERVAL:STOP"):
             mod.deepcache_stops(bad)
+
+
+def test_the_end_to_end_line_times_the_base_and_pairs_quality_across_two_studies(tmp_path, tiny_pipe):
+    """e2e: each configuration at its solver against full guidance at --base, both run here (time ratio per batch,
+    the base against itself as the noise), quality paired per prompt from the two kept studies' judgments."""
+    import argparse
+
+    from shapefirst.guidance import GuidanceSchedule
+    from shapefirst.sweep import Config
+
+    mod = bench_module()
+    base_acc, ours = [1, 1, 0, 1], [1, 0, 1, 1]
+    base = run_folder(tmp_path / "base", {"full": base_acc})
+    study = run_folder(tmp_path / "study", {"full": [1] * 4, "shapefirst stop=0.5 cond": ours})
+    args = argparse.Namespace(base="ddim:4", base_study=base, dest=study, guidance=3.0, batch=2)
+    cfgs = [Config("full", GuidanceSchedule(3.0), "dpm++", 2),
+            Config("shapefirst stop=0.5 cond", GuidanceSchedule(3.0, stop=0.5, after="cond"), "dpm++", 2)]
+    text = mod.end_to_end(tiny_pipe, ["a red circle", "a blue square", "a green star", "a red square"], cfgs, args)
+    lines = text.splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| 2 dpm++ shapefirst stop=0.5 cond | ")
+    d = mean_ci(np.array(ours, float) - np.array(base_acc, float))
+    assert f"75.0% (base 75.0%) | {100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] (4) |" in lines[2]
+    ratio, saved = (c.strip() for c in lines[2].split("|")[2:4])
+    assert float(ratio) > 0 and saved == f"{1 - float(ratio):.1%}"  # a time, not asserted: a busy CI machine
