@@ -1,10 +1,12 @@
 """Does a guidance stop calibrated at DDIM 50 hold at the solvers users pick, once it is stated in noise level?
 
-The setting: the stop the README recommends at DDIM 50 (the first 40% of the calls guided, the conditional branch
-after), stated as the noise level of DDIM 50's first unguided call (call 20), so that every solver stops guidance
-at the same sigma (shapefirst.noise_levels). For each solver: n held-out world prompts, one seed per image, full
-guidance at the same solver as the reference, the paired all-five-right difference with its 95% CI (mean of
-per-image differences, normal interval), and the share of the calls guided. Resumes per (solver, setting) from OUT.
+The settings: the stop the README recommends at DDIM 50 (the first 40% of the calls guided, the conditional branch
+after), alone and with the README's late cache (+kept+deep3: cross-attention kept, deep blocks every third call after
+the stop, within tolerance at DDIM 50 in the peers study), stated as the noise level of DDIM 50's first unguided
+call (call 20), so that every solver stops guidance at the same sigma (shapefirst.noise_levels). For each solver:
+n held-out world prompts, one seed per image, full guidance at the same solver as the reference, the paired
+all-five-right difference with its 95% CI (mean of per-image differences, normal interval), and the share of the
+calls guided. Resumes per (solver, setting) from OUT.
 
     python benchmarks/noise_level_transfer.py --n 300 --out /work/bench/transfer
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shapefirst.cache import LateCache
 from shapefirst.generate import generate
 from shapefirst.guidance import GuidanceSchedule
 from shapefirst.metrics import judged_accuracy, mean_ci
@@ -37,7 +40,8 @@ def calibrated_sigma(pipe, stop: float = 0.4) -> float:
     return (sig[k - 1] + sig[k]) / 2  # guided while sigma > this: calls 0..k-1
 
 
-def run(pipe, prompts, targets, w, schedule, name, steps, out: Path, key: str, chunk: int = 100) -> dict:
+def run(pipe, prompts, targets, w, schedule, name, steps, out: Path, key: str, chunk: int = 100,
+        cache: LateCache | None = None) -> dict:
     """One (solver, setting) over all prompts, checkpointed per chunk of prompts (image i keeps seed i)."""
     path = out / f"{key}_n{len(prompts)}.json"
     if path.exists():
@@ -46,7 +50,8 @@ def run(pipe, prompts, targets, w, schedule, name, steps, out: Path, key: str, c
     for i in range(0, len(prompts), chunk):
         part = out / f"{key}_n{len(prompts)}_{i}.json"
         if not part.exists():
-            res = generate(pipe, prompts[i:i + chunk], schedule, steps=steps, scheduler=name, seed=i, batch=8)
+            res = generate(pipe, prompts[i:i + chunk], schedule, steps=steps, scheduler=name, seed=i, batch=8,
+                           cache=cache)
             acc = judged_accuracy(res.images, targets[i:i + chunk])
             part.write_text(json.dumps({"all": acc["all"].tolist(), "evaluations": res.evaluations_per_image}))
         parts.append(json.loads(part.read_text()))
@@ -72,8 +77,10 @@ def main():
     print("|---|---|---|---|---|")
     for name, steps in SOLVERS:
         full = run(pipe, prompts, targets, w, GuidanceSchedule(w), name, steps, args.out, f"{name}{steps}_full")
-        for label, sched in (("stop_sigma", GuidanceSchedule(w, stop_sigma=sigma, after="cond")),):
-            row = run(pipe, prompts, targets, w, sched, name, steps, args.out, f"{name}{steps}_{label}")
+        stop = GuidanceSchedule(w, stop_sigma=sigma, after="cond")
+        for label, cache in (("stop_sigma", None), ("stop_sigma +kept+deep3", LateCache.parse("kept+deep3"))):
+            key = f"{name}{steps}_{label.replace(' +', '_').replace('+', '_')}"
+            row = run(pipe, prompts, targets, w, stop, name, steps, args.out, key, cache=cache)
             d = mean_ci(np.array(row["all"], float) - np.array(full["all"], float))
             guided = (row["evaluations"] - steps) / steps
             acc = f"{np.mean(row['all']):.1%} (full {np.mean(full['all']):.1%})"

@@ -516,7 +516,7 @@ def main():
     ap.add_argument("--allow-busy", action="store_true", help="time even beside other work (flagged)")
     ap.add_argument("--tolerance", type=float, default=0.01)
     ap.add_argument("--base", default="ddim:50",
-                    help="e2e: the solver:steps a user starts from, with full guidance (timed against each --only row)")
+                    help="e2e: the solver:steps a user starts from, with full guidance (timed against each row)")
     ap.add_argument("--base-study", type=Path, default=Path("benchmarks/results/peers_w3"),
                     help="e2e: the kept study whose 'full' row is --base (its per-image judgments pair the quality)")
     args = ap.parse_args()
