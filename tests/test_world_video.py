@@ -51,3 +51,27 @@ def test_flow_time_is_the_samplers_shift():
     s.set_timesteps(10)
     u = torch.linspace(1, 1 / 1000, 11)[:-1]  # its unshifted flow sigmas
     assert torch.allclose(flow_time(u, 3.0), torch.as_tensor(s.sigmas[:-1], dtype=torch.float32), atol=1e-4)
+
+
+def test_the_vae_compresses_4x_in_space_and_2x_in_time_and_the_pipeline_reads_it(trained):
+    """9 frames of 64x64 -> 5 x 16 x 16 latents; WanPipeline takes its scale factors from the VAE's config."""
+    from diffusers import WanPipeline
+
+    out, path = trained
+    pipe = WanPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    assert (pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal) == (4, 2)
+    with torch.no_grad():
+        z = pipe.vae.encode(torch.zeros(1, 3, 9, 64, 64)).latent_dist.mean
+    assert z.shape == (1, pipe.vae.config.z_dim, 5, 16, 16)
+
+
+def test_phase_one_trains_on_single_frames_of_training_clips():
+    from shapefirst.world import motion
+    from shapefirst.world.train_video import FRAME_STAGE, VAE_STAGE, clip_batch, clips_at, frame_batch
+    from shapefirst.world.train import rng_at
+
+    x = frame_batch(0, 5, 4)
+    clips, picks = clips_at(0, VAE_STAGE, 5, 4), rng_at(0, FRAME_STAGE, 5).integers(0, motion.FRAMES, 4)
+    assert x.shape == (4, 3, 1, 64, 64)
+    for i, (c, k) in enumerate(zip(clips, picks)):
+        assert torch.equal(x[i, :, 0], clip_batch([c], motion.FRAMES)[0, :, k])
