@@ -276,3 +276,22 @@ def test_a_failed_overwrite_keeps_the_earlier_output_and_leaves_no_staging_folde
     with pytest.raises(RuntimeError, match="decode failed"):
         res.save(out, key={"seed": 1}, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_fingerprint_after_a_scheduler_swap_is_the_same_in_every_process():
+    """set_scheduler builds the scheduler with from_config, whose `_use_default_values` lists a set: its order
+    follows each process's string hashing. A sweep resumed in a new process must still find its folder's key."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from shapefirst.tiny import tiny_sd_pipeline\nfrom shapefirst.models import set_scheduler\n"
+            "from shapefirst.outputs import model_fingerprint\nimport tempfile\n"
+            "pipe = tiny_sd_pipeline(folder=tempfile.mkdtemp())\nset_scheduler(pipe, 'dpm++')\n"
+            "print(model_fingerprint(pipe), sorted(pipe.scheduler.config['_use_default_values']) != "
+            "list(pipe.scheduler.config['_use_default_values']))")
+    got = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.split()
+           for seed in (1, 2, 3, 4)]
+    assert len({g[0] for g in got}) == 1
+    assert "True" in {g[1] for g in got}  # the listed order did differ between the processes

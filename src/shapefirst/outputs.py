@@ -230,7 +230,9 @@ def model_fingerprint(pipe) -> str:
     import torch
 
     h = hashlib.sha256(type(pipe).__name__.encode())
-    h.update(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode())
+    # `_use_default_values` lists a set's items, in an order that changes with each process's string hashing
+    config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     defaults = getattr(type(pipe), CALL_DEFAULTS, None)
     if defaults:  # a pipeline whose calls default to other arguments (a size) makes other results
         h.update(json.dumps(defaults, sort_keys=True, default=str).encode())
