@@ -321,8 +321,10 @@ def test_the_end_to_end_line_times_the_base_and_pairs_quality_across_two_studies
             Config("shapefirst stop=0.5 cond", GuidanceSchedule(3.0, stop=0.5, after="cond"), "dpm++", 2)]
     text = mod.end_to_end(tiny_pipe, ["a red circle", "a blue square", "a green star", "a red square"], cfgs, args)
     lines = text.splitlines()
-    assert len(lines) == 3 and lines[2].startswith("| 2 dpm++ shapefirst stop=0.5 cond | ")
+    assert len(lines) == 4 and lines[2].startswith("| 2 dpm++ full | ")
+    assert lines[3].startswith("| 2 dpm++ shapefirst stop=0.5 cond | ")
+    assert "100.0% (base 75.0%) | +25.0 [" in lines[2]
     d = mean_ci(np.array(ours, float) - np.array(base_acc, float))
-    assert f"75.0% (base 75.0%) | {100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] (4) |" in lines[2]
-    ratio, saved = (c.strip() for c in lines[2].split("|")[2:4])
+    assert f"75.0% (base 75.0%) | {100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] (4) |" in lines[3]
+    ratio, saved = (c.strip() for c in lines[3].split("|")[2:4])
     assert float(ratio) > 0 and saved == f"{1 - float(ratio):.1%}"  # a time, not asserted: a busy CI machine
