@@ -75,3 +75,20 @@ def test_phase_one_trains_on_single_frames_of_training_clips():
     assert x.shape == (4, 3, 1, 64, 64)
     for i, (c, k) in enumerate(zip(clips, picks)):
         assert torch.equal(x[i, :, 0], clip_batch([c], motion.FRAMES)[0, :, k])
+
+
+@pytest.mark.parametrize("what", ["frames", "clips"])
+def test_the_vae_check_reads_a_work_folder(trained, what):
+    """benchmarks/video_vae_check.py on the tiny run: its VAE (checkpoint or folder) loads and every attribute is
+    counted (a tiny VAE reconstructs nothing: all counts are of n, none above)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out, _ = trained
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "video_vae_check.py"
+    res = subprocess.run([sys.executable, str(script), str(out), "--n", "2", "--what", what],
+                         capture_output=True, text=True, check=True)
+    line = res.stdout.strip().splitlines()[-1]
+    names = ["shape", "color", "position", "size", "texture"] + (["motion"] if what == "clips" else [])
+    assert line.startswith(f"{what}, n=2: ") and all(f"{a} " in line for a in names) and "; mse " in line
