@@ -18,6 +18,14 @@ from shapefirst.world.judge import judge
 from shapefirst.world.train_video import VideoRecipe, clip_batch, frame_batch, make_vae
 
 
+def recipe_of(out: Path) -> VideoRecipe:
+    """The recipe a work folder was trained with (its marker's key, written by `shapefirst train`)."""
+    import json
+
+    key = json.loads((out / ".shapefirst.json").read_text())["key"]
+    return VideoRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in key.items()})
+
+
 def load_vae(out: Path, what: str):
     """The VAE of a work folder: its finished vae/ for clips when there, else the phase's checkpoint (module 'm')."""
     from diffusers import AutoencoderKLWan
@@ -27,7 +35,7 @@ def load_vae(out: Path, what: str):
     ckpt = out / "work" / ("vae_frames.safetensors" if what == "frames" else "vae.safetensors")
     if not ckpt.exists():
         raise SystemExit(f"{ckpt} does not exist: pass the --out folder of `shapefirst train --arch video`")
-    vae = make_vae(VideoRecipe())
+    vae = make_vae(recipe_of(out))
     vae.load_state_dict({k[2:]: v for k, v in load_file(str(ckpt)).items() if k.startswith("m.")})
     return vae.eval()
 
