@@ -92,3 +92,20 @@ def test_the_vae_check_reads_a_work_folder(trained, what):
     line = res.stdout.strip().splitlines()[-1]
     names = ["shape", "color", "position", "size", "texture"] + (["motion"] if what == "clips" else [])
     assert line.startswith(f"{what}, n=2: ") and all(f"{a} " in line for a in names) and "; mse " in line
+
+
+def test_the_vae_trains_in_three_checkpointed_phases(trained):
+    from safetensors import safe_open
+
+    from shapefirst.world.train_video import vae_phases
+
+    out, _ = trained
+    r = VideoRecipe()
+    phases = vae_phases(r)
+    assert [(p.name, p.frames, p.weight) for p in phases] == [("vae_frames", True, r.object_weight),
+                                                              ("vae", False, r.object_weight),
+                                                              ("vae_refine", False, r.vae_refine_weight)]
+    assert phases[0].lr == r.vae_lr and phases[1].lr == phases[2].lr == r.vae_lr / 3
+    for p in vae_phases(VideoRecipe.tiny()):  # every phase ran to its end and kept its checkpoint
+        with safe_open(str(out / "work" / f"{p.name}.safetensors"), "pt") as f:
+            assert int(f.metadata()["step"]) == p.steps
