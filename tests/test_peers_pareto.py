@@ -328,3 +328,13 @@ def test_the_end_to_end_line_times_the_base_and_pairs_quality_across_two_studies
     assert f"75.0% (base 75.0%) | {100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] (4) |" in lines[3]
     ratio, saved = (c.strip() for c in lines[3].split("|")[2:4])
     assert float(ratio) > 0 and saved == f"{1 - float(ratio):.1%}"  # a time, not asserted: a busy CI machine
+
+
+def test_rows_of_one_rule_share_one_curve():
+    """The Pareto plot draws one curve per method: NGMS at every sigma, cache-dit alone and under the stop."""
+    assert {peers.method_of(f"A1111 NGMS sigma<={s} every other step (cond)") for s in (2.214, 4.2)} == \
+        {"A1111 NGMS (every other call below its sigma)"}
+    assert peers.method_of("cache-dit DBCache (cache-dit defaults)") == "cache-dit"
+    assert peers.method_of("cache-dit + shapefirst stop=0.4 cond") == "shapefirst stop + cache-dit, cond after"
+    assert peers.method_of("shapefirst stop_step=15 cond + DeepCache interval=3") == \
+        "shapefirst stop + DeepCache, cond after"

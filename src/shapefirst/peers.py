@@ -35,7 +35,9 @@ METHODS = (tuple((f"{c} + shapefirst", f"shapefirst stop + {c}") for c in _TCACH
               ("shapefirst stop", "shapefirst stop (+ late caches)"), ("T-GATE", "T-GATE (tgate)"),
               ("Step AG", "Step AG"), ("Adaptive Guidance", "Adaptive Guidance"),
               ("Guidance Interval", "Guidance Interval"), ("DeepCache", "DeepCache"),
-              ("diffusers SDCFGCutoffCallback", "SDCFGCutoffCallback"), ("full", "full guidance")))
+              ("diffusers SDCFGCutoffCallback", "SDCFGCutoffCallback"), ("full", "full guidance"),
+              ("A1111 NGMS", "A1111 NGMS (every other call below its sigma)"),
+              ("cache-dit + shapefirst", "shapefirst stop + cache-dit"), ("cache-dit", "cache-dit")))
 QUALITY_FIELDS = ("name", "n", "accuracy", "accuracy_delta_vs_full", "evaluation_ratio", "image_clip")
 PHASES = ("quality", "timing", "timing_b1")  # a study's row files: judged images, batch-8 and batch-1 timing
 
