@@ -75,7 +75,7 @@ from shapefirst.guidance import (
     guidance_schedule,
     latent_input,
 )
-from shapefirst.models import default_guidance, load_pipeline, set_scheduler, world_clip
+from shapefirst.models import default_guidance, load_pipeline, scheduler_for, world_clip
 from shapefirst.pipeline import call_defaults
 from shapefirst.results import read_jsonl
 from shapefirst.world.prompts import world_prompts, world_renders
@@ -83,8 +83,8 @@ from shapefirst.world.prompts import world_prompts, world_renders
 
 def run_pipe(pipe, prompts, seed, steps, scheduler, scale=7.5, call=None, **kw) -> GenerationResult:
     """Run a pipeline (or a peer's own pipeline method) exactly as shapefirst.generate seeds it
-    (image i: generator seed + i), counting denoiser rows with a plain forward pre-hook."""
-    set_scheduler(pipe, scheduler)
+    (image i: generator seed + i), counting denoiser rows with a plain forward pre-hook; the pipeline's own
+    scheduler is back after the call."""
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
     rows = [0]
 
@@ -93,10 +93,11 @@ def run_pipe(pipe, prompts, seed, steps, scheduler, scale=7.5, call=None, **kw) 
 
     h = denoiser_of(pipe).register_forward_pre_hook(count, with_kwargs=True)
     try:
-        t0 = time.perf_counter()
-        images = (call or pipe)(prompt=list(prompts), num_inference_steps=steps, guidance_scale=scale,
-                                generator=gens, output_type="np", **kw, **call_defaults(pipe, kw)).images
-        wall = time.perf_counter() - t0
+        with scheduler_for(pipe, scheduler):
+            t0 = time.perf_counter()
+            images = (call or pipe)(prompt=list(prompts), num_inference_steps=steps, guidance_scale=scale,
+                                    generator=gens, output_type="np", **kw, **call_defaults(pipe, kw)).images
+            wall = time.perf_counter() - t0
     finally:
         h.remove()
     n = len(prompts)
@@ -223,8 +224,8 @@ def aligned_stop(f: float, steps: int, interval: int) -> int:
 
 def interval_steps(pipe, steps: int, scheduler: str, lo: float = 0.28, hi: float = 5.42) -> tuple[int, int]:
     """Guidance Interval: the calls whose noise level sigma = sqrt((1 - abar) / abar) is in (lo, hi]."""
-    set_scheduler(pipe, scheduler)
-    sch = copy.deepcopy(pipe.scheduler)
+    with scheduler_for(pipe, scheduler) as p:  # the pipeline keeps its own scheduler
+        sch = copy.deepcopy(p.scheduler)
     sch.set_timesteps(steps)
     ac = sch.alphas_cumprod[sch.timesteps.long()]
     sigma = ((1 - ac) / ac).sqrt()

@@ -294,7 +294,9 @@ def test_the_benchmark_names_ngms_and_places_stops_under_deepcache_where_asked(t
                               adaptive=[], shape=[], deepcache=[3, 5], tcaches=[], skip=[], ngms=[2.214],
                               deepcache_stops=mod.deepcache_stops("3:12,3:15,5:10"), cache_dit=False,
                               only=["NGMS", "+ DeepCache"])
+    own = tiny_pipe.scheduler
     cfgs = {c.name: c for c in mod.configs(tiny_pipe, args)}
+    assert tiny_pipe.scheduler is own  # Guidance Interval's calls are read without swapping the shared pipeline's
     assert [n for n in cfgs if "DeepCache" in n] == ["shapefirst stop_step=12 cond + DeepCache interval=3",
                                                       "shapefirst stop_step=15 cond + DeepCache interval=3",
                                                       "shapefirst stop_step=10 cond + DeepCache interval=5"]
@@ -319,7 +321,9 @@ def test_the_end_to_end_line_times_the_base_and_pairs_quality_across_two_studies
     args = argparse.Namespace(base="ddim:4", base_study=base, dest=study, guidance=3.0, batch=2)
     cfgs = [Config("full", GuidanceSchedule(3.0), "dpm++", 2),
             Config("shapefirst stop=0.5 cond", GuidanceSchedule(3.0, stop=0.5, after="cond"), "dpm++", 2)]
+    own = tiny_pipe.scheduler
     text = mod.end_to_end(tiny_pipe, ["a red circle", "a blue square", "a green star", "a red square"], cfgs, args)
+    assert tiny_pipe.scheduler is own
     lines = text.splitlines()
     assert len(lines) == 4 and lines[2].startswith("| 2 dpm++ full | ")
     assert lines[3].startswith("| 2 dpm++ shapefirst stop=0.5 cond | ")
