@@ -62,20 +62,26 @@ def _classic_qk(attn, hidden_states, encoder_hidden_states, attention_mask=None,
         ctx = x
     elif attn.norm_cross:
         ctx = attn.norm_encoder_hidden_states(ctx)
-    q, k = attn.to_q(x), attn.to_k(ctx)
     heads = attn.heads
-    d = k.shape[-1] // heads
-    q = q.view(b, -1, heads, d).transpose(1, 2)
-    k = k.view(b, -1, heads, d).transpose(1, 2)
-    if getattr(attn, "norm_q", None) is not None:
-        q = attn.norm_q(q)
-    if getattr(attn, "norm_k", None) is not None:
-        k = attn.norm_k(k)
+    q, k = _normed_heads(attn, attn.to_q(x), attn.to_k(ctx), b)
     mask = None
     if attention_mask is not None:
         m = attn.prepare_attention_mask(attention_mask, n_tok, b)
         mask = m.view(b, heads, -1, m.shape[-1])
     return q, k, mask, spatial
+
+
+def _normed_heads(attn, q, k, b: int):
+    """Projected queries and keys [b, tokens, heads * d] -> [b, heads, tokens, d], with norm_q / norm_k where the
+    module has them (the processors' steps)."""
+    d = k.shape[-1] // attn.heads
+    q = q.view(b, -1, attn.heads, d).transpose(1, 2)
+    k = k.view(b, -1, attn.heads, d).transpose(1, 2)
+    if getattr(attn, "norm_q", None) is not None:
+        q = attn.norm_q(q)
+    if getattr(attn, "norm_k", None) is not None:
+        k = attn.norm_k(k)
+    return q, k
 
 
 def is_joint_attention(attn) -> bool:
@@ -93,15 +99,9 @@ def joint_attention_probs(attn, hidden_states, encoder_hidden_states, chunk_elem
     x, ctx = hidden_states, encoder_hidden_states
     b = x.shape[0]
     heads = attn.heads
-    q, k, ek = attn.to_q(x), attn.to_k(x), attn.add_k_proj(ctx)
-    d = k.shape[-1] // heads
-    q = q.view(b, -1, heads, d).transpose(1, 2)
-    k = k.view(b, -1, heads, d).transpose(1, 2)
-    ek = ek.view(b, -1, heads, d).transpose(1, 2)
-    if getattr(attn, "norm_q", None) is not None:
-        q = attn.norm_q(q)
-    if getattr(attn, "norm_k", None) is not None:
-        k = attn.norm_k(k)
+    q, k = _normed_heads(attn, attn.to_q(x), attn.to_k(x), b)
+    d = k.shape[-1]
+    ek = attn.add_k_proj(ctx).view(b, -1, heads, d).transpose(1, 2)
     if getattr(attn, "norm_added_k", None) is not None:
         ek = attn.norm_added_k(ek)
     q, k, ek = q.float(), k.float(), ek.float()
